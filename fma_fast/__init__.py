@@ -1,0 +1,27 @@
+"""fma_fast: fast, dependable Flow Matching Alignment for few-shot vision-language classification."""
+
+from . import reference, synthetic
+from .checkpoint import CheckpointError, load, load_config, load_official, save
+from .model import VelocityNet
+from .solver import SolveResult, StepSelection, accuracy_by_steps, select_steps, solve
+from .training import FitResult, fit
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "FitResult",
+    "SolveResult",
+    "StepSelection",
+    "VelocityNet",
+    "accuracy_by_steps",
+    "fit",
+    "load",
+    "load_config",
+    "load_official",
+    "reference",
+    "save",
+    "select_steps",
+    "solve",
+    "synthetic",
+]

@@ -1,0 +1,99 @@
+"""Argument checks shared by the public API: each error names the argument and what was expected."""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+import torch
+
+
+def as_tensor(name: str, value) -> torch.Tensor:
+    """Accept a tensor or a numpy array (memory-mapped arrays stay on disk until chunked)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
+
+
+def check_matrix(
+    name: str,
+    value,
+    *,
+    dim: int | None = None,
+    dim_source: str = "the model",
+    allow_empty: bool = False,
+) -> torch.Tensor:
+    """A finite, floating (rows, dim) matrix."""
+    x = as_tensor(name, value)
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (rows, dim), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.shape[0] == 0 and not allow_empty:
+        raise ValueError(f"{name} is empty: it has 0 rows")
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} has 0 columns")
+    if dim is not None and x.shape[1] != dim:
+        raise ValueError(
+            f"{name} has dim {x.shape[1]} but {dim_source} expects {dim} (shape {tuple(x.shape)})"
+        )
+    return x
+
+
+def check_finite(name: str, x: torch.Tensor) -> None:
+    """Raise on NaN/Inf, naming the first offending row (one pass; call per chunk when streaming)."""
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        bad_row = int((~finite).reshape(x.shape[0], -1).any(dim=1).nonzero()[0, 0])
+        raise ValueError(f"{name} contains NaN or Inf (first at row {bad_row})")
+
+
+def check_labels(name: str, value, *, rows: int, num_classes: int) -> torch.Tensor:
+    """Integer class indices of length ``rows`` in [0, num_classes)."""
+    labels = as_tensor(name, value)
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor of class indices, got dtype {labels.dtype}")
+    if labels.dim() != 1:
+        raise ValueError(f"{name} must be 1-D (rows,), got shape {tuple(labels.shape)}")
+    if labels.shape[0] != rows:
+        raise ValueError(f"{name} has {labels.shape[0]} entries but the features have {rows} rows")
+    if rows and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(
+            f"{name} must lie in [0, {num_classes}) for {num_classes} classes, "
+            f"got values in [{int(labels.min())}, {int(labels.max())}]"
+        )
+    return labels.long()
+
+
+def check_same_device(**tensors: torch.Tensor) -> torch.device:
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        raise ValueError(f"tensors must be on the same device: {listing}")
+    return next(iter(devices.values()))
+
+
+def check_int(name: str, value, *, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_positive_float(name: str, value, *, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not np.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value}")
+    return value
+
+
+def resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)

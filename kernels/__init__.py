@@ -1,0 +1,1 @@
+"""Triton kernels of fma_fast, installed as ``fma_fast.kernels``."""
