@@ -1,4 +1,4 @@
-"""fma_fast: fast, dependable Flow Matching Alignment for few-shot vision-language classification."""
+"""fma_fast: fast, dependable Flow Matching Alignment for few-shot CLIP classification."""
 
 from . import reference, synthetic
 from .checkpoint import CheckpointError, load, load_config, load_official, save

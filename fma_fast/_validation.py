@@ -43,7 +43,7 @@ def check_matrix(
 
 
 def check_finite(name: str, x: torch.Tensor) -> None:
-    """Raise on NaN/Inf, naming the first offending row (one pass; call per chunk when streaming)."""
+    """Raise on NaN/Inf naming the first bad row (one pass; call per chunk when streaming)."""
     finite = torch.isfinite(x)
     if not bool(finite.all()):
         bad_row = int((~finite).reshape(x.shape[0], -1).any(dim=1).nonzero()[0, 0])
@@ -54,7 +54,9 @@ def check_labels(name: str, value, *, rows: int, num_classes: int) -> torch.Tens
     """Integer class indices of length ``rows`` in [0, num_classes)."""
     labels = as_tensor(name, value)
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor of class indices, got dtype {labels.dtype}")
+        raise TypeError(
+            f"{name} must be an integer tensor of class indices, got dtype {labels.dtype}"
+        )
     if labels.dim() != 1:
         raise ValueError(f"{name} must be 1-D (rows,), got shape {tuple(labels.shape)}")
     if labels.shape[0] != rows:

@@ -110,7 +110,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def atomic_write(path: Path, write) -> None:
-    """Write through ``write(temp_path)`` then rename over ``path``: readers never see half a file."""
+    """Write via ``write(temp_path)``, then rename over ``path``: nobody sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -145,7 +145,9 @@ def save(model, path: str | os.PathLike, *, extra: dict[str, Any] | None = None)
         config_text = json.dumps(config, indent=2, sort_keys=True)
     except TypeError as error:
         raise TypeError(f"extra must be JSON-serialisable: {error}") from None
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    state = {
+        k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()
+    }
     metadata = {"format": FORMAT_TAG, "architecture": json.dumps(architecture, sort_keys=True)}
     atomic_write(path / WEIGHTS_NAME, lambda temp: save_file(state, str(temp), metadata=metadata))
     atomic_write(path / CONFIG_NAME, lambda temp: temp.write_text(config_text + "\n"))
@@ -163,16 +165,22 @@ def load(path: str | os.PathLike, *, device: str | torch.device | None = None) -
     weights_path, config_path = path / WEIGHTS_NAME, path / CONFIG_NAME
     for required in (weights_path, config_path):
         if not required.is_file():
-            raise CheckpointError(f"{required} is missing; is {path} a folder written by fma_fast.save?")
+            raise CheckpointError(
+                f"{required} is missing; is {path} a folder written by fma_fast.save?"
+            )
     config = _read_json(config_path)
     if config.get("format") != FORMAT_TAG:
-        raise CheckpointError(f"{config_path} has format {config.get('format')!r}, expected {FORMAT_TAG!r}")
+        raise CheckpointError(
+            f"{config_path} has format {config.get('format')!r}, expected {FORMAT_TAG!r}"
+        )
     try:
         state = load_file(str(weights_path))
         with safe_open(str(weights_path), framework="pt") as handle:
             metadata = handle.metadata() or {}
     except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"{weights_path} is not a readable safetensors file: {error}") from None
+        raise CheckpointError(
+            f"{weights_path} is not a readable safetensors file: {error}"
+        ) from None
     architecture = {key: config.get(key) for key in ("dim", "blocks", "width")}
     try:
         stored = json.loads(metadata.get("architecture", "null"))

@@ -18,6 +18,11 @@ NOISE_FORMS = ("bridge", "endpoint")
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Reduced-precision tensors are upcast for the math; float64 stays float64 (gradcheck)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def clamp_time(t: torch.Tensor, time_eps: float = DEFAULT_TIME_EPS) -> torch.Tensor:
     """t as an (N, 1) column clamped away from the singular ends 0 and 1."""
     return t.reshape(-1, 1).clamp(time_eps, 1.0 - time_eps)
@@ -81,7 +86,7 @@ def training_pair(
 
 def flow_matching_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean over rows of the squared error summed over dimensions."""
-    return (prediction.float() - target.float()).pow(2).sum(dim=-1).mean()
+    return (at_least_fp32(prediction) - at_least_fp32(target)).pow(2).sum(dim=-1).mean()
 
 
 def euler_step(
@@ -115,7 +120,8 @@ def cosine_logits(
     x: torch.Tensor, class_features: torch.Tensor, logit_scale: float | None = None
 ) -> torch.Tensor:
     """cos(x_n, z_c) for every row and class (N, C), times ``logit_scale`` when given."""
-    logits = F.normalize(x.float(), dim=-1) @ F.normalize(class_features.float(), dim=-1).T
+    x, class_features = at_least_fp32(x), at_least_fp32(class_features)
+    logits = F.normalize(x, dim=-1) @ F.normalize(class_features.to(x.dtype), dim=-1).T
     return logits if logit_scale is None else logit_scale * logits
 
 

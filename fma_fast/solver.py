@@ -87,13 +87,15 @@ def _prepare(features, model, class_features, batch_size, device, labels=None):
     tensors = {"features": x}
     z = None
     if class_features is not None:
-        z = check.check_matrix("class_features", class_features, dim=x.shape[1],
-                               dim_source="features")
-        check.check_finite("class_features", z)
+        z = check.check_matrix(
+            "class_features", class_features, dim=x.shape[1], dim_source="features"
+        )
         tensors["class_features"] = z
     if labels is not None:
         tensors["labels"] = labels
     check.check_same_device(**tensors)
+    if z is not None:
+        check.check_finite("class_features", z)
     device = torch.device(device) if device is not None else (_model_device(model) or x.device)
     if batch_size is None:
         batch_size = DEFAULT_CHUNK_ROWS.get(device.type, 4096)
@@ -142,8 +144,9 @@ def solve(
             values[rows], indices[rows] = chunk_values.to(x.device), chunk_indices.to(x.device)
     if z is None:
         return transported
-    return SolveResult(pred=indices[:, 0].clone(), topk_values=values, topk_indices=indices,
-                       path="reference")
+    return SolveResult(
+        pred=indices[:, 0].clone(), topk_values=values, topk_indices=indices, path="reference"
+    )
 
 
 @torch.inference_mode()
@@ -160,14 +163,21 @@ def accuracy_by_steps(
 ) -> list[float]:
     """Top-1 accuracy after every M in 0..max_steps, from one trajectory pass over the rows."""
     max_steps, step_size = _check_steps(max_steps, step_size)
-    x, z, batch_size, device = _prepare(features, model, class_features, batch_size, device,
-                                        labels=check.as_tensor("labels", labels))
+    x, z, batch_size, device = _prepare(
+        features,
+        model,
+        class_features,
+        batch_size,
+        device,
+        labels=check.as_tensor("labels", labels),
+    )
     y = check.check_labels("labels", labels, rows=x.shape[0], num_classes=z.shape[0])
     correct = torch.zeros(max_steps + 1, dtype=torch.long, device=device)
     for rows, chunk in _chunks(x, batch_size, device):
         truth = y[rows].to(device)
-        trajectory = reference.euler_solve(model, chunk, max_steps, step_size,
-                                           return_trajectory=True)
+        trajectory = reference.euler_solve(
+            model, chunk, max_steps, step_size, return_trajectory=True
+        )
         for steps, state in enumerate(trajectory):
             pred = reference.cosine_logits(state, z).argmax(dim=-1)
             correct[steps] += (pred == truth).sum()
@@ -187,8 +197,15 @@ def select_steps(
 ) -> StepSelection:
     """Choose M on a validation split: the best accuracy over M in 0..max_steps, fewest steps
     among ties (the released code chose M on the test split, which leaks)."""
-    accuracy = accuracy_by_steps(model, val_features, val_labels, class_features,
-                                 max_steps=max_steps, step_size=step_size,
-                                 batch_size=batch_size, device=device)
+    accuracy = accuracy_by_steps(
+        model,
+        val_features,
+        val_labels,
+        class_features,
+        max_steps=max_steps,
+        step_size=step_size,
+        batch_size=batch_size,
+        device=device,
+    )
     best = max(range(len(accuracy)), key=lambda steps: (accuracy[steps], -steps))
     return StepSelection(best_steps=best, accuracy=accuracy)

@@ -97,10 +97,16 @@ def make_task(
         mode = torch.randint(modes, (labels.numel(),), generator=generator)
         within = torch.randn(labels.numel(), dim, generator=generator, dtype=torch.float64)
         # Nuisance along the class text directions: what makes zero-shot degrade gradually.
-        nuisance = torch.randn(labels.numel(), num_classes, generator=generator,
-                               dtype=torch.float64) @ class_dirs
-        features = (image_axis + 0.85 * mode_dirs[labels, mode]
-                    + NUISANCE * nuisance / math.sqrt(num_classes) + 0.45 * within / math.sqrt(dim))
+        nuisance = (
+            torch.randn(labels.numel(), num_classes, generator=generator, dtype=torch.float64)
+            @ class_dirs
+        )
+        features = (
+            image_axis
+            + 0.85 * mode_dirs[labels, mode]
+            + NUISANCE * nuisance / math.sqrt(num_classes)
+            + 0.45 * within / math.sqrt(dim)
+        )
         return Split(F.normalize(features, dim=-1).float(), labels)
 
     return FewShotTask(

@@ -1,0 +1,316 @@
+"""The ``fma-fast`` command: demo, synth, train and eval."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import checkpoint, synthetic
+from .checkpoint import CheckpointError, atomic_write
+from .features_io import FeatureFileError, load_features, save_features
+from .solver import accuracy_by_steps, select_steps, solve
+from .training import AMP_CHOICES, fit
+
+DEMO_DEFAULTS = {
+    "classes": 20,
+    "dim": 512,
+    "shots": 16,
+    "difficulty": 0.75,
+    "blocks": 2,
+    "epochs": 60,
+    "gamma": 0.05,
+}
+
+
+def _accuracy_table(val: list[float] | None, test: list[float], chosen: int) -> str:
+    header = "  M   val acc  test acc" if val is not None else "  M  test acc"
+    lines = [header]
+    for steps, test_acc in enumerate(test):
+        val_part = f"  {100 * val[steps]:7.2f}%" if val is not None else ""
+        mark = "  <- chosen on val" if steps == chosen else ""
+        lines.append(f"{steps:>3}{val_part}  {100 * test_acc:7.2f}%{mark}")
+    return "\n".join(lines)
+
+
+def _add_training_options(parser: argparse.ArgumentParser, defaults: dict) -> None:
+    group = parser.add_argument_group("training")
+    group.add_argument(
+        "--blocks",
+        type=int,
+        default=defaults.get("blocks", 12),
+        help="residual blocks of the velocity network (default %(default)s)",
+    )
+    group.add_argument(
+        "--width", type=int, default=None, help="hidden width (default: feature dim)"
+    )
+    group.add_argument(
+        "--epochs", type=int, default=defaults.get("epochs", 200), help="default %(default)s"
+    )
+    group.add_argument("--batch-size", type=int, default=32, help="default %(default)s")
+    group.add_argument("--lr", type=float, default=2e-4, help="default %(default)s")
+    group.add_argument("--weight-decay", type=float, default=0.01, help="default %(default)s")
+    group.add_argument(
+        "--gamma",
+        type=float,
+        default=defaults.get("gamma", 0.0),
+        help="noise strength (default %(default)s)",
+    )
+    group.add_argument(
+        "--noise",
+        choices=("bridge", "endpoint"),
+        default="bridge",
+        help="noise form: released code's bridge or the paper's (default %(default)s)",
+    )
+    group.add_argument("--seed", type=int, default=1, help="default %(default)s")
+    group.add_argument(
+        "--amp", choices=AMP_CHOICES, default="auto", help="autocast on CUDA (default %(default)s)"
+    )
+    group.add_argument(
+        "--max-steps",
+        type=int,
+        default=10,
+        help="largest M tried when choosing M on val (default %(default)s)",
+    )
+    group.add_argument(
+        "--step-size", type=float, default=0.1, help="Euler step h (default %(default)s)"
+    )
+    group.add_argument(
+        "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)"
+    )
+    group.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _fit_from_args(args, features, labels, class_features):
+    return fit(
+        features,
+        labels,
+        class_features,
+        blocks=args.blocks,
+        width=args.width,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        gamma=args.gamma,
+        noise=args.noise,
+        seed=args.seed,
+        device=args.device,
+        amp=args.amp,
+        progress=not args.quiet,
+    )
+
+
+def cmd_demo(args) -> None:
+    task = synthetic.make_task(
+        num_classes=args.classes,
+        dim=args.dim,
+        shots=args.shots,
+        difficulty=args.difficulty,
+        seed=args.seed,
+    )
+    print(
+        f"synthetic task: {args.classes} classes, D={args.dim}, {args.shots} shots, "
+        f"difficulty {args.difficulty}: {len(task.train.labels)} train / "
+        f"{len(task.val.labels)} val / {len(task.test.labels)} test rows"
+    )
+    print(
+        f"network: {args.blocks} residual blocks (the released default is 12; "
+        f"the demo uses a small one to finish in about a minute on 2 CPU cores)"
+    )
+    start = time.perf_counter()
+    result = _fit_from_args(args, task.train.features, task.train.labels, task.class_features)
+    print(
+        f"fit: {args.epochs} epochs in {time.perf_counter() - start:.1f} s, "
+        f"loss {result.history[0]:.4f} -> {result.history[-1]:.4f}"
+    )
+    selection = select_steps(
+        result.model,
+        task.val.features,
+        task.val.labels,
+        task.class_features,
+        max_steps=args.max_steps,
+        step_size=args.step_size,
+        device=args.device,
+    )
+    test = accuracy_by_steps(
+        result.model,
+        task.test.features,
+        task.test.labels,
+        task.class_features,
+        max_steps=args.max_steps,
+        step_size=args.step_size,
+        device=args.device,
+    )
+    print(_accuracy_table(selection.accuracy, test, selection.best_steps))
+    chosen = selection.best_steps
+    print(
+        f"test accuracy: M=0 (zero-shot) {100 * test[0]:.2f}%, "
+        f"M={chosen} (chosen on val) {100 * test[chosen]:.2f}%"
+    )
+
+
+def cmd_synth(args) -> None:
+    task = synthetic.make_task(
+        num_classes=args.classes,
+        dim=args.dim,
+        shots=args.shots,
+        difficulty=args.difficulty,
+        seed=args.seed,
+    )
+    out = Path(args.out)
+    for name in ("train", "val", "test"):
+        split = getattr(task, name)
+        save_features(
+            out / f"{name}.safetensors",
+            split.features,
+            task.class_features,
+            labels=split.labels,
+            class_names=task.class_names,
+        )
+    print(f"wrote {out}/train.safetensors, val.safetensors, test.safetensors")
+
+
+def cmd_train(args) -> None:
+    train = load_features(args.features, require_labels=True)
+    val = load_features(args.val, require_labels=True) if args.val else None
+    result = _fit_from_args(args, train.features, train.labels, train.class_features)
+    extra = {"step_size": args.step_size}
+    if val is not None:
+        selection = select_steps(
+            result.model,
+            val.features,
+            val.labels,
+            val.class_features,
+            max_steps=args.max_steps,
+            step_size=args.step_size,
+            device=args.device,
+        )
+        extra.update(steps=selection.best_steps, val_accuracy=selection.accuracy)
+        print(selection.table())
+    else:
+        print("no --val file: M is not chosen; pass --steps to 'fma-fast eval'")
+    if train.class_names is not None:
+        extra["class_names"] = train.class_names
+    checkpoint.save(result, args.out, extra=extra)
+    print(f"loss {result.history[0]:.4f} -> {result.history[-1]:.4f}; saved to {args.out}")
+
+
+def cmd_eval(args) -> None:
+    model = checkpoint.load(args.model)
+    config = checkpoint.load_config(args.model)
+    steps = args.steps if args.steps is not None else config.get("steps")
+    if steps is None:
+        raise ValueError(f"{args.model} has no M chosen on val; pass --steps")
+    step_size = args.step_size if args.step_size is not None else config.get("step_size", 0.1)
+    data = load_features(args.features)
+    result = solve(
+        data.features,
+        model,
+        steps,
+        step_size=step_size,
+        class_features=data.class_features,
+        topk=args.topk,
+        device=args.device,
+    )
+    summary = {
+        "steps": steps,
+        "step_size": step_size,
+        "rows": len(result.pred),
+        "path": result.path,
+    }
+    if data.labels is not None:
+        summary["accuracy"] = float((result.pred == data.labels).double().mean())
+        summary["accuracy_at_m0"] = float(
+            (
+                solve(
+                    data.features, model, 0, class_features=data.class_features, device=args.device
+                ).pred
+                == data.labels
+            )
+            .double()
+            .mean()
+        )
+    print(json.dumps(summary))
+    if args.output:
+        payload = {
+            **summary,
+            "pred": result.pred.tolist(),
+            "topk_indices": result.topk_indices.tolist(),
+            "topk_values": result.topk_values.tolist(),
+        }
+        atomic_write(Path(args.output), lambda temp: temp.write_text(json.dumps(payload)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fma-fast", description=__doc__.strip().splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="synthetic few-shot task -> fit -> choose M -> test")
+    for option in ("classes", "dim", "shots"):
+        demo.add_argument(
+            f"--{option}", type=int, default=DEMO_DEFAULTS[option], help="default %(default)s"
+        )
+    demo.add_argument(
+        "--difficulty",
+        type=float,
+        default=DEMO_DEFAULTS["difficulty"],
+        help="0 easy .. 1 hard (default %(default)s)",
+    )
+    _add_training_options(demo, DEMO_DEFAULTS)
+    demo.set_defaults(run=cmd_demo)
+
+    synth = commands.add_parser("synth", help="write a synthetic task as train/val/test files")
+    synth.add_argument("--out", required=True, help="output folder")
+    for option in ("classes", "dim", "shots"):
+        synth.add_argument(f"--{option}", type=int, default=DEMO_DEFAULTS[option])
+    synth.add_argument("--difficulty", type=float, default=DEMO_DEFAULTS["difficulty"])
+    synth.add_argument("--seed", type=int, default=1)
+    synth.set_defaults(run=cmd_synth)
+
+    train = commands.add_parser("train", help="fit on a feature file, choose M on --val, save")
+    train.add_argument("features", help="safetensors feature file with labels")
+    train.add_argument("--val", help="validation feature file (chooses M)")
+    train.add_argument("--out", required=True, help="output model folder")
+    _add_training_options(train, {})
+    train.set_defaults(run=cmd_train)
+
+    evaluate = commands.add_parser("eval", help="score a feature file with a saved model")
+    evaluate.add_argument("features", help="safetensors feature file (labels optional)")
+    evaluate.add_argument("--model", required=True, help="model folder written by 'train'")
+    evaluate.add_argument("--steps", type=int, default=None, help="M (default: chosen on val)")
+    evaluate.add_argument("--step-size", type=float, default=None, help="default: as trained")
+    evaluate.add_argument("--topk", type=int, default=1, help="default %(default)s")
+    evaluate.add_argument("--device", default=None)
+    evaluate.add_argument("--output", help="write predictions as JSON here")
+    evaluate.set_defaults(run=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (
+        CheckpointError,
+        FeatureFileError,
+        ValueError,
+        TypeError,
+        FileNotFoundError,
+        FloatingPointError,
+        torch.cuda.OutOfMemoryError,
+    ) as error:
+        print(f"fma-fast {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fma-fast: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Compatibility with the released code: its checkpoint format and its golden outputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import fma_fast
+from fma_fast import reference
+
+RELATIVE_TOLERANCE = 1e-5  # fp32 rounding
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual - expected).norm() / expected.norm())
+
+
+def test_network_output_matches_golden(official_fixture, golden):
+    model = fma_fast.load_official(official_fixture)
+    assert (model.dim, model.blocks) == (golden["dim"], golden["blocks"])
+    with torch.no_grad():
+        v = model(golden["x"], golden["t"])
+    assert relative_error(v, golden["v"]) < RELATIVE_TOLERANCE
+
+
+@pytest.mark.parametrize("steps", [5, 10])
+def test_features_after_steps_match_golden(official_fixture, golden, steps):
+    model = fma_fast.load_official(official_fixture / "model.pth")  # model.pth alone
+    moved = fma_fast.solve(golden["x"], model, steps, step_size=golden["step_size"])
+    expected = golden[f"features_after_{steps}_steps"]
+    assert relative_error(moved, expected) < RELATIVE_TOLERANCE
+    # The field really moves the features: a broken solver returning x would fail above.
+    assert relative_error(golden["x"], expected) > 0.1
+
+
+def test_predictions_for_every_m_match_golden(official_fixture, golden):
+    model = fma_fast.load_official(official_fixture)
+    expected = golden["preds_by_steps"]
+    for steps in range(expected.shape[0]):
+        result = fma_fast.solve(
+            golden["x"],
+            model,
+            steps,
+            step_size=golden["step_size"],
+            class_features=golden["class_features"],
+        )
+        mismatched = (result.pred != expected[steps]).nonzero().flatten().tolist()
+        assert not mismatched, f"M={steps}: rows {mismatched} differ from the released code"
+
+
+def test_training_pair_matches_golden(golden):
+    x_t, target = reference.training_pair(
+        golden["train_x0"],
+        golden["train_z"],
+        golden["train_t"],
+        golden["train_noise"],
+        gamma=golden["train_gamma"],
+        form="bridge",
+    )
+    assert relative_error(x_t, golden["train_xt"]) < RELATIVE_TOLERANCE
+    assert relative_error(target, golden["train_v_target"]) < RELATIVE_TOLERANCE
+
+
+def test_truncated_checkpoint_is_refused_clearly(official_fixture, tmp_path):
+    data = (official_fixture / "model.pth").read_bytes()
+    (tmp_path / "model.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(fma_fast.CheckpointError, match="truncated or corrupt"):
+        fma_fast.load_official(tmp_path)
+
+
+def test_config_block_count_must_match_keys(official_fixture, tmp_path):
+    shutil.copy(official_fixture / "model.pth", tmp_path / "model.pth")
+    (tmp_path / "config.json").write_text(json.dumps({"blocks": 12}))
+    with pytest.raises(fma_fast.CheckpointError, match="blocks=12 but .* holds 2"):
+        fma_fast.load_official(tmp_path)
+
+
+def test_missing_and_mismatched_keys_are_named(tmp_path):
+    state = fma_fast.VelocityNet(16, blocks=1).state_dict()
+    del state["res_blocks.0.mlp.2.bias"]
+    torch.save(state, tmp_path / "model.pth")
+    with pytest.raises(fma_fast.CheckpointError, match=r"missing \['res_blocks.0.mlp.2.bias'\]"):
+        fma_fast.load_official(tmp_path / "model.pth")
+
+    state = fma_fast.VelocityNet(16, blocks=1).state_dict()
+    state["res_blocks.0.in_ln.weight"] = torch.ones(15)
+    torch.save(state, tmp_path / "model.pth")
+    with pytest.raises(fma_fast.CheckpointError, match="in_ln.weight has shape"):
+        fma_fast.load_official(tmp_path / "model.pth")
+
+
+def test_not_a_state_dict_and_missing_file(tmp_path):
+    torch.save([torch.zeros(3)], tmp_path / "model.pth")
+    with pytest.raises(fma_fast.CheckpointError, match="state_dict of tensors"):
+        fma_fast.load_official(tmp_path / "model.pth")
+    with pytest.raises(fma_fast.CheckpointError, match="no checkpoint file"):
+        fma_fast.load_official(tmp_path / "absent")
+
+
+def test_data_parallel_prefix_is_accepted(tmp_path):
+    model = fma_fast.VelocityNet(8, blocks=2)
+    torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, tmp_path / "model.pth")
+    assert fma_fast.load_official(tmp_path / "model.pth").blocks == 2
