@@ -19,6 +19,8 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 OFFICIAL_WEIGHTS_NAME = "model.pth"
 FORMAT_TAG = "fma_fast/velocity-net/1"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 _BLOCK_KEY = re.compile(r"^res_blocks\.(\d+)\.")
 
 
@@ -118,6 +120,7 @@ def atomic_write(path: Path, write) -> None:
         write(Path(temp))
         with open(temp, "rb") as handle:
             os.fsync(handle.fileno())
+        os.chmod(temp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual file mode
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, synthetic
+from . import checkpoint, pipeline, report, synthetic
 from .checkpoint import CheckpointError, atomic_write
 from .features_io import FeatureFileError, load_features, save_features
 from .solver import accuracy_by_steps, select_steps, solve
@@ -288,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default=None)
     evaluate.add_argument("--output", help="write predictions as JSON here")
     evaluate.set_defaults(run=cmd_eval)
+    pipeline.add_commands(commands)
+    report.add_command(commands)
     return parser
 
 

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import _validation as check
-from . import reference
+from . import dispatch, reference
+from .fused_solver import fused_states
+from .kernels._common import HAS_TRITON
+from .model import VelocityNet
+from .plan import folded_states, solver_plan
 
 DEFAULT_CHUNK_ROWS = {"cpu": 4096, "cuda": 65536}
+CLASS_TILE = 4096
+"""Classes scored at once on the CPU path: a chunk's logits stay rows × 4096, whatever C is."""
 
 
 @dataclass
@@ -105,6 +113,115 @@ def _prepare(features, model, class_features, batch_size, device, labels=None):
     return x, z, batch_size, device
 
 
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+BACKENDS = ("auto", "reference", "folded", "triton")
+ROUTE_REFERENCE, ROUTE_GENERIC, ROUTE_FOLDED, ROUTE_FUSED = (
+    "reference",
+    "generic",
+    "folded",
+    "fused-triton",
+)
+
+
+def _route(model, device: torch.device, precision: str, backend: str) -> str:
+    """Which network path runs: the fastest exact one unless ``backend`` forces another.
+
+    auto: a VelocityNet runs folded (FMA_FACTS §3) — through the fused Triton kernels on CUDA,
+    as a torch GEMM chain elsewhere; any other velocity module runs as given ("generic").
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
+    if backend == "reference":
+        if precision != "fp32":
+            raise ValueError(f"the reference runs in fp32 only, got precision={precision!r}")
+        return ROUTE_REFERENCE
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError(
+            "precision='fp16' needs a CUDA device (CPUs have no fast fp16 GEMM); "
+            "use 'bf16' or 'fp32'"
+        )
+    if not isinstance(model, VelocityNet):
+        if backend in ("folded", "triton"):
+            raise ValueError(f"backend={backend!r} needs a VelocityNet, got {type(model).__name__}")
+        return ROUTE_GENERIC
+    if backend == "folded":
+        return ROUTE_FOLDED
+    if backend == "triton":
+        dispatch.select_path("triton", torch.empty(0, device=device))  # raises with the reason
+        return ROUTE_FUSED
+    return ROUTE_FUSED if device.type == "cuda" and HAS_TRITON else ROUTE_FOLDED
+
+
+def _states(
+    route: str,
+    model,
+    x: torch.Tensor,
+    steps: int,
+    step_size: float,
+    precision: str,
+    op_backend: str,
+) -> Iterator[torch.Tensor]:
+    """States x_0..x_M of one chunk; a yielded tensor may be overwritten by the next step."""
+    if route == ROUTE_FOLDED:
+        yield from folded_states(model, x, steps, step_size, precision=precision)
+        return
+    if route == ROUTE_FUSED:
+        plan = solver_plan(model, steps, step_size, dtype=PRECISIONS[precision], device=x.device)
+        yield from fused_states(plan, x)
+        return
+    x = x.clone()
+    t = torch.zeros((), dtype=torch.float32, device=x.device)
+    yield x
+    low_precision = route == ROUTE_GENERIC and precision != "fp32"
+    for _ in range(steps):
+        with torch.autocast(x.device.type, dtype=PRECISIONS[precision], enabled=low_precision):
+            velocity = model(x, t)
+        if route == ROUTE_REFERENCE:
+            x, t = reference.euler_step(x, velocity, t, step_size)
+        else:
+            dispatch.euler_step(x, velocity, t, step_size, inplace=True, backend=op_backend)
+        yield x
+
+
+def _op_backend(backend: str, device: torch.device) -> str:
+    """The dispatch backend of the fused update and scoring ops: Triton on CUDA; on the CPU the
+    torch paths, unless ``backend="triton"`` asks for the (test-only, slow) interpreter."""
+    if backend in ("reference", "triton"):
+        return backend
+    return "auto" if device.type == "cuda" else "reference"
+
+
+def _topk(
+    state: torch.Tensor, z: torch.Tensor, k: int, op_backend: str, tiled: bool
+) -> dispatch.TopK:
+    """Top-k cosines of unit-norm ``z``: Triton where it runs, else class tiles in torch so
+    memory stays bounded for any C (``tiled=False`` keeps the plain reference twin)."""
+    if op_backend != "reference" or not tiled:
+        return dispatch.cosine_topk(state, z, k, normalized=True, backend=op_backend)
+    state = F.normalize(state, dim=-1)
+    best_values = best_indices = None
+    for start in range(0, z.shape[0], CLASS_TILE):
+        values, indices = (state @ z[start : start + CLASS_TILE].T).topk(
+            min(k, z.shape[0] - start), dim=-1
+        )
+        if best_values is not None:
+            values = torch.cat([best_values, values], dim=-1)
+            indices = torch.cat([best_indices, indices + start], dim=-1)
+            values, order = values.topk(k, dim=-1)
+            indices = indices.gather(1, order)
+        best_values, best_indices = values, indices
+    return dispatch.TopK(best_values, best_indices, "torch-tiled")
+
+
+def _path_name(route: str, precision: str, scoring: str | None) -> str:
+    if route == ROUTE_REFERENCE and scoring in (None, dispatch.PATH_REFERENCE):
+        return ROUTE_REFERENCE
+    network = route if route == ROUTE_REFERENCE else f"{route}-{precision}"
+    return network if scoring is None else f"{network}+{scoring}-topk"
+
+
 @torch.inference_mode()
 def solve(
     features,
@@ -116,36 +233,70 @@ def solve(
     topk: int = 1,
     batch_size: int | None = None,
     device: str | torch.device | None = None,
+    precision: str = "fp32",
+    backend: str = "auto",
+    ensemble_steps: Sequence[int] | None = None,
+    logit_scale: float = 100.0,
 ) -> torch.Tensor | SolveResult:
     """Transport ``features`` (N, D) with M=``steps`` Euler steps of size ``step_size``.
 
     Without ``class_features`` returns the transported features (N, D). With a class table (C, D)
-    returns a :class:`SolveResult` with the top-``topk`` cosine classes per row. Rows stream
-    through ``device`` (default: the model's) ``batch_size`` at a time, so ``features`` may be
-    a CPU tensor or numpy memmap larger than device memory; results come back on the
-    features' device.
+    returns a :class:`SolveResult` with the top-``topk`` cosine classes per row; on the Triton
+    path no N×C matrix is ever built. Rows stream through ``device`` (default: the model's)
+    ``batch_size`` at a time, so ``features`` may be a CPU tensor or numpy memmap larger than
+    device memory; results come back on the features' device.
+
+    ``precision``: "fp32" (exact to fp32 rounding), "bf16" or "fp16" (CUDA) GEMM operands with
+    fp32 accumulation and an fp32 residual stream. ``backend``: "auto" picks the fastest exact
+    path; "reference" forces the plain PyTorch loop, "folded" the torch GEMM chain, "triton"
+    the fused kernels. ``ensemble_steps`` scores by the released code's step ensemble (sum of
+    softmax(``logit_scale``·cos) at those steps, each ≤ ``steps``); values are then summed
+    probabilities instead of cosines.
     """
     steps, step_size = _check_steps(steps, step_size)
     x, z, batch_size, device = _prepare(features, model, class_features, batch_size, device)
-    if z is not None:
-        topk = check.check_int("topk", topk, minimum=1)
-        if topk > z.shape[0]:
-            raise ValueError(f"topk must be <= the number of classes {z.shape[0]}, got {topk}")
-        values = torch.empty(x.shape[0], topk, dtype=torch.float32, device=x.device)
-        indices = torch.empty(x.shape[0], topk, dtype=torch.long, device=x.device)
-    else:
-        transported = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    for rows, chunk in _chunks(x, batch_size, device):
-        moved = reference.euler_solve(model, chunk, steps, step_size)
-        if z is None:
-            transported[rows] = moved.to(x.device)
-        else:
-            chunk_values, chunk_indices = reference.cosine_topk(moved, z, topk)
-            values[rows], indices[rows] = chunk_values.to(x.device), chunk_indices.to(x.device)
+    route = _route(model, device, precision, backend)
+    op_backend = _op_backend(backend, device)
+    if ensemble_steps is not None:
+        ensemble_steps = sorted({check.check_int("ensemble_steps", s) for s in ensemble_steps})
+        if not ensemble_steps or ensemble_steps[-1] > steps:
+            raise ValueError(
+                f"ensemble_steps must be a non-empty set of steps in [0, {steps}], "
+                f"got {ensemble_steps}"
+            )
     if z is None:
+        transported = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        for rows, chunk in _chunks(x, batch_size, device):
+            transported[rows] = deque(
+                _states(route, model, chunk, steps, step_size, precision, op_backend), maxlen=1
+            )[0].to(x.device)
         return transported
+
+    topk = check.check_int("topk", topk, minimum=1)
+    if topk > z.shape[0]:
+        raise ValueError(f"topk must be <= the number of classes {z.shape[0]}, got {topk}")
+    z = F.normalize(z, dim=-1)
+    values = torch.empty(x.shape[0], topk, dtype=torch.float32, device=x.device)
+    indices = torch.empty(x.shape[0], topk, dtype=torch.long, device=x.device)
+    scoring_path = None
+    for rows, chunk in _chunks(x, batch_size, device):
+        states = _states(route, model, chunk, steps, step_size, precision, op_backend)
+        if ensemble_steps is None:
+            scored = _topk(
+                deque(states, maxlen=1)[0], z, topk, op_backend, tiled=backend != "reference"
+            )
+        else:
+            kept = [state.clone() for s, state in enumerate(states) if s in ensemble_steps]
+            scored = dispatch.step_ensemble_topk(
+                kept, z, topk, logit_scale=logit_scale, normalized=True, backend=op_backend
+            )
+        values[rows], indices[rows] = scored.values.to(x.device), scored.indices.to(x.device)
+        scoring_path = scored.path
     return SolveResult(
-        pred=indices[:, 0].clone(), topk_values=values, topk_indices=indices, path="reference"
+        pred=indices[:, 0].clone(),
+        topk_values=values,
+        topk_indices=indices,
+        path=_path_name(route, precision, scoring_path),
     )
 
 
@@ -160,6 +311,8 @@ def accuracy_by_steps(
     step_size: float = 0.1,
     batch_size: int | None = None,
     device: str | torch.device | None = None,
+    precision: str = "fp32",
+    backend: str = "auto",
 ) -> list[float]:
     """Top-1 accuracy after every M in 0..max_steps, from one trajectory pass over the rows."""
     max_steps, step_size = _check_steps(max_steps, step_size)
@@ -172,14 +325,16 @@ def accuracy_by_steps(
         labels=check.as_tensor("labels", labels),
     )
     y = check.check_labels("labels", labels, rows=x.shape[0], num_classes=z.shape[0])
+    route = _route(model, device, precision, backend)
+    op_backend = _op_backend(backend, device)
+    z = F.normalize(z, dim=-1)
     correct = torch.zeros(max_steps + 1, dtype=torch.long, device=device)
     for rows, chunk in _chunks(x, batch_size, device):
         truth = y[rows].to(device)
-        trajectory = reference.euler_solve(
-            model, chunk, max_steps, step_size, return_trajectory=True
-        )
-        for steps, state in enumerate(trajectory):
-            pred = reference.cosine_logits(state, z).argmax(dim=-1)
+        for steps, state in enumerate(
+            _states(route, model, chunk, max_steps, step_size, precision, op_backend)
+        ):
+            pred = _topk(state, z, 1, op_backend, tiled=backend != "reference").indices[:, 0]
             correct[steps] += (pred == truth).sum()
     return (correct.double() / x.shape[0]).tolist()
 
@@ -194,6 +349,8 @@ def select_steps(
     *,
     batch_size: int | None = None,
     device: str | torch.device | None = None,
+    precision: str = "fp32",
+    backend: str = "auto",
 ) -> StepSelection:
     """Choose M on a validation split: the best accuracy over M in 0..max_steps, fewest steps
     among ties (the released code chose M on the test split, which leaks)."""
@@ -206,6 +363,8 @@ def select_steps(
         step_size=step_size,
         batch_size=batch_size,
         device=device,
+        precision=precision,
+        backend=backend,
     )
     best = max(range(len(accuracy)), key=lambda steps: (accuracy[steps], -steps))
     return StepSelection(best_steps=best, accuracy=accuracy)

@@ -10,8 +10,9 @@ import torch
 from tqdm.auto import tqdm
 
 from . import _validation as check
+from . import dispatch
 from .model import VelocityNet
-from .reference import DEFAULT_TIME_EPS, NOISE_FORMS, clamp_time, flow_matching_loss, training_pair
+from .reference import DEFAULT_TIME_EPS, NOISE_FORMS
 
 AMP_CHOICES = ("auto", "fp16", "bf16", "off")
 
@@ -65,6 +66,7 @@ def fit(
     device: str | torch.device | None = None,
     amp: str = "auto",
     time_eps: float = DEFAULT_TIME_EPS,
+    backend: str = "auto",
     progress: bool = True,
 ) -> FitResult:
     """Train a velocity field that carries each image feature to its own class text feature.
@@ -74,6 +76,10 @@ def fit(
     Brownian bridge, "endpoint": the paper's, σ = γ·per-dimension std of ``image_features``).
     AdamW with linear warm-up then per-step cosine decay, as released. ``amp`` picks fp16
     ("auto"), bf16 or no autocast on CUDA; it is ignored on the CPU. Reproducible from ``seed``.
+    ``backend``: "auto" builds the pair and the loss in the fused Triton kernels on CUDA and in
+    PyTorch elsewhere; "reference" forces PyTorch; "triton" forces the kernels (on CPU tensors
+    through the slow interpreter, TRITON_INTERPRET=1, for tests). ``config["path"]`` says which
+    ran.
     """
     x_all = check.check_matrix("image_features", image_features)
     z_table = check.check_matrix(
@@ -93,6 +99,8 @@ def fit(
     gamma = check.check_positive_float("gamma", gamma, allow_zero=True)
     if noise not in NOISE_FORMS:
         raise ValueError(f"noise must be one of {NOISE_FORMS}, got {noise!r}")
+    if backend not in dispatch.BACKENDS:
+        raise ValueError(f"backend must be one of {dispatch.BACKENDS}, got {backend!r}")
     if not 0 < time_eps < 0.5:
         raise ValueError(f"time_eps must lie in (0, 0.5), got {time_eps}")
 
@@ -127,27 +135,39 @@ def fit(
         optimizer, lambda step: lr_factor(step, warmup_steps, total_steps)
     )
     generator = torch.Generator(device=device).manual_seed(seed)
+    # Per-step noise seeds come from a CPU generator: drawing them never syncs with the GPU.
+    noise_seeds = torch.Generator().manual_seed(seed)
+    pair_options = {
+        "gamma": gamma,
+        "form": noise,
+        "feature_std": feature_std,
+        "time_eps": time_eps,
+        # The interpreter (TRITON_INTERPRET=1) is for tests: CPU runs use it only on request.
+        "backend": "reference" if backend == "auto" and device.type != "cuda" else backend,
+    }
 
     history: list[float] = []
+    path = None
     bar = tqdm(range(epochs), desc="fit", unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
         order = torch.randperm(rows, device=device, generator=generator)
         loss_sum = torch.zeros((), device=device)
         for start in range(0, rows, batch_size):
             index = order[start : start + batch_size]
-            x0, z = x_all[index], z_table[y_all[index]]
-            t = clamp_time(torch.rand(len(index), 1, device=device, generator=generator), time_eps)
-            eps = torch.randn(x0.shape, device=device, generator=generator)
-            x_t, target = training_pair(
-                x0, z, t, eps, gamma=gamma, form=noise, feature_std=feature_std, time_eps=time_eps
-            )
+            x0, labels_batch = x_all[index], y_all[index]
+            t = torch.rand(len(index), device=device, generator=generator)
+            step_seed = int(torch.randint(2**31 - 1, (), generator=noise_seeds))
+            # The noise is regenerated from the seed inside the loss: it is never stored.
+            pair = dispatch.fused_pair(x0, labels_batch, z_table, t, seed=step_seed, **pair_options)
             with torch.autocast(
                 device.type,
                 dtype=autocast_dtype or torch.float32,
                 enabled=autocast_dtype is not None,
             ):
-                prediction = model(x_t, t)
-            loss = flow_matching_loss(prediction, target)
+                prediction = model(pair.x_t, pair.t)
+            loss, path = dispatch.fused_loss(
+                prediction, x0, labels_batch, z_table, t, seed=step_seed, **pair_options
+            )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -173,6 +193,7 @@ def fit(
         "noise": noise,
         "seed": seed,
         "time_eps": time_eps,
+        "path": path,
         "amp": amp if autocast_dtype is not None else "off",
         "rows": rows,
         "classes": int(z_table.shape[0]),

@@ -85,3 +85,15 @@ def test_fit_result_saves_training_settings(tmp_path):
     fma_fast.save(result, tmp_path / "run")
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["training"]["epochs"] == 1 and config["blocks"] == 1
+
+
+def test_saved_files_get_the_usual_permissions(model, tmp_path):
+    import os
+    import stat
+
+    fma_fast.save(model, tmp_path / "run")
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("model.safetensors", "config.json"):
+        mode = stat.S_IMODE((tmp_path / "run" / name).stat().st_mode)
+        assert mode == 0o666 & ~umask, f"{name} has mode {oct(mode)}"

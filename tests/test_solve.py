@@ -75,3 +75,64 @@ def test_any_velocity_module_can_be_solved(data):
 
     moved = fma_fast.solve(x, constant_field, 5, step_size=0.1)
     torch.testing.assert_close(moved, x + 0.5)
+
+
+def interpreter_or_cuda() -> bool:
+    import os
+
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.parametrize("backend", ["auto", "folded", "triton"])
+def test_every_backend_equals_the_reference(model, data, backend):
+    if backend == "triton" and not interpreter_or_cuda():
+        pytest.skip("SKIPPED, not passed: the Triton backend needs CUDA or TRITON_INTERPRET=1")
+    x, z = data
+    expected = fma_fast.solve(x, model, 3, class_features=z, topk=4, backend="reference")
+    assert expected.path == "reference"
+    result = fma_fast.solve(x, model, 3, class_features=z, topk=4, backend=backend)
+    torch.testing.assert_close(result.topk_values, expected.topk_values, rtol=1e-5, atol=1e-6)
+    assert torch.equal(result.topk_indices, expected.topk_indices), result.path
+    moved = fma_fast.solve(x, model, 3, backend=backend)
+    torch.testing.assert_close(moved, fma_fast.solve(x, model, 3, backend="reference"),
+                               rtol=1e-5, atol=1e-6)
+    accuracy = fma_fast.accuracy_by_steps(model, x, torch.arange(37) % 11, z, max_steps=3,
+                                          backend=backend)
+    assert accuracy == fma_fast.accuracy_by_steps(model, x, torch.arange(37) % 11, z,
+                                                  max_steps=3, backend="reference")
+
+
+def test_path_names_the_implementation(model, data):
+    x, z = data
+    auto = fma_fast.solve(x, model, 2, class_features=z).path
+    assert auto.startswith("folded-fp32+") and auto.endswith("-topk")
+    generic = fma_fast.solve(x, lambda f, t: torch.zeros_like(f), 2, class_features=z).path
+    assert generic.startswith("generic-fp32+")
+
+
+def test_step_ensemble_scoring_matches_the_reference(model, data):
+    x, z = data
+    result = fma_fast.solve(x, model, 8, class_features=z, topk=3, ensemble_steps=(0, 4, 8))
+    with torch.no_grad():
+        probs = reference.step_ensemble_probs(model, x, z, steps=8, ensemble_steps=(0, 4, 8))
+    values, indices = probs.topk(3, dim=-1)
+    torch.testing.assert_close(result.topk_values, values, rtol=1e-5, atol=1e-6)
+    assert torch.equal(result.topk_indices, indices)
+    with pytest.raises(ValueError, match="ensemble_steps must be"):
+        fma_fast.solve(x, model, 4, class_features=z, ensemble_steps=(0, 8))
+
+
+def test_precision_options(model, data):
+    x, z = data
+    with pytest.raises(ValueError, match="fp16' needs a CUDA device"):
+        fma_fast.solve(x, model, 2, precision="fp16", device="cpu")
+    with pytest.raises(ValueError, match="reference runs in fp32 only"):
+        fma_fast.solve(x, model, 2, precision="bf16", backend="reference")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        fma_fast.solve(x, model, 2, precision="int8")
+    with pytest.raises(ValueError, match="backend='folded' needs a VelocityNet"):
+        fma_fast.solve(x, lambda f, t: f, 2, backend="folded")
+    low = fma_fast.solve(x, model, 3, precision="bf16")
+    exact = fma_fast.solve(x, model, 3)
+    error = float((low - exact).norm() / exact.norm())
+    assert error < 2e-2, f"bf16 solve is {error:.2e} away from fp32"

@@ -1,0 +1,46 @@
+"""Real inputs for FMA: open_clip encoders, few-shot datasets, prompts and a feature cache.
+
+Importing this package is cheap: open_clip, PIL and torchvision load only when an encoder is
+built or images are read (``pip install fma_fast[clip]``).
+"""
+
+from .cache import (
+    ExtractedFeatures,
+    SplitFeatures,
+    cached_class_features,
+    extract,
+    extract_split,
+    load_split,
+)
+from .datasets import DATASET_NAMES, Dataset, Item, few_shot, load_dataset
+from .distributed import Context, accuracy_by_steps_sharded, launch, solve_sharded
+from .encoder import ClipEncoder, MissingExtraError, load_encoder, register_model_config
+from .prompts import DATASET_TEMPLATES, ENSEMBLES, build_prompts, resolve_templates
+from .transforms import Preprocess
+
+__all__ = [
+    "DATASET_NAMES",
+    "DATASET_TEMPLATES",
+    "ENSEMBLES",
+    "ClipEncoder",
+    "Context",
+    "Dataset",
+    "ExtractedFeatures",
+    "Item",
+    "MissingExtraError",
+    "Preprocess",
+    "SplitFeatures",
+    "accuracy_by_steps_sharded",
+    "build_prompts",
+    "cached_class_features",
+    "extract",
+    "extract_split",
+    "few_shot",
+    "launch",
+    "load_dataset",
+    "load_encoder",
+    "load_split",
+    "register_model_config",
+    "resolve_templates",
+    "solve_sharded",
+]

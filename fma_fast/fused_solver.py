@@ -1,0 +1,90 @@
+"""The GPU solve path: a folded plan run through the fused Triton step kernels.
+
+Per step: one input-projection GEMM (cuBLAS, fp32 in and out), then one fused kernel per
+residual block (LayerNorm statistics, GEMM, SiLU, GEMM, residual; the hidden activations stay
+on chip) and one fused kernel for the final layer with the Euler update. That is 2 + blocks
+launches per step instead of about a hundred for the unfolded network. On small batches the
+whole M-step loop can be captured once as a CUDA graph and replayed per chunk.
+
+Runs wherever the Triton kernels run: CUDA, or CPU tensors under ``TRITON_INTERPRET=1`` (tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from .kernels._common import DEFAULT_DOT_PRECISION
+from .plan import SolverPlan
+
+
+def _run_step(
+    plan: SolverPlan, i: int, state: torch.Tensor, hidden: torch.Tensor, dot_precision: str
+) -> None:
+    from .kernels.folded_step import final_euler_update, residual_block
+
+    torch.addmm(plan.input_bias, state, plan.input_weight, out=hidden)
+    for b in range(plan.blocks):
+        # The plan stores (in, out) matrices; the kernels take (out, in) with any strides.
+        residual_block(
+            hidden,
+            plan.w1[i, b].T,
+            plan.b1[i, b],
+            plan.w2[i, b].T,
+            plan.b2[i, b],
+            eps=plan.eps,
+            out=hidden,
+            precision=dot_precision,
+        )
+    final_euler_update(
+        hidden, state, plan.wf[i].T, plan.bf[i], eps=plan.eps, out=state, precision=dot_precision
+    )
+
+
+def fused_states(
+    plan: SolverPlan, x: torch.Tensor, *, dot_precision: str = DEFAULT_DOT_PRECISION
+) -> Iterator[torch.Tensor]:
+    """Yield the fp32 states x_0..x_M; every yield is the same buffer, updated in place."""
+    state = x.to(torch.float32, copy=True).contiguous()
+    hidden = torch.empty(state.shape[0], plan.width, dtype=torch.float32, device=state.device)
+    yield state
+    for i in range(plan.steps):
+        _run_step(plan, i, state, hidden, dot_precision)
+        yield state
+
+
+class GraphedSolve:
+    """The whole M-step fused loop captured as one CUDA graph for a fixed chunk size.
+
+    Launch overhead dominates small batches (2 + blocks launches per step); a graph replays
+    them with one call. Construct once per (plan, rows) and call per chunk of exactly ``rows``.
+    """
+
+    def __init__(self, plan: SolverPlan, rows: int, *, dot_precision: str = DEFAULT_DOT_PRECISION):
+        if plan.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA plan, this one is on {plan.device}")
+        self.rows = rows
+        self.state = torch.zeros(rows, plan.dim, dtype=torch.float32, device=plan.device)
+        self.hidden = torch.empty(rows, plan.width, dtype=torch.float32, device=plan.device)
+
+        def loop() -> None:
+            for i in range(plan.steps):
+                _run_step(plan, i, self.state, self.hidden, dot_precision)
+
+        side = torch.cuda.Stream(device=plan.device)
+        side.wait_stream(torch.cuda.current_stream(plan.device))
+        with torch.cuda.stream(side):
+            loop()  # compiles the kernels outside the capture
+        torch.cuda.current_stream(plan.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            loop()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The final state for ``x`` (rows, D); the returned buffer is reused by the next call."""
+        if x.shape[0] != self.rows:
+            raise ValueError(f"this graph was captured for {self.rows} rows, got {x.shape[0]}")
+        self.state.copy_(x)
+        self.graph.replay()
+        return self.state

@@ -1,0 +1,205 @@
+"""Shared plumbing of the Triton kernels: availability, interpreter detection, block sizes.
+
+Conventions every kernel follows (Liger-Kernel / FlagGems house style):
+
+* row offsets are computed in int64 (``rows.to(tl.int64) * stride``) so N·D may exceed 2**31;
+* all math is fp32 whatever the I/O dtype, with explicit casts on load and store;
+* every load and store is masked, so D, N and C need not be powers of two or tile multiples;
+* block sizes come from :func:`pick_blocks` only.
+
+Importing this module never fails: without triton, ``HAS_TRITON`` is False and the kernel modules
+are simply not imported by :mod:`fma_fast.dispatch`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+try:  # triton is an optional dependency; a broken install must not break ``import fma_fast``
+    import triton  # noqa: F401
+    import triton.language as tl  # noqa: F401
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - depends on the environment
+    HAS_TRITON = False
+
+DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")
+"""How tl.dot treats fp32 operands on CUDA. 'tf32' (Triton's default) has a 10-bit mantissa:
+cosines off by ~1e-3, which scale 100 turns into 10% probability errors, so we default to
+'tf32x3' (three TF32 products, ~fp32 accuracy). The interpreter is always exact fp32."""
+
+DEFAULT_DOT_PRECISION = "tf32x3"
+
+
+def interpreter_active() -> bool:
+    """True when Triton runs its numpy interpreter (``TRITON_INTERPRET=1``, set before import)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_usable(*tensors: torch.Tensor) -> tuple[bool, str]:
+    """Whether the Triton kernels can run on these tensors, and why not when they cannot.
+
+    CUDA tensors need a working triton; CPU tensors need the interpreter as well.
+    """
+    if not HAS_TRITON:
+        return False, "triton is not installed"
+    devices = {t.device.type for t in tensors}
+    if len(devices) > 1:
+        return False, f"tensors are on several device types {sorted(devices)}"
+    if devices == {"cuda"}:
+        return True, ""
+    if devices == {"cpu"}:
+        if interpreter_active():
+            return True, ""
+        return False, "CPU tensors need TRITON_INTERPRET=1 (set before triton is imported)"
+    return False, f"no Triton backend for device type {devices}"
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Tile sizes and launch options of one kernel launch."""
+
+    block_n: int
+    block_d: int
+    block_c: int
+    num_warps: int
+    num_stages: int
+
+
+_MIN_DOT = 16  # tl.dot needs every tile side >= 16
+_H100_SMS = 132
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+OPS = ("euler", "flow_matching", "noise", "cosine_topk", "cosine_lse", "ensemble_topk",
+       "cosine_ce", "cosine_ce_backward", "folded_block", "folded_final")
+
+
+def pick_blocks(op: str, rows: int, dim: int, classes: int = 1,
+                dtype: torch.dtype = torch.float32) -> Blocks:
+    """The block sizes of ``op`` for an (rows, dim) input of ``dtype`` against ``classes``
+    (for the folded-step ops: ``dim`` is the hidden width, ``classes`` the output dim).
+
+    Hopper defaults, **untuned by timing** (no H100 was at hand): the largest tiles whose sm_90
+    AOT compile shows no register spills (tests/test_kernels_dispatch.py checks that), e.g.
+    fp32 scoring, where tf32x3 splits every operand in two, fits 64 rows × 64 classes × 32-wide
+    D chunks on 8 warps and halves fit 128 classes. Under the interpreter small fixed tiles keep
+    the numpy emulation quick and make tiny test shapes span several tiles and masks.
+    """
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; known: {OPS}")
+    if interpreter_active():
+        if op == "euler":
+            return Blocks(block_n=256, block_d=1, block_c=1, num_warps=1, num_stages=1)
+        if op == "flow_matching":
+            return Blocks(block_n=8, block_d=16, block_c=1, num_warps=1, num_stages=1)
+        if op == "noise":  # only tests call it, on thousands of rows: few, large programs
+            return Blocks(block_n=64, block_d=64, block_c=1, num_warps=1, num_stages=1)
+        return Blocks(block_n=16, block_d=16, block_c=16, num_warps=1, num_stages=1)
+    d_pow2, c_pow2 = _pow2(dim), _pow2(classes)
+    half = dtype in (torch.float16, torch.bfloat16)
+    if op == "euler":
+        return Blocks(block_n=2048, block_d=1, block_c=1, num_warps=8, num_stages=1)
+    if op in ("flow_matching", "noise"):  # Philox + Box-Muller per element: register hungry
+        block_d = min(64, max(_MIN_DOT, d_pow2))
+        return Blocks(block_n=16, block_d=block_d, block_c=1, num_warps=4, num_stages=1)
+    if op == "cosine_ce_backward":
+        # The gradient slice (block_n × block_d) stays in registers across the class loop.
+        block_c = min(64, max(_MIN_DOT, c_pow2))
+        block_d = min(64, max(_MIN_DOT, d_pow2))
+        return Blocks(block_n=32, block_d=block_d, block_c=block_c, num_warps=8, num_stages=3)
+    if op == "folded_block":
+        # A (block_n × next_pow2(width)) fp32 accumulator lives in registers: rows shrink as
+        # the width grows, and the hidden slice (block_c) with it beyond 512.
+        block_n = 32 if d_pow2 <= 256 or (half and d_pow2 <= 512) else 16
+        block_c = 32 if d_pow2 <= 512 else 16
+        return Blocks(block_n=block_n, block_d=32, block_c=block_c, num_warps=8, num_stages=2)
+    if op == "folded_final":
+        return Blocks(block_n=64, block_d=32, block_c=min(128, max(_MIN_DOT, c_pow2)),
+                      num_warps=8, num_stages=3)
+    # The scoring ops (cosine_topk, cosine_lse, ensemble_topk, cosine_ce): 64-row tiles suit
+    # Hopper's warpgroup MMA; rows shrink while fewer programs than half the SMs would run.
+    block_n = 64
+    while block_n > _MIN_DOT and -(-rows // block_n) < _H100_SMS // 2:
+        block_n //= 2
+    block_c = min(128 if half else 64, max(_MIN_DOT, c_pow2))
+    block_d = min(32, max(_MIN_DOT, d_pow2))
+    return Blocks(block_n=block_n, block_d=block_d, block_c=block_c,
+                  num_warps=4 if block_n == _MIN_DOT else 8, num_stages=3)
+
+
+def check_dot_precision(precision: str) -> str:
+    if precision not in DOT_PRECISIONS:
+        raise ValueError(f"precision must be one of {DOT_PRECISIONS}, got {precision!r}")
+    return precision
+
+
+def row_major(t: torch.Tensor) -> torch.Tensor:
+    """The tensor with unit stride along its last dimension (the kernels assume it)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def row_inv_norm(x_ptr, stride_x, rows64, row_mask, D, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+        """1 / max(||x_row||, 1e-12) for a block of rows (F.normalize's eps), fp32."""
+        sumsq = tl.zeros((BLOCK_N,), tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            mask = row_mask[:, None] & (cols < D)[None, :]
+            x = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+            x = x.to(tl.float32)
+            sumsq += tl.sum(x * x, axis=1)
+        return 1.0 / tl.maximum(tl.sqrt(sumsq), 1e-12)
+
+    @triton.jit
+    def dot_tile(x_ptr, stride_x, rows64, row_mask, z_ptr, stride_z, cls64, cls_mask, D,
+                 BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                 PRECISION: tl.constexpr):
+        """x_rows · z_clsᵀ as a (BLOCK_N, BLOCK_C) fp32 tile, accumulated over D chunks."""
+        acc = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            col_mask = cols < D
+            x = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :],
+                        mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+            z = tl.load(z_ptr + cls64[:, None] * stride_z + cols[None, :],
+                        mask=cls_mask[:, None] & col_mask[None, :], other=0.0)
+            acc = tl.dot(x, tl.trans(z), acc, input_precision=PRECISION)
+        return acc
+
+    @triton.jit
+    def merge_topk(top_v, top_i, scores, cls, K: tl.constexpr, K_PAD: tl.constexpr):
+        """Fold a (BLOCK_N, BLOCK_C) score tile into the running unsorted top-K slots.
+
+        Masked columns must hold -inf. Slots K..K_PAD-1 hold +inf so they are never the
+        minimum that gets replaced. Each round moves the tile's row maximum into the slot of
+        the running minimum when larger; rounds stop once no row of the block can improve,
+        which after the first few tiles is usually at once (at most K rounds).
+        """
+        slots = tl.arange(0, K_PAD)
+        big = tl.full(cls.shape, 2147483647, tl.int32)
+        round_ = 0
+        improving = tl.max((tl.max(scores, axis=1) > tl.min(top_v, axis=1)).to(tl.int32),
+                           axis=0) > 0
+        while improving & (round_ < K):
+            best = tl.max(scores, axis=1)
+            arg = tl.min(tl.where(scores == best[:, None], cls[None, :], big[None, :]), axis=1)
+            scores = tl.where(cls[None, :] == arg[:, None], float("-inf"), scores)
+            low = tl.min(top_v, axis=1)
+            low_slot = tl.min(tl.where(top_v == low[:, None], slots[None, :], K_PAD), axis=1)
+            replace = (slots[None, :] == low_slot[:, None]) & (best > low)[:, None]
+            top_v = tl.where(replace, best[:, None], top_v)
+            top_i = tl.where(replace, arg[:, None], top_i)
+            round_ += 1
+            improving = tl.max((tl.max(scores, axis=1) > tl.min(top_v, axis=1)).to(tl.int32),
+                               axis=0) > 0
+        return top_v, top_i

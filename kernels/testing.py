@@ -1,0 +1,67 @@
+"""Test support for the kernels: the tolerance table, a located assert_close, device choice.
+
+Kept in the package (like ``torch.testing``) so every ``tests/test_kernels_*.py`` shares one
+tolerance table without a shared conftest. Imports without triton.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import HAS_TRITON, interpreter_active
+
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float32: (1e-5, 1e-6),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+"""(rtol, atol) per I/O dtype: fp32 is the brief's 1e-5 relative (atol for values near 0);
+halves are about 2 units of their last place (2^-10, 2^-7) relative."""
+
+
+def kernel_device() -> str | None:
+    """'cuda' when a GPU and triton are there, 'cpu' under the interpreter, else None."""
+    if not HAS_TRITON:
+        return None
+    if torch.cuda.is_available() and not interpreter_active():
+        return "cuda"
+    return "cpu" if interpreter_active() else None
+
+
+SKIP_REASON = ("SKIPPED, not passed: the Triton kernels need triton plus CUDA, or "
+               "TRITON_INTERPRET=1 exported before triton is imported (tests/conftest.py sets it "
+               "when there is no GPU)")
+
+HALF_SKIP_REASON = ("SKIPPED, not passed: fp16/bf16 kernels are tested on CUDA only (the Triton "
+                    "interpreter has no bfloat16 and emulates halves in numpy, which says nothing "
+                    "about tensor-core numerics)")
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str,
+                 dtype: torch.dtype = torch.float32, rtol: float | None = None,
+                 atol: float | None = None) -> None:
+    """Elementwise |actual - expected| <= atol + rtol·|expected|, with the dtype's defaults.
+
+    On failure the message names ``what``, the count of mismatches, the first mismatching
+    index (row, col, ...) and the worst one, with both values at each.
+    """
+    default_rtol, default_atol = TOLERANCES[dtype]
+    rtol = default_rtol if rtol is None else rtol
+    atol = default_atol if atol is None else atol
+    if actual.shape != expected.shape:
+        raise AssertionError(f"{what}: shape {tuple(actual.shape)} != expected "
+                             f"{tuple(expected.shape)}")
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    err = (a - e).abs()
+    bad = ~(err <= atol + rtol * e.abs())  # NaN counts as a mismatch
+    if not bool(bad.any()):
+        return
+    first = tuple(int(i) for i in bad.nonzero()[0])
+    worst = tuple(int(i) for i in torch.unravel_index(err.nan_to_num(float("inf")).argmax(),
+                                                      err.shape))
+    raise AssertionError(
+        f"{what}: {int(bad.sum())} of {bad.numel()} elements differ beyond rtol={rtol:g}, "
+        f"atol={atol:g}; first at {first}: got {a[first]:.9g}, expected {e[first]:.9g}; "
+        f"worst at {worst}: got {a[worst]:.9g}, expected {e[worst]:.9g}"
+    )

@@ -1,0 +1,198 @@
+"""Dataset layouts, K-shot sampling, prompts, preprocessing and row sharding (no encoder needed)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from fma_fast.cli import main
+from fma_fast.clip import datasets, load_encoder, prompts
+from fma_fast.clip.distributed import Context
+
+
+def _touch(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+
+
+def _zhou(root, name="oxford_pets", folder="oxford_pets", images="images", split_file=None):
+    split_file = split_file or "split_zhou_OxfordPets.json"
+    entries = {
+        split: [
+            [f"{c}_{split}_{i}.jpg", label, c]
+            for label, c in enumerate(["a_b", "cc"])
+            for i in range(count)
+        ]
+        for split, count in (("train", 6), ("val", 5), ("test", 3))
+    }
+    (root / folder / images).mkdir(parents=True)
+    (root / folder / split_file).write_text(json.dumps(entries))
+    return entries
+
+
+def test_split_zhou_layout_and_names(tmp_path):
+    _zhou(tmp_path)
+    for name in ("oxford_pets", "OxfordPets", "oxford-pets"):
+        data = datasets.load_dataset(name, tmp_path)
+        assert data.name == "oxford_pets"
+        assert data.class_names == ["a_b", "cc"]
+        assert data.template == "a photo of a {}, a type of pet."
+        assert len(data.train) == 12 and len(data.val) == 10 and len(data.test) == 6
+        assert data.image_root == tmp_path / "oxford_pets" / "images"
+
+
+def test_eurosat_names_are_coop_phrases(tmp_path):
+    entries = {
+        s: [["Forest/1.jpg", 0, "Forest"], ["SeaLake/1.jpg", 1, "SeaLake"]]
+        for s in ("train", "val", "test")
+    }
+    (tmp_path / "eurosat" / "2750").mkdir(parents=True)
+    (tmp_path / "eurosat" / "split_zhou_EuroSAT.json").write_text(json.dumps(entries))
+    assert datasets.load_dataset("eurosat", tmp_path).class_names == ["Forest", "Sea or Lake"]
+
+
+def test_fgvc_aircraft_layout(tmp_path):
+    folder = tmp_path / "fgvc_aircraft"
+    (folder / "images").mkdir(parents=True)
+    (folder / "variants.txt").write_text("707-320\nA300B4\nDC-3\n")
+    for split in ("train", "val", "test"):
+        (folder / f"images_variant_{split}.txt").write_text(
+            f"0001 A300B4\n0002 707-320\n0003 DC-3\n{split}9 DC-3\n"
+        )
+    data = datasets.load_dataset("fgvc_aircraft", tmp_path)
+    assert data.class_names == ["707-320", "A300B4", "DC-3"]
+    assert data.train[0] == datasets.Item("0001.jpg", 1)
+    assert data.test[-1] == datasets.Item("test9.jpg", 2)
+
+
+def test_imagenet_layout_draws_val_from_train(tmp_path):
+    folder = tmp_path / "imagenet"
+    (folder / "classnames.txt").parent.mkdir(parents=True)
+    (folder / "classnames.txt").write_text("n02 goldfish\nn01 great white shark\n")
+    for split, count in (("train", 7), ("val", 2)):
+        for wnid in ("n01", "n02"):
+            for i in range(count):
+                _touch(folder / "images" / split / wnid / f"{i}.JPEG")
+    data = datasets.load_dataset("ImageNet", tmp_path)
+    assert data.class_names == ["great white shark", "goldfish"]  # sorted by wnid
+    assert data.val is None and len(data.train) == 14 and len(data.test) == 4
+    train, val = datasets.few_shot(data, shots=3, seed=1)
+    assert len(train) == 6 and len(val) == 6 and not set(train) & set(val)
+
+
+def test_class_folder_layouts(tmp_path):
+    flat = tmp_path / "flat"
+    for cls in ("cat", "dog"):
+        for i in range(10):
+            _touch(flat / cls / f"{i}.png")
+    _touch(flat / "cat" / "notes.txt")
+    data = datasets.load_dataset(flat)
+    assert data.class_names == ["cat", "dog"]
+    assert (len(data.train), len(data.val), len(data.test)) == (10, 4, 6)
+    assert not set(data.train) & set(data.test)
+    assert datasets.load_dataset(flat).test == data.test  # the split never depends on a seed
+
+    split = tmp_path / "split"
+    for part in ("train", "test"):
+        for cls in ("cat", "dog"):
+            _touch(split / part / cls / "1.jpg")
+    data = datasets.load_dataset("split", root=tmp_path)
+    assert data.val is None and data.test[1] == datasets.Item("test/dog/1.jpg", 1)
+
+
+def test_csv_lists(tmp_path):
+    (tmp_path / "list.csv").write_text(
+        "path,label,classname\n"
+        + "".join(f"img/{i}.png,{i % 2},{'ab'[i % 2]}\n" for i in range(20))
+    )
+    data = datasets.load_dataset(tmp_path / "list.csv")
+    assert data.class_names == ["a", "b"] and len(data.train) == 10
+    folder = tmp_path / "lists"
+    folder.mkdir()
+    (folder / "train.csv").write_text("x/1.png,0\nx/2.png,1\n")
+    (folder / "test.csv").write_text("y/1.png,1\n")
+    data = datasets.load_dataset(folder)
+    assert data.class_names == ["0", "1"] and data.val is None
+    (folder / "test.csv").write_text("y/1.png,1\ny/2.png,one\n")
+    with pytest.raises(ValueError, match="is not an integer"):
+        datasets.load_dataset(folder)
+
+
+def test_few_shot_is_seeded_and_per_class(tmp_path):
+    _zhou(tmp_path)
+    data = datasets.load_dataset("oxford_pets", tmp_path)
+    train, val = datasets.few_shot(data, shots=4, seed=1)
+    assert [item.label for item in train] == [0] * 4 + [1] * 4
+    assert [item.label for item in val] == [0] * 4 + [1] * 4
+    assert datasets.few_shot(data, 4, 1) == (train, val)
+    assert datasets.few_shot(data, 4, 2)[0] != train
+    train, val = datasets.few_shot(data, shots=16, seed=1)  # fewer images than K: take all
+    assert len(train) == 12 and len(val) == 8  # val: min(K, 4) per class
+    with pytest.raises(ValueError, match="shots"):
+        datasets.few_shot(data, 0, 1)
+
+
+def test_dataset_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="dataset folder for oxford_pets not found"):
+        datasets.load_dataset("oxford_pets", tmp_path)
+    (tmp_path / "dtd" / "images").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="split_zhou_DescribableTextures.json"):
+        datasets.load_dataset("dtd", tmp_path)
+    with pytest.raises(ValueError, match="unknown dataset 'no_such_set'"):
+        datasets.load_dataset("no_such_set", tmp_path)
+    (tmp_path / "dtd" / "split_zhou_DescribableTextures.json").write_text('{"train": []}')
+    with pytest.raises(ValueError, match="must hold"):
+        datasets.load_dataset("dtd", tmp_path)
+
+
+def test_prompts():
+    assert prompts.resolve_templates(None, "dtd") == ["{} texture."]
+    assert prompts.resolve_templates([], "unknown") == ["a photo of a {}."]
+    assert len(prompts.resolve_templates(["imagenet7", "a {}."])) == 8
+    assert prompts.build_prompts(["sea_lion ", "x"], ["a {}, {0}."]) == [
+        ["a sea lion, {0}.", "a x, {0}."]
+    ]
+    with pytest.raises(ValueError, match="exactly one"):
+        prompts.resolve_templates(["a photo"])
+
+
+def test_row_shares_partition_in_rank_order():
+    for count in (0, 1, 5, 8):
+        for world in (1, 2, 3):
+            shares = [Context(rank, world).rows(count) for rank in range(world)]
+            assert [i for s in shares for i in range(count)[s]] == list(range(count))
+
+
+def test_augmented_views_are_seeded(tmp_path):
+    pytest.importorskip("torchvision")
+    image_module = pytest.importorskip("PIL.Image")
+    from fma_fast.clip.transforms import Preprocess, view_generator
+
+    pre = Preprocess(size=(16, 16), mean=(0.5,) * 3, std=(0.25,) * 3)
+    image = image_module.fromarray(
+        (torch.rand(30, 22, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy()
+    )
+    first = pre.views(image, 3, view_generator(1, "a.png"))
+    assert first.shape == (3, 3, 16, 16)
+    assert torch.equal(first, pre.views(image, 3, view_generator(1, "a.png")))
+    assert not torch.equal(first, pre.views(image, 3, view_generator(2, "a.png")))
+    assert not torch.equal(first[0], first[1])
+    assert pre.centre(image).shape == (3, 16, 16)
+    assert Preprocess(size=(8, 12), mean=(0.5,) * 3, std=(0.25,) * 3).centre(image).shape == (
+        3,
+        8,
+        12,
+    )
+
+
+def test_missing_open_clip_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"pip install fma_fast\[clip\]"):
+        load_encoder("ViT-B-16")
+    _zhou(tmp_path)
+    argv = ["extract", "--root", str(tmp_path), "--dataset", "oxford_pets", "--model", "ViT-B-16"]
+    assert main([*argv, "--output", str(tmp_path / "out")]) == 2
+    assert "pip install fma_fast[clip]" in capsys.readouterr().err

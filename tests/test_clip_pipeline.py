@@ -1,0 +1,348 @@
+"""Real-input pipeline on a tiny random open_clip model: extract -> cache -> fit -> results.
+
+The model (1 layer per tower, 32-px input) and the dataset (3 classes of generated PNGs) are
+built in a temporary folder, so the whole file runs in about a minute on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+open_clip = pytest.importorskip(
+    "open_clip", reason="SKIPPED, not passed: open_clip missing (pip install fma_fast[clip])"
+)
+np = pytest.importorskip("numpy")
+Image = pytest.importorskip("PIL.Image")
+
+from safetensors import safe_open  # noqa: E402
+
+from fma_fast.cli import main  # noqa: E402
+from fma_fast.clip import (  # noqa: E402
+    extract_split,
+    few_shot,
+    load_dataset,
+    load_encoder,
+    load_split,
+    register_model_config,
+)
+from fma_fast.clip.transforms import Preprocess, view_generator  # noqa: E402
+from fma_fast.features_io import load_features  # noqa: E402
+
+MODEL = "fma-fast-tiny-test"
+CLASSES = ["abyssinian", "great_pyrenees", "pug"]
+COUNTS = {"train": 4, "val": 2, "test": 3}
+# Enough training for the field to learn the colour-coded classes (about 3 s per seed).
+TRAIN_OPTIONS = [
+    *("--blocks", "1", "--epochs", "40", "--lr", "2e-3", "--batch-size", "16"),
+    *("--max-steps", "10", "--quiet"),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    """A registered tiny architecture, its random weights saved as a checkpoint, a dataset."""
+    folder = tmp_path_factory.mktemp("tiny")
+    config = folder / f"{MODEL}.json"
+    config.write_text(
+        json.dumps(
+            {
+                "embed_dim": 16,
+                "vision_cfg": {
+                    "image_size": 32,
+                    "layers": 1,
+                    "width": 32,
+                    "head_width": 16,
+                    "patch_size": 8,
+                },
+                "text_cfg": {
+                    "context_length": 16,
+                    "vocab_size": 49408,
+                    "width": 32,
+                    "heads": 2,
+                    "layers": 1,
+                },
+            }
+        )
+    )
+    register_model_config(config)
+    torch.manual_seed(0)
+    checkpoint = folder / "tiny.pt"
+    torch.save(open_clip.create_model(MODEL).state_dict(), checkpoint)
+    root = folder / "data"
+    write_pets(root)
+    return {"config": config, "checkpoint": checkpoint, "root": root}
+
+
+def write_pets(root: Path) -> None:
+    """oxford_pets in CoOp's layout: images/ and split_zhou_OxfordPets.json."""
+    rng = np.random.default_rng(0)
+    images = root / "oxford_pets" / "images"
+    images.mkdir(parents=True)
+    split = {}
+    for name, count in COUNTS.items():
+        split[name] = []
+        for label, cls in enumerate(CLASSES):
+            for i in range(count):
+                height, width = (40, 36) if i % 2 else (36, 44)
+                colour = np.array([60 + 80 * label, 200 - 70 * label, 120], dtype=float)
+                pixels = np.clip(colour + rng.normal(0, 40, (height, width, 3)), 0, 255)
+                relpath = f"{cls}_{name}_{i}.png"
+                Image.fromarray(pixels.astype(np.uint8)).save(images / relpath)
+                split[name].append([relpath, label, cls])
+    (root / "oxford_pets" / "split_zhou_OxfordPets.json").write_text(json.dumps(split))
+
+
+def model_args(tiny: dict) -> list[str]:
+    return [
+        "--model",
+        MODEL,
+        "--model-config",
+        str(tiny["config"]),
+        "--checkpoint",
+        str(tiny["checkpoint"]),
+    ]
+
+
+def data_args(tiny: dict, root=None) -> list[str]:
+    return [
+        "--root",
+        str(root or tiny["root"]),
+        "--dataset",
+        "oxford_pets",
+        "--shots",
+        "4",
+        "--views",
+        "4",
+        *model_args(tiny),
+    ]
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny):
+    return load_encoder(MODEL, tiny["checkpoint"], device="cpu")
+
+
+@pytest.fixture(scope="module")
+def single_run(tiny, tmp_path_factory) -> tuple[Path, str]:
+    """``fma-fast run`` over seeds 1 2 3 in this process: its output folder and its stdout."""
+    out = tmp_path_factory.mktemp("run")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["run", *data_args(tiny), "--output", str(out), *TRAIN_OPTIONS]) == 0
+    return out, printed.getvalue()
+
+
+def test_run_end_to_end(single_run):
+    out, printed = single_run
+    assert "(mean ± std over seeds)" in printed
+    assert "oxford_pets, 4 shots, seeds 1 2 3: test accuracy M=0 (zero-shot)" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert results["seeds"] == [1, 2, 3] and len(results["runs"]) == 3
+    assert results["preprocessing"]["size"] == [32, 32]  # from the model config, not 224
+    assert results["templates"] == ["a photo of a {}, a type of pet."]
+    for run in results["runs"]:
+        assert run["train_rows"] == 4 * 3 * 4  # K shots x classes x views
+        assert run["val_rows"] == 2 * 3 and run["test_rows"] == 9
+        assert len(run["test_accuracy"]) == 11
+    summary = results["summary"]
+    chosen = [r["test_accuracy"][r["chosen_steps"]] for r in results["runs"]]
+    assert summary["test_at_chosen_m"]["mean"] == pytest.approx(100 * sum(chosen) / 3)
+    # Random towers put M=0 at chance; the field learns the colour-coded classes from pixels.
+    assert summary["test_at_chosen_m"]["mean"] > summary["test_at_m0"]["mean"] + 20
+    predictions = safe_open(str(out / "predictions.safetensors"), "pt")
+    assert set(predictions.keys()) == {"labels", "seed1", "seed2", "seed3"}
+    plot = out / "accuracy_by_steps.png"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "plot skipped: matplotlib is not installed" in printed and not plot.exists()
+    else:
+        assert f"plot: {plot}" in printed and plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cached_features_equal_direct_encoding(tiny, encoder, single_run):
+    out = single_run[0]
+    dataset = load_dataset("oxford_pets", tiny["root"])
+    test = load_split(out / "cache" / "test")
+    reference, _, preprocess_val = open_clip.create_model_and_transforms(
+        MODEL, pretrained=str(tiny["checkpoint"])
+    )
+    pixels = torch.stack(
+        [preprocess_val(Image.open(dataset.image_root / item.path)) for item in dataset.test]
+    )
+    with torch.no_grad():
+        direct = reference.eval().encode_image(pixels, normalize=True)
+    torch.testing.assert_close(test.features, direct, rtol=0, atol=1e-6)
+    assert test.labels.tolist() == [item.label for item in dataset.test]
+
+    train_items, _ = few_shot(dataset, shots=4, seed=2)
+    train = load_split(out / "cache" / "train-seed2-k4-v4")
+    preprocess = Preprocess.from_encoder(encoder)
+    views = torch.cat(
+        [
+            preprocess.views(
+                Image.open(dataset.image_root / item.path).convert("RGB"),
+                4,
+                view_generator(2, item.path),
+            )
+            for item in train_items
+        ]
+    )
+    torch.testing.assert_close(train.features, encoder.encode_images(views), rtol=0, atol=1e-6)
+    assert train.labels.tolist() == [item.label for item in train_items for _ in range(4)]
+
+    text = safe_open(str(out / "cache" / "text.safetensors"), "pt")
+    tokens = open_clip.get_tokenizer(MODEL)(
+        [f"a photo of a {c.replace('_', ' ')}, a type of pet." for c in CLASSES]
+    )
+    with torch.no_grad():
+        expected = reference.encode_text(tokens, normalize=True)
+    torch.testing.assert_close(text.get_tensor("class_features"), expected, rtol=0, atol=1e-6)
+
+
+def test_prompt_ensemble_is_renormalised_mean(encoder):
+    names = ["sea_lion", "pug"]
+    table = encoder.class_features(names, ["a {}.", "art of the {}."])
+    single = [
+        encoder.encode_text([t.replace("{}", n.replace("_", " ")) for n in names])
+        for t in ("a {}.", "art of the {}.")
+    ]
+    torch.testing.assert_close(table, F.normalize(single[0] + single[1], dim=-1))
+    torch.testing.assert_close(table.norm(dim=-1), torch.ones(2))
+
+
+def test_interrupted_extraction_resumes_without_redoing_shards(tiny, encoder, tmp_path):
+    dataset = load_dataset("oxford_pets", tiny["root"])
+    calls = []
+    original = encoder.encode_images
+
+    def counting(pixels, stop_after=None):
+        calls.append(pixels.shape[0])
+        if stop_after is not None and len(calls) > stop_after:
+            raise KeyboardInterrupt
+        return original(pixels)
+
+    options = dict(seed=1, shots=4, views=2, shard_size=2, batch_size=4, progress=False)
+    items = dataset.train  # 12 images: 6 shards of 2 images, one encoder call per shard
+    encoder.encode_images = lambda pixels: counting(pixels, stop_after=2)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            extract_split(encoder, dataset, items, "train", tmp_path, **options)
+        assert len(list(tmp_path.glob("shard-*.safetensors"))) == 2
+        assert not list(tmp_path.glob(".*tmp"))  # no half-written shard left behind
+        calls.clear()
+        encoder.encode_images = counting
+        resumed = extract_split(encoder, dataset, items, "train", tmp_path, **options)
+        assert len(calls) == 4  # only the 4 unfinished shards
+        calls.clear()
+        again = extract_split(encoder, dataset, items, "train", tmp_path, **options)
+        assert calls == []
+        fresh = extract_split(
+            encoder, dataset, items, "train", tmp_path / "fresh", **options, workers=2
+        )
+        torch.testing.assert_close(resumed.features, fresh.features, rtol=0, atol=0)
+        assert torch.equal(again.labels, fresh.labels)
+        # other settings (here the seed of the augmentations) never reuse a shard
+        calls.clear()
+        extract_split(encoder, dataset, items, "train", tmp_path, **{**options, "seed": 2})
+        assert len(calls) == 6
+    finally:
+        encoder.encode_images = original
+
+
+def test_torchrun_matches_single_process(tiny, single_run, tmp_path):
+    """Two gloo processes on the CPU: shards dealt to both ranks, solve rows split in two."""
+    single_run, out = single_run[0], tmp_path / "ddp"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "fma_fast.cli",
+        "run",
+        *data_args(tiny),
+        "--seed",
+        "1",
+        "--output",
+        str(out),
+        "--device",
+        "cpu",
+        "--shard-size",
+        "4",
+        *TRAIN_OPTIONS,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
+    assert done.returncode == 0, done.stderr[done.stderr.find("Traceback") :][:4000]
+    assert done.stdout.count("seed 1:") == 1  # rank 0 reports, rank 1 stays quiet
+    assert len(list((out / "cache" / "train-seed1-k4-v4").glob("shard-*"))) == 3  # ranks 0, 1, 0
+    for split in ("train-seed1-k4-v4", "val-seed1-k4", "test"):
+        ours, theirs = load_split(single_run / "cache" / split), load_split(out / "cache" / split)
+        torch.testing.assert_close(theirs.features, ours.features, rtol=0, atol=1e-5)
+        assert torch.equal(theirs.labels, ours.labels)
+    two = safe_open(str(out / "predictions.safetensors"), "pt").get_tensor("seed1")
+    one = safe_open(str(single_run / "predictions.safetensors"), "pt").get_tensor("seed1")
+    assert torch.equal(two, one)
+    single = json.loads((single_run / "results.json").read_text())["runs"][0]
+    ranks = json.loads((out / "results.json").read_text())["runs"][0]
+    assert ranks["chosen_steps"] == single["chosen_steps"]
+    assert ranks["test_accuracy"] == pytest.approx(single["test_accuracy"])
+
+
+def _error(argv, capsys) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_clear_errors(tiny, tmp_path, capsys):
+    out = ["--output", str(tmp_path / "out"), "--quiet"]
+    err = _error(["extract", *data_args(tiny, root=tmp_path), *out], capsys)
+    assert "dataset folder for oxford_pets not found" in err
+    (tmp_path / "oxford_pets" / "images").mkdir(parents=True)
+    err = _error(["extract", *data_args(tiny, root=tmp_path), *out], capsys)
+    assert "split_zhou_OxfordPets.json" in err and "not found" in err
+    err = _error(["extract", "--dataset", "petz", *model_args(tiny), *out], capsys)
+    assert "unknown dataset 'petz'" in err
+    base = ["extract", "--root", str(tiny["root"]), "--dataset", "oxford_pets", *out]
+    err = _error([*base, "--model", MODEL, "--checkpoint", str(tmp_path / "nope.pt")], capsys)
+    assert "checkpoint file not found" in err
+    torch.save({"visual.proj": torch.zeros(2)}, tmp_path / "wrong.pt")
+    err = _error([*base, "--model", MODEL, "--checkpoint", str(tmp_path / "wrong.pt")], capsys)
+    assert "is not a loadable checkpoint for open_clip model" in err
+    err = _error([*base, "--model", "ViT-Q-99"], capsys)
+    assert "unknown open_clip model 'ViT-Q-99'" in err
+    err = _error([*base, "--model", "hf-hub:org/repo"], capsys)
+    assert "fetch files at run time" in err
+
+
+def test_unreadable_image_skip_or_fail(tiny, tmp_path, capsys):
+    root = tmp_path / "data"
+    write_pets(root)
+    (root / "oxford_pets" / "images" / "pug_test_1.png").write_bytes(b"not a png")
+    args = ["extract", *data_args(tiny, root=root), "--quiet"]
+    err = _error([*args, "--output", str(tmp_path / "a"), "--on-error", "fail"], capsys)
+    assert "cannot read image" in err and "pug_test_1.png" in err
+    assert main([*args, "--output", str(tmp_path / "b")]) == 0
+    assert "skipped 1 unreadable test image(s), e.g. pug_test_1.png" in capsys.readouterr().out
+    test = load_split(tmp_path / "b" / "cache" / "test")
+    assert test.features.shape[0] == 8 and test.skipped == ["pug_test_1.png"]
+    # extract also writes fma_fast feature files that `fma-fast train` / `eval` read
+    train = load_features(tmp_path / "b" / "seed1-k4" / "train.safetensors", require_labels=True)
+    assert train.features.shape == (48, 16) and train.class_names == CLASSES
+    assert load_features(tmp_path / "b" / "test.safetensors").features.shape == (8, 16)
+    err = _error([*args, "--output", str(tmp_path / "b"), "--on-error", "fail"], capsys)
+    assert "skipped as unreadable" in err  # a cache with skipped images is not reused silently

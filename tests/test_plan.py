@@ -1,0 +1,309 @@
+"""The folded solver plan and CPU path against ``reference.euler_solve``, the ground truth."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import randomize_parameters
+
+import fma_fast
+from fma_fast import VelocityNet, reference, synthetic
+from fma_fast.plan import (
+    PRECISIONS,
+    SolverPlan,
+    build_plan,
+    clear_plan_cache,
+    folded_solve,
+    folded_states,
+    solver_plan,
+    step_times,
+)
+
+# Error of a state, relative to how far the reference moved the features from x_0 (so a solver
+# that barely moves cannot hide in the size of x_0), by precision:
+# - fp32: reassociated fp32 GEMMs; measured ~1e-6, fp32 rounding is 6e-8 per op.
+# - bf16: weights and GEMM inputs rounded to 8-bit mantissas (unit 3.9e-3); measured ~4e-3.
+TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2}
+# Share of test rows whose bf16 prediction must equal the fp32 one on a trained field.
+BF16_AGREEMENT = 0.99
+
+
+def random_net(dim: int, blocks: int, width: int | None = None, seed: int = 0) -> VelocityNet:
+    """A field with every parameter non-zero (the released init zeroes adaLN and output layers)."""
+    net = VelocityNet(dim, blocks=blocks, width=width)
+    randomize_parameters(net, seed=seed, scale=0.2)
+    return net.eval()
+
+
+def unit_rows(rows: int, dim: int, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(rows, dim, generator=generator), dim=-1)
+
+
+@torch.no_grad()
+def reference_trajectory(net: VelocityNet, x: torch.Tensor, steps: int, step_size: float):
+    return reference.euler_solve(net, x, steps, step_size, return_trajectory=True)
+
+
+def assert_states_close(got, expected, x0, tolerance, where):
+    """Compare trajectories state by state; on failure name the step, row and column."""
+    assert len(got) == len(expected), f"{where}: {len(got)} states, expected {len(expected)}"
+    for step, (actual, wanted) in enumerate(zip(got, expected)):
+        assert actual.shape == wanted.shape and actual.dtype == torch.float32, (
+            f"{where}, step {step}: got {tuple(actual.shape)} {actual.dtype}, "
+            f"expected {tuple(wanted.shape)} float32"
+        )
+        if step == 0:
+            assert torch.equal(actual, wanted), f"{where}: x_0 is not the input"
+            continue
+        moved = float((wanted - x0).abs().max())
+        assert moved > 0, f"{where}, step {step}: the reference did not move (zero field?)"
+        error = (actual - wanted).abs()
+        worst = int(error.argmax())
+        row, col = divmod(worst, error.shape[1])
+        relative = float(error.max()) / moved
+        assert relative <= tolerance, (
+            f"{where}, step {step}: max error {float(error.max()):.3g} is {relative:.3g} of the "
+            f"displacement {moved:.3g} (tolerance {tolerance:g}) at row {row}, col {col}: "
+            f"got {float(actual[row, col]):.7g}, expected {float(wanted[row, col]):.7g}"
+        )
+
+
+@pytest.mark.parametrize("precision", sorted(PRECISIONS))
+@pytest.mark.parametrize(
+    ("dim", "blocks", "width", "rows"),
+    [(48, 0, None, 5), (37, 1, 21, 1), (64, 3, 96, 77), (24, 2, 24, 130)],
+)
+def test_folded_trajectory_matches_reference(precision, dim, blocks, width, rows):
+    net = random_net(dim, blocks, width)
+    x = unit_rows(rows, dim)
+    expected = reference_trajectory(net, x, 6, 0.1)
+    # chunk_rows=32 makes 77 and 130 rows end in a partial chunk.
+    got = folded_solve(net, x, 6, 0.1, precision=precision, return_trajectory=True, chunk_rows=32)
+    where = f"{precision} D={dim} blocks={blocks} width={width} N={rows}"
+    assert_states_close(got, expected, x, TOLERANCE[precision], where)
+
+
+@pytest.mark.parametrize(
+    ("steps", "step_size"),
+    [(0, 0.1), (1, 0.1), (2, 0.1), (7, 0.1), (10, 0.1), (3, 0.05), (3, 1 / 3), (8, 0.125)],
+)
+def test_steps_and_step_sizes(steps, step_size):
+    net = random_net(40, 2, 56, seed=3)
+    x = unit_rows(9, 40)
+    expected = reference_trajectory(net, x, steps, step_size)
+    got = folded_solve(net, x, steps, step_size, return_trajectory=True)
+    assert_states_close(got, expected, x, TOLERANCE["fp32"], f"M={steps} h={step_size}")
+    final = folded_solve(net, x, steps, step_size)
+    assert torch.equal(final, got[-1]), f"M={steps} h={step_size}: final != trajectory[-1]"
+
+
+def test_released_size_network():
+    """D=512, 12 blocks, M=10: the released default, where rounding accumulates most."""
+    net = random_net(512, 12, seed=5)
+    randomize_parameters(net, seed=5, scale=0.05)
+    x = unit_rows(33, 512)
+    expected = reference_trajectory(net, x, 10, 0.1)
+    for precision, tolerance in TOLERANCE.items():
+        got = folded_solve(net, x, 10, 0.1, precision=precision, return_trajectory=True)
+        assert_states_close(got, expected, x, tolerance, f"{precision} D=512 blocks=12")
+
+
+def test_times_accumulate_in_fp32_like_the_reference():
+    t = torch.zeros((), dtype=torch.float32)
+    for step, value in enumerate(step_times(10, 0.1).tolist()):
+        assert value == float(t), f"step {step}: t={value!r}, the reference has {float(t)!r}"
+        t = t + 0.1
+    # fp32 accumulation drifts from i*h: t_7 is 0.70000005, not fp32(0.7) = 0.69999999.
+    assert float(step_times(8, 0.1)[7]) != float(torch.tensor(0.7, dtype=torch.float32))
+
+
+def test_plan_shapes_and_dtypes():
+    net = random_net(37, 3, 21)
+    plan = build_plan(net, 4, 0.1, dtype=torch.bfloat16)
+    assert (plan.dim, plan.width, plan.blocks, plan.steps) == (37, 21, 3, 4)
+    assert plan.w1.shape == plan.w2.shape == (4, 3, 21, 21)
+    assert plan.wf.shape == (4, 21, 37) and plan.bf.shape == (4, 37)
+    assert plan.dtype == plan.input_weight.dtype == torch.bfloat16
+    assert plan.times.dtype == torch.float32
+
+
+def test_hidden_state_with_a_large_mean():
+    """The plan keeps the hidden state mean-free; LayerNorm must not care about a big offset."""
+    net = random_net(32, 2, 40, seed=7)
+    with torch.no_grad():
+        net.input_proj.bias.add_(30.0)
+        net.res_blocks[0].mlp[2].bias.sub_(10.0)
+        net.res_blocks[0].adaLN_modulation[-1].bias[80:].add_(1.0)  # gate of block 0
+    x = unit_rows(12, 32)
+    expected = reference_trajectory(net, x, 5, 0.1)
+    got = folded_solve(net, x, 5, 0.1, return_trajectory=True)
+    assert_states_close(got, expected, x, TOLERANCE["fp32"], "hidden mean 30")
+
+
+def test_states_reuse_one_buffer():
+    net = random_net(16, 1)
+    x = unit_rows(4, 16)
+    states = folded_states(net, x, 3, 0.1)
+    first = next(states)
+    assert torch.equal(first, x) and first.data_ptr() != x.data_ptr(), "x_0 must be a copy of x"
+    assert all(state is first for state in states), "folded_states should reuse its buffer"
+    assert torch.equal(x, unit_rows(4, 16)), "the input was modified"
+
+
+def test_empty_rows_and_dtype_of_input():
+    net = random_net(16, 1)
+    assert folded_solve(net, torch.zeros(0, 16), 3).shape == (0, 16)
+    x = unit_rows(5, 16)
+    from_double = folded_solve(net, x.double(), 3)
+    assert from_double.dtype == torch.float32
+    torch.testing.assert_close(from_double, folded_solve(net, x, 3), rtol=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- cache behaviour
+
+
+def test_cache_hit_and_prefix_views():
+    net = random_net(24, 2)
+    plan = solver_plan(net, 6, 0.1)
+    assert solver_plan(net, 6, 0.1) is plan, "same key must hit the cache"
+    shorter = solver_plan(net, 4, 0.1)
+    assert shorter.steps == 4 and shorter.w1.data_ptr() == plan.w1.data_ptr(), (
+        "fewer steps at the same step size should be a view of the cached plan"
+    )
+    assert solver_plan(net, 6, 0.05) is not plan
+    assert solver_plan(net, 6, 0.1, dtype=torch.bfloat16).dtype == torch.bfloat16
+    assert solver_plan(net, 6, 0.1) is plan, "other keys must not evict this one"
+    longer = solver_plan(net, 8, 0.1)
+    assert longer.steps == 8 and solver_plan(net, 8, 0.1) is longer
+
+
+def test_prefix_plan_equals_built_plan():
+    net = random_net(24, 2)
+    long, short = build_plan(net, 7, 0.1), build_plan(net, 3, 0.1)
+    for name in ("times", "w1", "b1", "w2", "b2", "wf", "bf"):
+        assert torch.equal(getattr(long.prefix(3), name), getattr(short, name)), name
+
+
+def test_optimizer_step_invalidates():
+    net = random_net(24, 2)
+    x = unit_rows(6, 24)
+    plan = solver_plan(net, 5, 0.1)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    net(x, torch.rand(6, 1)).pow(2).sum().backward()
+    optimizer.step()
+    assert solver_plan(net, 5, 0.1) is not plan, "an optimizer step must invalidate the plan"
+    expected = reference_trajectory(net, x, 5, 0.1)
+    got = folded_solve(net, x, 5, 0.1, return_trajectory=True)
+    assert_states_close(got, expected, x, TOLERANCE["fp32"], "after an optimizer step")
+
+
+def test_load_state_dict_invalidates():
+    net, other = random_net(24, 2, seed=1), random_net(24, 2, seed=2)
+    x = unit_rows(6, 24)
+    plan = solver_plan(net, 5, 0.1)
+    net.load_state_dict(other.state_dict())
+    assert solver_plan(net, 5, 0.1) is not plan, "load_state_dict must invalidate the plan"
+    torch.testing.assert_close(folded_solve(net, x, 5), folded_solve(other, x, 5))
+
+
+def test_inplace_write_invalidates_and_data_write_needs_clear():
+    net = random_net(24, 2)
+    plan = solver_plan(net, 3, 0.1)
+    with torch.no_grad():
+        net.final_layer.linear.bias.add_(1.0)
+    assert solver_plan(net, 3, 0.1) is not plan, "an in-place write must invalidate the plan"
+    plan = solver_plan(net, 3, 0.1)
+    net.final_layer.linear.bias.data.add_(1.0)  # bypasses the version counter
+    assert solver_plan(net, 3, 0.1) is plan
+    clear_plan_cache(net)
+    assert solver_plan(net, 3, 0.1) is not plan
+
+
+def test_inference_tensor_parameters_are_folded_uncached():
+    with torch.inference_mode():
+        net = random_net(16, 1)
+    x = unit_rows(3, 16)
+    assert solver_plan(net, 2, 0.1) is not solver_plan(net, 2, 0.1)
+    with torch.inference_mode():
+        expected = reference.euler_solve(net, x, 2, 0.1, return_trajectory=True)
+    got = folded_solve(net, x, 2, 0.1, return_trajectory=True)
+    assert_states_close(got, expected, x, TOLERANCE["fp32"], "inference-tensor parameters")
+
+
+# ------------------------------------------------------------------------- passing a plan
+
+
+def test_plan_argument_matches_model_argument():
+    net = random_net(24, 2)
+    x = unit_rows(10, 24)
+    plan = build_plan(net, 8, 0.1)
+    assert torch.equal(folded_solve(plan, x, 8, 0.1), folded_solve(net, x, 8, 0.1))
+    assert torch.equal(folded_solve(plan, x, 5, 0.1), folded_solve(net, x, 5, 0.1))
+
+
+@pytest.mark.parametrize(
+    ("steps", "step_size", "precision", "match"),
+    [(9, 0.1, "fp32", "up to 8 steps"), (8, 0.2, "fp32", "size 0.1"), (8, 0.1, "bf16", "bf16")],
+)
+def test_plan_argument_mismatch(steps, step_size, precision, match):
+    plan = build_plan(random_net(24, 2), 8, 0.1)
+    with pytest.raises(ValueError, match=match):
+        folded_solve(plan, unit_rows(2, 24), steps, step_size, precision=precision)
+
+
+def test_states_check_arguments_before_iterating():
+    with pytest.raises(ValueError, match="dim 23"):
+        folded_states(random_net(24, 2), unit_rows(2, 23), 2)  # no next() needed
+
+
+def test_argument_errors():
+    net = random_net(24, 2)
+    with pytest.raises(ValueError, match="precision"):
+        folded_solve(net, unit_rows(2, 24), 2, precision="fp16")
+    with pytest.raises(ValueError, match="dim 23"):
+        folded_solve(net, unit_rows(2, 23), 2)
+    with pytest.raises(ValueError, match="2-D"):
+        folded_solve(net, torch.zeros(24), 2)
+    with pytest.raises(ValueError, match="chunk_rows"):
+        folded_solve(net, unit_rows(2, 24), 2, chunk_rows=0)
+    with pytest.raises(TypeError, match="VelocityNet"):
+        folded_solve(torch.nn.Linear(2, 2), unit_rows(2, 2), 2)
+    with pytest.raises(ValueError, match="step_size"):
+        solver_plan(net, 2, 0.0)
+    assert isinstance(solver_plan(net, 0, 0.1), SolverPlan)
+
+
+# ------------------------------------------------------------------ released checkpoint
+
+
+def test_official_checkpoint_golden(official_fixture, golden):
+    """The released code's own outputs, from one trajectory pass for every M = 0..10."""
+    model = fma_fast.load_official(official_fixture)
+    trajectory = folded_solve(model, golden["x"], 10, golden["step_size"], return_trajectory=True)
+    for steps in (5, 10):
+        expected = golden[f"features_after_{steps}_steps"]
+        error = float((trajectory[steps] - expected).norm() / (expected - golden["x"]).norm())
+        assert error < TOLERANCE["fp32"], f"M={steps}: relative error {error:.3g}"
+    for steps, state in enumerate(trajectory):
+        pred = reference.cosine_logits(state, golden["class_features"]).argmax(dim=-1)
+        mismatched = (pred != golden["preds_by_steps"][steps]).nonzero().flatten().tolist()
+        assert not mismatched, f"M={steps}: rows {mismatched} differ from the released code"
+
+
+# ------------------------------------------------------------ bf16 on a trained field
+
+
+def test_bf16_predictions_agree_with_fp32_on_a_trained_field():
+    task = synthetic.make_task(num_classes=10, dim=512, shots=8, test_per_class=60, seed=4)
+    fitted = fma_fast.fit(task.train.features, task.train.labels, task.class_features,
+                          blocks=2, epochs=15, device="cpu", progress=False, seed=4)
+    x, z = task.test.features, task.class_features
+    fp32 = folded_solve(fitted.model, x, 10, 0.1, return_trajectory=True)
+    bf16 = folded_solve(fitted.model, x, 10, 0.1, precision="bf16", return_trajectory=True)
+    assert float((fp32[10] - x).norm() / x.norm()) > 0.1, "the trained field barely moves x"
+    for steps in range(1, 11):
+        agree = float((reference.cosine_logits(fp32[steps], z).argmax(-1)
+                       == reference.cosine_logits(bf16[steps], z).argmax(-1)).float().mean())
+        assert agree >= BF16_AGREEMENT, f"M={steps}: bf16 agrees with fp32 on {agree:.2%} of rows"

@@ -1,0 +1,146 @@
+"""The evaluation report end to end on a tiny grid: files written, numbers consistent with the
+raw runs, feature files accepted, bad arguments refused with one line."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+import sys
+
+import pytest
+import torch
+
+from fma_fast import report
+from fma_fast.cli import main
+
+TINY = [
+    "--classes", "3", "--dim", "16", "--test-per-class", "6",
+    "--shots", "1", "2", "--seeds", "1", "2",
+    "--blocks", "1", "--epochs", "2", "--min-updates", "3",
+    "--max-steps", "2", "--step-size", "0.5", "--quiet",
+]  # fmt: skip
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: a second intra-op thread only adds synchronisation (several times slower
+    on a busy 2-core machine). Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def synthetic_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    assert (
+        main(["report", "--out", str(out), "--name", "tiny", "--difficulties", "0.3", *TINY]) == 0
+    )
+    return out, json.loads((out / "tiny.json").read_text())
+
+
+def test_report_writes_markdown_json_and_plots(synthetic_report):
+    out, result = synthetic_report
+    markdown = (out / "tiny.md").read_text()
+    assert markdown.startswith("# FMA vs few-shot baselines: tiny")
+    assert result["command"] in markdown and "fma-fast report" in result["command"]
+    for method in report.METHODS:
+        assert f"| {method} |" in markdown
+    assert "| K=1 | K=2 |" in markdown and "Training budget check" in markdown
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    if HAS_MATPLOTLIB:
+        assert pngs == ["tiny_accuracy.png", "tiny_steps.png"]
+        assert all((out / p).stat().st_size < 200_000 for p in pngs)
+        assert "![tiny_steps](tiny_steps.png)" in markdown
+    else:
+        assert pngs == [] and "plots skipped" in markdown
+    assert not list(out.glob(".*.tmp")), "no temporary files left behind"
+
+
+def test_report_numbers_agree_with_the_raw_runs(synthetic_report):
+    _, result = synthetic_report
+    runs = result["runs"]
+    assert sorted((r["shots"], r["seed"]) for r in runs) == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    for run in runs:
+        assert set(run["accuracy"]) == set(report.METHODS)
+        assert all(0.0 <= a <= 1.0 for a in run["accuracy"].values())
+        fma = run["fma"]
+        assert len(fma["test_by_steps"]) == 3
+        assert run["accuracy"]["FMA"] == fma["test_by_steps"][fma["fit"]["steps"]]
+        assert run["accuracy"]["zero-shot"] == fma["test_by_steps"][0]
+        assert fma["fit"]["updates"] >= 3
+    table = result["aggregate"]["synthetic d=0.3"]
+    for shots in (1, 2):
+        group = [r for r in runs if r["shots"] == shots]
+        for method in report.METHODS:
+            values = [r["accuracy"][method] for r in group]
+            mean, std = table[str(shots)]["methods"][method]
+            assert mean == pytest.approx(statistics.fmean(values))
+            assert std == pytest.approx(statistics.stdev(values))
+    check = result["convergence"][0]
+    assert [fit["epochs"] for fit in check["fits"]] == [
+        check["fits"][0]["epochs"],
+        2 * check["fits"][0]["epochs"],
+    ]
+
+
+def test_plots_are_skipped_with_a_note_without_matplotlib(synthetic_report, tmp_path, monkeypatch):
+    _, result = synthetic_report
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import now raises ImportError
+    paths, note = report._plots(result, tmp_path, "x")
+    assert paths == [] and "matplotlib is not installed" in note
+    assert "_plots skipped" in report.render_markdown({**result, "plots": [], "plot_note": note})
+
+
+def test_render_only_rewrites_the_same_report_from_the_json(synthetic_report, tmp_path, capsys):
+    out, _ = synthetic_report
+    before = (out / "tiny.md").read_text()
+    (out / "tiny.md").unlink()
+    assert main(["report", "--out", str(out), "--name", "tiny", "--render-only", "--quiet"]) == 0
+    assert (out / "tiny.md").read_text() == before
+    assert main(["report", "--out", str(tmp_path), "--render-only"]) == 2
+    assert "no report results" in capsys.readouterr().err
+
+
+def test_report_on_feature_files(tmp_path):
+    data = tmp_path / "my_features"
+    assert main(["synth", "--out", str(data), "--classes", "3", "--dim", "16", "--shots", "4"]) == 0
+    files = ["--train", str(data / "train.safetensors"), "--val", str(data / "val.safetensors")]
+    files += ["--test", str(data / "test.safetensors")]
+    out = tmp_path / "out"
+    argv = ["report", "--out", str(out), *files, *TINY, "--skip-convergence-check"]
+    assert main(argv) == 0
+    result = json.loads((out / "report.json").read_text())
+    assert list(result["aggregate"]) == ["my_features"]
+    assert result["convergence"] == []
+    assert "--train" in result["command"] and "--difficulties" not in result["command"]
+
+
+def test_few_shot_indices_draws_k_per_class_from_the_seed():
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 2])
+    first = report.few_shot_indices(labels, 2, torch.Generator().manual_seed(1))
+    again = report.few_shot_indices(labels, 2, torch.Generator().manual_seed(1))
+    assert torch.equal(first, again)
+    assert torch.bincount(labels[first]).tolist() == [2, 2, 2]
+    assert len(set(first.tolist())) == 6
+    with pytest.raises(ValueError, match="class 0 has 3 rows"):
+        report.few_shot_indices(labels, 4, torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--train", "a.safetensors"], "--train, --val and --test"),
+        (["--shots", "0"], "shots[0] must be >= 1"),
+        (["--difficulties", "1.5"], "difficulties must lie in [0, 1]"),
+        (["--max-steps", "11"], "max_steps * step_size must be <= 1"),
+        (["--name", "../x"], "plain file stem"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, argv, message):
+    assert main(["report", "--out", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
