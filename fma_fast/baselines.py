@@ -120,6 +120,10 @@ class Baseline:
                 "pass val_features and val_labels (or a one-value grid)"
             )
 
+    def _require_fitted(self) -> None:
+        if self.class_features is None:
+            raise RuntimeError(f"{self.name} is not fitted: call fit first")
+
     def _fit(self, x, y, z, val) -> None:
         raise NotImplementedError
 
@@ -128,8 +132,7 @@ class Baseline:
 
     def logits(self, features: Array) -> torch.Tensor:
         """(N, C) class scores of ``features`` (on the CPU, fp32)."""
-        if self.class_features is None:
-            raise RuntimeError(f"{self.name} is not fitted: call fit first")
+        self._require_fitted()
         x, _, _ = _prepare(features, None, self.class_features)
         with torch.no_grad():
             return self._logits(x)
@@ -140,6 +143,7 @@ class Baseline:
 
     def accuracy(self, features: Array, labels: Array) -> float:
         """Top-1 accuracy on a labelled split."""
+        self._require_fitted()
         x, y, _ = _prepare(features, labels, self.class_features)
         return float((self.predict(x) == y).double().mean())
 
@@ -292,8 +296,7 @@ class ClipAdapter(Baseline):
 
     def transform(self, features: Array) -> torch.Tensor:
         """The adapted, unit-norm features x' (what FMA stacks on)."""
-        if self.class_features is None:
-            raise RuntimeError(f"{self.name} is not fitted: call fit first")
+        self._require_fitted()
         x, _, _ = _prepare(features, None, self.class_features)
         return self._adapt(self.w1, self.w2, self.alpha, x)
 
@@ -406,7 +409,11 @@ class TipAdapterF(TipAdapter):
 class FMA(Baseline):
     """FMA as a classifier: fit the velocity field on the train split, choose M on val,
     predict by cosine after M Euler steps. On features from another method it is that method
-    plus FMA (the paper's plug-and-play use)."""
+    plus FMA (the paper's plug-and-play use).
+
+    Defaults are the demo's small CPU setting (2 blocks, 60 epochs, γ=0.05); any other
+    :func:`fma_fast.fit` option (``lr``, ``batch_size``, ``noise``, ...) passes through.
+    """
 
     name = "FMA"
 
@@ -451,8 +458,7 @@ class FMA(Baseline):
 
     def transform(self, features: Array) -> torch.Tensor:
         """Features after the chosen M Euler steps (not normalised: scoring is by cosine)."""
-        if self.class_features is None:
-            raise RuntimeError(f"{self.name} is not fitted: call fit first")
+        self._require_fitted()
         x, _, _ = _prepare(features, None, self.class_features)
         return solve(x, self.model, self.steps, step_size=self.step_size)
 

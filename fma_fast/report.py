@@ -463,6 +463,8 @@ def environment() -> dict[str, str]:
         f"torch threads {torch.get_num_threads()}, "
         + ("CUDA available (not used)" if torch.cuda.is_available() else "no GPU"),
         "platform": platform.platform(),
+        # 1/5/15-minute load at the end: above the core count, other jobs shared the CPU.
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "numpy": np.__version__,
@@ -480,7 +482,13 @@ def render_markdown(result: dict) -> str:
         "",
         f"- command: `{result['command']}`",
         f"- machine: {env['machine']} ({env['platform']})",
-        f"- date: {env['date']}; wall time {result['seconds'] / 60:.1f} min",
+        f"- date: {env['date']}; wall time {result['seconds'] / 60:.1f} min"
+        + (
+            f" (load average over the last 1/5/15 min at the end: "
+            f"{' / '.join(f'{v:.1f}' for v in env['load_average'])})"
+            if env.get("load_average")
+            else ""
+        ),
         f"- versions: fma_fast {env['fma_fast']}, Python {env['python']}, torch {env['torch']}, "
         f"numpy {env['numpy']}, matplotlib {env['matplotlib']}",
         f"- protocol: K shots per class from the train pool and min(K, {VAL_SHOTS_CAP}) from the "
@@ -507,7 +515,10 @@ def render_markdown(result: dict) -> str:
         "transported M steps (M on val); FMA adaptive = per-row stopping rule chosen on val; "
         "linear probe = L2-regularised logistic regression; CLIP-Adapter = one-step residual "
         "adapter; CLIP-Adapter + FMA = FMA trained and run on the adapter's features (the "
-        "paper's plug-in use); Tip-Adapter(-F) = cache model (keys fine-tuned). FMA moves "
+        "paper's plug-in use); Tip-Adapter(-F) = cache model (-F: keys fine-tuned; without "
+        "augmented views of fixed features it barely moves from Tip-Adapter). M on val: ties "
+        "go to the fewest steps (`fma_fast.select_steps`), so a saturated val split picks a "
+        "small M. FMA moves "
         "features, not logits, so it cannot be stacked after the linear probe or Tip-Adapter; "
         'the "on FMA" rows instead fit those methods on FMA-transported features.',
         "",
@@ -825,14 +836,40 @@ def add_command(commands) -> None:
     data.add_argument("--train", help="train pool feature file (with labels)")
     data.add_argument("--val", help="val pool feature file (with labels)")
     data.add_argument("--test", help="test feature file (with labels)")
-    data.add_argument("--difficulties", type=float, nargs="+", default=list(defaults.difficulties))
-    data.add_argument("--classes", type=int, default=defaults.classes)
-    data.add_argument("--dim", type=int, default=defaults.dim)
-    data.add_argument("--test-per-class", type=int, default=defaults.test_per_class)
-    data.add_argument("--data-seed", type=int, default=defaults.data_seed)
+    data.add_argument(
+        "--difficulties",
+        type=float,
+        nargs="+",
+        default=list(defaults.difficulties),
+        help="synthetic difficulties in [0, 1] (default %(default)s)",
+    )
+    for option, text in (
+        ("classes", "synthetic classes"),
+        ("dim", "synthetic feature dim"),
+        ("test_per_class", "synthetic test rows per class"),
+        ("data_seed", "seed of the synthetic data sets"),
+    ):
+        data.add_argument(
+            f"--{option.replace('_', '-')}",
+            type=int,
+            default=getattr(defaults, option),
+            help=f"{text} (default %(default)s)",
+        )
     grid = parser.add_argument_group("grid")
-    grid.add_argument("--shots", type=int, nargs="+", default=list(defaults.shots))
-    grid.add_argument("--seeds", type=int, nargs="+", default=list(defaults.seeds))
+    grid.add_argument(
+        "--shots",
+        type=int,
+        nargs="+",
+        default=list(defaults.shots),
+        help="K shots per class (default %(default)s)",
+    )
+    grid.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=list(defaults.seeds),
+        help="seeds: shot draws and initialisations (default %(default)s)",
+    )
     fma = parser.add_argument_group("FMA training")
     for option in ("blocks", "epochs", "min_updates", "batch_size"):
         fma.add_argument(
@@ -848,7 +885,12 @@ def add_command(commands) -> None:
             default=getattr(defaults, option),
             help="default %(default)s",
         )
-    fma.add_argument("--max-steps", type=int, default=defaults.max_steps)
+    fma.add_argument(
+        "--max-steps",
+        type=int,
+        default=defaults.max_steps,
+        help="largest M; M * step size <= 1 (default %(default)s)",
+    )
     parser.add_argument(
         "--skip-convergence-check",
         action="store_true",
@@ -859,5 +901,5 @@ def add_command(commands) -> None:
         action="store_true",
         help="rewrite the markdown and plots from an existing OUT/NAME.json, running nothing",
     )
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
     parser.set_defaults(run=cmd_report)

@@ -204,6 +204,8 @@ def test_unfitted_first_method_is_refused(task):
         _fit(Pipeline(FMA(), ZeroShot(), fit_first=False), task)
     with pytest.raises(RuntimeError, match="not fitted"):
         LinearProbe().predict(task.test.features)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        ZeroShot().accuracy(task.test.features, task.test.labels)
 
 
 def test_bad_arguments_fail_clearly(task):

@@ -62,9 +62,28 @@ def test_select_steps_matches_solving_each_m_separately(model, data):
     for steps in range(7):
         pred = fma_fast.solve(x, model, steps, class_features=z).pred
         assert selection.accuracy[steps] == pytest.approx(float((pred == labels).double().mean()))
-    best = max(selection.accuracy)
-    assert selection.best_steps == selection.accuracy.index(best)  # fewest steps among ties
+        transported = fma_fast.solve(x, model, steps, backend="reference")
+        expected_loss = float(reference.cosine_cross_entropy(transported, z, labels))
+        assert selection.cross_entropy[steps] == pytest.approx(expected_loss, rel=1e-5)
+    tied = [m for m, acc in enumerate(selection.accuracy) if acc == max(selection.accuracy)]
+    assert selection.best_steps == min(tied, key=lambda m: selection.cross_entropy[m])
     assert "<- best" in selection.table()
+
+
+def test_ties_in_accuracy_are_broken_by_cross_entropy_then_fewest_steps():
+    z = torch.eye(3)
+    x = torch.tensor([[1.0, 0.97, 0.0], [0.0, 1.0, 0.97], [0.97, 0.0, 1.0]])  # near ties
+    labels = torch.arange(3)
+
+    def toward_labels(features, t):  # every step sharpens the (already right) predictions
+        return 0.1 * (z[labels] - torch.nn.functional.normalize(features, dim=-1))
+
+    selection = fma_fast.select_steps(toward_labels, x, labels, z, max_steps=4)
+    assert selection.accuracy == [1.0] * 5
+    assert selection.best_steps == 4, selection.table()
+    assert selection.cross_entropy == sorted(selection.cross_entropy, reverse=True)
+    still = fma_fast.select_steps(lambda f, t: torch.zeros_like(f), x, labels, z, max_steps=4)
+    assert still.best_steps == 0, "equal accuracy and loss: the fewest steps"
 
 
 def test_any_velocity_module_can_be_solved(data):
