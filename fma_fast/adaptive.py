@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Union
 
 import numpy as np
 import torch
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from . import _validation as check
 from . import reference
 
-Array = Union[torch.Tensor, np.ndarray]
+Array = torch.Tensor | np.ndarray
 RULES = ("stable", "prob", "margin")
 DEFAULT_LOGIT_SCALE = 100.0
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ from .training import FitResult, fit
 LOGIT_SCALE = 100.0
 """CLIP's learned logit scale: softmax(100·cos) is how CLIP turns cosines into probabilities."""
 
-Array = Union[torch.Tensor, np.ndarray]
+Array = torch.Tensor | np.ndarray
 Selection = tuple[float, float]
 TIP_ALPHAS = (0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
 TIP_BETAS = (1.0, 2.0, 4.0, 7.0, 12.0, 20.0, 30.0)

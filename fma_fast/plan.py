@@ -19,13 +19,17 @@ import torch.nn.functional as F
 from . import _validation as check
 from .model import VelocityNet, timestep_embedding
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
-"""Compute precisions of :func:`folded_solve`: the dtype of the folded weights and GEMM inputs.
-The residual streams (features and hidden state) and LayerNorm statistics stay fp32 in both."""
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""Compute precisions of :func:`folded_solve`: the dtype of the folded weights and GEMM inputs
+(bf16 GEMMs accumulate in fp32). The features, the hidden residual stream and the LayerNorm
+statistics stay fp32 in all; in bf16/fp16 each GEMM output is rounded before it is added.
+fp16 is for CUDA (the fused Triton path); CPUs have no fast fp16 GEMM."""
 
-DEFAULT_CHUNK_ROWS = {"fp32": 256, "bf16": 256}
-"""Rows per GEMM chain, measured best on a 2-core AVX-512 CPU at D=512: the chunk's buffers stay
-in L2 while the GEMMs are still large enough to keep both cores busy."""
+DEFAULT_CHUNK_ROWS = 4096
+"""Rows per GEMM chain (bounds the work buffers), measured on the 2-core AVX-512/AMX CPU at
+D=512, 12 blocks (benchmarks/bench_cpu_solver.py, FMA_BENCH_SWEEP=1): 2048-8192 rows are equal
+within noise; L2-sized chunks of 128-512 rows are 10-35% slower (smaller GEMMs run less
+efficiently and per-op overhead grows), and oneDNN's bf16 GEMM is slow for 512-768 rows."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -35,8 +39,10 @@ class SolverPlan:
     Matrices are stored (in, out) so a product is ``rows @ weight``. Per step i and block b:
     ``w1[i, b]``/``b1[i, b]`` (LN affine, (1+scale) and shift folded in), ``w2[i, b]``/``b2[i, b]``
     (gate folded in), ``wf[i]``/``bf[i]`` (final (1+scale), shift and h folded in);
-    ``input_weight``/``input_bias`` are step-independent. ``times`` holds the fp32 t of each
-    step, accumulated as the reference does.
+    ``input_weight``/``input_bias`` are step-independent and always fp32 (the GPU path feeds
+    them fp32 features; the CPU bf16 path casts them once per solve); the rest is in the plan's
+    dtype. A fp32 plan holds about 2·M·blocks·W² floats (250 MB at D=512, 12 blocks, M=10).
+    ``times`` holds the fp32 t of each step, accumulated as the reference does.
 
     The hidden state is only ever read through a LayerNorm, which ignores its per-row mean, so
     the Linears that write it (input projection and ``w2``) are centred over their outputs: the
@@ -163,14 +169,14 @@ def build_plan(
         wf[i] = (step_size * final * (1 + scale_f[i])).T
     bf = (step_size * (f64(model.final_layer.linear.bias) + shift_f @ final.T)).to(device, dtype)
     proj = model.input_proj
-    input_weight = _centred(f64(proj.weight)).T.to(device, dtype).contiguous()
+    input_weight = _centred(f64(proj.weight)).T.to(device, torch.float32).contiguous()
     return SolverPlan(
         steps=steps,
         step_size=step_size,
         eps=model.final_layer.norm_final.eps,
         times=times.to(device),
         input_weight=input_weight,
-        input_bias=_centred(f64(proj.bias)).to(device, dtype),
+        input_bias=_centred(f64(proj.bias)).to(device, torch.float32),
         w1=w1, b1=b1, w2=w2, b2=b2, wf=wf, bf=bf,
     )
 
@@ -268,7 +274,7 @@ def folded_states(
     plan = _resolve_plan(model, steps, step_size, precision, x.device)
     if x.shape[1] != plan.dim:
         raise ValueError(f"x has dim {x.shape[1]} but the model expects {plan.dim}")
-    chunk = DEFAULT_CHUNK_ROWS[precision] if chunk_rows is None else chunk_rows
+    chunk = DEFAULT_CHUNK_ROWS if chunk_rows is None else chunk_rows
     chunk = check.check_int("chunk_rows", chunk, minimum=1)
     return _iterate(plan, x.to(torch.float32, copy=True).contiguous(), chunk)
 
@@ -295,45 +301,57 @@ class _Buffers:
 
         self.hidden = empty(torch.float32, plan.width)
         self.rstd = empty(torch.float32, 1)
-        self.normed = empty(plan.dtype, plan.width)
         self.inner = empty(plan.dtype, plan.width)
-        if plan.dtype != torch.float32:
+        self.velocity = empty(plan.dtype, plan.dim)
+        if plan.dtype != torch.float32:  # bf16 copies of the fp32 GEMM operands
+            self.input_weight = plan.input_weight.to(plan.dtype)
+            self.input_bias = plan.input_bias.to(plan.dtype)
             self.features = empty(plan.dtype, plan.dim)
+            self.hidden_low = empty(plan.dtype, plan.width)
+            self.rstd_low = empty(plan.dtype, 1)
             self.update = empty(plan.dtype, plan.width)
-            self.velocity = empty(plan.dtype, plan.dim)
 
 
-def _normalize(hidden: torch.Tensor, rstd: torch.Tensor, out: torch.Tensor, eps: float) -> None:
-    """LayerNorm of the mean-free hidden state into ``out``: one fp32 reduction, one scaling."""
-    torch.linalg.vector_norm(hidden, dim=1, keepdim=True, out=rstd)
-    rstd.square_().div_(hidden.shape[1]).add_(eps).rsqrt_()
-    torch.mul(hidden, rstd, out=out)
+def _inverse_rms(hidden: torch.Tensor, out: torch.Tensor, eps: float) -> torch.Tensor:
+    """1/sqrt(mean(h²) + eps) per row: the LayerNorm scale of the mean-free hidden state."""
+    torch.linalg.vector_norm(hidden, dim=1, keepdim=True, out=out)
+    return out.square_().div_(hidden.shape[1]).add_(eps).rsqrt_()
 
 
 def _step(plan: SolverPlan, i: int, x: torch.Tensor, buffers: _Buffers) -> None:
-    """One folded Euler step on the rows ``x`` in place."""
+    """One folded Euler step on the rows ``x`` in place.
+
+    LayerNorm(h) @ W + b is computed as (h @ W)·rstd + b: the GEMM reads the hidden state
+    directly and the scaling rides on the bias add (one pass, no normalised copy).
+    """
     rows = x.shape[0]
-    hidden, rstd = buffers.hidden[:rows], buffers.rstd[:rows]
-    normed, inner = buffers.normed[:rows], buffers.inner[:rows]
+    hidden, inner = buffers.hidden[:rows], buffers.inner[:rows]
+    rstd = buffers.rstd[:rows]
+    velocity = buffers.velocity[:rows]
     low = plan.dtype != torch.float32
     if low:
         features = buffers.features[:rows].copy_(x)
-        hidden.copy_(torch.addmm(plan.input_bias, features, plan.input_weight, out=inner))
+        hidden.copy_(torch.addmm(buffers.input_bias, features, buffers.input_weight, out=inner))
     else:
         torch.addmm(plan.input_bias, x, plan.input_weight, out=hidden)
+
+    def normed_gemm(weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor) -> None:
+        scale = _inverse_rms(hidden, rstd, plan.eps)
+        source = hidden
+        if low:  # bf16 operands; mixed-dtype elementwise ops are slow, so cast first
+            source = buffers.hidden_low[:rows].copy_(hidden)
+            scale = buffers.rstd_low[:rows].copy_(scale)
+        torch.addcmul(bias, torch.mm(source, weight, out=out), scale, out=out)
+
     for b in range(plan.blocks):
-        _normalize(hidden, rstd, normed, plan.eps)
-        torch.addmm(plan.b1[i, b], normed, plan.w1[i, b], out=inner)
+        normed_gemm(plan.w1[i, b], plan.b1[i, b], inner)
         F.silu(inner, inplace=True)
         if low:
             hidden.add_(torch.addmm(plan.b2[i, b], inner, plan.w2[i, b], out=buffers.update[:rows]))
         else:
             hidden.addmm_(inner, plan.w2[i, b]).add_(plan.b2[i, b])
-    _normalize(hidden, rstd, normed, plan.eps)
-    if low:
-        x.add_(torch.addmm(plan.bf[i], normed, plan.wf[i], out=buffers.velocity[:rows]))
-    else:
-        x.addmm_(normed, plan.wf[i]).add_(plan.bf[i])
+    normed_gemm(plan.wf[i], plan.bf[i], velocity)
+    x.add_(velocity)
 
 
 def folded_solve(

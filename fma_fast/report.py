@@ -516,9 +516,9 @@ def render_markdown(result: dict) -> str:
         "linear probe = L2-regularised logistic regression; CLIP-Adapter = one-step residual "
         "adapter; CLIP-Adapter + FMA = FMA trained and run on the adapter's features (the "
         "paper's plug-in use); Tip-Adapter(-F) = cache model (-F: keys fine-tuned; without "
-        "augmented views of fixed features it barely moves from Tip-Adapter). M on val: ties "
-        "go to the fewest steps (`fma_fast.select_steps`), so a saturated val split picks a "
-        "small M. FMA moves "
+        "augmented views of fixed features it barely moves from Tip-Adapter). M on val "
+        "(`fma_fast.select_steps`): the best accuracy, ties broken by the lower val "
+        "cross-entropy (softmax of 100·cos), then by fewer steps. FMA moves "
         "features, not logits, so it cannot be stacked after the linear probe or Tip-Adapter; "
         'the "on FMA" rows instead fit those methods on FMA-transported features.',
         "",

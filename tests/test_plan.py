@@ -23,8 +23,8 @@ from fma_fast.plan import (
 # Error of a state, relative to how far the reference moved the features from x_0 (so a solver
 # that barely moves cannot hide in the size of x_0), by precision:
 # - fp32: reassociated fp32 GEMMs; measured ~1e-6, fp32 rounding is 6e-8 per op.
-# - bf16: weights and GEMM inputs rounded to 8-bit mantissas (unit 3.9e-3); measured ~4e-3.
-TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2}
+# - bf16: weights and GEMM inputs rounded to 8-bit mantissas (unit 3.9e-3); measured ~5e-3.
+TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2, "fp16": 5e-3}  # fp16 keeps 11 mantissa bits
 # Share of test rows whose bf16 prediction must equal the fp32 one on a trained field.
 BF16_AGREEMENT = 0.99
 
@@ -125,7 +125,8 @@ def test_plan_shapes_and_dtypes():
     assert (plan.dim, plan.width, plan.blocks, plan.steps) == (37, 21, 3, 4)
     assert plan.w1.shape == plan.w2.shape == (4, 3, 21, 21)
     assert plan.wf.shape == (4, 21, 37) and plan.bf.shape == (4, 37)
-    assert plan.dtype == plan.input_weight.dtype == torch.bfloat16
+    assert plan.dtype == torch.bfloat16
+    assert plan.input_weight.dtype == plan.input_bias.dtype == torch.float32  # GPU path needs it
     assert plan.times.dtype == torch.float32
 
 
@@ -261,7 +262,7 @@ def test_states_check_arguments_before_iterating():
 def test_argument_errors():
     net = random_net(24, 2)
     with pytest.raises(ValueError, match="precision"):
-        folded_solve(net, unit_rows(2, 24), 2, precision="fp16")
+        folded_solve(net, unit_rows(2, 24), 2, precision="int8")
     with pytest.raises(ValueError, match="dim 23"):
         folded_solve(net, unit_rows(2, 23), 2)
     with pytest.raises(ValueError, match="2-D"):
