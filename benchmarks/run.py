@@ -3,7 +3,7 @@
     python benchmarks/run.py                  # all benchmarks/bench_*.py, default grids
     python benchmarks/run.py --quick          # only each file's "quick" grid (-k quick)
     python benchmarks/run.py -k gpu_solver    # any pytest -k selection
-    python benchmarks/run.py benchmarks/bench_training.py --out /tmp/results
+    python benchmarks/run.py benchmarks/bench_training.py --out my_results
 
 Results go to ``<out>/<device>[-quick][-k-<expr>].json`` and ``.md`` (written atomically), tagged
 with the device, library versions, UTC date, git commit (+ dirty flag), wall time and the 1-min

@@ -27,6 +27,16 @@ def golden(official_fixture: Path) -> dict:
     return torch.load(official_fixture / "golden.pt", weights_only=True)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: a second intra-op thread only adds synchronisation (several times slower
+    on a busy 2-core machine). Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def randomize_parameters(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> None:
     """Give every parameter non-zero values: the released init zeroes whole layers, and a
     comparison against a zero field could not fail."""
