@@ -325,8 +325,10 @@ def _scores_by_steps(
     device,
     precision,
     backend,
-) -> tuple[list[float], list[float]]:
-    """Accuracy and mean cross-entropy (logit scale 100) after every M, from one pass."""
+    with_loss: bool,
+) -> tuple[list[float], list[float] | None]:
+    """Accuracy and, with ``with_loss``, mean cross-entropy (logit scale 100) after every M,
+    from one pass (the loss is a second pass over the classes, so only select_steps asks)."""
     max_steps, step_size = _check_steps(max_steps, step_size)
     x, z, batch_size, device = _prepare(
         features,
@@ -348,11 +350,14 @@ def _scores_by_steps(
         for steps, state in enumerate(states):
             pred = _topk(state, z, 1, op_backend, tiled=backend != "reference").indices[:, 0]
             correct[steps] += (pred == truth).sum()
+            if not with_loss:
+                continue
             loss = dispatch.cosine_cross_entropy(
                 state, z, truth, normalized=True, backend=op_backend
             ).loss
             loss_sum[steps] += loss.double() * len(truth)
-    return (correct.double() / x.shape[0]).tolist(), (loss_sum / x.shape[0]).tolist()
+    accuracy = (correct.double() / x.shape[0]).tolist()
+    return accuracy, (loss_sum / x.shape[0]).tolist() if with_loss else None
 
 
 def accuracy_by_steps(
@@ -380,6 +385,7 @@ def accuracy_by_steps(
         device,
         precision,
         backend,
+        with_loss=False,
     )[0]
 
 
@@ -410,6 +416,7 @@ def select_steps(
         device,
         precision,
         backend,
+        with_loss=True,
     )
     best = max(range(len(accuracy)), key=lambda m: (accuracy[m], -cross_entropy[m], -m))
     return StepSelection(best_steps=best, accuracy=accuracy, cross_entropy=cross_entropy)
