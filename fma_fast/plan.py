@@ -8,9 +8,12 @@ statistics, SiLU and residual adds between them (52·D² instead of 128·D² FLO
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -25,11 +28,18 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 statistics stay fp32 in all; in bf16/fp16 each GEMM output is rounded before it is added.
 fp16 is for CUDA (the fused Triton path); CPUs have no fast fp16 GEMM."""
 
-DEFAULT_CHUNK_ROWS = 4096
-"""Rows per GEMM chain (bounds the work buffers), measured on the 2-core AVX-512/AMX CPU at
-D=512, 12 blocks (benchmarks/bench_cpu_solver.py, FMA_BENCH_SWEEP=1): 2048-8192 rows are equal
-within noise; L2-sized chunks of 128-512 rows are 10-35% slower (smaller GEMMs run less
-efficiently and per-op overhead grows), and oneDNN's bf16 GEMM is slow for 512-768 rows."""
+DEFAULT_CHUNK_ROWS = 1024
+"""Most rows one CPU worker advances through a step at a time (bounds the work buffers).
+
+On the CPU the rows are split into chunks of at most this many rows (and at least one per
+worker); each of ``workers`` threads takes the next chunk with torch's intra-op threads at 1.
+Measured on the 2-core AVX-512/AMX CPU at D=512, 12 blocks (benchmarks/bench_cpu_solver.py,
+FMA_BENCH_SWEEP=1): 512-4096 rows are equal within noise in fp32 and bf16, 256 rows is
+5-15% slower; more chunks than workers lets a worker on a free core take over the rows of one
+whose core is busy."""
+
+MIN_WORKER_ROWS = 128
+"""Smallest chunk the rows are split into for workers: smaller GEMMs run too inefficiently."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -262,34 +272,119 @@ def folded_states(
     *,
     precision: str = "fp32",
     chunk_rows: int | None = None,
+    workers: int | None = None,
 ) -> Iterator[torch.Tensor]:
     """Iterate over the fp32 states x_0, x_1, ..., x_M of the folded Euler solve.
 
     Every yielded tensor is the same (N, D) working buffer, advanced in place by the next step:
     score or clone it before advancing. One pass thus scores every M (``select_steps``).
     ``model`` is a :class:`VelocityNet` (its cached plan is used) or a :class:`SolverPlan`.
-    Arguments are checked here, before the first state.
+    On the CPU, ``workers`` threads (default: ``torch.get_num_threads()``) each run whole row
+    chunks with single-threaded ops; see :data:`DEFAULT_CHUNK_ROWS`. Arguments are checked
+    here, before the first state.
     """
     x = check.check_matrix("x", x, allow_empty=True)
     plan = _resolve_plan(model, steps, step_size, precision, x.device)
     if x.shape[1] != plan.dim:
         raise ValueError(f"x has dim {x.shape[1]} but the model expects {plan.dim}")
-    chunk = DEFAULT_CHUNK_ROWS if chunk_rows is None else chunk_rows
-    chunk = check.check_int("chunk_rows", chunk, minimum=1)
-    return _iterate(plan, x.to(torch.float32, copy=True).contiguous(), chunk)
+    if chunk_rows is None:  # GPUs want every row in one GEMM
+        chunk_rows = DEFAULT_CHUNK_ROWS if x.device.type == "cpu" else max(x.shape[0], 1)
+    chunk = check.check_int("chunk_rows", chunk_rows, minimum=1)
+    if workers is None:
+        workers = torch.get_num_threads() if x.device.type == "cpu" else 1
+    workers = check.check_int("workers", workers, minimum=1)
+    if workers > 1 and x.device.type != "cpu":
+        raise ValueError(f"workers > 1 is for CPU tensors, got x on {x.device}")
+    return _iterate(plan, x.to(torch.float32, copy=True).contiguous(), chunk, workers)
+
+
+def _row_chunks(rows: int, chunk: int, workers: int) -> list[slice]:
+    """Row slices of at most ``chunk`` rows, at least one per worker when rows allow it."""
+    if workers > 1:
+        chunk = min(chunk, max(MIN_WORKER_ROWS, -(-rows // workers)))
+    return [slice(start, min(start + chunk, rows)) for start in range(0, rows, chunk)]
 
 
 @torch.no_grad()
-def _iterate(plan: SolverPlan, state: torch.Tensor, chunk: int) -> Iterator[torch.Tensor]:
+def _iterate(
+    plan: SolverPlan, state: torch.Tensor, chunk: int, workers: int
+) -> Iterator[torch.Tensor]:
     yield state
     rows = state.shape[0]
     if plan.steps == 0 or rows == 0:
         return
-    buffers = _Buffers(min(chunk, rows), plan)
+    chunks = _row_chunks(rows, chunk, workers)
+    workers = min(workers, len(chunks))
+    longest = chunks[0].stop - chunks[0].start
+    buffers = [_Buffers(longest, plan) for _ in range(workers)]
     for i in range(plan.steps):
-        for start in range(0, rows, chunk):
-            _step(plan, i, state[start : start + chunk], buffers)
+        if workers == 1:
+            for rows_slice in chunks:
+                _step(plan, i, state[rows_slice], buffers[0])
+        else:
+            _parallel_step(plan, i, state, chunks, buffers)
         yield state
+
+
+_POOL_LOCK = threading.Lock()
+_POOL: tuple[ThreadPoolExecutor, int] | None = None
+_THREADS_LOCK = threading.Lock()
+_SINGLE_THREADED = {"depth": 0, "saved": 1}
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """A process-wide pool, grown when more workers are asked for (threads are reused)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL[1] < workers:
+            if _POOL is not None:
+                _POOL[0].shutdown(wait=False)
+            _POOL = (ThreadPoolExecutor(workers, thread_name_prefix="fma_fast-solve"), workers)
+        return _POOL[0]
+
+
+@contextmanager
+def _single_threaded_ops() -> Iterator[None]:
+    """torch intra-op threads = 1 while workers run, restored by the last one to leave.
+
+    Row-parallel workers need no OpenMP barrier per op: on a 2-core host that made the folded
+    solve 5-30% faster, and it no longer depends on OMP_WAIT_POLICY or a busy neighbour core.
+    """
+    with _THREADS_LOCK:
+        if _SINGLE_THREADED["depth"] == 0:
+            _SINGLE_THREADED["saved"] = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _SINGLE_THREADED["depth"] += 1
+    try:
+        yield
+    finally:
+        with _THREADS_LOCK:
+            _SINGLE_THREADED["depth"] -= 1
+            if _SINGLE_THREADED["depth"] == 0:
+                torch.set_num_threads(_SINGLE_THREADED["saved"])
+
+
+def _parallel_step(
+    plan: SolverPlan, i: int, state: torch.Tensor, chunks: list[slice], buffers: list
+) -> None:
+    """Step ``i`` on every chunk; each worker takes the next chunk when it is free."""
+    queue = iter(chunks)
+    lock = threading.Lock()
+    inference = torch.is_inference_mode_enabled()  # grad modes are per thread: pass it on
+
+    def work(worker_buffers: _Buffers) -> None:
+        while True:
+            with lock:
+                rows_slice = next(queue, None)
+            if rows_slice is None:
+                return
+            with torch.inference_mode(inference), torch.no_grad():
+                _step(plan, i, state[rows_slice], worker_buffers)
+
+    with _single_threaded_ops():
+        futures = [_pool(len(buffers)).submit(work, b) for b in buffers]
+        for future in futures:
+            future.result()
 
 
 class _Buffers:
@@ -363,6 +458,7 @@ def folded_solve(
     precision: str = "fp32",
     return_trajectory: bool = False,
     chunk_rows: int | None = None,
+    workers: int | None = None,
 ) -> torch.Tensor | list[torch.Tensor]:
     """Folded equivalent of ``reference.euler_solve``: M steps of size h from t=0.
 
@@ -370,7 +466,9 @@ def folded_solve(
     ``return_trajectory``. ``precision="bf16"`` runs the GEMMs on bf16 weights and inputs
     (fp32 accumulation; residual streams and LayerNorm statistics stay fp32).
     """
-    states = folded_states(model, x, steps, step_size, precision=precision, chunk_rows=chunk_rows)
+    states = folded_states(
+        model, x, steps, step_size, precision=precision, chunk_rows=chunk_rows, workers=workers
+    )
     if return_trajectory:
         return [state.clone() for state in states]
     return deque(states, maxlen=1)[0]

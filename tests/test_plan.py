@@ -9,6 +9,7 @@ from conftest import randomize_parameters
 
 import fma_fast
 from fma_fast import VelocityNet, reference, synthetic
+from fma_fast import plan as plan_module
 from fma_fast.plan import (
     PRECISIONS,
     SolverPlan,
@@ -274,6 +275,64 @@ def test_argument_errors():
     with pytest.raises(ValueError, match="step_size"):
         solver_plan(net, 2, 0.0)
     assert isinstance(solver_plan(net, 0, 0.1), SolverPlan)
+
+
+# ------------------------------------------------------------------ CPU row workers
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize(("rows", "chunk_rows", "workers"), [(301, 128, 3), (130, 4096, 2)])
+def test_workers_match_one_worker(precision, rows, chunk_rows, workers):
+    """Row-parallel workers compute what one worker does, partial last chunk included."""
+    net = random_net(40, 2, 56, seed=5)
+    x = unit_rows(rows, 40)
+    alone = folded_solve(net, x, 4, precision=precision, chunk_rows=chunk_rows, workers=1,
+                         return_trajectory=True)
+    shared = folded_solve(net, x, 4, precision=precision, chunk_rows=chunk_rows,
+                          workers=workers, return_trajectory=True)
+    where = f"{precision} N={rows} chunk_rows={chunk_rows} workers={workers}"
+    assert_states_close(shared, alone, x, 1e-6, where)
+
+
+@pytest.mark.parametrize(("rows", "chunk", "workers"), [(1, 64, 4), (300, 64, 2), (1000, 4096, 3),
+                                                         (257, 128, 2), (4096, 1024, 2)])
+def test_row_chunks_cover_every_row_once(rows, chunk, workers):
+    chunks = plan_module._row_chunks(rows, chunk, workers)
+    covered = torch.cat([torch.arange(rows)[piece] for piece in chunks])
+    assert torch.equal(covered, torch.arange(rows)), f"{chunks} do not tile {rows} rows"
+    sizes = [piece.stop - piece.start for piece in chunks]
+    assert max(sizes) <= chunk, f"a chunk exceeds chunk_rows={chunk}: {sizes}"
+    if rows >= workers * plan_module.MIN_WORKER_ROWS:
+        assert len(chunks) >= workers, f"{workers} workers but only {len(chunks)} chunks"
+
+
+def test_workers_restore_the_thread_count_even_on_error(monkeypatch):
+    net, x = random_net(24, 2), unit_rows(300, 24)
+    before = torch.get_num_threads()
+    folded_solve(net, x, 2, workers=2, chunk_rows=128)
+    assert torch.get_num_threads() == before, "intra-op threads not restored after a solve"
+
+    def broken_step(*args):
+        raise RuntimeError("worker failed")
+
+    monkeypatch.setattr(plan_module, "_step", broken_step)
+    with pytest.raises(RuntimeError, match="worker failed"):
+        folded_solve(net, x, 2, workers=2, chunk_rows=128)
+    assert torch.get_num_threads() == before, "intra-op threads not restored after an error"
+
+
+def test_workers_run_under_the_callers_inference_mode():
+    """Workers are other threads, where inference mode is off unless passed on."""
+    net, x = random_net(24, 2), unit_rows(300, 24)
+    expected = folded_solve(net, x, 3, workers=1)
+    with torch.inference_mode():
+        got = folded_solve(net, x, 3, workers=2, chunk_rows=128)
+    assert_states_close([x, got], [x, expected], x, 1e-6, "inference mode, 2 workers")
+
+
+def test_workers_argument():
+    with pytest.raises(ValueError, match="workers"):
+        folded_solve(random_net(24, 2), unit_rows(2, 24), 2, workers=0)
 
 
 # ------------------------------------------------------------------ released checkpoint
