@@ -16,7 +16,7 @@ from . import dispatch, reference
 from .fused_solver import fused_states
 from .kernels._common import HAS_TRITON
 from .model import VelocityNet
-from .plan import folded_states, solver_plan
+from .plan import folded_final, folded_states, solver_plan
 
 DEFAULT_CHUNK_ROWS = {"cpu": 4096, "cuda": 65536}
 CLASS_TILE = 4096
@@ -189,6 +189,15 @@ def _states(
         yield x
 
 
+def _final_state(route: str, model, x: torch.Tensor, *args) -> torch.Tensor:
+    """x_M of one chunk; the folded route merges each step's final layer with the next input
+    projection when the states in between are not needed (``plan.folded_final``)."""
+    if route == ROUTE_FOLDED:
+        steps, step_size, precision, _ = args
+        return folded_final(model, x, steps, step_size, precision=precision)
+    return deque(_states(route, model, x, *args), maxlen=1)[0]
+
+
 def _unit_rows(z: torch.Tensor) -> torch.Tensor:
     """The class table with unit rows; CLIP tables usually are already, and then no (C, D) copy
     is made (with C = 100,000 classes that copy alone would be 200 MB)."""
@@ -280,9 +289,9 @@ def solve(
     if z is None:
         transported = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         for rows, chunk in _chunks(x, batch_size, device):
-            transported[rows] = deque(
-                _states(route, model, chunk, steps, step_size, precision, op_backend), maxlen=1
-            )[0].to(x.device)
+            transported[rows] = _final_state(
+                route, model, chunk, steps, step_size, precision, op_backend
+            ).to(x.device)
         return transported
 
     topk = check.check_int("topk", topk, minimum=1)
@@ -293,12 +302,11 @@ def solve(
     indices = torch.empty(x.shape[0], topk, dtype=torch.long, device=x.device)
     scoring_path = None
     for rows, chunk in _chunks(x, batch_size, device):
-        states = _states(route, model, chunk, steps, step_size, precision, op_backend)
         if ensemble_steps is None:
-            scored = _topk(
-                deque(states, maxlen=1)[0], z, topk, op_backend, tiled=backend != "reference"
-            )
+            final = _final_state(route, model, chunk, steps, step_size, precision, op_backend)
+            scored = _topk(final, z, topk, op_backend, tiled=backend != "reference")
         else:
+            states = _states(route, model, chunk, steps, step_size, precision, op_backend)
             kept = [state.clone() for s, state in enumerate(states) if s in ensemble_steps]
             scored = dispatch.step_ensemble_topk(
                 kept, z, topk, logit_scale=logit_scale, normalized=True, backend=op_backend

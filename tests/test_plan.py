@@ -15,6 +15,7 @@ from fma_fast.plan import (
     SolverPlan,
     build_plan,
     clear_plan_cache,
+    folded_final,
     folded_solve,
     folded_states,
     solver_plan,
@@ -86,6 +87,23 @@ def test_folded_trajectory_matches_reference(precision, dim, blocks, width, rows
     assert_states_close(got, expected, x, TOLERANCE[precision], where)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize(
+    ("dim", "blocks", "width", "rows", "chunk_rows", "workers"),
+    [(48, 0, None, 5, 4096, 1), (37, 1, 21, 1, 4096, 2), (64, 3, 96, 301, 128, 2),
+     (24, 2, 24, 130, 32, 1)],
+)
+def test_folded_final_matches_reference(precision, dim, blocks, width, rows, chunk_rows, workers):
+    """The final-only path (merged final layer and input projection in fp32) vs the reference."""
+    net = random_net(dim, blocks, width, seed=7)
+    x = unit_rows(rows, dim)
+    expected = reference_trajectory(net, x, 7, 0.1)[-1]
+    got = folded_final(net, x, 7, 0.1, precision=precision, chunk_rows=chunk_rows,
+                       workers=workers)
+    where = f"final only, {precision} D={dim} blocks={blocks} width={width} N={rows}"
+    assert_states_close([x, got], [x, expected], x, TOLERANCE[precision], where)
+
+
 @pytest.mark.parametrize(
     ("steps", "step_size"),
     [(0, 0.1), (1, 0.1), (2, 0.1), (7, 0.1), (10, 0.1), (3, 0.05), (3, 1 / 3), (8, 0.125)],
@@ -96,8 +114,12 @@ def test_steps_and_step_sizes(steps, step_size):
     expected = reference_trajectory(net, x, steps, step_size)
     got = folded_solve(net, x, steps, step_size, return_trajectory=True)
     assert_states_close(got, expected, x, TOLERANCE["fp32"], f"M={steps} h={step_size}")
-    final = folded_solve(net, x, steps, step_size)
-    assert torch.equal(final, got[-1]), f"M={steps} h={step_size}: final != trajectory[-1]"
+    final = folded_solve(net, x, steps, step_size)  # the merged final-only path
+    if steps == 0:
+        assert torch.equal(final, x), "M=0 must return the input features"
+    else:
+        assert_states_close([x, final], [x, expected[-1]], x, TOLERANCE["fp32"],
+                            f"final only, M={steps} h={step_size}")
 
 
 def test_released_size_network():
@@ -315,7 +337,7 @@ def test_workers_restore_the_thread_count_even_on_error(monkeypatch):
     def broken_step(*args):
         raise RuntimeError("worker failed")
 
-    monkeypatch.setattr(plan_module, "_step", broken_step)
+    monkeypatch.setattr(plan_module, "_blocks", broken_step)
     with pytest.raises(RuntimeError, match="worker failed"):
         folded_solve(net, x, 2, workers=2, chunk_rows=128)
     assert torch.get_num_threads() == before, "intra-op threads not restored after an error"
