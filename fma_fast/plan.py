@@ -33,10 +33,11 @@ DEFAULT_CHUNK_ROWS = 1024
 
 On the CPU the rows are split into chunks of at most this many rows (and at least one per
 worker); each of ``workers`` threads takes the next chunk with torch's intra-op threads at 1.
-Measured on the 2-core AVX-512/AMX CPU at D=512, 12 blocks (benchmarks/bench_cpu_solver.py,
-FMA_BENCH_SWEEP=1): 512-4096 rows are equal within noise in fp32 and bf16, 256 rows is
-5-15% slower; more chunks than workers lets a worker on a free core take over the rows of one
-whose core is busy."""
+Measured on the 2-core AVX-512/AMX CPU at D=512, 12 blocks, N=4096, 2 workers
+(``FMA_BENCH_SWEEP=1 python benchmarks/run.py -k "sweep and full"``, results in
+benchmarks/results/): 1024-4096 rows are equal within noise in fp32 and bf16; 512 rows is 2%
+(fp32) and 20% (bf16) slower, 256 rows 8% and 26%. More chunks than workers lets a worker on a
+free core take over the rows of one whose core is busy."""
 
 MIN_WORKER_ROWS = 128
 """Smallest chunk the rows are split into for workers: smaller GEMMs run too inefficiently."""
@@ -446,7 +447,6 @@ class _Buffers:
             self.input_bias = plan.input_bias.to(plan.dtype)
             self.features = empty(plan.dtype, plan.dim)
             self.hidden_low = empty(plan.dtype, plan.width)
-            self.rstd_low = empty(plan.dtype, 1)
             self.update = empty(plan.dtype, plan.width)
 
 
@@ -460,15 +460,19 @@ def _normed_gemm(
     plan: SolverPlan, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     out: torch.Tensor, buffers: _Buffers,
 ) -> None:
-    """out = LayerNorm(hidden) @ weight + bias, computed as (hidden @ weight)·rstd + bias: the
-    GEMM reads the hidden state directly and the scaling rides on the bias add (one pass)."""
+    """out = LayerNorm(hidden) @ weight + bias for the mean-free hidden state.
+
+    fp32 computes (hidden @ weight)·rstd + bias: the GEMM reads the hidden state directly and
+    the scaling rides on the bias add. bf16 scales while casting the GEMM operand instead (one
+    pass either way; mixed-dtype elementwise ops are slow on the CPU).
+    """
     rows = hidden.shape[0]
     scale = _inverse_rms(hidden, buffers.rstd[:rows], plan.eps)
-    source = hidden
-    if plan.dtype != torch.float32:  # bf16 operands; mixed-dtype elementwise ops are slow
-        source = buffers.hidden_low[:rows].copy_(hidden)
-        scale = buffers.rstd_low[:rows].copy_(scale)
-    torch.addcmul(bias, torch.mm(source, weight, out=out), scale, out=out)
+    if plan.dtype == torch.float32:
+        torch.addcmul(bias, torch.mm(hidden, weight, out=out), scale, out=out)
+    else:
+        torch.addmm(bias, torch.mul(hidden, scale, out=buffers.hidden_low[:rows]), weight,
+                    out=out)
 
 
 def _blocks(plan: SolverPlan, i: int, hidden: torch.Tensor, buffers: _Buffers) -> None:
