@@ -13,7 +13,7 @@ import torch
 from . import checkpoint, pipeline, report, synthetic
 from .checkpoint import CheckpointError, atomic_write
 from .features_io import FeatureFileError, load_features, save_features
-from .solver import accuracy_by_steps, select_steps, solve
+from .solver import BACKENDS, PRECISIONS, accuracy_by_steps, select_steps, solve
 from .training import AMP_CHOICES, fit
 
 DEMO_DEFAULTS = {
@@ -83,6 +83,23 @@ def _add_training_options(parser: argparse.ArgumentParser, defaults: dict) -> No
         "--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)"
     )
     group.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_solve_options(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """--[prefix]precision and --[prefix]backend of :func:`fma_fast.solve`."""
+    parser.add_argument(
+        f"--{prefix}precision",
+        choices=tuple(PRECISIONS),
+        default="fp32",
+        help="solver GEMM precision: fp32 (exact), bf16 (CPU/GPU), fp16 (CUDA) "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        f"--{prefix}backend",
+        choices=BACKENDS,
+        default="auto",
+        help="solver path: auto (fastest exact), reference, folded, triton (default %(default)s)",
+    )
 
 
 def _fit_from_args(args, features, labels, class_features):
@@ -216,6 +233,8 @@ def cmd_eval(args) -> None:
         class_features=data.class_features,
         topk=args.topk,
         device=args.device,
+        precision=args.precision,
+        backend=args.backend,
     )
     summary = {
         "steps": steps,
@@ -287,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--topk", type=int, default=1, help="default %(default)s")
     evaluate.add_argument("--device", default=None)
     evaluate.add_argument("--output", help="write predictions as JSON here")
+    add_solve_options(evaluate)
     evaluate.set_defaults(run=cmd_eval)
     pipeline.add_commands(commands)
     report.add_command(commands)

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from . import cli
 from .checkpoint import atomic_write
 from .features_io import save_features
+from .solver import select_steps
 
 PLOT_NAME = "accuracy_by_steps.png"
 RESULTS_NAME = "results.json"
@@ -225,17 +226,20 @@ def _run_seed(args, features, seed, device, context) -> tuple[dict[str, Any], to
         fitted = cli._fit_from_args(options, train.features, train.labels, train.class_features)
         fitted = (fitted.model, fitted.history, time.perf_counter() - start)
     model, history, seconds = context.broadcast(fitted)
-    options = dict(
-        max_steps=args.max_steps, step_size=args.step_size, device=device, context=context
-    )
-    val_accuracy = accuracy_by_steps_sharded(
-        model, val.features, val.labels, val.class_features, **options
-    )
-    best = max(range(len(val_accuracy)), key=lambda m: (val_accuracy[m], -m))
+    solve_options = {"precision": args.solve_precision, "backend": args.solve_backend}
+    selection = None
+    if context.is_main:  # the val split is small (min(K, 4) per class): no need to shard it
+        selection = select_steps(
+            model, val.features, val.labels, val.class_features, args.max_steps, args.step_size,
+            device=device, **solve_options,
+        )
+    selection = context.broadcast(selection)
+    best = selection.best_steps
     test_accuracy = accuracy_by_steps_sharded(
-        model, test.features, test.labels, test.class_features, **options
+        model, test.features, test.labels, test.class_features, max_steps=args.max_steps,
+        step_size=args.step_size, device=device, context=context, **solve_options,
     )
-    pred = solve_sharded(
+    result = solve_sharded(
         test.features,
         model,
         best,
@@ -243,11 +247,15 @@ def _run_seed(args, features, seed, device, context) -> tuple[dict[str, Any], to
         context=context,
         step_size=args.step_size,
         device=device,
-    ).pred
+        **solve_options,
+    )
+    pred = result.pred
     run = {
         "seed": seed,
         "chosen_steps": best,
-        "val_accuracy": val_accuracy,
+        "val_accuracy": selection.accuracy,
+        "val_cross_entropy": selection.cross_entropy,
+        "solve_path": result.path,
         "test_accuracy": test_accuracy,
         "train_rows": int(train.features.shape[0]),
         "val_rows": int(val.features.shape[0]),
@@ -377,6 +385,7 @@ def add_commands(commands) -> None:
     )
     run.add_argument("--output", required=True, help="folder for the cache, results and plot")
     cli._add_training_options(run, {})
+    cli.add_solve_options(run, prefix="solve-")
     for action in run._actions:
         if action.dest == "seed":
             action.help = "run this one seed instead of --seeds"

@@ -81,6 +81,13 @@ def test_synth_train_eval_round_trip(tmp_path, capsys):
     assert summary["steps"] == config["steps"] and 0 <= summary["accuracy"] <= 1
     written = json.loads(predictions.read_text())
     assert len(written["pred"]) == summary["rows"] and len(written["topk_indices"][0]) == 2
+    assert summary["path"].startswith("folded-fp32"), summary["path"]
+    for precision, backend, path in (("bf16", "auto", "folded-bf16"),
+                                     ("fp32", "reference", "reference")):
+        command = ["eval", str(data / "test.safetensors"), "--model", str(run),
+                   "--precision", precision, "--backend", backend]
+        assert main(command) == 0
+        assert json.loads(capsys.readouterr().out)["path"].startswith(path), (precision, backend)
 
 
 def test_train_without_val_needs_steps_at_eval(tmp_path, capsys):

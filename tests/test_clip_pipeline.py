@@ -154,6 +154,11 @@ def test_run_end_to_end(single_run):
         assert run["train_rows"] == 4 * 3 * 4  # K shots x classes x views
         assert run["val_rows"] == 2 * 3 and run["test_rows"] == 9
         assert len(run["test_accuracy"]) == 11
+    for run in results["runs"]:  # M on val by select_steps' rule: accuracy, then cross-entropy
+        val, loss = run["val_accuracy"], run["val_cross_entropy"]
+        rule = max(range(len(val)), key=lambda m: (val[m], -loss[m], -m))
+        assert run["chosen_steps"] == rule, f"seed {run['seed']}: chose {run['chosen_steps']}"
+        assert run["solve_path"].startswith("folded-fp32"), run["solve_path"]
     summary = results["summary"]
     chosen = [r["test_accuracy"][r["chosen_steps"]] for r in results["runs"]]
     assert summary["test_at_chosen_m"]["mean"] == pytest.approx(100 * sum(chosen) / 3)

@@ -102,6 +102,8 @@ def solve_sharded(
     topk: int = 1,
     step_size: float = 0.1,
     device: str | torch.device | None = None,
+    precision: str = "fp32",
+    backend: str = "auto",
 ) -> SolveResult:
     """:func:`fma_fast.solve` with this rank solving its share of the rows; every rank gets
     the full result, rows in their original order."""
@@ -116,6 +118,8 @@ def solve_sharded(
             class_features=class_features,
             topk=topk,
             device=device,
+            precision=precision,
+            backend=backend,
         )
         local = (result.topk_values.cpu(), result.topk_indices.cpu(), result.path)
     parts = [part for part in context.gather(local) if part is not None]
@@ -136,6 +140,8 @@ def accuracy_by_steps_sharded(
     max_steps: int = 10,
     step_size: float = 0.1,
     device: str | torch.device | None = None,
+    precision: str = "fp32",
+    backend: str = "auto",
 ) -> list[float]:
     """:func:`fma_fast.accuracy_by_steps` over every rank's share: correct counts are summed."""
     share = context.rows(features.shape[0])
@@ -150,6 +156,8 @@ def accuracy_by_steps_sharded(
             max_steps=max_steps,
             step_size=step_size,
             device=device,
+            precision=precision,
+            backend=backend,
         )
         counts = [round(a * rows) for a in accuracy]
     totals = [sum(column) for column in zip(*context.gather(counts))]
