@@ -5,7 +5,9 @@ Conventions every kernel follows (Liger-Kernel / FlagGems house style):
 * row offsets are computed in int64 (``rows.to(tl.int64) * stride``) so N·D may exceed 2**31;
 * all math is fp32 whatever the I/O dtype, with explicit casts on load and store;
 * every load and store is masked, so D, N and C need not be powers of two or tile multiples;
-* block sizes come from :func:`pick_blocks` only.
+* block sizes come from :func:`pick_blocks` only, or, for the hot ops with
+  ``FMA_FAST_AUTOTUNE=1`` on CUDA, from :func:`tuned_blocks`, which times the
+  :func:`candidate_blocks` of an input shape once and keeps the fastest.
 
 Importing this module never fails: without triton, ``HAS_TRITON`` is False and the kernel modules
 are simply not imported by :mod:`fma_fast.dispatch`.
@@ -14,7 +16,8 @@ are simply not imported by :mod:`fma_fast.dispatch`.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -132,6 +135,105 @@ def pick_blocks(op: str, rows: int, dim: int, classes: int = 1,
     block_d = min(32, max(_MIN_DOT, d_pow2))
     return Blocks(block_n=block_n, block_d=block_d, block_c=block_c,
                   num_warps=4 if block_n == _MIN_DOT else 8, num_stages=3)
+
+
+TUNED_OPS = ("folded_block", "folded_final", "cosine_topk")
+"""The ops of the solve's hot path, which :func:`tuned_blocks` may time (the rest are
+bandwidth-bound or run once per training step)."""
+
+
+def candidate_blocks(op: str, rows: int, dim: int, classes: int = 1,
+                     dtype: torch.dtype = torch.float32) -> list[Blocks]:
+    """Launch configurations to time for ``op`` on Hopper, :func:`pick_blocks`' default first.
+
+    Written from first principles, **not yet timed on a GPU**: each varies one axis of the
+    default (rows per program, hidden or class slice, K chunk, warps, pipeline stages) within
+    what the sm_90 AOT compile shows to fit the registers with no spills
+    (tests/test_kernels_dispatch.py compiles every candidate). Under the interpreter, or for
+    the other ops, the default alone.
+    """
+    default = pick_blocks(op, rows, dim, classes, dtype)
+    if op not in TUNED_OPS or interpreter_active():
+        return [default]
+    half = dtype in (torch.float16, torch.bfloat16)
+    # Each rule keeps to what ptxas -v showed to fit 255 registers with no spill: 4 warps
+    # cannot hold the folded block's accumulator, nor fp32 scoring 64-wide K chunks or 16-row
+    # tiles on 8 warps; the final layer spills at 128 rows.
+    variants: list[dict[str, int]] = []
+    if op == "folded_block":
+        if default.block_c > _MIN_DOT:
+            variants.append(dict(block_c=_MIN_DOT))
+        if half or _pow2(dim) <= 512:
+            variants.append(dict(num_stages=3))
+        if half:
+            variants.append(dict(block_d=64))
+        if default.block_n > _MIN_DOT:
+            variants.append(dict(block_n=default.block_n // 2))
+    elif op == "folded_final":
+        variants = [dict(block_n=32), dict(block_c=64), dict(num_stages=4),
+                    dict(block_d=64, num_stages=2)]
+    else:  # cosine_topk
+        variants.append(dict(num_stages=4))
+        if default.num_warps == 8:
+            variants.append(dict(num_warps=4))
+        if half and default.block_n >= 32:
+            variants.append(dict(block_d=64, num_stages=2))
+        if default.block_n > 32 or (half and default.block_n >= 32):
+            variants.append(dict(block_n=default.block_n // 2))
+        if default.block_c > 32 and (half or default.block_n >= 32):
+            variants.append(dict(block_c=default.block_c // 2))
+    candidates = [default]
+    for change in variants:
+        blocks = replace(default, **change)
+        if blocks not in candidates:
+            candidates.append(blocks)
+    return candidates
+
+
+_TUNED: dict[tuple, Blocks] = {}
+
+
+def autotune_enabled() -> bool:
+    """``FMA_FAST_AUTOTUNE=1``: time the hot ops' candidates on first use (off by default, so
+    a first call costs no tuning time and results do not depend on timing noise)."""
+    return os.environ.get("FMA_FAST_AUTOTUNE") == "1"
+
+
+def _cuda_milliseconds(launch: Callable[[], None], repeats: int = 3) -> float:
+    """Best of ``repeats`` timed launches after one untimed (compiling) launch."""
+    launch()
+    best = float("inf")
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        launch()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end))
+    return best
+
+
+def fastest_blocks(candidates: list[Blocks], launch: Callable[[Blocks], None],
+                   timer: Callable[[Callable[[], None]], float] = _cuda_milliseconds) -> Blocks:
+    """The candidate whose ``launch`` the ``timer`` measures fastest (ties: the earlier)."""
+    times = [timer(lambda blocks=blocks: launch(blocks)) for blocks in candidates]
+    return candidates[times.index(min(times))]
+
+
+def tuned_blocks(op: str, rows: int, dim: int, classes: int, dtype: torch.dtype,
+                 device: torch.device, launch: Callable[[Blocks], None]) -> Blocks:
+    """:func:`pick_blocks`, or with :func:`autotune_enabled` on CUDA the fastest of
+    :func:`candidate_blocks` for this (op, row bucket, dim, class bucket, dtype, GPU), timed
+    once per process. ``launch(blocks)`` must run the op into scratch outputs: it is called
+    several times. No tuning during CUDA-graph capture (the default is used there)."""
+    default = pick_blocks(op, rows, dim, classes, dtype)
+    if (device.type != "cuda" or op not in TUNED_OPS or not autotune_enabled()
+            or torch.cuda.is_current_stream_capturing()):
+        return default
+    key = (op, _pow2(rows), dim, _pow2(classes), dtype, torch.cuda.get_device_name(device))
+    if key not in _TUNED:
+        _TUNED[key] = fastest_blocks(candidate_blocks(op, rows, dim, classes, dtype), launch)
+    return _TUNED[key]
 
 
 def check_dot_precision(precision: str) -> str:

@@ -4,7 +4,8 @@ The (N, C) score matrix never exists: each program owns BLOCK_N rows, walks the 
 BLOCK_C tiles (tl.dot over BLOCK_D chunks of D) and folds every tile into K running slots held in
 registers. Extra memory is the (N, k) output, whatever C is. The table must be L2-normalised by
 the caller (once, O(C·D)); rows of x are normalised in-kernel by scaling the dot products.
-Block sizes are untuned Hopper guesses (see ``pick_blocks``).
+Block sizes are untuned Hopper guesses (see ``pick_blocks``); ``FMA_FAST_AUTOTUNE=1`` times
+the ``candidate_blocks`` on the GPU at hand.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    Blocks,
     check_dot_precision,
     dot_tile,
     merge_topk,
-    pick_blocks,
     row_inv_norm,
     row_major,
+    tuned_blocks,
 )
 
 
@@ -73,21 +75,28 @@ def dot_operands(x: torch.Tensor, table: torch.Tensor, precision: str
 
 
 def unsorted_topk(x: torch.Tensor, table: torch.Tensor, k: int, scale: float = 1.0,
-                  precision: str = "tf32x3") -> tuple[torch.Tensor, torch.Tensor]:
+                  precision: str = "tf32x3", blocks: Blocks | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k best ``scale``·cos(x_n, table_c) per row, in no particular order: (N, k) fp32
-    values and int64 indices. ``table`` rows must already be unit-norm."""
+    values and int64 indices. ``table`` rows must already be unit-norm. ``blocks`` overrides
+    the launch configuration (default: :func:`tuned_blocks`)."""
     x, table, precision = dot_operands(x, table, precision)
     n, d = x.shape
     c = table.shape[0]
-    values = torch.empty((n, k), dtype=torch.float32, device=x.device)
-    indices = torch.empty((n, k), dtype=torch.int64, device=x.device)
-    b = pick_blocks("cosine_topk", n, d, c, x.dtype)
-    _cosine_topk_kernel[(triton.cdiv(n, b.block_n),)](
-        x, table, values, indices, n, c, d, x.stride(0), table.stride(0), float(scale),
-        K=k, K_PAD=k_slots(k), BLOCK_N=b.block_n, BLOCK_C=b.block_c, BLOCK_D=b.block_d,
-        PRECISION=precision, num_warps=b.num_warps, num_stages=b.num_stages,
-    )
-    return values, indices
+
+    def launch(b: Blocks) -> tuple[torch.Tensor, torch.Tensor]:
+        values = torch.empty((n, k), dtype=torch.float32, device=x.device)
+        indices = torch.empty((n, k), dtype=torch.int64, device=x.device)
+        _cosine_topk_kernel[(triton.cdiv(n, b.block_n),)](
+            x, table, values, indices, n, c, d, x.stride(0), table.stride(0), float(scale),
+            K=k, K_PAD=k_slots(k), BLOCK_N=b.block_n, BLOCK_C=b.block_c, BLOCK_D=b.block_d,
+            PRECISION=precision, num_warps=b.num_warps, num_stages=b.num_stages,
+        )
+        return values, indices
+
+    if blocks is None:
+        blocks = tuned_blocks("cosine_topk", n, d, c, x.dtype, x.device, launch)
+    return launch(blocks)
 
 
 def sort_topk(values: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

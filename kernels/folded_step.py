@@ -13,8 +13,9 @@ and b2' are added in the epilogue. Operands go to the tensor cores in the weight
 
 The accumulator holds BLOCK_M × WIDTH_PAD fp32 values, so BLOCK_M shrinks as the width grows.
 Block shapes and warps are Hopper-minded starting points from :func:`pick_blocks`, **untuned**:
-no GPU was available when they were written. Inference only (no autograd): the solver runs
-under ``torch.inference_mode``.
+no GPU was available when they were written. ``FMA_FAST_AUTOTUNE=1`` times the
+:func:`candidate_blocks` once per shape on the GPU at hand and keeps the fastest. Inference
+only (no autograd): the solver runs under ``torch.inference_mode``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DEFAULT_DOT_PRECISION, pick_blocks, row_major
+from ._common import DEFAULT_DOT_PRECISION, Blocks, row_major, tuned_blocks
 
 
 @triton.jit
@@ -230,38 +231,46 @@ def residual_block(
     eps: float = 1e-6,
     out: torch.Tensor | None = None,
     precision: str = DEFAULT_DOT_PRECISION,
+    blocks: Blocks | None = None,
 ) -> torch.Tensor:
     """One folded residual block on fp32 activations ``h`` (N, W); ``out=h`` works in place
     (each program reads all of its rows before it writes them). Weights are (out, in) like
-    ``nn.Linear``; any strides work, so a transposed (in, out) view needs no copy."""
+    ``nn.Linear``; any strides work, so a transposed (in, out) view needs no copy. ``blocks``
+    overrides the launch configuration (default: :func:`tuned_blocks`)."""
     rows, width = h.shape
     for name, w in (("w1", w1), ("w2", w2)):
         _check_weight(name, w, (width, width), h)
     h = row_major(h)
     out = torch.empty_like(h) if out is None else out
-    b = pick_blocks("folded_block", rows, width, dtype=w1.dtype)
-    _residual_block_kernel[(triton.cdiv(rows, b.block_n),)](
-        h,
-        out,
-        w1,
-        b1,
-        w2,
-        b2,
-        rows,
-        width,
-        h.stride(0),
-        out.stride(0),
-        *w1.stride(),
-        *w2.stride(),
-        eps,
-        BLOCK_M=b.block_n,
-        BLOCK_K=b.block_d,
-        BLOCK_H=b.block_c,
-        WIDTH_PAD=max(16, triton.next_power_of_2(width)),
-        PRECISION=precision,
-        num_warps=b.num_warps,
-        num_stages=b.num_stages,
-    )
+
+    def launch(b: Blocks, target: torch.Tensor) -> None:
+        _residual_block_kernel[(triton.cdiv(rows, b.block_n),)](
+            h,
+            target,
+            w1,
+            b1,
+            w2,
+            b2,
+            rows,
+            width,
+            h.stride(0),
+            target.stride(0),
+            *w1.stride(),
+            *w2.stride(),
+            eps,
+            BLOCK_M=b.block_n,
+            BLOCK_K=b.block_d,
+            BLOCK_H=b.block_c,
+            WIDTH_PAD=max(16, triton.next_power_of_2(width)),
+            PRECISION=precision,
+            num_warps=b.num_warps,
+            num_stages=b.num_stages,
+        )
+
+    if blocks is None:
+        blocks = tuned_blocks("folded_block", rows, width, 1, w1.dtype, h.device,
+                              lambda b: launch(b, torch.empty_like(h)))
+    launch(blocks, out)
     return out
 
 
@@ -274,8 +283,10 @@ def final_euler_update(
     eps: float = 1e-6,
     out: torch.Tensor | None = None,
     precision: str = DEFAULT_DOT_PRECISION,
+    blocks: Blocks | None = None,
 ) -> torch.Tensor:
-    """x + LN(h) @ Wf'ᵀ + bf' (the step size is folded into Wf', bf'); ``out=x`` in place."""
+    """x + LN(h) @ Wf'ᵀ + bf' (the step size is folded into Wf', bf'); ``out=x`` in place.
+    ``blocks`` overrides the launch configuration (default: :func:`tuned_blocks`)."""
     rows, width = h.shape
     dim = x.shape[1]
     if x.shape[0] != rows:
@@ -283,27 +294,33 @@ def final_euler_update(
     _check_weight("wf", wf, (dim, width), h)
     h, x = row_major(h), row_major(x)
     out = torch.empty_like(x) if out is None else out
-    b = pick_blocks("folded_final", rows, width, dim, dtype=wf.dtype)
-    grid = (triton.cdiv(rows, b.block_n), triton.cdiv(dim, b.block_c))
-    _final_euler_kernel[grid](
-        h,
-        x,
-        out,
-        wf,
-        bf,
-        rows,
-        width,
-        dim,
-        h.stride(0),
-        x.stride(0),
-        out.stride(0),
-        *wf.stride(),
-        eps,
-        BLOCK_M=b.block_n,
-        BLOCK_K=b.block_d,
-        BLOCK_D=b.block_c,
-        PRECISION=precision,
-        num_warps=b.num_warps,
-        num_stages=b.num_stages,
-    )
+
+    def launch(b: Blocks, target: torch.Tensor) -> None:
+        grid = (triton.cdiv(rows, b.block_n), triton.cdiv(dim, b.block_c))
+        _final_euler_kernel[grid](
+            h,
+            x,
+            target,
+            wf,
+            bf,
+            rows,
+            width,
+            dim,
+            h.stride(0),
+            x.stride(0),
+            target.stride(0),
+            *wf.stride(),
+            eps,
+            BLOCK_M=b.block_n,
+            BLOCK_K=b.block_d,
+            BLOCK_D=b.block_c,
+            PRECISION=precision,
+            num_warps=b.num_warps,
+            num_stages=b.num_stages,
+        )
+
+    if blocks is None:
+        blocks = tuned_blocks("folded_final", rows, width, dim, wf.dtype, h.device,
+                              lambda b: launch(b, torch.empty_like(x)))
+    launch(blocks, out)
     return out
