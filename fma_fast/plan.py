@@ -34,9 +34,10 @@ DEFAULT_CHUNK_ROWS = 1024
 On the CPU the rows are split into chunks of at most this many rows (and at least one per
 worker); each of ``workers`` threads takes the next chunk with torch's intra-op threads at 1.
 Measured on the 2-core AVX-512/AMX CPU at D=512, 12 blocks, N=4096, 2 workers
-(``FMA_BENCH_SWEEP=1 python benchmarks/run.py -k "sweep and full"``, results in
-benchmarks/results/): 1024-4096 rows are equal within noise in fp32 and bf16; 512 rows is 2%
-(fp32) and 20% (bf16) slower, 256 rows 8% and 26%. More chunks than workers lets a worker on a
+(``FMA_BENCH_SWEEP=1 python benchmarks/run.py -k "sweep and full"``, two sweeps, the last in
+benchmarks/results/): 1024-4096 rows are equal within noise in fp32 and bf16 (2048 and 4096
+give the same two chunks here, and differed by up to 8%); 512 rows is 2-7% (fp32) and 3-20%
+(bf16) slower, 256 rows 8-11% and 17-26%. More chunks than workers lets a worker on a
 free core take over the rows of one whose core is busy."""
 
 MIN_WORKER_ROWS = 128
