@@ -189,13 +189,21 @@ def _states(
         yield x
 
 
-def _final_state(route: str, model, x: torch.Tensor, *args) -> torch.Tensor:
+def _final_state(
+    route: str,
+    model,
+    x: torch.Tensor,
+    steps: int,
+    step_size: float,
+    precision: str,
+    op_backend: str,
+) -> torch.Tensor:
     """x_M of one chunk; the folded route merges each step's final layer with the next input
     projection when the states in between are not needed (``plan.folded_final``)."""
     if route == ROUTE_FOLDED:
-        steps, step_size, precision, _ = args
         return folded_final(model, x, steps, step_size, precision=precision)
-    return deque(_states(route, model, x, *args), maxlen=1)[0]
+    states = _states(route, model, x, steps, step_size, precision, op_backend)
+    return deque(states, maxlen=1)[0]
 
 
 def _unit_rows(z: torch.Tensor) -> torch.Tensor:
