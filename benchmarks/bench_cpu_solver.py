@@ -198,3 +198,31 @@ def test_chunk_rows_sweep(benchmark, trained, precision, chunk_rows, throughput_
     benchmark.extra_info.update(unit="rows/s", throughput=round(rate, 1), chunk_rows=chunk_rows)
     throughput_log.append((benchmark.group, f"{chunk_rows} rows", rate, load_before,
                            os.getloadavg()[0]))
+
+
+@pytest.mark.parametrize("rows", [256, 4096])
+def test_plan_cache_check(benchmark, trained, rows):
+    """What the plan cache's weights check costs one ``solve`` call: a cache hit (which
+    compares every weight with the copy the plan was folded from) against the whole call,
+    interleaved in every round."""
+    x = trained.features[:rows]
+    model = trained.model
+    fma_fast.solve(x, model, STEPS)  # folds and caches the plan
+    best = {"check": float("inf"), "solve": float("inf")}
+
+    def one_round() -> None:
+        start = time.perf_counter()
+        solver_plan(model, STEPS, STEP_SIZE)
+        middle = time.perf_counter()
+        fma_fast.solve(x, model, STEPS)
+        end = time.perf_counter()
+        best["check"] = min(best["check"], middle - start)
+        best["solve"] = min(best["solve"], end - middle)
+
+    benchmark.group = f"plan cache check, {rows} rows ({trained.describe()})"
+    benchmark.pedantic(one_round, rounds=5, iterations=1)
+    benchmark.extra_info.update(
+        check_ms=round(1e3 * best["check"], 2), solve_ms=round(1e3 * best["solve"], 1),
+        check_share_of_solve=round(best["check"] / best["solve"], 4),
+        weights=sum(p.numel() for p in model.parameters()), threads=torch.get_num_threads(),
+    )

@@ -2,6 +2,7 @@
 
     python benchmarks/measure_topk_memory.py                      # N=4096, C=50,000, D=512, k=5
     python benchmarks/measure_topk_memory.py --backends triton-interpreter --rows 16 --dim 16
+    python benchmarks/measure_topk_memory.py --backends solve select_steps --classes 200000
 
 Each backend runs in its own child process so peaks do not mix. On CUDA the peak is
 torch.cuda.max_memory_allocated above what the inputs already hold (after one warm-up call);
@@ -10,7 +11,8 @@ first call, which counts torch and numpy allocations alike (so it is coarse: a f
 allocator noise). The class table is normalised before measuring (an O(C·D) copy a solver
 makes once), so the numbers are what scoring adds: O(N·k) for the fused path, N×C for the
 reference. The interpreter path is the Triton kernel emulated in numpy: correct but slow, so
-give it few rows.
+give it few rows. ``select_steps`` scores accuracy and the cross-entropy at M=0 and M=1 (its
+rows are labelled at random), with the same model and table as ``solve``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import subprocess
 import sys
 import time
 
-BACKENDS = ("triton", "triton-interpreter", "reference", "solve")
+BACKENDS = ("triton", "triton-interpreter", "reference", "solve", "select_steps")
 
 
 def child(args: argparse.Namespace) -> dict:
@@ -49,6 +51,15 @@ def child(args: argparse.Namespace) -> dict:
 
         def score():
             return fma_fast.solve(x, model, 1, class_features=table, topk=args.k)
+    elif args.child == "select_steps":  # accuracy and cross-entropy at M=0 and M=1
+        import fma_fast
+
+        model = fma_fast.VelocityNet(args.dim, blocks=2).to(device)
+        labels = torch.randint(args.classes, (args.rows,), device=device, generator=generator)
+
+        def score():
+            choice = fma_fast.select_steps(model, x, labels, table, max_steps=1)
+            return argparse.Namespace(path=f"select_steps (best M={choice.best_steps})")
     else:
 
         def score():

@@ -3,9 +3,23 @@
 from __future__ import annotations
 
 import numbers
+import sys
+import warnings
 
 import numpy as np
 import torch
+
+_INTERNAL_MODULES = ("fma_fast", "torch", "contextlib")
+"""Frames skipped when a warning is attributed to the caller's line."""
+
+
+def warn_at_caller(message: str, category: type[Warning] = UserWarning) -> None:
+    """Warn at the first frame outside fma_fast (and the torch decorators around it), so the
+    warning points at the user's line whichever public function was called."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(_INTERNAL_MODULES):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 def as_tensor(name: str, value) -> torch.Tensor:
@@ -13,7 +27,13 @@ def as_tensor(name: str, value) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, np.ndarray):
-        return torch.from_numpy(value)
+        if value.flags.writeable:
+            return torch.from_numpy(value)
+        # A read-only array (a memmap opened with mode "r"): fma_fast never writes its inputs,
+        # so torch's warning that writing through the tensor would be undefined does not apply.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(value)
     raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
 
 
@@ -97,7 +117,31 @@ def check_positive_float(name: str, value, *, allow_zero: bool = False) -> float
     return value
 
 
-def resolve_device(device) -> torch.device:
+def resolve_device(device, *, default: torch.device | None = None) -> torch.device:
+    """``device`` as a torch.device that exists here; None gives ``default`` (or CUDA when
+    present, else the CPU). Unknown or unavailable devices raise ValueError naming them."""
     if device is None:
+        if default is not None:
+            return default
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(
+            f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}"
+        ) from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device {device!r}: no CUDA GPU is available here")
+        if resolved.index is not None and resolved.index >= count:
+            raise ValueError(
+                f"device {device!r}: there are {count} CUDA GPU(s) here (cuda:0..cuda:{count - 1})"
+            )
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: MPS is not available here")
+    elif resolved.type != "cpu":
+        raise ValueError(f"device {device!r}: fma_fast runs on 'cpu', 'cuda' or 'mps'")
+    return resolved

@@ -2,25 +2,33 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import re
-import tempfile
+import warnings
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 
+from ._io import atomic_write, file_problem, save_safetensors
+from ._validation import resolve_device
 from .model import VelocityNet
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 OFFICIAL_WEIGHTS_NAME = "model.pth"
-FORMAT_TAG = "fma_fast/velocity-net/1"
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+FORMAT_TAG = "fma_fast/velocity-net/2"
+LEGACY_FORMAT_TAG = "fma_fast/velocity-net/1"
+"""fma_fast 0.1 folders: no save id, so a mixed pair cannot be told from a real one."""
+METADATA_KEY = "fma_fast"
+RESERVED_KEYS = ("format", "dim", "blocks", "width", "save_id")
+"""config.json keys that ``save`` writes itself; ``extra`` may not set them."""
+DEFAULT_STEP_SIZE = 0.1
 _BLOCK_KEY = re.compile(r"^res_blocks\.(\d+)\.")
 
 
@@ -39,6 +47,12 @@ def _architecture_from_state(state: dict[str, torch.Tensor], source: str) -> dic
 
 
 def _build_and_load(state: dict[str, torch.Tensor], config: dict[str, int], source: str):
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(
+                f"{source}: {key} contains NaN or Inf; a model with non-finite weights gives "
+                "the same prediction for every row (was its training unstable?)"
+            )
     model = VelocityNet(config["dim"], config["blocks"], config["width"])
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -62,6 +76,18 @@ def _build_and_load(state: dict[str, torch.Tensor], config: dict[str, int], sour
     return model.eval()
 
 
+def _describe(value: Any) -> str:
+    """A value and its type for an error message: '2' (str), [1, 2] (list)."""
+    text = repr(value)
+    return f"{text[:60]}{'...' if len(text) > 60 else ''} ({type(value).__name__})"
+
+
+def _readable(path: Path, what: str) -> None:
+    problem = file_problem(path)
+    if problem:
+        raise CheckpointError(f"cannot read {what} {path}: {problem}")
+
+
 def load_official(path: str | os.PathLike) -> VelocityNet:
     """Load a released FMA run: a folder with model.pth (+ config.json), or a model.pth file.
 
@@ -75,8 +101,7 @@ def load_official(path: str | os.PathLike) -> VelocityNet:
         config_path = path / CONFIG_NAME if (path / CONFIG_NAME).is_file() else None
     else:
         weights_path = path
-    if not weights_path.is_file():
-        raise CheckpointError(f"no checkpoint file at {weights_path}")
+    _readable(weights_path, "checkpoint")
     try:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for corrupt or truncated files
@@ -86,13 +111,25 @@ def load_official(path: str | os.PathLike) -> VelocityNet:
         ) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{weights_path} does not hold a state_dict of tensors")
+    if not isinstance(state, dict):
+        raise CheckpointError(
+            f"{weights_path} holds {_describe(state)}, not a state_dict of tensors"
+        )
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(
+                f"{weights_path}: entry {key!r} holds {_describe(value)}, not a tensor; "
+                "not a state_dict of tensors"
+            )
     state = {k.removeprefix("module."): v for k, v in state.items()}
     config = _architecture_from_state(state, str(weights_path))
     if config_path is not None:
         released = _read_json(config_path)
         blocks = released.get("blocks")
+        if blocks is not None and (isinstance(blocks, bool) or not isinstance(blocks, int)):
+            raise CheckpointError(
+                f"{config_path}: blocks must be an integer, got {_describe(blocks)}"
+            )
         if blocks is not None and blocks != config["blocks"]:
             raise CheckpointError(
                 f"{config_path} says blocks={blocks} but {weights_path} holds "
@@ -102,6 +139,7 @@ def load_official(path: str | os.PathLike) -> VelocityNet:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    _readable(path, "config")
     try:
         value = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -111,87 +149,198 @@ def _read_json(path: Path) -> dict[str, Any]:
     return value
 
 
-def atomic_write(path: Path, write) -> None:
-    """Write via ``write(temp_path)``, then rename over ``path``: nobody sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(temp))
-        with open(temp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(temp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual file mode
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+def _check_known_keys(config: dict[str, Any], source: str) -> None:
+    """The keys the solver and the CLI read back (``steps``, ``step_size``, ``class_names``)
+    must have usable values; the same check runs on save and on load."""
+    steps = config.get("steps")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+        raise ValueError(f"{source}: steps must be an int >= 0, got {_describe(steps)}")
+    step_size = config.get("step_size")
+    if step_size is not None and (
+        isinstance(step_size, bool)
+        or not isinstance(step_size, (int, float))
+        or not math.isfinite(step_size)
+        or step_size <= 0
+    ):
+        raise ValueError(
+            f"{source}: step_size must be a finite number > 0, got {_describe(step_size)}"
+        )
+    names = config.get("class_names")
+    if names is not None and (
+        not isinstance(names, list) or not all(isinstance(n, str) for n in names)
+    ):
+        raise ValueError(f"{source}: class_names must be a list of strings")
+
+
+def _save_id(state: dict[str, torch.Tensor], config_text: str) -> str:
+    """Identifies one save: a digest of its weights and its config (so identical runs write
+    identical files, and any two different saves get different ids)."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].numpy())
+    digest.update(config_text.encode())
+    return digest.hexdigest()[:32]
 
 
 def save(model, path: str | os.PathLike, *, extra: dict[str, Any] | None = None) -> Path:
     """Save a VelocityNet (or a fit result) to folder ``path``: model.safetensors + config.json.
 
-    Both files are written atomically; the architecture is also stored inside the safetensors
-    metadata so that a weights file and a config from different runs are refused on load.
-    ``extra`` (JSON-serialisable) is stored in config.json, e.g. training settings or chosen M.
+    Both files are written atomically and carry the same save id, so a weights file and a
+    config from different saves (or from a save killed between its two renames) are refused
+    on load. ``extra`` (JSON) is stored in config.json, e.g. the chosen ``steps``;
+    ``step_size`` is recorded too (default 0.1, the solver's). ``extra`` may not set the keys
+    ``save`` writes itself (:data:`RESERVED_KEYS`), and ``steps``, ``step_size`` and
+    ``class_names`` are checked as ``load`` checks them.
     """
     config_extra = dict(getattr(model, "config_extra", None) or {})
     model = getattr(model, "model", model)
     if not isinstance(model, VelocityNet):
         raise TypeError(f"model must be a VelocityNet or a fit result, got {type(model).__name__}")
-    config_extra.update(extra or {})
+    if extra is not None and not isinstance(extra, dict):
+        raise TypeError(f"extra must be a dict, got {type(extra).__name__}")
+    extra = extra or {}
+    for key in extra:
+        if not isinstance(key, str):
+            raise TypeError(f"extra keys must be strings, got {_describe(key)}")
+        if key in RESERVED_KEYS:
+            raise ValueError(
+                f"extra may not set {key!r}: save writes it itself ({', '.join(RESERVED_KEYS)})"
+            )
+    config_extra.update(extra)
+    config_extra.setdefault("step_size", DEFAULT_STEP_SIZE)
+    _check_known_keys(config_extra, "extra")
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"path must be a folder, but {path} is a file")
+    check_model_folder(path)
     architecture = model.config
     config = {"format": FORMAT_TAG, **architecture, **config_extra}
     try:
-        config_text = json.dumps(config, indent=2, sort_keys=True)
-    except TypeError as error:
-        raise TypeError(f"extra must be JSON-serialisable: {error}") from None
+        config_text = json.dumps(config, indent=2, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"extra must be JSON-serialisable (no NaN/Inf): {error}") from None
     state = {
         k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()
     }
-    metadata = {"format": FORMAT_TAG, "architecture": json.dumps(architecture, sort_keys=True)}
-    atomic_write(path / WEIGHTS_NAME, lambda temp: save_file(state, str(temp), metadata=metadata))
+    save_id = _save_id(state, config_text)
+    config_text = json.dumps({**config, "save_id": save_id}, indent=2, sort_keys=True)
+    stamp = {"format": FORMAT_TAG, "architecture": architecture, "save_id": save_id}
+    metadata = {METADATA_KEY: json.dumps(stamp, sort_keys=True)}
+    save_safetensors(path / WEIGHTS_NAME, state, metadata)
     atomic_write(path / CONFIG_NAME, lambda temp: temp.write_text(config_text + "\n"))
     return path
 
 
+def _is_model_config(path: Path) -> bool:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(value, dict) and value.get("format") in (FORMAT_TAG, LEGACY_FORMAT_TAG)
+
+
+def _is_model_weights(path: Path) -> bool:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError):
+        return False
+    return METADATA_KEY in metadata or metadata.get("format") == LEGACY_FORMAT_TAG
+
+
+def check_model_folder(path: str | os.PathLike, name: str = "path") -> Path:
+    """A folder ``save`` may write into: the files it would replace, if there, must be an
+    earlier fma_fast model (a released run's config.json, say, is never overwritten)."""
+    path = Path(path)
+    for file_name, is_ours in ((WEIGHTS_NAME, _is_model_weights), (CONFIG_NAME, _is_model_config)):
+        target = path / file_name
+        if target.exists() and not (target.is_file() and is_ours(target)):
+            raise ValueError(
+                f"{name} {path}: {file_name} there is not an fma_fast model file; "
+                "refusing to overwrite it (choose another folder)"
+            )
+    return path
+
+
 def load_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The config.json of a folder written by :func:`save`."""
-    return _read_json(Path(path) / CONFIG_NAME)
+    """The config.json of a folder written by :func:`save` (its known keys checked)."""
+    config_path = Path(path) / CONFIG_NAME
+    config = _read_json(config_path)
+    try:
+        _check_known_keys(config, str(config_path))
+    except ValueError as error:
+        raise CheckpointError(str(error)) from None
+    return config
+
+
+def _written(path: Path) -> str:
+    return datetime.fromtimestamp(path.stat().st_mtime).isoformat(sep=" ", timespec="seconds")
+
+
+def _mixed_pair(weights_path: Path, config_path: Path, weights_id, config_id) -> CheckpointError:
+    newer, older = (
+        (weights_path, config_path)
+        if weights_path.stat().st_mtime >= config_path.stat().st_mtime
+        else (config_path, weights_path)
+    )
+    return CheckpointError(
+        f"{weights_path.name} and {config_path.name} in {weights_path.parent} come from "
+        f"different saves (save ids {weights_id} and {config_id}); {newer.name} is newer "
+        f"(written {_written(newer)}, {older.name} {_written(older)}): a save was interrupted "
+        "or files were mixed; save the model again"
+    )
 
 
 def load(path: str | os.PathLike, *, device: str | torch.device | None = None) -> VelocityNet:
     """Load a folder written by :func:`save`, refusing weights and configs that do not match."""
     path = Path(path)
     weights_path, config_path = path / WEIGHTS_NAME, path / CONFIG_NAME
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path} is a file; a model is a folder written by fma_fast.save")
     for required in (weights_path, config_path):
-        if not required.is_file():
+        if not required.exists():
             raise CheckpointError(
                 f"{required} is missing; is {path} a folder written by fma_fast.save?"
             )
-    config = _read_json(config_path)
-    if config.get("format") != FORMAT_TAG:
-        raise CheckpointError(
-            f"{config_path} has format {config.get('format')!r}, expected {FORMAT_TAG!r}"
-        )
+    config = load_config(path)
+    tag = config.get("format")
+    if tag not in (FORMAT_TAG, LEGACY_FORMAT_TAG):
+        raise CheckpointError(f"{config_path} has format {tag!r}, expected {FORMAT_TAG!r}")
+    _readable(weights_path, "weights")
     try:
-        state = load_file(str(weights_path))
         with safe_open(str(weights_path), framework="pt") as handle:
             metadata = handle.metadata() or {}
+            state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (a handle is not iterable)
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(
             f"{weights_path} is not a readable safetensors file: {error}"
         ) from None
     architecture = {key: config.get(key) for key in ("dim", "blocks", "width")}
-    try:
-        stored = json.loads(metadata.get("architecture", "null"))
-    except json.JSONDecodeError:
-        stored = None
-    if stored != architecture:
+    stored = _weights_stamp(metadata)
+    if tag == LEGACY_FORMAT_TAG:
+        warnings.warn(
+            f"{path} was saved by fma_fast 0.1, whose files carry no save id: a weights file "
+            "and a config from different saves cannot be told apart; save it again",
+            stacklevel=2,
+        )
+    elif stored.get("save_id") != config.get("save_id"):
+        raise _mixed_pair(weights_path, config_path, stored.get("save_id"), config.get("save_id"))
+    if stored.get("architecture") != architecture:
         raise CheckpointError(
-            f"{config_path} describes {architecture} but {weights_path} was saved for {stored}"
+            f"{config_path} describes {architecture} but {weights_path} was saved for "
+            f"{stored.get('architecture')}"
         )
     model = _build_and_load(state, architecture, str(weights_path))
-    return model.to(device) if device is not None else model
+    return model if device is None else model.to(resolve_device(device))
+
+
+def _weights_stamp(metadata: dict[str, str]) -> dict[str, Any]:
+    """What a weights file says of itself: this format's one metadata key, or 0.1's two."""
+    try:
+        if METADATA_KEY in metadata:
+            stamp = json.loads(metadata[METADATA_KEY])
+            return stamp if isinstance(stamp, dict) else {}
+        return {"architecture": json.loads(metadata.get("architecture", "null"))}
+    except json.JSONDecodeError:
+        return {}

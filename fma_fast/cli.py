@@ -4,17 +4,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from . import checkpoint, pipeline, report, synthetic
-from .checkpoint import CheckpointError, atomic_write
-from .features_io import FeatureFileError, load_features, save_features
+from . import _validation as check
+from . import checkpoint, dispatch, pipeline, report, synthetic
+from ._io import check_output_file, check_output_folder, describe_os_error, write_text
+from .checkpoint import CheckpointError
+from .features_io import (
+    FeatureFileError,
+    check_feature_files,
+    check_same_origin,
+    data_record,
+    load_features,
+    save_features,
+)
+from .model import VelocityNet
 from .solver import BACKENDS, PRECISIONS, accuracy_by_steps, select_steps, solve
 from .training import AMP_CHOICES, fit
+
+PREDICTIONS_FORMAT = "fma_fast/predictions/1"
 
 DEMO_DEFAULTS = {
     "classes": 20,
@@ -102,6 +115,61 @@ def add_solve_options(parser: argparse.ArgumentParser, prefix: str = "") -> None
     )
 
 
+def check_device(device: str | None) -> torch.device:
+    """The --device option as a device that exists here (checked before any work)."""
+    return check.resolve_device(device)
+
+
+def check_backend(backend: str, device: torch.device) -> None:
+    """--backend triton must be runnable here, before features are encoded or a field fit."""
+    if backend == "triton":
+        dispatch.select_path("triton", torch.empty(0, device=device))
+
+
+def _is_feature_file(path: Path) -> bool:
+    try:
+        load_features(path)
+    except FeatureFileError:
+        return False
+    return True
+
+
+def check_feature_output(path: Path, name: str) -> Path:
+    """An output feature file: a new file, or an earlier feature file (nothing else)."""
+    return check_output_file(path, name, kind="a feature file", is_kind=_is_feature_file)
+
+
+def _is_predictions_file(path: Path) -> bool:
+    """An earlier ``eval --output`` file (fma_fast 0.1 wrote no format tag)."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    if not isinstance(value, dict):
+        return False
+    return value.get("format") == PREDICTIONS_FORMAT or {"pred", "topk_indices"} <= set(value)
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**20:.1f} MiB" if count >= 2**20 else f"{count / 1024:.0f} KiB"
+
+
+def _check_model_output(args, dim: int) -> Path:
+    """--out of train: a writable folder with room for the weights, holding no foreign files."""
+    out = check_output_folder(args.out, "--out")
+    checkpoint.check_model_folder(out, "--out")
+    with torch.device("meta"):
+        size = 4 * sum(p.numel() for p in VelocityNet(dim, args.blocks, args.width).parameters())
+    home = out if out.is_dir() else out.parent
+    free = shutil.disk_usage(home).free
+    if free < size + (1 << 20):
+        raise OSError(
+            f"not enough disk space for the model in {home}: it needs {_size(size + (1 << 20))}, "
+            f"{_size(free)} are free"
+        )
+    return out
+
+
 def _fit_from_args(args, features, labels, class_features):
     return fit(
         features,
@@ -123,6 +191,7 @@ def _fit_from_args(args, features, labels, class_features):
 
 
 def cmd_demo(args) -> None:
+    check_device(args.device)
     task = synthetic.make_task(
         num_classes=args.classes,
         dim=args.dim,
@@ -179,24 +248,37 @@ def cmd_synth(args) -> None:
         difficulty=args.difficulty,
         seed=args.seed,
     )
-    out = Path(args.out)
-    for name in ("train", "val", "test"):
+    out = check_output_folder(args.out, "--out")
+    paths = {name: out / f"{name}.safetensors" for name in ("train", "val", "test")}
+    if out.is_dir():
+        for path in paths.values():
+            check_feature_output(path, "--out")
+    source = {
+        "kind": "synthetic",
+        **{key: getattr(args, key) for key in ("classes", "dim", "shots", "difficulty", "seed")},
+    }
+    for name, path in paths.items():
         split = getattr(task, name)
         save_features(
-            out / f"{name}.safetensors",
+            path,
             split.features,
             task.class_features,
             labels=split.labels,
             class_names=task.class_names,
+            provenance={"source": source, "split": name},
         )
     print(f"wrote {out}/train.safetensors, val.safetensors, test.safetensors")
 
 
 def cmd_train(args) -> None:
+    check_device(args.device)
     train = load_features(args.features, require_labels=True)
     val = load_features(args.val, require_labels=True) if args.val else None
+    if val is not None:
+        check_feature_files({Path(args.features).name: train, Path(args.val).name: val})
+    _check_model_output(args, train.features.shape[1])
     result = _fit_from_args(args, train.features, train.labels, train.class_features)
-    extra = {"step_size": args.step_size}
+    extra = {"step_size": args.step_size, "data": data_record(train)}
     if val is not None:
         selection = select_steps(
             result.model,
@@ -211,13 +293,18 @@ def cmd_train(args) -> None:
         print(selection.table())
     else:
         print("no --val file: M is not chosen; pass --steps to 'fma-fast eval'")
-    if train.class_names is not None:
-        extra["class_names"] = train.class_names
     checkpoint.save(result, args.out, extra=extra)
     print(f"loss {result.history[0]:.4f} -> {result.history[-1]:.4f}; saved to {args.out}")
 
 
 def cmd_eval(args) -> None:
+    device = check_device(args.device)
+    check_backend(args.backend, device)
+    if args.output:
+        check_output_file(
+            args.output, "--output", kind="a predictions file written by fma-fast eval",
+            is_kind=_is_predictions_file,
+        )
     model = checkpoint.load(args.model)
     config = checkpoint.load_config(args.model)
     steps = args.steps if args.steps is not None else config.get("steps")
@@ -225,6 +312,11 @@ def cmd_eval(args) -> None:
         raise ValueError(f"{args.model} has no M chosen on val; pass --steps")
     step_size = args.step_size if args.step_size is not None else config.get("step_size", 0.1)
     data = load_features(args.features)
+    if isinstance(config.get("data"), dict):
+        check_same_origin(
+            {f"the data model {args.model} was trained on": config["data"],
+             Path(args.features).name: data_record(data)}
+        )
     result = solve(
         data.features,
         model,
@@ -257,12 +349,13 @@ def cmd_eval(args) -> None:
     print(json.dumps(summary))
     if args.output:
         payload = {
+            "format": PREDICTIONS_FORMAT,
             **summary,
             "pred": result.pred.tolist(),
             "topk_indices": result.topk_indices.tolist(),
             "topk_values": result.topk_values.tolist(),
         }
-        atomic_write(Path(args.output), lambda temp: temp.write_text(json.dumps(payload)))
+        write_text(args.output, json.dumps(payload))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -313,6 +406,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(error: BaseException) -> str:
+    text = describe_os_error(error) if isinstance(error, OSError) and error.errno else str(error)
+    return " ".join(text.split()) or type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -322,11 +420,12 @@ def main(argv: list[str] | None = None) -> int:
         FeatureFileError,
         ValueError,
         TypeError,
-        FileNotFoundError,
+        OSError,
         FloatingPointError,
+        dispatch.BackendUnavailableError,
         torch.cuda.OutOfMemoryError,
     ) as error:
-        print(f"fma-fast {args.command}: error: {error}", file=sys.stderr)
+        print(f"fma-fast {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fma-fast: interrupted", file=sys.stderr)

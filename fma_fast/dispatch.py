@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from . import _validation as check
 from . import reference
 from .kernels._common import DEFAULT_DOT_PRECISION, interpreter_active, triton_usable
 from .reference import DEFAULT_TIME_EPS
@@ -26,6 +27,10 @@ BACKENDS = ("auto", "triton", "reference")
 PATH_TRITON = "triton"
 PATH_INTERPRETER = "triton-interpreter"
 PATH_REFERENCE = "reference"
+
+
+class BackendUnavailableError(RuntimeError):
+    """``backend="triton"`` was asked for where the kernels cannot run (the reason says why)."""
 
 
 class Noise(NamedTuple):
@@ -72,7 +77,9 @@ def select_path(backend: str, *tensors: torch.Tensor) -> str:
         usable, why = False, "the Triton interpreter does not support bfloat16"
     if not usable:
         if backend == "triton":
-            raise RuntimeError(f"backend='triton' requested but the kernels cannot run: {why}")
+            raise BackendUnavailableError(
+                f"backend='triton' requested but the kernels cannot run: {why}"
+            )
         return PATH_REFERENCE
     return PATH_INTERPRETER if on_cpu and interpreter_active() else PATH_TRITON
 
@@ -202,8 +209,8 @@ def cosine_topk(x: torch.Tensor, class_features: torch.Tensor, k: int = 1, *,
     """
     _check_rows(x, class_features)
     k = _check_k(k, class_features.shape[0])
-    if logit_scale is not None and not logit_scale > 0:
-        raise ValueError(f"logit_scale must be > 0 (it must keep the order), got {logit_scale}")
+    if logit_scale is not None:
+        logit_scale = check.check_positive_float("logit_scale", logit_scale)
     path = select_path(backend, x, class_features)
     if path == PATH_REFERENCE:
         values, indices = reference.cosine_topk(x, class_features, k)
@@ -230,6 +237,7 @@ def step_ensemble_topk(states: Sequence[torch.Tensor] | torch.Tensor,
                          f"got {tuple(stacked.shape)}")
     _check_rows(stacked[0], class_features, "states")
     k = _check_k(k, class_features.shape[0])
+    logit_scale = check.check_positive_float("logit_scale", logit_scale)
     path = select_path(backend, stacked, class_features)
     if path == PATH_REFERENCE:
         probs = sum(torch.softmax(reference.cosine_logits(s, class_features, logit_scale), -1)
@@ -252,6 +260,7 @@ def cosine_cross_entropy(x: torch.Tensor, class_features: torch.Tensor, labels: 
     _check_rows(x, class_features)
     if labels.shape != (x.shape[0],):
         raise ValueError(f"labels must have shape ({x.shape[0]},), got {tuple(labels.shape)}")
+    logit_scale = check.check_positive_float("logit_scale", logit_scale)
     table_grad = class_features.requires_grad and torch.is_grad_enabled()
     if table_grad and backend == "triton":
         raise RuntimeError("the Triton cosine cross-entropy gives no gradient for class_features;"

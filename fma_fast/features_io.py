@@ -1,32 +1,49 @@
-"""Feature files: one safetensors file with features, labels, the class table and class names."""
+"""Feature files: one safetensors file with features, labels, the class table and class names,
+and where they came from (their provenance), so that splits of different origins never mix."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from . import _validation as check
-from .checkpoint import atomic_write
+from ._io import file_problem, save_safetensors, write_text
+
+CLASS_NAMES_KEY = "class_names"
+PROVENANCE_KEY = "provenance"
+SOURCE_NAME = "source.json"
+SOURCE_FORMAT = "fma_fast/feature-source/1"
 
 
 class FeatureFileError(ValueError):
-    """A feature file is missing, unreadable or inconsistent."""
+    """A feature file is missing, unreadable or inconsistent, or files that must go together
+    (train, val and test; a model and its test set) do not."""
 
 
 @dataclass
 class FeatureSet:
-    """``features`` (N, D), ``labels`` (N,) or None, ``class_features`` (C, D), ``class_names``."""
+    """``features`` (N, D), ``labels`` (N,) or None, ``class_features`` (C, D), ``class_names``,
+    and ``provenance``: {"source": what produced the features (encoder, checkpoint,
+    preprocessing, dataset, templates; or the synthetic task), plus per-file details such as
+    the split}, or None for files made by hand."""
 
     features: torch.Tensor
     labels: torch.Tensor | None
     class_features: torch.Tensor
     class_names: list[str] | None = None
+    provenance: dict[str, Any] | None = None
+
+    @property
+    def source(self) -> dict[str, Any] | None:
+        return (self.provenance or {}).get("source")
 
 
 def save_features(
@@ -35,33 +52,46 @@ def save_features(
     class_features: torch.Tensor,
     labels: torch.Tensor | None = None,
     class_names: list[str] | None = None,
+    provenance: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write a feature file atomically (temp file, then rename)."""
+    """Write a feature file atomically (temp file, then rename); the same content always gives
+    the same bytes. ``provenance`` (JSON) should hold a ``source`` shared by every split of
+    one origin."""
     x = check.check_matrix("features", features)
     z = check.check_matrix("class_features", class_features, dim=x.shape[1], dim_source="features")
-    tensors = {
-        "features": x.detach().cpu().contiguous(),
-        "class_features": z.detach().cpu().contiguous(),
-    }
+    tensors = {"features": x.detach().cpu(), "class_features": z.detach().cpu()}
     if labels is not None:
-        tensors["labels"] = (
-            check.check_labels("labels", labels, rows=x.shape[0], num_classes=z.shape[0])
-            .cpu()
-            .contiguous()
-        )
+        tensors["labels"] = check.check_labels(
+            "labels", labels, rows=x.shape[0], num_classes=z.shape[0]
+        ).cpu()
     if class_names is not None and len(class_names) != z.shape[0]:
         raise ValueError(f"class_names has {len(class_names)} names for {z.shape[0]} classes")
-    metadata = {"class_names": json.dumps(list(class_names))} if class_names is not None else {}
-    path = Path(path)
-    atomic_write(path, lambda temp: save_file(tensors, str(temp), metadata=metadata))
-    return path
+    metadata = {}
+    if class_names is not None:
+        metadata[CLASS_NAMES_KEY] = json.dumps(list(class_names))
+    if provenance is not None:
+        metadata[PROVENANCE_KEY] = json.dumps(dict(provenance), sort_keys=True)
+    return save_safetensors(path, tensors, metadata)
+
+
+def _json_metadata(path: Path, metadata: dict[str, str], key: str, kind: type):
+    if key not in metadata:
+        return None
+    try:
+        value = json.loads(metadata[key])
+    except json.JSONDecodeError:
+        raise FeatureFileError(f"{path}: {key} metadata is not valid JSON") from None
+    if not isinstance(value, kind):
+        raise FeatureFileError(f"{path}: {key} metadata must be a JSON {kind.__name__}")
+    return value
 
 
 def load_features(path: str | os.PathLike, *, require_labels: bool = False) -> FeatureSet:
     """Read and validate a feature file written by :func:`save_features` (or by hand)."""
     path = Path(path)
-    if not path.is_file():
-        raise FeatureFileError(f"feature file not found: {path}")
+    problem = file_problem(path)
+    if problem:
+        raise FeatureFileError(f"cannot read feature file {path}: {problem}")
     try:
         with safe_open(str(path), framework="pt") as handle:
             keys = set(handle.keys())
@@ -89,12 +119,107 @@ def load_features(path: str | os.PathLike, *, require_labels: bool = False) -> F
             )
     except (TypeError, ValueError) as error:
         raise FeatureFileError(str(error)) from None
-    names = None
-    if "class_names" in metadata:
+    names = _json_metadata(path, metadata, CLASS_NAMES_KEY, list)
+    if names is not None and len(names) != z.shape[0]:
+        raise FeatureFileError(f"{path}: class_names must list {z.shape[0]} names")
+    provenance = _json_metadata(path, metadata, PROVENANCE_KEY, dict)
+    return FeatureSet(
+        features=x, labels=labels, class_features=z, class_names=names, provenance=provenance
+    )
+
+
+def class_table_sha256(class_features: torch.Tensor) -> str:
+    """A digest of a class table's fp32 values (what the solver scores against)."""
+    table = class_features.detach().to("cpu", torch.float32).contiguous()
+    digest = hashlib.sha256(str(tuple(table.shape)).encode())
+    digest.update(table.numpy())
+    return digest.hexdigest()
+
+
+def data_record(data: FeatureSet) -> dict[str, Any]:
+    """What a model trained on ``data`` keeps of it, so that later inputs can be checked
+    against it: the features' source and the class table (digest and names)."""
+    return {
+        "source": data.source,
+        "classes": int(data.class_features.shape[0]),
+        "class_table_sha256": class_table_sha256(data.class_features),
+        "class_names": data.class_names,
+    }
+
+
+def _differences(first: Mapping[str, Any], second: Mapping[str, Any]) -> str:
+    """The keys on which two sources differ, with both values (shortened)."""
+    keys = sorted(set(first) | set(second))
+    differing = [key for key in keys if first.get(key) != second.get(key)]
+    shown = [
+        f"{key} {_short(first.get(key))} vs {_short(second.get(key))}" for key in differing[:3]
+    ]
+    more = f" and {len(differing) - 3} more" if len(differing) > 3 else ""
+    return "; ".join(shown) + more
+
+
+def _short(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return text if len(text) <= 40 else f"{text[:37]}..."
+
+
+def check_same_origin(records: Mapping[str, Mapping[str, Any]]) -> None:
+    """Refuse inputs that must go together but do not: a different source (when both say),
+    a different class count, class table or class names. ``records`` maps a name for each
+    input (a file name, "the model") to its :func:`data_record`."""
+    (first_name, first), *rest = records.items()
+    for name, record in rest:
+        pair = f"{first_name} and {name}"
+        sources = first.get("source"), record.get("source")
+        if None not in sources and sources[0] != sources[1]:
+            raise FeatureFileError(
+                f"{pair} come from different sources ({_differences(*sources)})"
+            )
+        if first["classes"] != record["classes"]:
+            raise FeatureFileError(
+                f"{pair} have different class tables: {first['classes']} vs "
+                f"{record['classes']} classes"
+            )
+        names = first.get("class_names"), record.get("class_names")
+        if None not in names and names[0] != names[1]:
+            index = next(i for i, (a, b) in enumerate(zip(*names)) if a != b)
+            raise FeatureFileError(
+                f"{pair} have different class names (class {index}: "
+                f"{names[0][index]!r} vs {names[1][index]!r})"
+            )
+        if first["class_table_sha256"] != record["class_table_sha256"]:
+            raise FeatureFileError(
+                f"{pair} have different class tables (same size, other values): the splits "
+                "were encoded with other text features"
+            )
+
+
+def check_feature_files(files: Mapping[str, FeatureSet]) -> None:
+    """:func:`check_same_origin` for feature sets loaded together (train, val, test)."""
+    check_same_origin({name: data_record(data) for name, data in files.items()})
+
+
+def claim_folder(folder: str | os.PathLike, source: Mapping[str, Any], name: str) -> Path:
+    """Tie ``folder`` to one source of features (``folder/source.json``): the first use
+    records it, later uses with another source are refused, so features of two models,
+    checkpoints, preprocessings or datasets never end up side by side."""
+    folder = Path(folder)
+    record = folder / SOURCE_NAME
+    source = json.loads(json.dumps(dict(source)))  # as it reads back from JSON
+    if record.exists():
         try:
-            names = json.loads(metadata["class_names"])
-        except json.JSONDecodeError:
-            raise FeatureFileError(f"{path}: class_names metadata is not a JSON list") from None
-        if not isinstance(names, list) or len(names) != z.shape[0]:
-            raise FeatureFileError(f"{path}: class_names must list {z.shape[0]} names")
-    return FeatureSet(features=x, labels=labels, class_features=z, class_names=names)
+            found = json.loads(record.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            found = None
+        if not isinstance(found, dict) or found.get("format") != SOURCE_FORMAT:
+            raise FeatureFileError(f"{name} {folder}: {record} is not a readable source record")
+        if found.get("source") != source:
+            raise FeatureFileError(
+                f"{name} {folder} holds features from another source "
+                f"({_differences(found.get('source') or {}, source)}); "
+                "use another folder or delete this one"
+            )
+        return folder
+    text = json.dumps({"format": SOURCE_FORMAT, "source": source}, indent=1, sort_keys=True)
+    write_text(record, text + "\n")
+    return folder

@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from . import cli
-from .checkpoint import atomic_write
-from .features_io import save_features
+from ._io import atomic_write, check_output_folder, save_safetensors, write_text
+from .features_io import check_feature_files, claim_folder, save_features
 from .solver import select_steps
 
 PLOT_NAME = "accuracy_by_steps.png"
@@ -90,12 +89,24 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _check_options(args, seeds: list[int], context) -> Path:
+    """What can be checked before the dataset is read or the encoder built: the device, the
+    output folder, repeated seeds (and, for ``run``, the solver backend)."""
+    if len(set(seeds)) != len(seeds):
+        repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+        raise ValueError(f"seeds must differ: {' '.join(map(str, repeated))} given twice")
+    device = context.device(args.device)
+    if hasattr(args, "solve_backend"):
+        cli.check_backend(args.solve_backend, device)
+    return check_output_folder(args.output, "--output")
+
+
 def _prepare(args, context):
     """Dataset, encoder, templates and device from the shared options."""
     from .clip import load_dataset, load_encoder, register_model_config, resolve_templates
 
-    dataset = load_dataset(args.dataset, args.root)
     device = context.device(args.device)
+    dataset = load_dataset(args.dataset, args.root)
     model = register_model_config(args.model_config) if args.model_config else args.model
     if args.model_config and model != args.model:
         raise ValueError(
@@ -142,12 +153,22 @@ def _extract(args, dataset, encoder, templates, workers, folder, seed, context):
     return features
 
 
+def _claim_output(out: Path, dataset, encoder, templates) -> dict[str, Any]:
+    """Tie --output to this extraction's source; an output folder of another is refused."""
+    from .clip.cache import extraction_source
+
+    source = extraction_source(encoder, dataset, templates)
+    claim_folder(out, source, "--output")
+    return source
+
+
 def cmd_extract(args) -> None:
     from .clip import launch
 
     with launch() as context:
+        out = _check_options(args, args.seed, context)
         dataset, encoder, templates, _, workers = _prepare(args, context)
-        out = Path(args.output)
+        _claim_output(out, dataset, encoder, templates)
         for seed in args.seed:
             features = _extract(
                 args, dataset, encoder, templates, workers, out / "cache", seed, context
@@ -162,7 +183,8 @@ def cmd_extract(args) -> None:
                 folder = out if split == "test" else out / f"seed{seed}-k{args.shots}"
                 path = folder / f"{split}.safetensors"
                 save_features(
-                    path, data.features, data.class_features, data.labels, data.class_names
+                    path, data.features, data.class_features, data.labels, data.class_names,
+                    provenance=data.provenance,
                 )
                 written.append(f"{path} ({data.features.shape[0]} rows)")
             print(f"seed {seed}: wrote " + ", ".join(written), flush=True)
@@ -219,6 +241,7 @@ def _run_seed(args, features, seed, device, context) -> tuple[dict[str, Any], to
     from .clip import accuracy_by_steps_sharded, solve_sharded
 
     train, val, test = features.train, features.val, features.test
+    check_feature_files({"train": train, "val": val, "test": test})
     fitted = None
     if context.is_main:
         start = time.perf_counter()
@@ -270,9 +293,10 @@ def cmd_run(args) -> None:
     from .clip import launch
 
     seeds = [args.seed] if args.seed is not None else args.seeds
-    out = Path(args.output)
     with launch() as context:
+        out = _check_options(args, seeds, context)
         dataset, encoder, templates, device, workers = _prepare(args, context)
+        _claim_output(out, dataset, encoder, templates)
         runs, predictions, skipped = [], {}, {}
         for seed in seeds:
             features = _extract(
@@ -339,10 +363,8 @@ def cmd_run(args) -> None:
         },
         "skipped_images": skipped,
     }
-    text = json.dumps(results, indent=2)
-    atomic_write(out / RESULTS_NAME, lambda temp: temp.write_text(text + "\n"))
-    tensors = {key: value.contiguous() for key, value in predictions.items()}
-    atomic_write(out / PREDICTIONS_NAME, lambda temp: save_file(tensors, str(temp)))
+    write_text(out / RESULTS_NAME, json.dumps(results, indent=2) + "\n")
+    save_safetensors(out / PREDICTIONS_NAME, predictions)
     print(
         f"results: {out / RESULTS_NAME}; test predictions at the chosen M: {out / PREDICTIONS_NAME}"
     )

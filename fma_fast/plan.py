@@ -225,13 +225,23 @@ def build_plan(
 _PLAN_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _weights_signature(model: VelocityNet) -> tuple | None:
-    """Storage and version counter of every parameter: an optimizer step, load_state_dict or any
-    in-place write changes it. None for inference tensors, which keep no version counter."""
-    params = list(model.parameters())
-    if any(p.is_inference() for p in params):
-        return None
-    return tuple((p.data_ptr(), p._version) for p in params)
+class _WeightsSnapshot:
+    """A copy of the parameters a plan was folded from, compared element by element on use.
+
+    Version counters miss fused and foreach optimizer steps and every write through
+    ``param.data``; comparing contents catches any change, whatever made it, for one read of
+    the weights per lookup (far less than one step of a solve) and one copy of them in memory.
+    """
+
+    def __init__(self, params: list[torch.Tensor]):
+        self.copies = [p.detach().clone() for p in params]
+
+    def matches(self, params: list[torch.Tensor]) -> bool:
+        return len(params) == len(self.copies) and all(
+            p.shape == c.shape and p.dtype == c.dtype and p.device == c.device
+            and torch.equal(p.detach(), c)
+            for p, c in zip(params, self.copies)
+        )
 
 
 def solver_plan(
@@ -245,20 +255,20 @@ def solver_plan(
     """The folded plan of ``model``, built once and cached per (steps, step_size, dtype, device).
 
     A cached plan with more steps for the same step size serves fewer steps as a prefix view.
-    The cache is dropped when the weights change (storage or version counter); writes through
-    ``param.data`` bypass the version counter, so call :func:`clear_plan_cache` after those.
+    Every lookup compares the weights with the copy the plans were folded from and drops them
+    on any difference (optimizer steps of any kind, ``load_state_dict``, in-place and
+    ``param.data`` writes).
     """
     if not isinstance(model, VelocityNet):
         raise TypeError(f"model must be a VelocityNet, got {type(model).__name__}")
     steps = check.check_int("steps", steps, minimum=0)
     step_size = check.check_positive_float("step_size", step_size)
     device = next(model.parameters()).device if device is None else torch.device(device)
-    signature = _weights_signature(model)
-    if signature is None:
-        return build_plan(model, steps, step_size, dtype=dtype, device=device)
+    params = list(model.parameters())
     entry = _PLAN_CACHE.get(model)
-    if entry is None or entry[0] != signature:
-        entry = (signature, {})
+    if entry is None or not entry[0].matches(params):
+        check_finite_weights(model)
+        entry = (_WeightsSnapshot(params), {})
         _PLAN_CACHE[model] = entry
     plans = entry[1]
     key = (step_size, dtype, device)
@@ -269,8 +279,18 @@ def solver_plan(
     return plan.prefix(steps)
 
 
+def check_finite_weights(model: torch.nn.Module) -> None:
+    """Refuse a network with NaN/Inf weights: it would give the same prediction for every row."""
+    for name, parameter in model.named_parameters():
+        if not bool(torch.isfinite(parameter.detach()).all()):
+            raise ValueError(
+                f"the model's weights contain NaN or Inf (first in {name}); "
+                "it cannot give meaningful predictions (was training unstable?)"
+            )
+
+
 def clear_plan_cache(model: VelocityNet) -> None:
-    """Forget the cached plans of ``model`` (needed only after writes through ``param.data``)."""
+    """Forget the cached plans of ``model`` (frees their memory; never needed for correctness)."""
     _PLAN_CACHE.pop(model, None)
 
 

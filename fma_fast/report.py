@@ -28,6 +28,7 @@ import torch
 
 from . import __version__, synthetic
 from . import _validation as check
+from ._io import atomic_write, check_output_folder
 from .adaptive import adaptive_predict, select_rule, trajectory_stats
 from .baselines import (
     FMA,
@@ -39,8 +40,7 @@ from .baselines import (
     TipAdapterF,
     ZeroShot,
 )
-from .checkpoint import atomic_write
-from .features_io import load_features
+from .features_io import check_feature_files, load_features
 from .reference import flow_matching_loss
 
 VAL_SHOTS_CAP = 4
@@ -200,11 +200,8 @@ def file_pools(train: str, val: str, test: str) -> FeatureSetPools:
         name: load_features(path, require_labels=True)
         for name, path in (("train", train), ("val", val), ("test", test))
     }
+    check_feature_files(sets)
     table = sets["train"].class_features.float()
-    for name in ("val", "test"):
-        other = sets[name].class_features.float()
-        if other.shape != table.shape or not torch.allclose(other, table, atol=1e-5):
-            raise ValueError(f"{name} file's class_features differ from the train file's")
     pools = {name: Pool(s.features.float(), s.labels) for name, s in sets.items()}
     return FeatureSetPools(
         name=Path(train).resolve().parent.name or "features",
@@ -796,6 +793,7 @@ def rerender(out: str | os.PathLike, name: str = "report", *, progress: bool = T
 
 
 def cmd_report(args: argparse.Namespace) -> None:
+    check_output_folder(args.out, "--out")
     if args.render_only:
         rerender(args.out, args.name, progress=not args.quiet)
         return

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import warnings
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +20,8 @@ from .plan import folded_final, folded_states, solver_plan
 DEFAULT_CHUNK_ROWS = {"cpu": 4096, "cuda": 65536}
 CLASS_TILE = 4096
 """Classes scored at once on the CPU path: a chunk's logits stay rows × 4096, whatever C is."""
+LOSS_LOGIT_SCALE = 100.0
+"""The logit scale of the validation cross-entropy that breaks accuracy ties (CLIP's 100)."""
 
 
 @dataclass
@@ -69,16 +70,25 @@ def _check_model(model) -> None:
         raise TypeError(f"model must be a velocity network u(x, t), got {type(model).__name__}")
 
 
-def _check_steps(steps, step_size) -> tuple[int, float]:
-    steps = check.check_int("steps", steps, minimum=0)
+def _check_steps(steps, step_size, name: str = "steps") -> tuple[int, float]:
+    steps = check.check_int(name, steps, minimum=0)
     step_size = check.check_positive_float("step_size", step_size)
     if steps * step_size > 1.0 + 1e-9:
-        warnings.warn(
-            f"steps * step_size = {steps * step_size:g} > 1: the solve runs past t=1, "
-            "beyond the time range the field was trained on",
-            stacklevel=3,
+        check.warn_at_caller(
+            f"{name} * step_size = {steps * step_size:g} > 1: the solve runs past t=1, "
+            "beyond the time range the field was trained on"
         )
     return steps, step_size
+
+
+def _check_state(state: torch.Tensor, step: int, start: int) -> torch.Tensor:
+    """Refuse non-finite solver states: a NaN field would give every row the same class."""
+    if not bool(torch.isfinite(state.sum())):
+        raise ValueError(
+            f"the solve produced NaN or Inf at step {step} (rows from {start} on): the "
+            "model's velocities are not finite; check its weights or its forward"
+        )
+    return state
 
 
 def _chunks(
@@ -92,12 +102,16 @@ def _chunks(
         yield rows, chunk
 
 
-def _prepare(features, model, class_features, batch_size, device, labels=None):
+def _prepare(
+    features, model, class_features, batch_size, device, labels=None, require_classes=False
+):
     _check_model(model)
     dim = _model_dim(model)
     x = check.check_matrix("features", features, dim=dim)
     tensors = {"features": x}
     z = None
+    if class_features is None and require_classes:
+        raise TypeError("class_features must be a (C, D) class table, got None")
     if class_features is not None:
         z = check.check_matrix(
             "class_features", class_features, dim=x.shape[1], dim_source="features"
@@ -108,7 +122,7 @@ def _prepare(features, model, class_features, batch_size, device, labels=None):
     check.check_same_device(**tensors)
     if z is not None:
         check.check_finite("class_features", z)
-    device = torch.device(device) if device is not None else (_model_device(model) or x.device)
+    device = check.resolve_device(device, default=_model_device(model) or x.device)
     if batch_size is None:
         batch_size = DEFAULT_CHUNK_ROWS.get(device.type, 4096)
     batch_size = check.check_int("batch_size", batch_size, minimum=1)
@@ -158,6 +172,20 @@ def _route(model, device: torch.device, precision: str, backend: str) -> str:
     return ROUTE_FUSED if device.type == "cuda" and HAS_TRITON else ROUTE_FOLDED
 
 
+def _velocity(model, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+    """u(x, t) of a model that is not folded, checked: a wrong shape or NaN/Inf is an error."""
+    velocity = model(x, t)
+    if not isinstance(velocity, torch.Tensor) or velocity.shape != x.shape:
+        got = tuple(velocity.shape) if isinstance(velocity, torch.Tensor) else type(velocity)
+        raise ValueError(f"model(x, t) must return velocities of shape {tuple(x.shape)}, got {got}")
+    if not bool(torch.isfinite(velocity.sum())):
+        raise ValueError(
+            f"model(x, t) returned NaN or Inf velocities at step {step + 1}: the field is not "
+            "finite there; check its weights or its forward"
+        )
+    return velocity
+
+
 def _states(
     route: str,
     model,
@@ -179,9 +207,9 @@ def _states(
     t = torch.zeros((), dtype=torch.float32, device=x.device)
     yield x
     low_precision = route == ROUTE_GENERIC and precision != "fp32"
-    for _ in range(steps):
+    for step in range(steps):
         with torch.autocast(x.device.type, dtype=PRECISIONS[precision], enabled=low_precision):
-            velocity = model(x, t)
+            velocity = _velocity(model, x, t, step)
         if route == ROUTE_REFERENCE:
             x, t = reference.euler_step(x, velocity, t, step_size)
         else:
@@ -189,21 +217,32 @@ def _states(
         yield x
 
 
+def _checked_states(route, model, chunk, start, steps, step_size, precision, op_backend):
+    """:func:`_states`, each state refused when it holds NaN or Inf."""
+    states = _states(route, model, chunk, steps, step_size, precision, op_backend)
+    for step, state in enumerate(states):
+        yield _check_state(state, step, start)
+
+
 def _final_state(
     route: str,
     model,
     x: torch.Tensor,
+    start: int,
     steps: int,
     step_size: float,
     precision: str,
     op_backend: str,
 ) -> torch.Tensor:
-    """x_M of one chunk; the folded route merges each step's final layer with the next input
-    projection when the states in between are not needed (``plan.folded_final``)."""
+    """x_M of one chunk (rows from ``start`` on); the folded route merges each step's final
+    layer with the next input projection when the states in between are not needed
+    (``plan.folded_final``)."""
     if route == ROUTE_FOLDED:
-        return folded_final(model, x, steps, step_size, precision=precision)
-    states = _states(route, model, x, steps, step_size, precision, op_backend)
-    return deque(states, maxlen=1)[0]
+        final = folded_final(model, x, steps, step_size, precision=precision)
+    else:
+        states = _states(route, model, x, steps, step_size, precision, op_backend)
+        final = deque(states, maxlen=1)[0]
+    return _check_state(final, steps, start)
 
 
 def _unit_rows(z: torch.Tensor) -> torch.Tensor:
@@ -223,6 +262,49 @@ def _op_backend(backend: str, device: torch.device) -> str:
     return "auto" if device.type == "cuda" else "reference"
 
 
+def _merge_topk(best, values: torch.Tensor, indices: torch.Tensor, k: int):
+    """The running top-k of a row block merged with a new class tile's (ties: lower index)."""
+    if best is None:
+        return values, indices
+    values, indices = torch.cat([best[0], values], dim=1), torch.cat([best[1], indices], dim=1)
+    values, order = values.topk(k, dim=1)
+    return values, indices.gather(1, order)
+
+
+def _tiled_scores(
+    state: torch.Tensor, z: torch.Tensor, k: int, labels: torch.Tensor | None = None
+) -> tuple[dispatch.TopK, torch.Tensor | None]:
+    """Top-k cosines of the rows against unit-norm ``z`` and, given ``labels``, each row's
+    cross-entropy of softmax(100·cos), from one pass over class tiles: memory stays
+    rows × :data:`CLASS_TILE` for any C (the loss by an online log-sum-exp)."""
+    unit = F.normalize(state, dim=-1)
+    rows, classes = unit.shape[0], z.shape[0]
+    tile = torch.empty(rows, min(CLASS_TILE, classes), dtype=unit.dtype, device=unit.device)
+    best = None
+    running_max = running_sum = None
+    if labels is not None:
+        running_max = torch.full((rows, 1), -torch.inf, dtype=unit.dtype, device=unit.device)
+        running_sum = torch.zeros(rows, 1, dtype=unit.dtype, device=unit.device)
+    for start in range(0, classes, CLASS_TILE):
+        stop = min(start + CLASS_TILE, classes)
+        cosines = torch.mm(unit, z[start:stop].T, out=tile[:, : stop - start])
+        values, indices = cosines.topk(min(k, stop - start), dim=1)
+        best = _merge_topk(best, values, indices + start, k)
+        if labels is None:
+            continue
+        # Online log-sum-exp of 100·cos, in place on the tile (its cosines are used up).
+        new_max = torch.maximum(running_max, LOSS_LOGIT_SCALE * values[:, :1])
+        running_sum.mul_((running_max - new_max).exp_())
+        cosines.mul_(LOSS_LOGIT_SCALE).sub_(new_max).exp_()
+        running_sum.add_(cosines.sum(dim=1, keepdim=True))
+        running_max = new_max
+    loss = None
+    if labels is not None:
+        true_logit = LOSS_LOGIT_SCALE * (unit * z[labels]).sum(dim=1, keepdim=True)
+        loss = (running_max + running_sum.log() - true_logit)[:, 0]
+    return dispatch.TopK(best[0], best[1], "torch-tiled"), loss
+
+
 def _topk(
     state: torch.Tensor, z: torch.Tensor, k: int, op_backend: str, tiled: bool
 ) -> dispatch.TopK:
@@ -230,19 +312,7 @@ def _topk(
     memory stays bounded for any C (``tiled=False`` keeps the plain reference twin)."""
     if op_backend != "reference" or not tiled:
         return dispatch.cosine_topk(state, z, k, normalized=True, backend=op_backend)
-    state = F.normalize(state, dim=-1)
-    best_values = best_indices = None
-    for start in range(0, z.shape[0], CLASS_TILE):
-        values, indices = (state @ z[start : start + CLASS_TILE].T).topk(
-            min(k, z.shape[0] - start), dim=-1
-        )
-        if best_values is not None:
-            values = torch.cat([best_values, values], dim=-1)
-            indices = torch.cat([best_indices, indices + start], dim=-1)
-            values, order = values.topk(k, dim=-1)
-            indices = indices.gather(1, order)
-        best_values, best_indices = values, indices
-    return dispatch.TopK(best_values, best_indices, "torch-tiled")
+    return _tiled_scores(state, z, k)[0]
 
 
 def _path_name(route: str, precision: str, scoring: str | None) -> str:
@@ -250,6 +320,20 @@ def _path_name(route: str, precision: str, scoring: str | None) -> str:
         return ROUTE_REFERENCE
     network = route if route == ROUTE_REFERENCE else f"{route}-{precision}"
     return network if scoring is None else f"{network}+{scoring}-topk"
+
+
+def _check_ensemble_steps(ensemble_steps, steps: int) -> list[int]:
+    if isinstance(ensemble_steps, (str, bytes)) or not isinstance(ensemble_steps, Iterable):
+        raise TypeError(
+            "ensemble_steps must be a sequence of step counts such as (0, 4, 8), "
+            f"got {type(ensemble_steps).__name__}"
+        )
+    chosen = sorted({check.check_int("ensemble_steps", s) for s in ensemble_steps})
+    if not chosen or chosen[-1] > steps:
+        raise ValueError(
+            f"ensemble_steps must be a non-empty set of steps in [0, {steps}], got {chosen}"
+        )
+    return chosen
 
 
 @torch.inference_mode()
@@ -260,7 +344,7 @@ def solve(
     *,
     step_size: float = 0.1,
     class_features=None,
-    topk: int = 1,
+    topk: int | None = None,
     batch_size: int | None = None,
     device: str | torch.device | None = None,
     precision: str = "fp32",
@@ -271,8 +355,8 @@ def solve(
     """Transport ``features`` (N, D) with M=``steps`` Euler steps of size ``step_size``.
 
     Without ``class_features`` returns the transported features (N, D). With a class table (C, D)
-    returns a :class:`SolveResult` with the top-``topk`` cosine classes per row; on the Triton
-    path no N×C matrix is ever built. Rows stream through ``device`` (default: the model's)
+    returns a :class:`SolveResult` with the top-``topk`` (default 1) cosine classes per row; no
+    N×C matrix is ever built. Rows stream through ``device`` (default: the model's)
     ``batch_size`` at a time, so ``features`` may be a CPU tensor or numpy memmap larger than
     device memory; results come back on the features' device.
 
@@ -281,28 +365,26 @@ def solve(
     path; "reference" forces the plain PyTorch loop, "folded" the torch GEMM chain, "triton"
     the fused kernels. ``ensemble_steps`` scores by the released code's step ensemble (sum of
     softmax(``logit_scale``·cos) at those steps, each ≤ ``steps``); values are then summed
-    probabilities instead of cosines.
+    probabilities instead of cosines. A NaN/Inf state (a non-finite field) raises ValueError.
     """
     steps, step_size = _check_steps(steps, step_size)
+    logit_scale = check.check_positive_float("logit_scale", logit_scale)
     x, z, batch_size, device = _prepare(features, model, class_features, batch_size, device)
     route = _route(model, device, precision, backend)
     op_backend = _op_backend(backend, device)
-    if ensemble_steps is not None:
-        ensemble_steps = sorted({check.check_int("ensemble_steps", s) for s in ensemble_steps})
-        if not ensemble_steps or ensemble_steps[-1] > steps:
-            raise ValueError(
-                f"ensemble_steps must be a non-empty set of steps in [0, {steps}], "
-                f"got {ensemble_steps}"
-            )
     if z is None:
+        for name, value in (("topk", topk), ("ensemble_steps", ensemble_steps)):
+            if value is not None:
+                raise ValueError(f"{name} needs class_features (a (C, D) class table) to score")
         transported = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         for rows, chunk in _chunks(x, batch_size, device):
             transported[rows] = _final_state(
-                route, model, chunk, steps, step_size, precision, op_backend
+                route, model, chunk, rows.start, steps, step_size, precision, op_backend
             ).to(x.device)
         return transported
-
-    topk = check.check_int("topk", topk, minimum=1)
+    if ensemble_steps is not None:
+        ensemble_steps = _check_ensemble_steps(ensemble_steps, steps)
+    topk = 1 if topk is None else check.check_int("topk", topk, minimum=1)
     if topk > z.shape[0]:
         raise ValueError(f"topk must be <= the number of classes {z.shape[0]}, got {topk}")
     z = _unit_rows(z)
@@ -311,10 +393,14 @@ def solve(
     scoring_path = None
     for rows, chunk in _chunks(x, batch_size, device):
         if ensemble_steps is None:
-            final = _final_state(route, model, chunk, steps, step_size, precision, op_backend)
+            final = _final_state(
+                route, model, chunk, rows.start, steps, step_size, precision, op_backend
+            )
             scored = _topk(final, z, topk, op_backend, tiled=backend != "reference")
         else:
-            states = _states(route, model, chunk, steps, step_size, precision, op_backend)
+            states = _checked_states(
+                route, model, chunk, rows.start, steps, step_size, precision, op_backend
+            )
             kept = [state.clone() for s, state in enumerate(states) if s in ensemble_steps]
             scored = dispatch.step_ensemble_topk(
                 kept, z, topk, logit_scale=logit_scale, normalized=True, backend=op_backend
@@ -327,6 +413,23 @@ def solve(
         topk_indices=indices,
         path=_path_name(route, precision, scoring_path),
     )
+
+
+def _step_scores(
+    state: torch.Tensor, z: torch.Tensor, truth: torch.Tensor, op_backend: str, tiled: bool,
+    with_loss: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Top-1 predictions and, with ``with_loss``, the summed cross-entropy of one state."""
+    if op_backend == "reference" and tiled:
+        scored, loss = _tiled_scores(state, z, 1, truth if with_loss else None)
+        return scored.indices[:, 0], None if loss is None else loss.double().sum()
+    pred = _topk(state, z, 1, op_backend, tiled).indices[:, 0]
+    if not with_loss:
+        return pred, None
+    mean = dispatch.cosine_cross_entropy(
+        state, z, truth, LOSS_LOGIT_SCALE, normalized=True, backend=op_backend
+    ).loss
+    return pred, mean.double() * len(truth)
 
 
 @torch.inference_mode()
@@ -344,8 +447,8 @@ def _scores_by_steps(
     with_loss: bool,
 ) -> tuple[list[float], list[float] | None]:
     """Accuracy and, with ``with_loss``, mean cross-entropy (logit scale 100) after every M,
-    from one pass (the loss is a second pass over the classes, so only select_steps asks)."""
-    max_steps, step_size = _check_steps(max_steps, step_size)
+    from one pass over the rows (and, on the CPU, one pass over the classes per state)."""
+    max_steps, step_size = _check_steps(max_steps, step_size, name="max_steps")
     x, z, batch_size, device = _prepare(
         features,
         model,
@@ -353,25 +456,25 @@ def _scores_by_steps(
         batch_size,
         device,
         labels=check.as_tensor("labels", labels),
+        require_classes=True,
     )
     y = check.check_labels("labels", labels, rows=x.shape[0], num_classes=z.shape[0])
     route = _route(model, device, precision, backend)
     op_backend = _op_backend(backend, device)
+    tiled = backend != "reference"
     z = _unit_rows(z)
     correct = torch.zeros(max_steps + 1, dtype=torch.long, device=device)
     loss_sum = torch.zeros(max_steps + 1, dtype=torch.float64, device=device)
     for rows, chunk in _chunks(x, batch_size, device):
         truth = y[rows].to(device)
-        states = _states(route, model, chunk, max_steps, step_size, precision, op_backend)
+        states = _checked_states(
+            route, model, chunk, rows.start, max_steps, step_size, precision, op_backend
+        )
         for steps, state in enumerate(states):
-            pred = _topk(state, z, 1, op_backend, tiled=backend != "reference").indices[:, 0]
+            pred, loss = _step_scores(state, z, truth, op_backend, tiled, with_loss)
             correct[steps] += (pred == truth).sum()
-            if not with_loss:
-                continue
-            loss = dispatch.cosine_cross_entropy(
-                state, z, truth, normalized=True, backend=op_backend
-            ).loss
-            loss_sum[steps] += loss.double() * len(truth)
+            if loss is not None:
+                loss_sum[steps] += loss
     accuracy = (correct.double() / x.shape[0]).tolist()
     return accuracy, (loss_sum / x.shape[0]).tolist() if with_loss else None
 

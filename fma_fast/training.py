@@ -101,7 +101,9 @@ def fit(
         raise ValueError(f"noise must be one of {NOISE_FORMS}, got {noise!r}")
     if backend not in dispatch.BACKENDS:
         raise ValueError(f"backend must be one of {dispatch.BACKENDS}, got {backend!r}")
-    if not 0 < time_eps < 0.5:
+    seed = check.check_int("seed", seed)
+    time_eps = check.check_positive_float("time_eps", time_eps)
+    if not time_eps < 0.5:
         raise ValueError(f"time_eps must lie in (0, 0.5), got {time_eps}")
 
     device = check.resolve_device(device)
@@ -116,8 +118,9 @@ def fit(
         raise ValueError(f"image_features have dim {dim} but model expects {model.dim}")
     model = model.to(device).train()
 
-    x_all = x_all.to(device, torch.float32)
-    z_table = z_table.to(device, torch.float32)
+    # Detached: the caller's tensors get no .grad and no graph, whatever their requires_grad.
+    x_all = x_all.detach().to(device, torch.float32)
+    z_table = z_table.detach().to(device, torch.float32)
     y_all = y_all.to(device)
     feature_std = x_all.std(dim=0, unbiased=False) if noise == "endpoint" else None
     autocast_dtype = _autocast_dtype(amp, device)

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import randomize_parameters
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 import fma_fast
-from fma_fast import checkpoint
+from fma_fast import _io, checkpoint
 
 
 @pytest.fixture
@@ -28,29 +35,185 @@ def test_round_trip_keeps_weights_and_config(model, tmp_path):
     assert fma_fast.load_config(tmp_path / "run")["steps"] == 4
 
 
+def disk_full_after(monkeypatch, tensors: int) -> None:
+    """Make the safetensors writer fail with ENOSPC after ``tensors`` tensors were written."""
+    written = {"count": 0}
+    real = _io._tensor_bytes
+
+    def failing(tensor):
+        written["count"] += 1
+        if written["count"] > tensors:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(tensor)
+
+    monkeypatch.setattr(_io, "_tensor_bytes", failing)
+
+
 def test_failed_write_keeps_previous_files(model, tmp_path, monkeypatch):
     target = tmp_path / "run"
     fma_fast.save(model, target)
     before = {p.name: p.read_bytes() for p in target.iterdir()}
-
-    def broken_save(tensors, filename, metadata=None):
-        with open(filename, "wb") as handle:
-            handle.write(b"half a file")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(checkpoint, "save_file", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    disk_full_after(monkeypatch, 3)
+    with pytest.raises(OSError, match="No space left on device"):
         fma_fast.save(fma_fast.VelocityNet(24, blocks=3, width=40), target)
     after = {p.name: p.read_bytes() for p in target.iterdir()}
     assert after == before, "a failed save changed or left files behind"
+    assert fma_fast.load(target).config == model.config
 
 
 def test_weights_from_another_run_are_refused(model, tmp_path):
     fma_fast.save(model, tmp_path / "a")
     fma_fast.save(fma_fast.VelocityNet(24, blocks=2, width=40), tmp_path / "b")
     (tmp_path / "a" / "config.json").write_text((tmp_path / "b" / "config.json").read_text())
-    with pytest.raises(fma_fast.CheckpointError, match="was saved for"):
+    with pytest.raises(fma_fast.CheckpointError, match="come from different saves"):
         fma_fast.load(tmp_path / "a")
+
+
+def test_same_architecture_pairs_from_different_saves_are_refused(model, tmp_path):
+    """Same architecture, other weights: the architecture check alone would pass this."""
+    other = fma_fast.VelocityNet(24, blocks=3, width=40)
+    fma_fast.save(model, tmp_path / "a", extra={"steps": 3})
+    fma_fast.save(other, tmp_path / "b", extra={"steps": 3})
+    (tmp_path / "a" / "model.safetensors").write_bytes(
+        (tmp_path / "b" / "model.safetensors").read_bytes()
+    )
+    with pytest.raises(fma_fast.CheckpointError, match="come from different saves"):
+        fma_fast.load(tmp_path / "a")
+
+
+def test_a_save_killed_between_its_renames_is_refused_naming_the_newer_file(
+    model, tmp_path, monkeypatch
+):
+    """The weights are renamed first; a kill before the config's rename leaves new weights
+    beside the old config."""
+    target = tmp_path / "run"
+    fma_fast.save(model, target, extra={"steps": 2})
+    os.utime(target / "config.json", (1e9, 1e9))  # the old save, long ago
+    real_replace = os.replace
+
+    def killed_before_the_config(source, destination):
+        if Path(destination).name == "config.json":
+            raise KeyboardInterrupt  # the process dies here
+        real_replace(source, destination)
+
+    monkeypatch.setattr(_io.os, "replace", killed_before_the_config)
+    retrained = fma_fast.VelocityNet(24, blocks=3, width=40)
+    with pytest.raises(KeyboardInterrupt):
+        fma_fast.save(retrained, target, extra={"steps": 5})
+    monkeypatch.undo()
+    with pytest.raises(
+        fma_fast.CheckpointError, match=r"different saves .*; model.safetensors is newer"
+    ):
+        fma_fast.load(target)
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
+
+
+@pytest.mark.parametrize("key", checkpoint.RESERVED_KEYS)
+def test_extra_may_not_set_what_save_writes(model, tmp_path, key):
+    with pytest.raises(ValueError, match=f"extra may not set '{key}'"):
+        fma_fast.save(model, tmp_path / "run", extra={key: 1})
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"steps": -1}, "steps must be an int >= 0"),
+        ({"steps": "5"}, r"steps must be an int >= 0, got '5' \(str\)"),
+        ({"step_size": 0}, "step_size must be a finite number > 0"),
+        ({"class_names": "cat"}, "class_names must be a list of strings"),
+    ],
+)
+def test_extra_values_that_load_would_refuse_are_refused(model, tmp_path, extra, message):
+    with pytest.raises(ValueError, match=message):
+        fma_fast.save(model, tmp_path / "run", extra=extra)
+    fma_fast.save(model, tmp_path / "ok")
+    config = json.loads((tmp_path / "ok" / "config.json").read_text())
+    (tmp_path / "ok" / "config.json").write_text(json.dumps({**config, **extra}))
+    with pytest.raises(fma_fast.CheckpointError, match=message):
+        fma_fast.load(tmp_path / "ok")
+
+
+def test_extra_refuses_nan(model, tmp_path):
+    with pytest.raises(TypeError, match="JSON-serialisable"):
+        fma_fast.save(model, tmp_path / "run", extra={"val_accuracy": [float("nan")]})
+
+
+def test_save_records_the_step_size(model, tmp_path):
+    fma_fast.save(model, tmp_path / "default")
+    assert fma_fast.load_config(tmp_path / "default")["step_size"] == 0.1
+    fma_fast.save(model, tmp_path / "given", extra={"step_size": 0.05})
+    assert fma_fast.load_config(tmp_path / "given")["step_size"] == 0.05
+
+
+def test_identical_saves_write_identical_bytes(tmp_path):
+    """Run in fresh processes: safetensors' own writer orders metadata keys at random per
+    process, so two saves in one process could agree by chance."""
+    script = (
+        "import sys, torch, fma_fast\n"
+        "torch.manual_seed(0)\n"
+        "net = fma_fast.VelocityNet(8, blocks=1)\n"
+        "fma_fast.save(net, sys.argv[1], extra={'steps': 3, 'note': 'x'})\n"
+    )
+    folders = [tmp_path / f"run{i}" for i in range(4)]
+    for folder in folders:
+        subprocess.run([sys.executable, "-c", script, str(folder)], check=True)
+    for name in ("model.safetensors", "config.json"):
+        contents = {(folder / name).read_bytes() for folder in folders}
+        assert len(contents) == 1, f"{name} differs between identical runs"
+
+
+def test_non_finite_weights_are_refused_on_load(model, tmp_path):
+    fma_fast.save(model, tmp_path / "run")
+    weights = tmp_path / "run" / "model.safetensors"
+    with safe_open(str(weights), framework="pt") as handle:
+        metadata = handle.metadata()
+        state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    state["final_layer.linear.bias"][1] = float("inf")
+    _io.save_safetensors(weights, state, metadata)
+    with pytest.raises(fma_fast.CheckpointError, match="final_layer.linear.bias contains NaN"):
+        fma_fast.load(tmp_path / "run")
+
+
+def test_orphaned_temporary_files_are_removed_by_the_next_write(model, tmp_path):
+    """A save killed with SIGKILL leaves its temporary file; the next save removes it, and
+    leaves alone the temporary file of a writer that still runs."""
+    target = tmp_path / "run"
+    script = (
+        "import os, sys, torch, fma_fast\n"
+        "from fma_fast import _io\n"
+        "def killed(tensor):\n"
+        "    os.kill(os.getpid(), 9)\n"
+        "_io._tensor_bytes = killed\n"
+        "fma_fast.save(fma_fast.VelocityNet(8, blocks=1), sys.argv[1])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(target)])
+    assert done.returncode == -9
+    orphans = [p.name for p in target.iterdir() if p.name.endswith(".tmp")]
+    assert len(orphans) == 1, f"expected one orphaned temporary file, found {orphans}"
+    alive = target / f".config.json.{_io._HOST}.{os.getpid()}.0123abcd.tmp"
+    alive.write_text("a writer that still runs")
+    fma_fast.save(model, target)
+    left = sorted(p.name for p in target.iterdir())
+    assert left == sorted(["config.json", "model.safetensors", alive.name]), left
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64, torch.uint8])
+def test_our_safetensors_writer_round_trips(tmp_path, dtype):
+    tensors = {
+        "b": (torch.arange(12).reshape(3, 4) * 3).to(dtype),
+        "a": torch.ones(5, dtype=torch.uint8),
+        "empty": torch.zeros(0, 7, dtype=dtype),
+        "scalar": torch.tensor(2.5),
+        "strided": torch.arange(20.0).reshape(4, 5).T,
+    }
+    _io.save_safetensors(tmp_path / "t.safetensors", tensors, {"k": "v", "a": "b"})
+    loaded = load_file(str(tmp_path / "t.safetensors"))
+    assert set(loaded) == set(tensors)
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
+    with safe_open(str(tmp_path / "t.safetensors"), framework="pt") as handle:
+        assert handle.metadata() == {"k": "v", "a": "b"}
 
 
 def test_corrupt_or_missing_files_are_refused(model, tmp_path):

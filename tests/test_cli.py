@@ -59,7 +59,7 @@ def test_synth_train_eval_round_trip(tmp_path, capsys):
         == 0
     )
     config = json.loads((run / "config.json").read_text())
-    assert 0 <= config["steps"] <= 3 and len(config["class_names"]) == 4
+    assert 0 <= config["steps"] <= 3 and len(config["data"]["class_names"]) == 4
     capsys.readouterr()
     predictions = tmp_path / "pred.json"
     assert (

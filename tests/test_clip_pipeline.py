@@ -351,3 +351,34 @@ def test_unreadable_image_skip_or_fail(tiny, tmp_path, capsys):
     assert load_features(tmp_path / "b" / "test.safetensors").features.shape == (8, 16)
     err = _error([*args, "--output", str(tmp_path / "b"), "--on-error", "fail"], capsys)
     assert "skipped as unreadable" in err  # a cache with skipped images is not reused silently
+
+
+def test_an_output_folder_serves_one_source(tiny, tmp_path, capsys):
+    """Features of another checkpoint (or preprocessing, dataset, templates) never land
+    beside those already in a folder; exported files say where they came from, and files of
+    two sources are never trained or scored together."""
+    other = tmp_path / "other.pt"
+    torch.manual_seed(7)
+    torch.save(open_clip.create_model(MODEL).state_dict(), other)
+    out_a, out_b = tmp_path / "a", tmp_path / "b"
+    base = ["extract", *data_args(tiny), "--views", "1", "--quiet"]
+    assert main([*base, "--output", str(out_a)]) == 0
+    with_other = [*base, "--checkpoint", str(other)]  # argparse keeps the last --checkpoint
+    assert main([*with_other, "--output", str(out_b)]) == 0
+    capsys.readouterr()
+    before = {p: p.read_bytes() for p in out_a.rglob("*") if p.is_file()}
+    err = _error([*with_other, "--output", str(out_a)], capsys)
+    assert "holds features from another source (checkpoint sha256:" in err, err
+    err = _error([*base, "--template", "a blurry photo of a {}.", "--output", str(out_a)], capsys)
+    assert "holds features from another source (templates" in err, err
+    assert {p: p.read_bytes() for p in out_a.rglob("*") if p.is_file()} == before
+    train = load_features(out_a / "seed1-k4" / "train.safetensors")
+    assert train.provenance["split"] == "train" and train.provenance["seed"] == 1
+    assert train.source["checkpoint"].startswith("sha256:") and train.source["dataset"]
+    err = _error(
+        ["train", str(out_a / "seed1-k4" / "train.safetensors"),
+         "--val", str(out_b / "seed1-k4" / "val.safetensors"),
+         "--out", str(tmp_path / "m"), "--epochs", "1", "--blocks", "1", "--quiet"],
+        capsys,
+    )
+    assert "come from different sources (checkpoint sha256:" in err, err

@@ -122,3 +122,20 @@ def test_fused_triton_training_matches_the_reference_loss_curve(hard_task):
     assert runs[0].config["path"] == "reference"
     assert runs[1].config["path"].startswith("triton")
     assert runs[1].history == pytest.approx(runs[0].history, rel=1e-5)
+
+
+@pytest.mark.parametrize("noise", ["bridge", "endpoint"])
+def test_fit_leaves_the_callers_tensors_untouched(noise):
+    """Features and class table that require grad get no .grad, keep their values, and the
+    trained model carries no graph back to them."""
+    task = synthetic.make_task(num_classes=3, dim=8, shots=4, difficulty=0.5, seed=2)
+    features = task.train.features.clone().requires_grad_(True)
+    table = task.class_features.clone().requires_grad_(True)
+    labels = task.train.labels.clone()
+    copies = [t.detach().clone() for t in (features, table, labels)]
+    fma_fast.fit(features, labels, table, blocks=1, epochs=2, gamma=0.1, noise=noise,
+                 progress=False)
+    for name, tensor, copy in zip(("features", "class table", "labels"),
+                                  (features, table, labels), copies):
+        assert tensor.grad is None, f"fit wrote .grad into the caller's {name}"
+        assert torch.equal(tensor.detach(), copy), f"fit changed the caller's {name}"

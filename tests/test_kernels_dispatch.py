@@ -68,7 +68,7 @@ def test_argument_errors_name_the_problem():
     x, table = torch.randn(3, 4), torch.randn(5, 4)
     with pytest.raises(ValueError, match="k must be an int in"):
         dispatch.cosine_topk(x, table, 6)
-    with pytest.raises(ValueError, match="logit_scale must be > 0"):
+    with pytest.raises(ValueError, match="logit_scale must be a finite number > 0"):
         dispatch.cosine_topk(x, table, 1, logit_scale=-1.0)
     with pytest.raises(ValueError, match="x has dim 4 but class_features 3"):
         dispatch.cosine_topk(x, table[:, :3], 1)

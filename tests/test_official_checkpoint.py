@@ -96,8 +96,38 @@ def test_not_a_state_dict_and_missing_file(tmp_path):
     torch.save([torch.zeros(3)], tmp_path / "model.pth")
     with pytest.raises(fma_fast.CheckpointError, match="state_dict of tensors"):
         fma_fast.load_official(tmp_path / "model.pth")
-    with pytest.raises(fma_fast.CheckpointError, match="no checkpoint file"):
+    with pytest.raises(fma_fast.CheckpointError, match="cannot read checkpoint .*: no such file"):
         fma_fast.load_official(tmp_path / "absent")
+
+
+@pytest.mark.parametrize(
+    "saved, message",
+    [
+        ("a string", r"holds 'a string' \(str\), not a state_dict"),
+        ({"input_proj.weight": "oops"}, r"entry 'input_proj.weight' holds 'oops' \(str\)"),
+        ({"input_proj.weight": 3}, r"entry 'input_proj.weight' holds 3 \(int\)"),
+    ],
+)
+def test_messages_show_the_type_of_a_wrong_value(tmp_path, saved, message):
+    torch.save(saved, tmp_path / "model.pth")
+    with pytest.raises(fma_fast.CheckpointError, match=message):
+        fma_fast.load_official(tmp_path / "model.pth")
+
+
+def test_a_string_block_count_in_config_is_named_with_its_type(tmp_path):
+    torch.save(fma_fast.VelocityNet(8, blocks=2).state_dict(), tmp_path / "model.pth")
+    (tmp_path / "config.json").write_text('{"blocks": "2"}')
+    message = r"blocks must be an integer, got '2' \(str\)"
+    with pytest.raises(fma_fast.CheckpointError, match=message):
+        fma_fast.load_official(tmp_path)
+
+
+def test_non_finite_released_weights_are_refused(tmp_path):
+    state = fma_fast.VelocityNet(8, blocks=2).state_dict()
+    state["res_blocks.1.mlp.0.weight"][2, 3] = float("nan")
+    torch.save(state, tmp_path / "model.pth")
+    with pytest.raises(fma_fast.CheckpointError, match=r"res_blocks.1.mlp.0.weight contains NaN"):
+        fma_fast.load_official(tmp_path / "model.pth")
 
 
 def test_data_parallel_prefix_is_accepted(tmp_path):

@@ -210,48 +210,107 @@ def test_prefix_plan_equals_built_plan():
         assert torch.equal(getattr(long.prefix(3), name), getattr(short, name)), name
 
 
-def test_optimizer_step_invalidates():
-    net = random_net(24, 2)
-    x = unit_rows(6, 24)
-    plan = solver_plan(net, 5, 0.1)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2)
-    net(x, torch.rand(6, 1)).pow(2).sum().backward()
-    optimizer.step()
-    assert solver_plan(net, 5, 0.1) is not plan, "an optimizer step must invalidate the plan"
-    expected = reference_trajectory(net, x, 5, 0.1)
-    got = folded_solve(net, x, 5, 0.1, return_trajectory=True)
-    assert_states_close(got, expected, x, TOLERANCE["fp32"], "after an optimizer step")
+def _optimizer_step(kind: str):
+    def change(net: VelocityNet) -> None:
+        options = {"fused": True} if kind == "fused" else {"foreach": kind == "foreach"}
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2, **options)
+        x = unit_rows(6, net.dim, seed=5)
+        net(x, torch.rand(6, 1)).pow(2).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return change
 
 
-def test_load_state_dict_invalidates():
-    net, other = random_net(24, 2, seed=1), random_net(24, 2, seed=2)
-    x = unit_rows(6, 24)
-    plan = solver_plan(net, 5, 0.1)
-    net.load_state_dict(other.state_dict())
-    assert solver_plan(net, 5, 0.1) is not plan, "load_state_dict must invalidate the plan"
-    torch.testing.assert_close(folded_solve(net, x, 5), folded_solve(other, x, 5))
+def _load_other(net: VelocityNet) -> None:
+    net.load_state_dict(random_net(net.dim, net.blocks, seed=9).state_dict())
 
 
-def test_inplace_write_invalidates_and_data_write_needs_clear():
-    net = random_net(24, 2)
-    plan = solver_plan(net, 3, 0.1)
+def _inplace(net: VelocityNet) -> None:
     with torch.no_grad():
-        net.final_layer.linear.bias.add_(1.0)
-    assert solver_plan(net, 3, 0.1) is not plan, "an in-place write must invalidate the plan"
+        net.res_blocks[0].mlp[0].weight.mul_(1.5)
+
+
+def _data_write(net: VelocityNet) -> None:
+    net.final_layer.linear.bias.data.add_(0.5)  # bypasses autograd's version counter
+
+
+def _data_rebind(net: VelocityNet) -> None:
+    layer = net.res_blocks[1].adaLN_modulation[1]
+    layer.weight.data = layer.weight.data * 0.5  # new storage behind the same Parameter
+
+
+def _single_element(net: VelocityNet) -> None:
+    with torch.no_grad():
+        net.input_proj.weight.view(-1)[7] += 1e-3  # one element, a small change
+
+
+WEIGHT_CHANGES = {
+    "fused AdamW": _optimizer_step("fused"),
+    "foreach AdamW": _optimizer_step("foreach"),
+    "for-loop AdamW": _optimizer_step("for-loop"),
+    "load_state_dict": _load_other,
+    "in-place write": _inplace,
+    "param.data write": _data_write,
+    "param.data rebind": _data_rebind,
+    "one element": _single_element,
+}
+
+
+@pytest.mark.parametrize("change", WEIGHT_CHANGES.values(), ids=WEIGHT_CHANGES.keys())
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_every_change_of_the_weights_reaches_the_solve(change, precision):
+    """solve after a weight change equals a plain Euler loop on the new weights, whatever
+    changed them; fused optimizers and ``.data`` writes do not bump the version counters."""
+    net = random_net(24, 2)
+    x = unit_rows(6, 24)
+    stale = fma_fast.solve(x, net, 5, precision=precision)
+    change(net)
+    with torch.no_grad():
+        expected = reference.euler_solve(net, x, 5, 0.1)
+    moved = float((expected - stale).abs().max())
+    assert moved > 1e-4, f"the change did not move the result ({moved:.3g}); test is void"
+    got = fma_fast.solve(x, net, 5, precision=precision)
+    error = float((got - expected).abs().max())
+    assert error <= TOLERANCE[precision] * float((expected - x).abs().max()), (
+        f"{precision}: solve is off by {error:.3g} after the change (it moved {moved:.3g}): "
+        "a stale plan"
+    )
+
+
+def test_continued_training_with_fit_reaches_the_solve():
+    """fit(model=m) trains with fused AdamW; the next solve must use the new weights."""
+    task = synthetic.make_task(num_classes=4, dim=16, shots=4, difficulty=0.5, seed=3)
+    data = (task.train.features, task.train.labels, task.class_features)
+    net = fma_fast.fit(*data, blocks=1, epochs=2, seed=1, progress=False).model
+    before = fma_fast.solve(task.test.features, net, 5)
+    fma_fast.fit(*data, model=net, epochs=3, lr=1e-2, seed=2, progress=False)
+    after = fma_fast.solve(task.test.features, net, 5)
+    with torch.no_grad():
+        expected = reference.euler_solve(net, task.test.features, 5, 0.1)
+    assert float((expected - before).abs().max()) > 1e-3, "training did not change the field"
+    torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_unchanged_weights_keep_the_cached_plan():
+    net = random_net(24, 2)
     plan = solver_plan(net, 3, 0.1)
-    net.final_layer.linear.bias.data.add_(1.0)  # bypasses the version counter
+    net(unit_rows(2, 24), torch.rand(2, 1))  # a forward pass changes nothing
     assert solver_plan(net, 3, 0.1) is plan
     clear_plan_cache(net)
     assert solver_plan(net, 3, 0.1) is not plan
 
 
-def test_inference_tensor_parameters_are_folded_uncached():
+def test_inference_tensor_parameters_are_cached_and_checked():
     with torch.inference_mode():
         net = random_net(16, 1)
     x = unit_rows(3, 16)
-    assert solver_plan(net, 2, 0.1) is not solver_plan(net, 2, 0.1)
+    plan = solver_plan(net, 2, 0.1)
+    assert solver_plan(net, 2, 0.1) is plan
     with torch.inference_mode():
+        net.final_layer.linear.bias.add_(0.25)
         expected = reference.euler_solve(net, x, 2, 0.1, return_trajectory=True)
+    assert solver_plan(net, 2, 0.1) is not plan
     got = folded_solve(net, x, 2, 0.1, return_trajectory=True)
     assert_states_close(got, expected, x, TOLERANCE["fp32"], "inference-tensor parameters")
 

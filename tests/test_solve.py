@@ -6,9 +6,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import randomize_parameters
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fma_fast
-from fma_fast import reference
+from fma_fast import dispatch, reference, solver
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
 
 
 @pytest.fixture
@@ -155,3 +160,110 @@ def test_precision_options(model, data):
     exact = fma_fast.solve(x, model, 3)
     error = float((low - exact).norm() / exact.norm())
     assert error < 2e-2, f"bf16 solve is {error:.2e} away from fp32"
+
+
+# --------------------------------------------------- class tiles: top-k and cross-entropy
+
+
+@pytest.mark.parametrize("classes", [1, 7, 8, 9, 29])
+@pytest.mark.parametrize("topk", [1, 3])
+def test_class_tiles_equal_the_untiled_reference(model, data, monkeypatch, classes, topk):
+    """With tiles of 8 classes, C spans zero to three tile boundaries; indices past the first
+    tile carry the tile's offset, and the online log-sum-exp equals the plain softmax."""
+    monkeypatch.setattr(solver, "CLASS_TILE", 8)
+    x, _ = data
+    z = torch.nn.functional.normalize(torch.randn(classes, 12, generator=seeded(4)), dim=-1)
+    labels = torch.arange(37) % classes
+    k = min(topk, classes)
+    expected = fma_fast.solve(x, model, 2, class_features=z, topk=k, backend="reference")
+    got = fma_fast.solve(x, model, 2, class_features=z, topk=k)
+    assert torch.equal(got.topk_indices, expected.topk_indices), "tiled top-k indices differ"
+    torch.testing.assert_close(got.topk_values, expected.topk_values, rtol=1e-5, atol=1e-6)
+    selection = fma_fast.select_steps(model, x, labels, z, max_steps=2)
+    truth = fma_fast.select_steps(model, x, labels, z, max_steps=2, backend="reference")
+    assert selection.accuracy == truth.accuracy
+    for m, (tiled, plain) in enumerate(zip(selection.cross_entropy, truth.cross_entropy)):
+        assert tiled == pytest.approx(plain, rel=1e-5, abs=1e-6), f"cross-entropy at M={m}"
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any op creates while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in torch.utils._pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                self.numel = max(self.numel, tensor.numel())
+        return out
+
+
+def test_select_steps_never_builds_rows_times_classes(model, monkeypatch):
+    """C is 16× the tile here: an N×C logits or softmax temporary would be seen (the largest
+    tensor allowed is half of N×C, which the (C, D) normalised table fits in)."""
+    monkeypatch.setattr(solver, "CLASS_TILE", 32)
+    x = torch.randn(40, 12, generator=seeded(5))
+    z = torch.randn(512, 12, generator=seeded(6))
+    labels = torch.arange(40) * 7 % 512
+    with LargestTensor() as probe:
+        fma_fast.select_steps(model, x, labels, z, max_steps=2)
+    assert probe.numel < 40 * 512 // 2, f"a tensor of {probe.numel} elements (N×C = {40 * 512})"
+    with LargestTensor() as reference_probe:
+        fma_fast.select_steps(model, x, labels, z, max_steps=2, backend="reference")
+    assert reference_probe.numel >= 40 * 512, "the probe missed the reference's N×C logits"
+
+
+# ------------------------------------------------------------------ non-finite models
+
+
+def test_a_model_returning_nan_is_refused(data):
+    x, z = data
+
+    def broken(features, t):
+        velocity = torch.zeros_like(features)
+        velocity[3, 1] = float("nan") if float(t) > 0.15 else 0.0
+        return velocity
+
+    with pytest.raises(ValueError, match="returned NaN or Inf velocities at step 3"):
+        fma_fast.solve(x, broken, 4, class_features=z)
+    with pytest.raises(ValueError, match="returned NaN or Inf velocities"):
+        fma_fast.select_steps(broken, x, torch.arange(37) % 11, z, max_steps=4)
+    with pytest.raises(ValueError, match="returned NaN or Inf velocities"):
+        fma_fast.solve(x, lambda f, t: torch.full_like(f, float("inf")), 1)
+    with pytest.raises(ValueError, match=r"must return velocities of shape \(37, 12\)"):
+        fma_fast.solve(x, lambda f, t: f[:, :3], 1)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_a_velocity_net_with_nan_weights_is_refused(model, data, backend):
+    x, z = data
+    with torch.no_grad():
+        model.res_blocks[1].mlp[2].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        fma_fast.solve(x, model, 2, class_features=z, backend=backend)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        fma_fast.select_steps(model, x, torch.arange(37) % 11, z, max_steps=2, backend=backend)
+
+
+def test_weights_that_become_nan_after_a_solve_are_refused(model, data):
+    x, z = data
+    fma_fast.solve(x, model, 2, class_features=z)  # caches a plan
+    with torch.no_grad():
+        model.input_proj.bias.fill_(float("inf"))
+    with pytest.raises(ValueError, match=r"weights contain NaN or Inf \(first in input_proj"):
+        fma_fast.solve(x, model, 2, class_features=z)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), 0.0, -1.0])
+def test_logit_scale_must_be_finite_and_positive(model, data, scale):
+    x, z = data
+    with pytest.raises(ValueError, match="logit_scale must be a finite number > 0"):
+        fma_fast.solve(x, model, 2, class_features=z, ensemble_steps=(0, 2), logit_scale=scale)
+    for op in (dispatch.cosine_topk, dispatch.step_ensemble_topk):
+        with pytest.raises(ValueError, match="logit_scale must be a finite number > 0"):
+            op(x if op is dispatch.cosine_topk else [x], z, 1, logit_scale=scale)
+    with pytest.raises(ValueError, match="logit_scale must be a finite number > 0"):
+        dispatch.cosine_cross_entropy(x, z, torch.arange(37) % 11, scale)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -120,3 +122,105 @@ def test_numpy_inputs_are_accepted(setup):
     model, x, labels, z = setup
     result = fma_fast.solve(x.numpy(), model, 2, class_features=np.asarray(z), topk=2)
     assert result.topk_indices.shape == (6, 2)
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("nonexistent", "device must be a torch device such as 'cpu'"),
+        ("cuda:99", "cuda:99"),
+        (3.5, "device must be a str or torch.device"),
+    ],
+)
+def test_bad_devices_are_named(setup, device, message):
+    model, x, labels, z = setup
+    error = TypeError if isinstance(device, float) else ValueError
+    with pytest.raises(error, match=message):
+        fma_fast.solve(x, model, 1, device=device)
+    with pytest.raises(error, match=message):
+        fma_fast.select_steps(model, x, labels, z, max_steps=1, device=device)
+    with pytest.raises(error, match=message):
+        fma_fast.fit(x, labels, z, blocks=1, epochs=1, device=device, progress=False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_without_a_gpu_is_named(setup):
+    model, x, labels, z = setup
+    with pytest.raises(ValueError, match="'cuda': no CUDA GPU is available here"):
+        fma_fast.solve(x, model, 1, device="cuda")
+    with pytest.raises(ValueError, match="'cuda': no CUDA GPU is available here"):
+        fma_fast.fit(x, labels, z, blocks=1, epochs=1, device="cuda", progress=False)
+
+
+def test_select_steps_needs_a_class_table(setup):
+    model, x, labels, _ = setup
+    with pytest.raises(TypeError, match=r"class_features must be a \(C, D\) class table"):
+        fma_fast.select_steps(model, x, labels, None)
+    with pytest.raises(TypeError, match=r"class_features must be a \(C, D\) class table"):
+        fma_fast.accuracy_by_steps(model, x, labels, None)
+
+
+def test_max_steps_is_named_as_max_steps(setup):
+    model, x, labels, z = setup
+    with pytest.raises(ValueError, match="max_steps must be >= 0, got -1"):
+        fma_fast.select_steps(model, x, labels, z, max_steps=-1)
+    with pytest.raises(TypeError, match="max_steps must be an int"):
+        fma_fast.accuracy_by_steps(model, x, labels, z, max_steps="3")
+
+
+def test_ensemble_steps_must_be_a_sequence(setup):
+    model, x, _, z = setup
+    with pytest.raises(TypeError, match="ensemble_steps must be a sequence of step counts"):
+        fma_fast.solve(x, model, 4, class_features=z, ensemble_steps=4)
+    with pytest.raises(TypeError, match="ensemble_steps must be an int"):
+        fma_fast.solve(x, model, 4, class_features=z, ensemble_steps=[0, 2.5])
+
+
+@pytest.mark.parametrize("option", [{"topk": 2}, {"ensemble_steps": (0, 1)}])
+def test_scoring_options_without_a_class_table_are_errors(setup, option):
+    model, x, _, _ = setup
+    name = next(iter(option))
+    with pytest.raises(ValueError, match=f"{name} needs class_features"):
+        fma_fast.solve(x, model, 1, **option)
+
+
+@pytest.mark.parametrize(
+    "option, error, message",
+    [
+        ({"seed": "1"}, TypeError, "seed must be an int, got str"),
+        ({"seed": 1.5}, TypeError, "seed must be an int, got float"),
+        ({"seed": -1}, ValueError, "seed must be >= 0"),
+        ({"time_eps": "0.01"}, TypeError, "time_eps must be a number, got str"),
+        ({"time_eps": 0.5}, ValueError, r"time_eps must lie in \(0, 0.5\)"),
+    ],
+)
+def test_fit_seed_and_time_eps_are_checked(setup, option, error, message):
+    _, x, labels, z = setup
+    with pytest.raises(error, match=message):
+        fma_fast.fit(x, labels, z, blocks=1, epochs=1, progress=False, **option)
+
+
+def test_long_solve_warning_points_at_the_callers_line(setup):
+    model, x, labels, z = setup
+    for call in (
+        lambda: fma_fast.solve(x, model, 12),
+        lambda: fma_fast.solve(x, model, 12, class_features=z),
+        lambda: fma_fast.select_steps(model, x, labels, z, max_steps=11),
+        lambda: fma_fast.accuracy_by_steps(model, x, labels, z, max_steps=11),
+    ):
+        with pytest.warns(UserWarning, match=r"> 1: the solve runs past t=1") as caught:
+            call()
+        assert [w.filename for w in caught] == [__file__], [(w.filename, w.lineno) for w in caught]
+
+
+def test_read_only_memmaps_are_accepted_without_a_warning(setup, tmp_path):
+    model, x, labels, z = setup
+    np.save(tmp_path / "x.npy", x.numpy())
+    np.save(tmp_path / "z.npy", z.numpy())
+    features = np.load(tmp_path / "x.npy", mmap_mode="r")
+    table = np.load(tmp_path / "z.npy", mmap_mode="r")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = fma_fast.solve(features, model, 2, class_features=table)
+        fma_fast.select_steps(model, features, labels.numpy(), table, max_steps=2)
+    assert torch.equal(result.pred, fma_fast.solve(x, model, 2, class_features=z).pred)

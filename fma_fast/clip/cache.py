@@ -18,11 +18,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..checkpoint import atomic_write
-from ..features_io import FeatureSet
+from .._io import save_safetensors
+from ..features_io import FeatureSet, claim_folder
 from .datasets import Dataset, Item, few_shot
 from .distributed import SINGLE, Context
 from .encoder import ClipEncoder
@@ -62,6 +61,30 @@ def _items_sha256(items: Sequence[Item]) -> str:
     for item in items:
         digest.update(f"{item.path}\t{item.label}\n".encode())
     return digest.hexdigest()
+
+
+def dataset_sha256(dataset: Dataset) -> str:
+    """A digest of a dataset's class names and of every split's images and labels."""
+    digest = hashlib.sha256(json.dumps(list(dataset.class_names)).encode())
+    for split in (dataset.train, dataset.val or [], dataset.test):
+        digest.update(_items_sha256(split).encode())
+    return digest.hexdigest()
+
+
+def extraction_source(
+    encoder: ClipEncoder, dataset: Dataset, templates: Sequence[str]
+) -> dict[str, Any]:
+    """Everything an extraction's features depend on whatever the split, seed or K: the
+    provenance shared by the feature files of one source."""
+    return {
+        "kind": "clip-extraction",
+        "format": CACHE_FORMAT,
+        **encoder.model_id,
+        "preprocessing": Preprocess.from_encoder(encoder).describe(),
+        "dataset": dataset.name,
+        "dataset_sha256": dataset_sha256(dataset),
+        "templates": list(templates),
+    }
 
 
 def _read_stamp(path: Path) -> dict[str, Any] | None:
@@ -259,7 +282,7 @@ def _write_shard(path: Path, stamp, parts, skipped: list[str], items: Sequence[I
         "labels": torch.tensor([items[p].label for p in positions.tolist()], dtype=torch.long),
     }
     metadata = {_STAMP_KEY: json.dumps({**stamp, "skipped": skipped}, sort_keys=True)}
-    atomic_write(path, lambda temp: save_file(tensors, str(temp), metadata=metadata))
+    save_safetensors(path, tensors, metadata)
 
 
 def _load_shards(paths: list[Path], stamps: list[dict[str, Any]], on_error: str) -> SplitFeatures:
@@ -336,18 +359,26 @@ def cached_class_features(
     if context.is_main and _read_stamp(path) != stamp:
         table = encoder.class_features(class_names, templates, progress=progress)
         metadata = {_STAMP_KEY: json.dumps(stamp, sort_keys=True)}
-        atomic_write(
-            path,
-            lambda temp: save_file({"class_features": table.contiguous()}, str(temp), metadata),
-        )
+        save_safetensors(path, {"class_features": table}, metadata)
     context.barrier()
     with safe_open(str(path), framework="pt") as handle:
         return handle.get_tensor("class_features")
 
 
-def _feature_set(split: SplitFeatures, table: torch.Tensor, names: list[str]) -> FeatureSet:
+def _feature_set(
+    split: SplitFeatures, table: torch.Tensor, names: list[str], source: dict[str, Any]
+) -> FeatureSet:
+    common = split.stamp
+    provenance = {
+        "source": source,
+        **{key: common.get(key) for key in ("split", "seed", "shots", "views")},
+    }
     return FeatureSet(
-        features=split.features, labels=split.labels, class_features=table, class_names=names
+        features=split.features,
+        labels=split.labels,
+        class_features=table,
+        class_names=names,
+        provenance=provenance,
     )
 
 
@@ -371,13 +402,18 @@ def extract(
     full test split of ``dataset``, encoded into the cache under ``folder``.
 
     The test split does not depend on ``seed`` or ``shots`` and is encoded once per folder.
+    ``folder`` serves one source (encoder, checkpoint, preprocessing, dataset, templates): a
+    folder holding another's features is refused (see :func:`fma_fast.features_io.claim_folder`).
     """
     folder = Path(folder)
+    templates = list(templates or [dataset.template])
+    source = extraction_source(encoder, dataset, templates)
+    claim_folder(folder, source, "feature cache")
     train_items, val_items = few_shot(dataset, shots, seed)
     table = cached_class_features(
         encoder,
         dataset.class_names,
-        templates or [dataset.template],
+        templates,
         folder / "text.safetensors",
         context=context,
         progress=progress and context.is_main,
@@ -416,6 +452,6 @@ def extract(
     }
     names = list(dataset.class_names)
     return ExtractedFeatures(
-        **{name: _feature_set(split, table, names) for name, split in splits.items()},
+        **{name: _feature_set(split, table, names, source) for name, split in splits.items()},
         skipped={name: split.skipped for name, split in splits.items()},
     )

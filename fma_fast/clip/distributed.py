@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .._validation import resolve_device
 from ..solver import SolveResult, accuracy_by_steps, solve
 
 
@@ -55,9 +56,7 @@ class Context:
 
     def device(self, device: str | torch.device | None) -> torch.device:
         """``device``, with a bare "cuda" (or the default) mapped to this rank's local GPU."""
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        device = torch.device(device)
+        device = resolve_device(device)
         if device.type == "cuda" and device.index is None and self.world_size > 1:
             return torch.device("cuda", self.local_rank)
         return device

@@ -1,0 +1,237 @@
+"""Files that keep a user's data safe: atomic writes, byte-stable safetensors, path checks.
+
+Every file fma_fast writes goes through :func:`atomic_write` (a temporary file beside the
+target, fsync, then rename), so a kill or a full disk leaves the old file or the new one,
+never half of one. Temporary files carry the writer's host and process id; those of a
+process that no longer runs are removed by the next write into the same folder.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import secrets
+import socket
+import struct
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+_TEMP = re.compile(r"^\.(?P<target>.+)\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+_LEGACY_TEMP = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+"""Temporary names of fma_fast 0.1 (tempfile.mkstemp): no owner recorded."""
+LEGACY_TEMP_AGE_S = 3600
+"""A 0.1-style temporary file this old is taken as orphaned (its writer is long gone)."""
+
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def remove_orphaned_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files in ``folder`` left by writers that were killed."""
+    removed = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        match = _TEMP.match(entry.name)
+        if match:
+            orphaned = match["host"] == _HOST and not _process_alive(int(match["pid"]))
+        elif _LEGACY_TEMP.match(entry.name):
+            try:
+                orphaned = now - entry.stat().st_mtime > LEGACY_TEMP_AGE_S
+            except OSError:
+                continue
+        else:
+            continue
+        if orphaned:
+            try:
+                entry.unlink()
+                removed.append(entry)
+            except OSError:
+                pass
+    return removed
+
+
+def _as_os_error(error: Exception, path: Path) -> OSError | None:
+    """An OSError for a writer's error that wraps one (safetensors' Rust I/O errors do)."""
+    found = re.search(r"os error (\d+)", str(error))
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), str(path))
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Write ``path`` through ``write(temporary_path)``, then rename: nobody sees half a file.
+
+    The parent folder is created when missing. On any error the temporary file is removed and
+    whatever ``path`` held before is untouched.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_orphaned_temporaries(path.parent)
+    temp = path.parent / f".{path.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    # Created here with the usual mode of a new file (the kernel applies the umask); the
+    # writer then truncates and fills it, which keeps the mode.
+    os.close(os.open(temp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    try:
+        try:
+            write(temp)
+        except OSError as error:
+            if error.filename is not None or error.errno is None:
+                raise
+            raise OSError(error.errno, error.strerror, str(path)) from None
+        except Exception as error:
+            wrapped = _as_os_error(error, path)
+            if wrapped is None:
+                raise
+            raise wrapped from None
+        with open(temp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda temp: temp.write_text(text))
+
+
+def _tensor_bytes(tensor: torch.Tensor):
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy() if flat.numel() else b""
+
+
+def save_safetensors(
+    path: str | os.PathLike,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write a safetensors file atomically, with the same bytes for the same content.
+
+    safetensors' own writer orders metadata keys at random from one process to the next; here
+    the header is sorted JSON, tensors are laid out largest element first (so every tensor is
+    aligned), then by name, and streamed without a copy of the whole file.
+    """
+    names = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
+    header: dict[str, object] = {}
+    offset = 0
+    for name in names:
+        tensor = tensors[name]
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise TypeError(f"{name}: dtype {tensor.dtype} has no safetensors name")
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    if metadata:
+        if not all(isinstance(v, str) for v in metadata.values()):
+            raise TypeError("safetensors metadata values must be strings")
+        header["__metadata__"] = dict(metadata)
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+
+    def write(temp: Path) -> None:
+        with open(temp, "wb") as handle:
+            handle.write(struct.pack("<Q", len(text)))
+            handle.write(text)
+            for name in names:
+                handle.write(_tensor_bytes(tensors[name]))
+
+    return atomic_write(path, write)
+
+
+def file_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be read as a file ("no such file", "permission denied", ...), or
+    None when it can."""
+    try:
+        with open(path, "rb"):
+            return None
+    except FileNotFoundError:
+        return "no such file"
+    except PermissionError:
+        return "permission denied"
+    except IsADirectoryError:
+        return "is a directory, not a file"
+    except OSError as error:
+        return (error.strerror or str(error)).lower()
+
+
+def _writable_problem(folder: Path) -> str | None:
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError as error:
+        return (error.strerror or str(error)).lower()
+
+
+def check_output_folder(path: str | os.PathLike, name: str) -> Path:
+    """A folder to write into: an existing writable folder, or a new one in an existing
+    writable parent. Checked before any work starts, so a typo costs nothing."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{name} {path} is an existing file, not a folder")
+    home = path if path.is_dir() else path.parent
+    if not home.is_dir():
+        raise ValueError(f"{name} {path}: its parent folder {home} does not exist")
+    problem = _writable_problem(home)
+    if problem:
+        raise ValueError(f"{name} {path}: cannot write in {home}: {problem}")
+    return path
+
+
+def check_output_file(
+    path: str | os.PathLike, name: str, *, kind: str, is_kind: Callable[[Path], bool]
+) -> Path:
+    """A file to (over)write: not a folder, in an existing writable folder, and, when it
+    exists, a ``kind`` file that fma_fast wrote (``is_kind``), never some other file."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{name} {path} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise ValueError(f"{name} {path}: folder {path.parent} does not exist")
+    problem = _writable_problem(path.parent)
+    if problem:
+        raise ValueError(f"{name} {path}: cannot write in {path.parent}: {problem}")
+    if path.exists() and not is_kind(path):
+        raise ValueError(f"{name} {path} exists and is not {kind}; refusing to overwrite it")
+    return path
+
+
+def describe_os_error(error: OSError) -> str:
+    """One line for an OSError: what failed, on which file, and that nothing half-written
+    was left (every write is atomic)."""
+    what = (error.strerror or str(error)).lower()
+    where = f" ({error.filename})" if error.filename else ""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return f"{what}{where}: nothing was half-written; earlier files are untouched"
+    return f"{what}{where}"
