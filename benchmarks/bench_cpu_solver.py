@@ -219,7 +219,7 @@ def test_plan_cache_check(benchmark, trained, rows):
         best["check"] = min(best["check"], middle - start)
         best["solve"] = min(best["solve"], end - middle)
 
-    benchmark.group = f"plan cache check, {rows} rows ({trained.describe()})"
+    benchmark.group = f"plan cache check, {x.shape[0]} rows ({trained.describe()})"
     benchmark.pedantic(one_round, rounds=5, iterations=1)
     benchmark.extra_info.update(
         check_ms=round(1e3 * best["check"], 2), solve_ms=round(1e3 * best["solve"], 1),

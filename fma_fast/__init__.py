@@ -1,6 +1,6 @@
 """fma_fast: fast, dependable Flow Matching Alignment for few-shot CLIP classification."""
 
-from . import reference, synthetic
+from . import _checkout, reference, synthetic  # noqa: F401  (_checkout first: kernels/)
 from .checkpoint import CheckpointError, load, load_config, load_official, save
 from .model import VelocityNet
 from .solver import SolveResult, StepSelection, accuracy_by_steps, select_steps, solve

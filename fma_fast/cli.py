@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from . import _validation as check
-from . import checkpoint, dispatch, pipeline, report, synthetic
+from . import checkpoint, dispatch, doctor, pipeline, report, synthetic
 from ._io import check_output_file, check_output_folder, describe_os_error, write_text
 from .checkpoint import CheckpointError
 from .features_io import (
@@ -403,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(run=cmd_eval)
     pipeline.add_commands(commands)
     report.add_command(commands)
+    doctor.add_command(commands)
     return parser
 
 
@@ -414,7 +415,7 @@ def _one_line(error: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        code = args.run(args)
     except (
         CheckpointError,
         FeatureFileError,
@@ -430,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fma-fast: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

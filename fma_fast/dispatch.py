@@ -19,14 +19,21 @@ import torch
 import torch.nn.functional as F
 
 from . import _validation as check
-from . import reference
-from .kernels._common import DEFAULT_DOT_PRECISION, interpreter_active, triton_usable
+from . import reference, scoring
+from .kernels._common import (
+    DEFAULT_DOT_PRECISION,
+    interpreter_active,
+    triton_usable,
+    with_fallback,
+)
 from .reference import DEFAULT_TIME_EPS
 
 BACKENDS = ("auto", "triton", "reference")
 PATH_TRITON = "triton"
 PATH_INTERPRETER = "triton-interpreter"
 PATH_REFERENCE = "reference"
+PATH_FALLBACK = "torch-fallback"
+"""The op's kernel cannot run on this GPU (see the warning and ``fma-fast doctor``): torch."""
 
 
 class BackendUnavailableError(RuntimeError):
@@ -88,6 +95,16 @@ def _kernels(name: str):
     return importlib.import_module(f"fma_fast.kernels.{name}")
 
 
+def _run(op: str, backend: str, path: str, like: torch.Tensor, kernel, torch_path):
+    """``kernel()`` on a Triton path; with backend "auto" an op whose kernel cannot be built or
+    launched here falls back to ``torch_path()`` (one warning, remembered). An explicit
+    "triton" never falls back: the failure is raised."""
+    if backend == "triton":
+        return kernel(), path
+    result, fell_back = with_fallback(op, like, kernel, torch_path)
+    return result, PATH_FALLBACK if fell_back else path
+
+
 def _check_rows(x: torch.Tensor, class_features: torch.Tensor, name: str = "x") -> None:
     if x.dim() != 2 or class_features.dim() != 2:
         raise ValueError(f"{name} and class_features must be 2-D, got shapes "
@@ -117,18 +134,52 @@ def flow_matching_noise(seed: int, rows: int, dim: int, *, device: torch.device 
     probe = torch.empty(0, device=device)
     path = select_path(backend, probe)
     if path == PATH_REFERENCE:
-        generator = torch.Generator(device=probe.device).manual_seed(int(seed))
-        noise = torch.randn((rows, dim), generator=generator, device=probe.device)
-        return Noise(noise, path)
+        return Noise(_reference_noise(seed, rows, dim, probe.device), path)
     return Noise(_kernels("flow_matching").noise(seed, rows, dim, probe.device), path)
 
 
+def _reference_noise(seed: int, rows: int, dim: int, device: torch.device) -> torch.Tensor:
+    generator = torch.Generator(device=device).manual_seed(int(seed))
+    return torch.randn((rows, dim), generator=generator, device=device)
+
+
 def _reference_pair(x0, labels, class_features, t, seed, gamma, form, feature_std, time_eps):
-    noise = flow_matching_noise(seed, x0.shape[0], x0.shape[1], device=x0.device,
-                                backend="reference").noise
+    noise = _reference_noise(seed, x0.shape[0], x0.shape[1], x0.device)
     return reference.training_pair(x0, class_features[labels], t, noise.to(x0.dtype),
                                    gamma=gamma, form=form, feature_std=feature_std,
                                    time_eps=time_eps)
+
+
+_FLOW_MATCHING_RUNS: set[tuple] = set()
+
+
+def _flow_matching_runs(x0, labels, class_features, t, gamma, form, feature_std, time_eps) -> bool:
+    """Whether both flow-matching kernels (pair and loss) run here for these dtypes and D.
+
+    They must fall back together: a pair built with the kernels' Philox noise and a loss with
+    torch's would train on targets of other noise. So both are launched once on two rows
+    before the first real use, and any failure sends both ops to torch.
+    """
+    key = (str(x0.device), x0.dtype, class_features.dtype, x0.shape[1], form)
+    if key in _FLOW_MATCHING_RUNS:
+        return True
+    kernels = _kernels("flow_matching")
+    rows = slice(0, min(2, x0.shape[0]))
+
+    def both() -> None:
+        x_t = kernels.training_input(x0[rows], labels[rows], class_features, t[rows], 0,
+                                     gamma=gamma, form=form, feature_std=feature_std,
+                                     time_eps=time_eps)
+        # With a gradient, as in training: the kernel variant that also writes it.
+        pred = x_t.detach().requires_grad_(torch.is_grad_enabled())
+        kernels.flow_matching_loss(pred, x0[rows], labels[rows], class_features, t[rows], 0,
+                                   gamma=gamma, form=form, feature_std=feature_std,
+                                   time_eps=time_eps)
+
+    _, fell_back = with_fallback("flow_matching", x0, both, lambda: None)
+    if not fell_back:
+        _FLOW_MATCHING_RUNS.add(key)
+    return not fell_back
 
 
 def fused_pair(x0: torch.Tensor, labels: torch.Tensor, class_features: torch.Tensor,
@@ -144,7 +195,11 @@ def fused_pair(x0: torch.Tensor, labels: torch.Tensor, class_features: torch.Ten
     _check_rows(x0, class_features, "x0")
     path = select_path(backend, x0, labels, class_features, t)
     t_clamped = reference.clamp_time(t, time_eps)
-    if path == PATH_REFERENCE:
+    if path != PATH_REFERENCE and backend == "auto" and not _flow_matching_runs(
+        x0, labels, class_features, t, gamma, form, feature_std, time_eps
+    ):
+        path = PATH_FALLBACK
+    if path in (PATH_REFERENCE, PATH_FALLBACK):
         x_t, _ = _reference_pair(x0, labels, class_features, t, seed, gamma, form, feature_std,
                                  time_eps)
         return Pair(x_t, t_clamped, path)
@@ -165,7 +220,11 @@ def fused_loss(pred: torch.Tensor, x0: torch.Tensor, labels: torch.Tensor,
         raise ValueError(f"pred must match x0 in shape and device, got {tuple(pred.shape)} on "
                          f"{pred.device} and {tuple(x0.shape)} on {x0.device}")
     path = select_path(backend, pred, x0, labels, class_features, t)
-    if path == PATH_REFERENCE:
+    if path != PATH_REFERENCE and backend == "auto" and not _flow_matching_runs(
+        x0, labels, class_features, t, gamma, form, feature_std, time_eps
+    ):
+        path = PATH_FALLBACK
+    if path in (PATH_REFERENCE, PATH_FALLBACK):
         _, target = _reference_pair(x0, labels, class_features, t, seed, gamma, form,
                                     feature_std, time_eps)
         return Loss(reference.flow_matching_loss(pred, target), path)
@@ -190,8 +249,18 @@ def euler_step(x: torch.Tensor, velocity: torch.Tensor, t: torch.Tensor, step_si
             t.copy_(new_t)
             return EulerStep(x, t, path)
         return EulerStep(new_x, new_t, path)
-    new_x, new_t = _kernels("euler").euler_step(
-        x, velocity, t, step_size, out=x if inplace else None, t_out=t if inplace else None)
+    def kernel():
+        return _kernels("euler").euler_step(
+            x, velocity, t, step_size, out=x if inplace else None,
+            t_out=t if inplace else None)
+
+    def torch_path():
+        new_x, new_t = reference.euler_step(x, velocity, t, step_size)
+        if not inplace:
+            return new_x, new_t
+        return x.copy_(new_x), t.copy_(new_t)
+
+    (new_x, new_t), path = _run("euler", backend, path, x, kernel, torch_path)
     return EulerStep(new_x, new_t, path)
 
 
@@ -215,9 +284,16 @@ def cosine_topk(x: torch.Tensor, class_features: torch.Tensor, k: int = 1, *,
     if path == PATH_REFERENCE:
         values, indices = reference.cosine_topk(x, class_features, k)
         return TopK(values if logit_scale is None else logit_scale * values, indices, path)
-    values, indices = _kernels("cosine_topk").cosine_topk(
-        x, _unit_table(class_features, normalized), k,
-        1.0 if logit_scale is None else logit_scale, precision)
+    table = _unit_table(class_features, normalized)
+    scale = 1.0 if logit_scale is None else logit_scale
+
+    def torch_path():
+        values, indices = scoring.tiled_topk(x, table, k)
+        return scale * values, indices
+
+    (values, indices), path = _run(
+        "cosine_topk", backend, path, x,
+        lambda: _kernels("cosine_topk").cosine_topk(x, table, k, scale, precision), torch_path)
     return TopK(values, indices, path)
 
 
@@ -239,13 +315,19 @@ def step_ensemble_topk(states: Sequence[torch.Tensor] | torch.Tensor,
     k = _check_k(k, class_features.shape[0])
     logit_scale = check.check_positive_float("logit_scale", logit_scale)
     path = select_path(backend, stacked, class_features)
-    if path == PATH_REFERENCE:
+
+    def torch_path():
         probs = sum(torch.softmax(reference.cosine_logits(s, class_features, logit_scale), -1)
                     for s in stacked)
-        values, indices = probs.topk(k, dim=-1)
-        return TopK(values, indices, path)
-    values, indices = _kernels("step_ensemble").ensemble_topk(
-        stacked, _unit_table(class_features, normalized), k, logit_scale, precision)
+        return probs.topk(k, dim=-1)
+
+    if path == PATH_REFERENCE:
+        return TopK(*torch_path(), path)
+    (values, indices), path = _run(
+        "ensemble_topk", backend, path, stacked[0],
+        lambda: _kernels("step_ensemble").ensemble_topk(
+            stacked, _unit_table(class_features, normalized), k, logit_scale, precision),
+        torch_path)
     return TopK(values, indices, path)
 
 
@@ -268,6 +350,10 @@ def cosine_cross_entropy(x: torch.Tensor, class_features: torch.Tensor, labels: 
     path = select_path("reference" if table_grad else backend, x, class_features, labels)
     if path == PATH_REFERENCE:
         return Loss(reference.cosine_cross_entropy(x, class_features, labels, logit_scale), path)
-    loss = _kernels("cosine_cross_entropy").cosine_cross_entropy(
-        x, _unit_table(class_features, normalized).detach(), labels, logit_scale, precision)
+    table = _unit_table(class_features, normalized).detach()
+    loss, path = _run(
+        "cosine_ce", backend, path, x,
+        lambda: _kernels("cosine_cross_entropy").cosine_cross_entropy(
+            x, table, labels, logit_scale, precision),
+        lambda: scoring.tiled_cross_entropy(x, table, labels, logit_scale))
     return Loss(loss, path)

@@ -15,8 +15,10 @@ from collections.abc import Iterator
 
 import torch
 
-from .kernels._common import DEFAULT_DOT_PRECISION
+from .kernels._common import DEFAULT_DOT_PRECISION, with_fallback
 from .plan import SolverPlan
+
+_RUNS: set[tuple] = set()
 
 
 def _run_step(
@@ -40,6 +42,25 @@ def _run_step(
     final_euler_update(
         hidden, state, plan.wf[i].T, plan.bf[i], eps=plan.eps, out=state, precision=dot_precision
     )
+
+
+def kernels_run(plan: SolverPlan, *, dot_precision: str = DEFAULT_DOT_PRECISION) -> bool:
+    """Whether the fused step kernels build and launch here for this plan's dtype and shapes:
+    one step on one row, once per (device, dtype, width, dim). Their block sizes do not depend
+    on the rows, so this launch compiles what the solve runs. A failure is recorded and warned
+    about once (op "folded_step"); the solve then takes the torch GEMM chain."""
+    key = (str(plan.device), plan.dtype, plan.width, plan.dim, dot_precision)
+    if plan.steps == 0 or key in _RUNS:
+        return True
+    state = torch.zeros(1, plan.dim, dtype=torch.float32, device=plan.device)
+    hidden = torch.empty(1, plan.width, dtype=torch.float32, device=plan.device)
+    like = plan.wf[0]
+    _, fell_back = with_fallback(
+        "folded_step", like, lambda: _run_step(plan, 0, state, hidden, dot_precision),
+        lambda: None)
+    if not fell_back:
+        _RUNS.add(key)
+    return not fell_back
 
 
 def fused_states(

@@ -11,17 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _validation as check
-from . import dispatch, reference
-from .fused_solver import fused_states
+from . import dispatch, reference, scoring
+from .fused_solver import fused_states, kernels_run
 from .kernels._common import HAS_TRITON
 from .model import VelocityNet
 from .plan import folded_final, folded_states, solver_plan
 
 DEFAULT_CHUNK_ROWS = {"cpu": 4096, "cuda": 65536}
-CLASS_TILE = 4096
-"""Classes scored at once on the CPU path: a chunk's logits stay rows × 4096, whatever C is."""
-LOSS_LOGIT_SCALE = 100.0
-"""The logit scale of the validation cross-entropy that breaks accuracy ties (CLIP's 100)."""
+PATH_TILED = "torch-tiled"
 
 
 @dataclass
@@ -133,12 +130,14 @@ def _prepare(
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BACKENDS = ("auto", "reference", "folded", "triton")
-ROUTE_REFERENCE, ROUTE_GENERIC, ROUTE_FOLDED, ROUTE_FUSED = (
+ROUTE_REFERENCE, ROUTE_GENERIC, ROUTE_FOLDED, ROUTE_FUSED, ROUTE_FALLBACK = (
     "reference",
     "generic",
     "folded",
     "fused-triton",
+    "folded-fallback",
 )
+"""ROUTE_FALLBACK: the fused kernels cannot run on this GPU, so the torch GEMM chain runs."""
 
 
 def _route(model, device: torch.device, precision: str, backend: str) -> str:
@@ -172,6 +171,14 @@ def _route(model, device: torch.device, precision: str, backend: str) -> str:
     return ROUTE_FUSED if device.type == "cuda" and HAS_TRITON else ROUTE_FOLDED
 
 
+def _checked_route(route, model, steps, step_size, precision, backend, device) -> str:
+    """The fused route where its kernels run here; else (backend "auto") the torch chain."""
+    if route != ROUTE_FUSED or backend == "triton":
+        return route
+    plan = solver_plan(model, steps, step_size, dtype=PRECISIONS[precision], device=device)
+    return ROUTE_FUSED if kernels_run(plan) else ROUTE_FALLBACK
+
+
 def _velocity(model, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
     """u(x, t) of a model that is not folded, checked: a wrong shape or NaN/Inf is an error."""
     velocity = model(x, t)
@@ -196,7 +203,7 @@ def _states(
     op_backend: str,
 ) -> Iterator[torch.Tensor]:
     """States x_0..x_M of one chunk; a yielded tensor may be overwritten by the next step."""
-    if route == ROUTE_FOLDED:
+    if route in (ROUTE_FOLDED, ROUTE_FALLBACK):
         yield from folded_states(model, x, steps, step_size, precision=precision)
         return
     if route == ROUTE_FUSED:
@@ -237,7 +244,7 @@ def _final_state(
     """x_M of one chunk (rows from ``start`` on); the folded route merges each step's final
     layer with the next input projection when the states in between are not needed
     (``plan.folded_final``)."""
-    if route == ROUTE_FOLDED:
+    if route in (ROUTE_FOLDED, ROUTE_FALLBACK):
         final = folded_final(model, x, steps, step_size, precision=precision)
     else:
         states = _states(route, model, x, steps, step_size, precision, op_backend)
@@ -262,49 +269,6 @@ def _op_backend(backend: str, device: torch.device) -> str:
     return "auto" if device.type == "cuda" else "reference"
 
 
-def _merge_topk(best, values: torch.Tensor, indices: torch.Tensor, k: int):
-    """The running top-k of a row block merged with a new class tile's (ties: lower index)."""
-    if best is None:
-        return values, indices
-    values, indices = torch.cat([best[0], values], dim=1), torch.cat([best[1], indices], dim=1)
-    values, order = values.topk(k, dim=1)
-    return values, indices.gather(1, order)
-
-
-def _tiled_scores(
-    state: torch.Tensor, z: torch.Tensor, k: int, labels: torch.Tensor | None = None
-) -> tuple[dispatch.TopK, torch.Tensor | None]:
-    """Top-k cosines of the rows against unit-norm ``z`` and, given ``labels``, each row's
-    cross-entropy of softmax(100·cos), from one pass over class tiles: memory stays
-    rows × :data:`CLASS_TILE` for any C (the loss by an online log-sum-exp)."""
-    unit = F.normalize(state, dim=-1)
-    rows, classes = unit.shape[0], z.shape[0]
-    tile = torch.empty(rows, min(CLASS_TILE, classes), dtype=unit.dtype, device=unit.device)
-    best = None
-    running_max = running_sum = None
-    if labels is not None:
-        running_max = torch.full((rows, 1), -torch.inf, dtype=unit.dtype, device=unit.device)
-        running_sum = torch.zeros(rows, 1, dtype=unit.dtype, device=unit.device)
-    for start in range(0, classes, CLASS_TILE):
-        stop = min(start + CLASS_TILE, classes)
-        cosines = torch.mm(unit, z[start:stop].T, out=tile[:, : stop - start])
-        values, indices = cosines.topk(min(k, stop - start), dim=1)
-        best = _merge_topk(best, values, indices + start, k)
-        if labels is None:
-            continue
-        # Online log-sum-exp of 100·cos, in place on the tile (its cosines are used up).
-        new_max = torch.maximum(running_max, LOSS_LOGIT_SCALE * values[:, :1])
-        running_sum.mul_((running_max - new_max).exp_())
-        cosines.mul_(LOSS_LOGIT_SCALE).sub_(new_max).exp_()
-        running_sum.add_(cosines.sum(dim=1, keepdim=True))
-        running_max = new_max
-    loss = None
-    if labels is not None:
-        true_logit = LOSS_LOGIT_SCALE * (unit * z[labels]).sum(dim=1, keepdim=True)
-        loss = (running_max + running_sum.log() - true_logit)[:, 0]
-    return dispatch.TopK(best[0], best[1], "torch-tiled"), loss
-
-
 def _topk(
     state: torch.Tensor, z: torch.Tensor, k: int, op_backend: str, tiled: bool
 ) -> dispatch.TopK:
@@ -312,7 +276,7 @@ def _topk(
     memory stays bounded for any C (``tiled=False`` keeps the plain reference twin)."""
     if op_backend != "reference" or not tiled:
         return dispatch.cosine_topk(state, z, k, normalized=True, backend=op_backend)
-    return _tiled_scores(state, z, k)[0]
+    return dispatch.TopK(*scoring.tiled_topk(state, z, k), PATH_TILED)
 
 
 def _path_name(route: str, precision: str, scoring: str | None) -> str:
@@ -371,6 +335,7 @@ def solve(
     logit_scale = check.check_positive_float("logit_scale", logit_scale)
     x, z, batch_size, device = _prepare(features, model, class_features, batch_size, device)
     route = _route(model, device, precision, backend)
+    route = _checked_route(route, model, steps, step_size, precision, backend, device)
     op_backend = _op_backend(backend, device)
     if z is None:
         for name, value in (("topk", topk), ("ensemble_steps", ensemble_steps)):
@@ -421,13 +386,13 @@ def _step_scores(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Top-1 predictions and, with ``with_loss``, the summed cross-entropy of one state."""
     if op_backend == "reference" and tiled:
-        scored, loss = _tiled_scores(state, z, 1, truth if with_loss else None)
-        return scored.indices[:, 0], None if loss is None else loss.double().sum()
+        (_, indices), loss = scoring.tiled_scores(state, z, 1, truth if with_loss else None)
+        return indices[:, 0], None if loss is None else loss.double().sum()
     pred = _topk(state, z, 1, op_backend, tiled).indices[:, 0]
     if not with_loss:
         return pred, None
     mean = dispatch.cosine_cross_entropy(
-        state, z, truth, LOSS_LOGIT_SCALE, normalized=True, backend=op_backend
+        state, z, truth, scoring.LOSS_LOGIT_SCALE, normalized=True, backend=op_backend
     ).loss
     return pred, mean.double() * len(truth)
 
@@ -460,6 +425,7 @@ def _scores_by_steps(
     )
     y = check.check_labels("labels", labels, rows=x.shape[0], num_classes=z.shape[0])
     route = _route(model, device, precision, backend)
+    route = _checked_route(route, model, max_steps, step_size, precision, backend, device)
     op_backend = _op_backend(backend, device)
     tiled = backend != "reference"
     z = _unit_rows(z)

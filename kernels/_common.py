@@ -16,6 +16,7 @@ are simply not imported by :mod:`fma_fast.dispatch`.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -24,10 +25,80 @@ import torch
 try:  # triton is an optional dependency; a broken install must not break ``import fma_fast``
     import triton  # noqa: F401
     import triton.language as tl  # noqa: F401
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources, PTXASError
 
     HAS_TRITON = True
+    _BUILD_ERRORS: tuple[type[BaseException], ...] = (CompilationError, OutOfResources, PTXASError)
 except Exception:  # pragma: no cover - depends on the environment
     HAS_TRITON = False
+    _BUILD_ERRORS = ()
+
+
+class KernelFallbackWarning(RuntimeWarning):
+    """A Triton kernel could not be built or launched on this GPU; its op now runs in torch."""
+
+
+FALLBACKS: dict[tuple[str, str, str], str] = {}
+"""(op, device, dtype) -> why that op's kernel could not run there. Those calls take the torch
+path for the rest of the process (``fma-fast doctor`` lists them)."""
+
+
+def kernel_failure(error: BaseException) -> bool:
+    """Whether ``error`` says a kernel cannot be built or launched on this device (compile
+    errors, out of shared memory or registers, an arch without a dtype, a refused launch), as
+    opposed to bad arguments (ValueError/TypeError from the launchers), a lack of memory, or a
+    bug the interpreter found (those are raised, never hidden behind a fallback)."""
+    if isinstance(error, _BUILD_ERRORS):
+        return True
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return False
+    return isinstance(error, (RuntimeError, AssertionError, NotImplementedError)) and not (
+        type(error).__module__.startswith(("triton.runtime.interpreter", "fma_fast"))
+    )
+
+
+def _fallback_key(op: str, like: torch.Tensor) -> tuple[str, str, str]:
+    return op, str(like.device), str(like.dtype).removeprefix("torch.")
+
+
+def fallen_back(op: str, like: torch.Tensor) -> bool:
+    """Whether ``op`` on tensors like ``like`` already fell back to torch in this process."""
+    return _fallback_key(op, like) in FALLBACKS
+
+
+def record_fallback(op: str, like: torch.Tensor, error: BaseException) -> None:
+    """Remember that ``op`` cannot run as a kernel here and warn once."""
+    key = _fallback_key(op, like)
+    lines = str(error).strip().splitlines() or [""]
+    reason = f"{type(error).__name__}: {lines[-1][:200]}"
+    FALLBACKS[key] = reason
+    where = key[1]
+    if like.device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(like.device)
+        where = f"{torch.cuda.get_device_name(like.device)} (sm_{major}{minor})"
+    warnings.warn(
+        f"fma_fast: the Triton kernel of {op} cannot run on {where} for {key[2]} ({reason}); "
+        f"{op} takes the PyTorch path from now on in this process (fma-fast doctor lists "
+        "fallbacks)",
+        KernelFallbackWarning,
+        stacklevel=3,
+    )
+
+
+def with_fallback(op: str, like: torch.Tensor, kernel: Callable[[], object],
+                  torch_path: Callable[[], object]) -> tuple[object, bool]:
+    """``kernel()``, or ``torch_path()`` when this op's kernel cannot run here (remembered per
+    op, device and dtype, with one warning). Returns the result and whether it fell back."""
+    if fallen_back(op, like):
+        return torch_path(), True
+    try:
+        return kernel(), False
+    except Exception as error:
+        if not kernel_failure(error):
+            raise
+        record_fallback(op, like, error)
+        return torch_path(), True
 
 DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")
 """How tl.dot treats fp32 operands on CUDA. 'tf32' (Triton's default) has a 10-bit mantissa:
@@ -40,6 +111,31 @@ DEFAULT_DOT_PRECISION = "tf32x3"
 def interpreter_active() -> bool:
     """True when Triton runs its numpy interpreter (``TRITON_INTERPRET=1``, set before import)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _mend_old_interpreter() -> None:
+    """Triton 3.6's interpreter turns a loop bound passed into a nested @triton.jit helper into
+    an int with ``int(ndarray)``, which NumPy 2 refuses for its one-element arrays; 3.8 squeezes
+    first. Only the interpreter, a test tool, is affected: its ``__index__`` is given 3.8's
+    behaviour there, and compiled kernels are untouched."""
+    from triton.runtime import interpreter
+
+    patch_tensor = interpreter._patch_lang_tensor
+    if getattr(patch_tensor, "mended", False):
+        return
+
+    def mended(tensor, scope) -> None:
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    mended.mended = True
+    interpreter._patch_lang_tensor = mended
+
+
+if HAS_TRITON and interpreter_active():
+    _major_minor = tuple(int(part) for part in triton.__version__.split(".")[:2])
+    if _major_minor < (3, 8):
+        _mend_old_interpreter()
 
 
 def triton_usable(*tensors: torch.Tensor) -> tuple[bool, str]:
@@ -84,16 +180,33 @@ OPS = ("euler", "flow_matching", "noise", "cosine_topk", "cosine_lse", "ensemble
        "cosine_ce", "cosine_ce_backward", "folded_block", "folded_final")
 
 
-def pick_blocks(op: str, rows: int, dim: int, classes: int = 1,
-                dtype: torch.dtype = torch.float32) -> Blocks:
-    """The block sizes of ``op`` for an (rows, dim) input of ``dtype`` against ``classes``
-    (for the folded-step ops: ``dim`` is the hidden width, ``classes`` the output dim).
+HOPPER = 90
+"""Compute capability (major·10 + minor) the block sizes were first chosen for."""
 
-    Hopper defaults, **untuned by timing** (no H100 was at hand): the largest tiles whose sm_90
-    AOT compile shows no register spills (tests/test_kernels_dispatch.py checks that), e.g.
-    fp32 scoring, where tf32x3 splits every operand in two, fits 64 rows × 64 classes × 32-wide
-    D chunks on 8 warps and halves fit 128 classes. Under the interpreter small fixed tiles keep
-    the numpy emulation quick and make tiny test shapes span several tiles and masks.
+
+def device_arch(device: torch.device) -> int:
+    """The compute capability of a CUDA device as major·10 + minor (90 for an H100); Hopper's
+    for anything else (the interpreter picks its own tiles)."""
+    if device.type != "cuda":
+        return HOPPER
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def pick_blocks(op: str, rows: int, dim: int, classes: int = 1,
+                dtype: torch.dtype = torch.float32, *, arch: int = HOPPER) -> Blocks:
+    """The block sizes of ``op`` for an (rows, dim) input of ``dtype`` against ``classes``
+    (for the folded-step ops: ``dim`` is the hidden width, ``classes`` the output dim) on a GPU
+    of compute capability ``arch``.
+
+    Defaults **untuned by timing** (no GPU was at hand): the largest tiles whose AOT compile
+    shows no register spill and fits the arch's shared memory (kernels/aot.py, checked in
+    tests/test_kernels_dispatch.py for sm_80, sm_89 and sm_90). On Hopper, fp32 scoring, where
+    tf32x3 splits every operand in two, fits 64 rows × 64 classes × 32-wide D chunks on 8 warps
+    and halves fit 128 classes. Before Hopper the MMA operands live in registers rather than
+    shared memory, so fp32 takes 16-wide D chunks and smaller ensemble, cross-entropy backward
+    and final-layer tiles. Under the interpreter small fixed tiles keep the numpy emulation
+    quick and make tiny test shapes span several tiles and masks.
     """
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; known: {OPS}")
@@ -107,23 +220,32 @@ def pick_blocks(op: str, rows: int, dim: int, classes: int = 1,
         return Blocks(block_n=16, block_d=16, block_c=16, num_warps=1, num_stages=1)
     d_pow2, c_pow2 = _pow2(dim), _pow2(classes)
     half = dtype in (torch.float16, torch.bfloat16)
+    registers_mma = arch < HOPPER and not half  # tf32x3 operands held in registers
     if op == "euler":
         return Blocks(block_n=2048, block_d=1, block_c=1, num_warps=8, num_stages=1)
     if op in ("flow_matching", "noise"):  # Philox + Box-Muller per element: register hungry
         block_d = min(64, max(_MIN_DOT, d_pow2))
         return Blocks(block_n=16, block_d=block_d, block_c=1, num_warps=4, num_stages=1)
     if op == "cosine_ce_backward":
-        # The gradient slice (block_n × block_d) stays in registers across the class loop.
+        # The gradient slice (block_n × block_d) stays in registers across the class loop;
+        # fp32 at 32 × 64 × 64 spills before Hopper, and on Hopper under triton 3.6.
+        if not half:
+            return Blocks(block_n=16, block_d=min(64, max(_MIN_DOT, d_pow2)),
+                          block_c=min(32, max(_MIN_DOT, c_pow2)), num_warps=8, num_stages=3)
         block_c = min(64, max(_MIN_DOT, c_pow2))
         block_d = min(64, max(_MIN_DOT, d_pow2))
         return Blocks(block_n=32, block_d=block_d, block_c=block_c, num_warps=8, num_stages=3)
     if op == "folded_block":
         # A (block_n × next_pow2(width)) fp32 accumulator lives in registers: rows shrink as
-        # the width grows, and the hidden slice (block_c) with it beyond 512.
+        # the width grows, and the hidden slice (block_c) from 512 on (triton 3.6 spills a
+        # 32-wide slice at width 512).
         block_n = 32 if d_pow2 <= 256 or (half and d_pow2 <= 512) else 16
-        block_c = 32 if d_pow2 <= 512 else 16
+        block_c = 32 if d_pow2 < 512 else 16
         return Blocks(block_n=block_n, block_d=32, block_c=block_c, num_warps=8, num_stages=2)
     if op == "folded_final":
+        if registers_mma:
+            return Blocks(block_n=32, block_d=32, block_c=min(64, max(_MIN_DOT, c_pow2)),
+                          num_warps=8, num_stages=3)
         return Blocks(block_n=64, block_d=32, block_c=min(128, max(_MIN_DOT, c_pow2)),
                       num_warps=8, num_stages=3)
     # The scoring ops (cosine_topk, cosine_lse, ensemble_topk, cosine_ce): 64-row tiles suit
@@ -132,9 +254,14 @@ def pick_blocks(op: str, rows: int, dim: int, classes: int = 1,
     while block_n > _MIN_DOT and -(-rows // block_n) < _H100_SMS // 2:
         block_n //= 2
     block_c = min(128 if half else 64, max(_MIN_DOT, c_pow2))
-    block_d = min(32, max(_MIN_DOT, d_pow2))
-    return Blocks(block_n=block_n, block_d=block_d, block_c=block_c,
-                  num_warps=4 if block_n == _MIN_DOT else 8, num_stages=3)
+    block_d = min(16 if registers_mma else 32, max(_MIN_DOT, d_pow2))
+    num_warps = 4 if block_n == _MIN_DOT else 8
+    if registers_mma:
+        num_warps = 8
+        if op == "ensemble_topk":  # K=16 running slots on top of the tile
+            block_n, block_d = _MIN_DOT, min(32, max(_MIN_DOT, d_pow2))
+    return Blocks(block_n=block_n, block_d=block_d, block_c=block_c, num_warps=num_warps,
+                  num_stages=3)
 
 
 TUNED_OPS = ("folded_block", "folded_final", "cosine_topk")
@@ -143,38 +270,38 @@ bandwidth-bound or run once per training step)."""
 
 
 def candidate_blocks(op: str, rows: int, dim: int, classes: int = 1,
-                     dtype: torch.dtype = torch.float32) -> list[Blocks]:
-    """Launch configurations to time for ``op`` on Hopper, :func:`pick_blocks`' default first.
+                     dtype: torch.dtype = torch.float32, *, arch: int = HOPPER) -> list[Blocks]:
+    """Launch configurations to time for ``op``, :func:`pick_blocks`' default first.
 
-    Written from first principles, **not yet timed on a GPU**: each varies one axis of the
-    default (rows per program, hidden or class slice, K chunk, warps, pipeline stages) within
-    what the sm_90 AOT compile shows to fit the registers with no spills
-    (tests/test_kernels_dispatch.py compiles every candidate). Under the interpreter, or for
-    the other ops, the default alone.
+    Written from first principles for Hopper, **not yet timed on a GPU**: each varies one axis
+    of the default (rows per program, hidden or class slice, K chunk, warps, pipeline stages)
+    within what the sm_90 AOT compile shows to fit the registers with no spills
+    (tests/test_kernels_dispatch.py compiles every candidate). Before Hopper, under the
+    interpreter, or for the other ops, the default alone: on sm_80/sm_89 several Hopper
+    variants spill or exceed the shared memory, and none has been timed there.
     """
-    default = pick_blocks(op, rows, dim, classes, dtype)
-    if op not in TUNED_OPS or interpreter_active():
+    default = pick_blocks(op, rows, dim, classes, dtype, arch=arch)
+    if op not in TUNED_OPS or interpreter_active() or arch < HOPPER:
         return [default]
     half = dtype in (torch.float16, torch.bfloat16)
-    # Each rule keeps to what ptxas -v showed to fit 255 registers with no spill: 4 warps
-    # cannot hold the folded block's accumulator, nor fp32 scoring 64-wide K chunks or 16-row
-    # tiles on 8 warps; the final layer spills at 128 rows.
+    # Each rule keeps to what ptxas -v showed to fit 255 registers with no spill under triton
+    # 3.6 and 3.8: 4 warps cannot hold the folded block's accumulator, nor fp32 scoring
+    # 64-wide K chunks or 16-row tiles on 8 warps; the final layer spills at 128 rows.
     variants: list[dict[str, int]] = []
     if op == "folded_block":
         if default.block_c > _MIN_DOT:
             variants.append(dict(block_c=_MIN_DOT))
         if half or _pow2(dim) <= 512:
             variants.append(dict(num_stages=3))
-        if half:
-            variants.append(dict(block_d=64))
+        if default.block_d > _MIN_DOT:
+            variants.append(dict(block_d=_MIN_DOT))
         if default.block_n > _MIN_DOT:
             variants.append(dict(block_n=default.block_n // 2))
-    elif op == "folded_final":
-        variants = [dict(block_n=32), dict(block_c=64), dict(num_stages=4),
-                    dict(block_d=64, num_stages=2)]
+    elif op == "folded_final":  # (64-wide K chunks spill under triton 3.6)
+        variants = [dict(block_n=32), dict(block_c=64), dict(num_stages=4)]
     else:  # cosine_topk
         variants.append(dict(num_stages=4))
-        if default.num_warps == 8:
+        if default.num_warps == 8 and not half:  # (halves on 4 warps spill under triton 3.6)
             variants.append(dict(num_warps=4))
         if half and default.block_n >= 32:
             variants.append(dict(block_d=64, num_stages=2))
@@ -215,8 +342,20 @@ def _cuda_milliseconds(launch: Callable[[], None], repeats: int = 3) -> float:
 
 def fastest_blocks(candidates: list[Blocks], launch: Callable[[Blocks], None],
                    timer: Callable[[Callable[[], None]], float] = _cuda_milliseconds) -> Blocks:
-    """The candidate whose ``launch`` the ``timer`` measures fastest (ties: the earlier)."""
-    times = [timer(lambda blocks=blocks: launch(blocks)) for blocks in candidates]
+    """The candidate whose ``launch`` the ``timer`` measures fastest (ties: the earlier).
+    Candidates that cannot be built or launched on this GPU are passed over; when none can,
+    the last such error is raised (and the op falls back)."""
+    times, failure = [], None
+    for blocks in candidates:
+        try:
+            times.append(timer(lambda blocks=blocks: launch(blocks)))
+        except Exception as error:
+            if not kernel_failure(error):
+                raise
+            times.append(float("inf"))
+            failure = error
+    if failure is not None and min(times) == float("inf"):
+        raise failure
     return candidates[times.index(min(times))]
 
 
@@ -226,13 +365,15 @@ def tuned_blocks(op: str, rows: int, dim: int, classes: int, dtype: torch.dtype,
     :func:`candidate_blocks` for this (op, row bucket, dim, class bucket, dtype, GPU), timed
     once per process. ``launch(blocks)`` must run the op into scratch outputs: it is called
     several times. No tuning during CUDA-graph capture (the default is used there)."""
-    default = pick_blocks(op, rows, dim, classes, dtype)
+    arch = device_arch(device)
+    default = pick_blocks(op, rows, dim, classes, dtype, arch=arch)
     if (device.type != "cuda" or op not in TUNED_OPS or not autotune_enabled()
             or torch.cuda.is_current_stream_capturing()):
         return default
     key = (op, _pow2(rows), dim, _pow2(classes), dtype, torch.cuda.get_device_name(device))
     if key not in _TUNED:
-        _TUNED[key] = fastest_blocks(candidate_blocks(op, rows, dim, classes, dtype), launch)
+        candidates = candidate_blocks(op, rows, dim, classes, dtype, arch=arch)
+        _TUNED[key] = fastest_blocks(candidates, launch)
     return _TUNED[key]
 
 

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_tile, pick_blocks, row_inv_norm
+from ._common import device_arch, dot_tile, pick_blocks, row_inv_norm
 from .cosine_topk import dot_operands
 
 
@@ -110,7 +110,7 @@ class CosineCrossEntropy(torch.autograd.Function):
         c = table_op.shape[0]
         stats = torch.empty((4, n), dtype=torch.float32, device=x.device)
         row_loss, lse, inv_norm, cos_y = stats.unbind(0)
-        b = pick_blocks("cosine_ce", n, d, c, x_op.dtype)
+        b = pick_blocks("cosine_ce", n, d, c, x_op.dtype, arch=device_arch(x.device))
         _forward_kernel[(triton.cdiv(n, b.block_n),)](
             x_op, table_op, labels, row_loss, lse, inv_norm, cos_y, n, c, d, x_op.stride(0),
             table_op.stride(0), float(scale),
@@ -128,7 +128,8 @@ class CosineCrossEntropy(torch.autograd.Function):
         c = table.shape[0]
         dx = torch.empty(x.shape, dtype=ctx.x_dtype, device=x.device)
         grad_output = grad_output.reshape(1).to(torch.float32).contiguous()
-        b = pick_blocks("cosine_ce_backward", n, d, c, x.dtype)
+        b = pick_blocks("cosine_ce_backward", n, d, c, x.dtype,
+                        arch=device_arch(x.device))
         _backward_kernel[(triton.cdiv(n, b.block_n), triton.cdiv(d, b.block_d))](
             x, table, labels, lse, inv_norm, cos_y, grad_output, dx, n, c, d, x.stride(0),
             table.stride(0), dx.stride(0), ctx.scale,

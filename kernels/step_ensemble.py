@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_tile, merge_topk, pick_blocks, row_inv_norm
+from ._common import device_arch, dot_tile, merge_topk, pick_blocks, row_inv_norm
 from .cosine_topk import dot_operands, k_slots, sort_topk
 
 
@@ -104,7 +104,7 @@ def cosine_lse(states: torch.Tensor, table: torch.Tensor, scale: float,
     c = table.shape[0]
     lse = torch.empty((s, n), dtype=torch.float32, device=states.device)
     inv_norm = torch.empty_like(lse)
-    b = pick_blocks("cosine_lse", n, d, c, states.dtype)
+    b = pick_blocks("cosine_lse", n, d, c, states.dtype, arch=device_arch(states.device))
     _cosine_lse_kernel[(triton.cdiv(n, b.block_n), s)](
         states, table, lse, inv_norm, n, c, d, states.stride(0), states.stride(1),
         table.stride(0), float(scale),
@@ -124,7 +124,8 @@ def ensemble_topk(states: torch.Tensor, table: torch.Tensor, k: int, scale: floa
     lse, inv_norm = cosine_lse(states, table, scale, precision)
     values = torch.empty((n, k), dtype=torch.float32, device=states.device)
     indices = torch.empty((n, k), dtype=torch.int64, device=states.device)
-    b = pick_blocks("ensemble_topk", n, d, c, states.dtype)
+    b = pick_blocks("ensemble_topk", n, d, c, states.dtype,
+                    arch=device_arch(states.device))
     _ensemble_topk_kernel[(triton.cdiv(n, b.block_n),)](
         states, table, lse, inv_norm, values, indices, s, n, c, d, states.stride(0),
         states.stride(1), table.stride(0), float(scale),

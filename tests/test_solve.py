@@ -9,7 +9,7 @@ from conftest import randomize_parameters
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fma_fast
-from fma_fast import dispatch, reference, solver
+from fma_fast import dispatch, reference, scoring
 
 
 def seeded(seed: int) -> torch.Generator:
@@ -170,7 +170,7 @@ def test_precision_options(model, data):
 def test_class_tiles_equal_the_untiled_reference(model, data, monkeypatch, classes, topk):
     """With tiles of 8 classes, C spans zero to three tile boundaries; indices past the first
     tile carry the tile's offset, and the online log-sum-exp equals the plain softmax."""
-    monkeypatch.setattr(solver, "CLASS_TILE", 8)
+    monkeypatch.setattr(scoring, "CLASS_TILE", 8)
     x, _ = data
     z = torch.nn.functional.normalize(torch.randn(classes, 12, generator=seeded(4)), dim=-1)
     labels = torch.arange(37) % classes
@@ -204,7 +204,7 @@ class LargestTensor(TorchDispatchMode):
 def test_select_steps_never_builds_rows_times_classes(model, monkeypatch):
     """C is 16× the tile here: an N×C logits or softmax temporary would be seen (the largest
     tensor allowed is half of N×C, which the (C, D) normalised table fits in)."""
-    monkeypatch.setattr(solver, "CLASS_TILE", 32)
+    monkeypatch.setattr(scoring, "CLASS_TILE", 32)
     x = torch.randn(40, 12, generator=seeded(5))
     z = torch.randn(512, 12, generator=seeded(6))
     labels = torch.arange(40) * 7 % 512

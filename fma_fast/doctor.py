@@ -1,0 +1,316 @@
+"""``fma-fast doctor``: what this machine has, which path each op takes here, and whether each
+Triton kernel gives its reference's answer on this device (tiny shapes, one run each).
+
+Every check forces the kernels (``backend="triton"``), so a kernel that cannot run here is a
+failed check with its reason, where a user's call would fall back to torch with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from importlib import metadata
+
+import torch
+import torch.nn.functional as F
+
+from . import _validation as check
+from . import dispatch, reference, solver
+from .kernels import _common
+from .kernels._common import triton_usable
+from .model import VelocityNet
+
+PACKAGES = ("torch", "triton", "numpy", "safetensors", "tqdm", "open_clip_torch", "pillow",
+            "matplotlib", "pytest", "pytest-benchmark")
+
+
+@dataclass
+class CheckResult:
+    name: str
+    status: str  # "pass", "fail" or "skip"
+    max_error: float | None = None
+    tolerance: str = ""
+    first_call_s: float | None = None  # includes compiling the kernel
+    warm_call_s: float | None = None
+    detail: str = ""
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def environment() -> dict:
+    """Versions, devices and the settings that change which path runs."""
+    from . import __version__
+
+    devices = []
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            devices.append({"index": index, "name": props.name,
+                            "capability": f"sm_{props.major}{props.minor}",
+                            "memory_gib": round(props.total_memory / 2**30, 1),
+                            "multiprocessors": props.multi_processor_count})
+    return {
+        "fma_fast": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": {name: _version(name) for name in PACKAGES},
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "devices": devices,
+        "cpu_threads": torch.get_num_threads(),
+        "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", ""),
+        "FMA_FAST_AUTOTUNE": os.environ.get("FMA_FAST_AUTOTUNE", ""),
+        "fma_fast_path": os.path.dirname(os.path.abspath(__file__)),
+    }
+
+
+def routes(device: torch.device) -> dict:
+    """The path each op takes here with backend "auto", and why the kernels cannot run when
+    they cannot."""
+    probe = torch.empty(0, device=device)
+    usable, why = triton_usable(probe)
+    ops = {op: dispatch.select_path("auto", probe)
+           for op in ("cosine_topk", "step_ensemble", "cosine_cross_entropy", "euler_step")}
+    training = "fused flow-matching kernels" if device.type == "cuda" and usable else "reference"
+    solve = {}
+    for precision in solver.PRECISIONS:
+        try:
+            route = solver._route(VelocityNet(8, 1), device, precision, "auto")
+            solve[precision] = f"{route}-{precision}"
+        except ValueError as error:
+            solve[precision] = f"unavailable: {error}"
+    return {"device": str(device), "kernels_usable": usable, "why_not": why, "ops": ops,
+            "solve": solve, "fit": training,
+            "fallbacks": {"/".join(key): reason for key, reason in _common.FALLBACKS.items()}}
+
+
+def _timed(run: Callable[[], object], device: torch.device) -> tuple[object, float]:
+    start = time.perf_counter()
+    result = run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return result, time.perf_counter() - start
+
+
+def _max_error(got, expected) -> float:
+    pairs = zip(got, expected) if isinstance(got, (tuple, list)) else [(got, expected)]
+    return max(float((g.detach().double() - e.detach().double()).abs().max()) for g, e in pairs)
+
+
+def _tiny(device: torch.device, dtype: torch.dtype = torch.float32):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 24, generator=g)
+    table = F.normalize(torch.randn(11, 24, generator=g), dim=-1)
+    labels = torch.arange(37) % 11
+    return x.to(device, dtype), table.to(device, dtype), labels.to(device)
+
+
+def _kernel_cases(device: torch.device) -> list[tuple[str, torch.dtype, Callable, Callable]]:
+    """(name, I/O dtype, kernel run, reference run) for every kernel family."""
+    dtypes = [torch.float32]
+    if device.type == "cuda":
+        dtypes += [torch.bfloat16, torch.float16]
+    cases = []
+    for dtype in dtypes:
+        x, table, labels = _tiny(device, dtype)
+        tag = str(dtype).removeprefix("torch.")
+
+        def topk(x=x, table=table):
+            return dispatch.cosine_topk(x, table, 3, normalized=True, backend="triton").values
+
+        cases.append((f"cosine_topk[{tag}]", dtype, topk,
+                      lambda x=x, table=table: reference.cosine_topk(x, table, 3)[0]))
+
+        def ensemble(x=x, table=table):
+            return dispatch.step_ensemble_topk([x, 1.5 * x], table, 2, normalized=True,
+                                               backend="triton").values
+
+        def ensemble_ref(x=x, table=table):
+            probs = sum(torch.softmax(reference.cosine_logits(s, table, 100.0), -1)
+                        for s in (x, 1.5 * x))
+            return probs.topk(2, dim=-1).values
+
+        cases.append((f"ensemble_topk[{tag}]", dtype, ensemble, ensemble_ref))
+        cases.append((f"euler[{tag}]", dtype,
+                      lambda x=x: dispatch.euler_step(x.float(), x, torch.zeros((), device=device),
+                                                      0.1, backend="triton").x,
+                      lambda x=x: x.float() + 0.1 * x.float()))
+    x, table, labels = _tiny(device)
+
+    def cross_entropy():
+        leaf = x.clone().requires_grad_(True)
+        loss = dispatch.cosine_cross_entropy(leaf, table, labels, backend="triton").loss
+        loss.backward()
+        return loss, leaf.grad
+
+    def cross_entropy_ref():
+        leaf = x.clone().requires_grad_(True)
+        loss = reference.cosine_cross_entropy(leaf, table, labels)
+        loss.backward()
+        return loss, leaf.grad
+
+    cases.append(("cosine_ce[float32] (loss, grad)", torch.float32, cross_entropy,
+                  cross_entropy_ref))
+    for form in ("bridge", "endpoint"):
+        cases.append((f"flow_matching[{form}] (x_t, loss)", torch.float32,
+                      *_flow_matching_case(device, form)))
+    cases.append(("folded solve M=3 (fused step kernels)", torch.float32,
+                  *_solve_case(device)))
+    return cases
+
+
+def _flow_matching_case(device: torch.device, form: str):
+    x0, table, labels = _tiny(device)
+    t = torch.linspace(0.0, 1.0, x0.shape[0], device=device)
+    std = x0.std(dim=0)
+    pred = torch.zeros_like(x0)
+    options = dict(seed=7, gamma=0.5, form=form, feature_std=std)
+
+    def kernel():
+        pair = dispatch.fused_pair(x0, labels, table, t, backend="triton", **options)
+        loss = dispatch.fused_loss(pred, x0, labels, table, t, backend="triton", **options)
+        return pair.x_t, loss.loss
+
+    def expected():  # the reference formulas fed the kernels' own noise
+        noise = dispatch.flow_matching_noise(7, *x0.shape, device=device, backend="triton").noise
+        x_t, target = reference.training_pair(x0, table[labels], t, noise, gamma=0.5, form=form,
+                                              feature_std=std)
+        return x_t, reference.flow_matching_loss(pred, target)
+
+    return kernel, expected
+
+
+def _solve_case(device: torch.device):
+    model = VelocityNet(24, blocks=2)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(0.2 * torch.randn(parameter.shape, generator=generator))
+    model = model.to(device)
+    x, _, _ = _tiny(device)
+    return (lambda: solver.solve(x, model, 3, backend="triton"),
+            lambda: solver.solve(x, model, 3, backend="reference"))
+
+
+def _relative(error: float, expected) -> float:
+    values = expected if isinstance(expected, (tuple, list)) else [expected]
+    scale = max(float(v.detach().abs().max()) for v in values)
+    return error / max(scale, 1e-12)
+
+
+def kernel_checks(device: torch.device) -> list[CheckResult]:
+    """Every kernel once against its reference on tiny shapes on ``device``."""
+    usable, why = triton_usable(torch.empty(0, device=device))
+    cases = _kernel_cases(device)
+    if not usable:
+        return [CheckResult(name, "skip", detail=why) for name, *_ in cases]
+    from .kernels.testing import TOLERANCES
+
+    results = []
+    for name, dtype, kernel, expected_run in cases:
+        if device.type == "cpu" and dtype != torch.float32:
+            results.append(CheckResult(name, "skip", detail="the interpreter has no bf16"))
+            continue
+        rtol, _ = TOLERANCES[dtype]
+        try:
+            got, first = _timed(kernel, device)
+            _, warm = _timed(kernel, device)
+        except Exception as error:
+            lines = str(error).strip().splitlines() or [""]
+            results.append(CheckResult(name, "fail", detail=f"{type(error).__name__}: "
+                                                            f"{lines[-1][:200]}"))
+            continue
+        expected = expected_run()
+        error = _max_error(got, expected)
+        relative = _relative(error, expected)
+        results.append(CheckResult(
+            name, "pass" if relative <= rtol else "fail", max_error=error,
+            tolerance=f"max error <= {rtol:g} x max |reference|",
+            first_call_s=round(first, 4), warm_call_s=round(warm, 5),
+            detail=f"relative {relative:.2e}"))
+    return results
+
+
+def report(device: str | None, *, kernels: bool = True) -> dict:
+    """Everything the doctor prints, as one JSON-ready dict."""
+    resolved = check.resolve_device(device)
+    checks = kernel_checks(resolved) if kernels else []
+    return {"environment": environment(), "routes": routes(resolved),
+            "checks": [asdict(result) for result in checks],
+            "failed": [result.name for result in checks if result.status == "fail"]}
+
+
+def render(result: dict) -> str:
+    env, routes_ = result["environment"], result["routes"]
+    lines = [f"fma_fast {env['fma_fast']} (from {env['fma_fast_path']}), Python {env['python']},"
+             f" {env['platform']}"]
+    lines.append("packages: " + ", ".join(f"{name} {version}"
+                                          for name, version in env["packages"].items()))
+    if env["devices"]:
+        for dev in env["devices"]:
+            lines.append(f"cuda:{dev['index']}: {dev['name']} ({dev['capability']}, "
+                         f"{dev['memory_gib']} GiB, {dev['multiprocessors']} SMs)")
+    else:
+        lines.append(f"no CUDA device (torch built for CUDA {env['torch_cuda']}); "
+                     f"{env['cpu_threads']} CPU threads")
+    lines.append(f"TRITON_INTERPRET={env['TRITON_INTERPRET'] or '(unset)'}, "
+                 f"FMA_FAST_AUTOTUNE={env['FMA_FAST_AUTOTUNE'] or '(unset)'}")
+    lines.append(f"paths on {routes_['device']}: "
+                 + ", ".join(f"{op} -> {path}" for op, path in routes_["ops"].items()))
+    lines.append("solve -> " + ", ".join(f"{p}: {r}" for p, r in routes_["solve"].items())
+                 + f"; fit -> {routes_['fit']}")
+    if not routes_["kernels_usable"]:
+        lines.append(f"Triton kernels cannot run here: {routes_['why_not']}")
+    for key, reason in routes_["fallbacks"].items():
+        lines.append(f"fallback in this process: {key}: {reason}")
+    if result["checks"]:
+        lines.append(f"{'kernel check':<42}{'result':<8}{'max error':>11}{'first s':>10}"
+                     f"{'warm s':>10}  detail")
+        for row in result["checks"]:
+            error = "-" if row["max_error"] is None else f"{row['max_error']:.2e}"
+            first = "-" if row["first_call_s"] is None else f"{row['first_call_s']:.3f}"
+            warm = "-" if row["warm_call_s"] is None else f"{row['warm_call_s']:.4f}"
+            lines.append(f"{row['name']:<42}{row['status']:<8}{error:>11}{first:>10}{warm:>10}"
+                         f"  {row['detail']}")
+    verdict = (f"{len(result['failed'])} kernel check(s) FAILED: {', '.join(result['failed'])}"
+               if result["failed"] else "no kernel check failed")
+    lines.append(verdict)
+    return "\n".join(lines)
+
+
+def cmd_doctor(args) -> int:
+    """The ``fma-fast doctor`` command; exit 1 when a kernel check fails."""
+    if args.json:
+        from ._io import check_output_file
+
+        check_output_file(args.json, "--json", kind="a doctor report",
+                          is_kind=lambda path: path.suffix == ".json")
+    result = report(args.device, kernels=not args.no_kernels)
+    print(render(result))
+    if args.json:
+        from ._io import write_text
+
+        write_text(args.json, json.dumps(result, indent=1) + "\n")
+    return 1 if result["failed"] else 0
+
+
+def add_command(commands) -> None:
+    parser = commands.add_parser(
+        "doctor", help="versions, devices, the path each op takes here, and a check of every "
+                       "Triton kernel against its reference")
+    parser.add_argument("--device", default=None,
+                        help="device to check (default: cuda if present, else cpu)")
+    parser.add_argument("--no-kernels", action="store_true", help="skip the kernel checks")
+    parser.add_argument("--json", default=None, help="also write the report as JSON here")
+    parser.set_defaults(run=cmd_doctor)
+
