@@ -29,7 +29,9 @@ from released_loop import released_solve
 
 import fma_fast
 from fma_fast import reference, synthetic
-from fma_fast.plan import PRECISIONS, build_plan, folded_solve, solver_plan
+from fma_fast.plan import build_plan, solver_plan
+from fma_fast.policy import PRECISIONS
+from fma_fast.runtime_torch import folded_solve
 
 STEPS, STEP_SIZE = 10, 0.1
 ROUNDS = 3
@@ -185,7 +187,7 @@ def test_predictions_against_the_reference(trained):
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])  # fp16 is for CUDA
 @pytest.mark.parametrize("chunk_rows", [256, 512, 1024, 2048, 4096])
 def test_chunk_rows_sweep(benchmark, trained, precision, chunk_rows, throughput_log):
-    """Rows/s by chunk size: how ``plan.DEFAULT_CHUNK_ROWS`` was chosen."""
+    """Rows/s by chunk size: how ``policy.CPU_CHUNK_ROWS`` was chosen."""
     x = trained.features
     plan = solver_plan(trained.model, STEPS, STEP_SIZE, dtype=PRECISIONS[precision])
     folded_solve(plan, x[:256], STEPS, STEP_SIZE, precision=precision, chunk_rows=chunk_rows)

@@ -26,8 +26,7 @@ before; at C=100,000 the fused paths must stay far below one chunk's N×C fp32 m
 
 Targets (issue 4): whole solve + top-5 <= 0.25 s at C=1,000 and <= 0.4 s at C=100,000;
 >= 5x released-fp16 and >= 2x compiled-released-fp16. ``test_small_batch`` compares, per batch
-of 256 or 4,096 rows (network only), the fused loop with the same loop replayed as a CUDA graph
-(``fused_solver.GraphedSolve``) and the released loop.
+of 256 or 4,096 rows (network only), the fused loop with the released loop.
 
     python benchmarks/run.py -k gpu_solver            # about 8 minutes with the compile
 """
@@ -36,7 +35,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -48,7 +46,6 @@ from released_loop import released_solve
 import fma_fast
 from fma_fast import reference, synthetic
 from fma_fast.kernels._common import HAS_TRITON
-from fma_fast.plan import PRECISIONS as PLAN_PRECISIONS
 from fma_fast.plan import solver_plan
 
 pytestmark = [
@@ -65,7 +62,7 @@ RELEASED_CHUNK, SCORE_ROWS = 125_000, 12_500  # 1e6 = 8 equal chunks: one compil
 PATHS = ("released-fp16", "compiled-released-fp16", "fma_fast-fp32", "fma_fast-bf16",
          "fma_fast-fp16")
 SMALL_BATCHES = {"quick": 256, "full": 4_096}
-SMALL_PATHS = ("released-fp16", "fused-bf16", "graphed-bf16")
+SMALL_PATHS = ("released-fp16", "fused-bf16")
 ROUNDS = 3
 COMPILE = os.environ.get("FMA_BENCH_COMPILE", "1") != "0"
 COMPILE_MODE = os.environ.get("FMA_BENCH_COMPILE_MODE", "max-autotune")
@@ -185,8 +182,6 @@ def test_whole_solve(benchmark, request, case: Case, classes: int, path: str) ->
     extra: dict[str, object] = {}
     if path.startswith("fma_fast"):
         precision = path.removeprefix("fma_fast-")
-        if precision == "fp16" and torch.float16 not in PLAN_PRECISIONS.values():
-            pytest.skip("fma_fast.plan does not fold fp16 weights yet (PRECISIONS lacks fp16)")
 
         def run() -> torch.Tensor:
             result = fma_fast.solve(x, model, STEPS, class_features=table, topk=TOPK,
@@ -235,7 +230,7 @@ def test_whole_solve(benchmark, request, case: Case, classes: int, path: str) ->
 @pytest.mark.parametrize("grid", sorted(SMALL_BATCHES))
 def test_small_batch(benchmark, field: Field, grid: str, path: str) -> None:
     """Latency of M=10 steps on one small batch (network only): launch overhead dominates."""
-    from fma_fast.fused_solver import GraphedSolve, fused_states
+    from fma_fast.runtime_triton import fused_final
 
     rows = SMALL_BATCHES[grid]
     x = _jitter(field.test_features, rows, 0.3, seed=7)
@@ -245,16 +240,11 @@ def test_small_batch(benchmark, field: Field, grid: str, path: str) -> None:
 
         def run() -> torch.Tensor:
             return _sync(network(x))
-    elif path == "fused-bf16":
+    else:
 
         @torch.inference_mode()
         def run() -> torch.Tensor:
-            return _sync(deque(fused_states(plan, x), maxlen=1)[0])
-    else:
-        graphed = GraphedSolve(plan, rows)
-
-        def run() -> torch.Tensor:
-            return _sync(graphed(x))
+            return _sync(fused_final(plan, x))
 
     run()
     benchmark.group = f"small batch ({grid}): {rows} rows, M={STEPS}, network only"

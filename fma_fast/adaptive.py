@@ -6,9 +6,11 @@ consecutive steps) or *confident* (max softmax probability at logit scale 100 �
 minus top-2 cosine margin ≥ δ); a row that never triggers stops at ``max_steps``. The rule and
 its threshold are chosen on val from a small grid, like M.
 
-Everything is computed from one trajectory pass: the per-step prediction, max probability and
-margin of every row (:func:`trajectory_stats`), after which any rule is a cheap vectorised
-"first step where it triggers" (:func:`stop_steps`).
+Everything is computed from one trajectory pass on the solver's fast path
+(:func:`fma_fast.solver.trajectory_scores`): the per-step prediction, max probability and margin
+of every row (:func:`trajectory_stats`), after which any rule is a cheap vectorised "first step
+where it triggers" (:func:`stop_steps`). The rule is chosen on val by
+:func:`fma_fast.policy.best_on_val`, as M is.
 """
 
 from __future__ import annotations
@@ -18,14 +20,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import _validation as check
-from . import reference
+from .policy import LOGIT_SCALE, best_on_val
+from .solver import trajectory_scores
 
 Array = torch.Tensor | np.ndarray
 RULES = ("stable", "prob", "margin")
-DEFAULT_LOGIT_SCALE = 100.0
 
 
 @dataclass(frozen=True)
@@ -63,11 +64,13 @@ DEFAULT_GRID: tuple[StopRule, ...] = (
 @dataclass
 class TrajectoryStats:
     """Per row and step m = 0..max_steps: ``pred`` (N, M+1) the cosine argmax class, ``prob``
-    the max softmax probability at the logit scale, ``margin`` top-1 minus top-2 cosine."""
+    the max softmax probability at logit scale 100, ``margin`` top-1 minus top-2 cosine, and,
+    when labels were given, ``label_logprob`` the log-probability of each row's own class."""
 
     pred: torch.Tensor
     prob: torch.Tensor
     margin: torch.Tensor
+    label_logprob: torch.Tensor | None = None
 
     @property
     def max_steps(self) -> int:
@@ -85,50 +88,42 @@ def _check_row_labels(labels, pred: torch.Tensor) -> torch.Tensor:
     return check.check_labels("labels", labels, rows=pred.shape[0], num_classes=2**62)
 
 
-@torch.no_grad()
 def trajectory_stats(
     model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     features: Array,
     class_features: Array,
+    labels: Array | None = None,
     *,
     max_steps: int = 10,
     step_size: float = 0.1,
-    logit_scale: float = DEFAULT_LOGIT_SCALE,
-    batch_size: int = 4096,
+    batch_size: int | None = None,
+    backend: str = "auto",
 ) -> TrajectoryStats:
-    """One Euler trajectory pass (``reference.euler_solve``, ``batch_size`` rows at a time on the
-    features' device), keeping only the per-step statistics the stopping rules need."""
-    if not callable(model):
-        raise TypeError(f"model must be a velocity network u(x, t), got {type(model).__name__}")
+    """One pass over the Euler states (the solver's fast path, top-2 and log-sum-exp per
+    state), keeping only the per-step statistics the stopping rules need; with ``labels``
+    also each row's own-class log-probability (for the cross-entropy tie-break)."""
     x = check.check_matrix("features", features)
     z = check.check_matrix("class_features", class_features, dim=x.shape[1], dim_source="features")
-    check.check_same_device(features=x, class_features=z)
-    check.check_finite("class_features", z)
-    max_steps = check.check_int("max_steps", max_steps, minimum=0)
-    step_size = check.check_positive_float("step_size", step_size)
-    logit_scale = check.check_positive_float("logit_scale", logit_scale)
-    batch_size = check.check_int("batch_size", batch_size, minimum=1)
     if z.shape[0] < 2:
         raise ValueError("class_features needs at least 2 classes for a top-2 margin")
-    z = z.float()
-    shape = (x.shape[0], max_steps + 1)
+    scores = trajectory_scores(
+        model, x, z, labels=labels, max_steps=max_steps, k=2, with_lse=True,
+        step_size=step_size, batch_size=batch_size, backend=backend,
+    )
+    shape = (x.shape[0], check.check_int("max_steps", max_steps) + 1)
     pred = torch.empty(shape, dtype=torch.long, device=x.device)
     prob = torch.empty(shape, dtype=torch.float32, device=x.device)
     margin = torch.empty(shape, dtype=torch.float32, device=x.device)
-    for start in range(0, x.shape[0], batch_size):
-        rows = slice(start, min(start + batch_size, x.shape[0]))
-        chunk = x[rows].float()
-        check.check_finite("features" if start == 0 else f"features[{start}:]", chunk)
-        trajectory = reference.euler_solve(
-            model, chunk, max_steps, step_size, return_trajectory=True
-        )
-        for step, state in enumerate(trajectory):
-            cosine = reference.cosine_logits(state, z)
-            top2 = cosine.topk(2, dim=-1)
-            pred[rows, step] = top2.indices[:, 0]
-            margin[rows, step] = top2.values[:, 0] - top2.values[:, 1]
-            prob[rows, step] = F.softmax(logit_scale * cosine, dim=-1).amax(dim=-1)
-    return TrajectoryStats(pred=pred, prob=prob, margin=margin)
+    label_logprob = None if labels is None else torch.empty_like(prob)
+    for rows, step, scored in scores:
+        values = scored.values.to(x.device)
+        pred[rows, step] = scored.indices[:, 0].to(x.device)
+        margin[rows, step] = values[:, 0] - values[:, 1]
+        prob[rows, step] = torch.exp(LOGIT_SCALE * values[:, 0] - scored.lse.to(x.device))
+        if label_logprob is not None:
+            label_logprob[rows, step] = (
+                LOGIT_SCALE * scored.true_cosine - scored.lse).to(x.device)
+    return TrajectoryStats(pred=pred, prob=prob, margin=margin, label_logprob=label_logprob)
 
 
 def _triggers(stats: TrajectoryStats, rule: StopRule) -> torch.Tensor:
@@ -163,27 +158,35 @@ def adaptive_predict(stats: TrajectoryStats, rule: StopRule) -> tuple[torch.Tens
 
 @dataclass
 class RuleSelection:
-    """The rule chosen on val, with every candidate's (rule, val accuracy, mean stop step)."""
+    """The rule chosen on val, with every candidate's (rule, val accuracy, val cross-entropy,
+    mean stop step)."""
 
     rule: StopRule
     accuracy: float
     mean_steps: float
-    table: list[tuple[StopRule, float, float]]
+    table: list[tuple[StopRule, float, float, float]]
 
 
 def select_rule(
     stats: TrajectoryStats, labels: Array, grid: Sequence[StopRule] = DEFAULT_GRID
 ) -> RuleSelection:
-    """Choose the rule on val: highest accuracy, then fewest mean steps, then grid order."""
+    """Choose the rule on val by :func:`fma_fast.policy.best_on_val`: highest accuracy, then
+    the lowest cross-entropy at the rows' stopping steps (when ``stats`` has the labels'
+    log-probabilities), then the fewest mean steps, then grid order."""
     y = _check_row_labels(labels, stats.pred)
     if isinstance(grid, StopRule) or not isinstance(grid, Sequence) or len(grid) == 0:
         raise ValueError(f"grid must be a non-empty sequence of StopRule, got {grid!r}")
     table = []
     for rule in grid:
         pred, steps = adaptive_predict(stats, rule)
-        table.append((rule, float((pred == y).double().mean()), float(steps.double().mean())))
-    best = max(range(len(table)), key=lambda i: (table[i][1], -table[i][2], -i))
-    rule, accuracy, mean_steps = table[best]
+        loss = 0.0
+        if stats.label_logprob is not None:
+            loss = -float(stats.label_logprob.gather(1, steps[:, None]).double().mean())
+        table.append((rule, float((pred == y).double().mean()), loss,
+                      float(steps.double().mean())))
+    best = best_on_val([row[1] for row in table], [row[2] for row in table],
+                       steps=[row[3] for row in table])
+    rule, accuracy, _, mean_steps = table[best]
     return RuleSelection(rule=rule, accuracy=accuracy, mean_steps=mean_steps, table=table)
 
 

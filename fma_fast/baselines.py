@@ -28,11 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _validation as check
+from .policy import LOGIT_SCALE, best_on_val
 from .solver import StepSelection, select_steps, solve
 from .training import FitResult, fit
-
-LOGIT_SCALE = 100.0
-"""CLIP's learned logit scale: softmax(100·cos) is how CLIP turns cosines into probabilities."""
 
 Array = torch.Tensor | np.ndarray
 Selection = tuple[float, float]
@@ -72,8 +70,9 @@ def val_score(logits: torch.Tensor, labels: torch.Tensor) -> Selection:
 
 
 def _best(scores: list[Selection]) -> int:
-    """Index of the best key; the first in grid order among exact ties."""
-    return max(range(len(scores)), key=lambda i: (scores[i], -i))
+    """Index of the best candidate by :func:`fma_fast.policy.best_on_val` (accuracy, then
+    cross-entropy, then the first in grid order)."""
+    return best_on_val([accuracy for accuracy, _ in scores], [-loss for _, loss in scores])
 
 
 class Baseline:

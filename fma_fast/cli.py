@@ -24,7 +24,8 @@ from .features_io import (
     save_features,
 )
 from .model import VelocityNet
-from .solver import BACKENDS, PRECISIONS, accuracy_by_steps, select_steps, solve
+from .policy import PRECISIONS, SOLVE_BACKENDS
+from .solver import accuracy_by_steps, select_steps, solve
 from .training import AMP_CHOICES, fit
 
 PREDICTIONS_FORMAT = "fma_fast/predictions/1"
@@ -109,7 +110,7 @@ def add_solve_options(parser: argparse.ArgumentParser, prefix: str = "") -> None
     )
     parser.add_argument(
         f"--{prefix}backend",
-        choices=BACKENDS,
+        choices=SOLVE_BACKENDS,
         default="auto",
         help="solver path: auto (fastest exact), reference, folded, triton (default %(default)s)",
     )

@@ -26,9 +26,9 @@ from .kernels._common import (
     triton_usable,
     with_fallback,
 )
+from .policy import LOGIT_SCALE, OP_BACKENDS
 from .reference import DEFAULT_TIME_EPS
 
-BACKENDS = ("auto", "triton", "reference")
 PATH_TRITON = "triton"
 PATH_INTERPRETER = "triton-interpreter"
 PATH_REFERENCE = "reference"
@@ -64,6 +64,11 @@ class EulerStep(NamedTuple):
     path: str
 
 
+class LogSumExp(NamedTuple):
+    lse: torch.Tensor
+    path: str
+
+
 class TopK(NamedTuple):
     """(N, k) values best first and their int64 class indices."""
 
@@ -74,8 +79,8 @@ class TopK(NamedTuple):
 
 def select_path(backend: str, *tensors: torch.Tensor) -> str:
     """The path an op on ``tensors`` takes under ``backend`` (see the module docstring)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in OP_BACKENDS:
+        raise ValueError(f"backend must be one of {OP_BACKENDS}, got {backend!r}")
     if backend == "reference":
         return PATH_REFERENCE
     usable, why = triton_usable(*tensors)
@@ -298,7 +303,8 @@ def cosine_topk(x: torch.Tensor, class_features: torch.Tensor, k: int = 1, *,
 
 
 def step_ensemble_topk(states: Sequence[torch.Tensor] | torch.Tensor,
-                       class_features: torch.Tensor, k: int = 1, *, logit_scale: float = 100.0,
+                       class_features: torch.Tensor, k: int = 1, *,
+                       logit_scale: float = LOGIT_SCALE,
                        normalized: bool = False, precision: str = DEFAULT_DOT_PRECISION,
                        backend: str = "auto") -> TopK:
     """Top-k of the released step ensemble Σ_s softmax(logit_scale·cos(x_s, z)) over the
@@ -331,8 +337,28 @@ def step_ensemble_topk(states: Sequence[torch.Tensor] | torch.Tensor,
     return TopK(values, indices, path)
 
 
+def cosine_logsumexp(x: torch.Tensor, class_features: torch.Tensor,
+                     logit_scale: float = LOGIT_SCALE, *, normalized: bool = False,
+                     precision: str = DEFAULT_DOT_PRECISION, backend: str = "auto") -> LogSumExp:
+    """logsumexp_c(logit_scale·cos(x_n, z_c)) per row (N,), fp32, without an (N, C) matrix
+    on the kernel and fallback paths (the reference builds it)."""
+    _check_rows(x, class_features)
+    logit_scale = check.check_positive_float("logit_scale", logit_scale)
+    path = select_path(backend, x, class_features)
+    if path == PATH_REFERENCE:
+        lse = torch.logsumexp(reference.cosine_logits(x, class_features, logit_scale), dim=-1)
+        return LogSumExp(lse, path)
+    table = _unit_table(class_features, normalized)
+    lse, path = _run(
+        "cosine_lse", backend, path, x,
+        lambda: _kernels("step_ensemble").cosine_lse(x[None], table, logit_scale,
+                                                     precision)[0][0],
+        lambda: scoring.tiled_logsumexp(x, table, logit_scale))
+    return LogSumExp(lse, path)
+
+
 def cosine_cross_entropy(x: torch.Tensor, class_features: torch.Tensor, labels: torch.Tensor,
-                         logit_scale: float = 100.0, *, normalized: bool = False,
+                         logit_scale: float = LOGIT_SCALE, *, normalized: bool = False,
                          precision: str = DEFAULT_DOT_PRECISION, backend: str = "auto") -> Loss:
     """Mean CE of softmax(logit_scale·cos(x, z)) against labels, differentiable w.r.t. x.
 

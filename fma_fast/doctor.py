@@ -20,10 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from . import _validation as check
-from . import dispatch, reference, solver
+from . import dispatch, reference, routing, solver
 from .kernels import _common
 from .kernels._common import triton_usable
 from .model import VelocityNet
+from .policy import PRECISIONS
 
 PACKAGES = ("torch", "triton", "numpy", "safetensors", "tqdm", "open_clip_torch", "pillow",
             "matplotlib", "pytest", "pytest-benchmark")
@@ -83,10 +84,11 @@ def routes(device: torch.device) -> dict:
            for op in ("cosine_topk", "step_ensemble", "cosine_cross_entropy", "euler_step")}
     training = "fused flow-matching kernels" if device.type == "cuda" and usable else "reference"
     solve = {}
-    for precision in solver.PRECISIONS:
+    for precision in PRECISIONS:
         try:
-            route = solver._route(VelocityNet(8, 1), device, precision, "auto")
-            solve[precision] = f"{route}-{precision}"
+            route = routing.resolve(VelocityNet(8, 1), routing.SolveOptions(precision=precision),
+                                    1, device)
+            solve[precision] = route.path()
         except ValueError as error:
             solve[precision] = f"unavailable: {error}"
     return {"device": str(device), "kernels_usable": usable, "why_not": why, "ops": ops,

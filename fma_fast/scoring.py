@@ -1,5 +1,5 @@
-"""Scoring in torch with bounded memory: top-k cosines and the cosine cross-entropy, one class
-tile at a time, so no (rows × C) matrix exists whatever C is.
+"""Scoring in torch with bounded memory (docs/method.md §4): top-k cosines, the log-sum-exp
+and the cosine cross-entropy, one class tile at a time, so no (rows × C) matrix exists.
 
 The CPU solve scores this way, and so does a GPU whose Triton scoring kernel cannot run there
 (the fallback of :mod:`fma_fast.dispatch`). The plain twins that build (rows × C) live in
@@ -11,10 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-CLASS_TILE = 4096
-"""Classes scored at once: a chunk's logits stay rows × 4096, whatever C is."""
-LOSS_LOGIT_SCALE = 100.0
-"""The logit scale of the validation cross-entropy that breaks accuracy ties (CLIP's 100)."""
+from . import policy
+from .policy import LOGIT_SCALE
 
 
 def merge_topk(
@@ -35,29 +33,28 @@ def tiled_scores(
     x: torch.Tensor,
     class_features: torch.Tensor,
     k: int,
-    labels: torch.Tensor | None = None,
     *,
-    logit_scale: float = LOSS_LOGIT_SCALE,
-) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
+    with_lse: bool = False,
+    logit_scale: float = LOGIT_SCALE,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Top-k cosines (values best first, int64 indices) of the rows of ``x`` against the
-    unit-norm rows of ``class_features`` and, given ``labels``, each row's cross-entropy of
-    softmax(``logit_scale``·cos), from one pass over class tiles (the loss by an online
-    log-sum-exp)."""
+    unit-norm rows of ``class_features`` and, with ``with_lse``, each row's
+    logsumexp_c(``logit_scale``·cos), from one pass over class tiles (an online log-sum-exp)."""
     unit = F.normalize(x.float(), dim=-1)
     z = class_features.to(unit.dtype)
     rows, classes = unit.shape[0], z.shape[0]
-    tile = torch.empty(rows, min(CLASS_TILE, classes), dtype=unit.dtype, device=unit.device)
+    tile = torch.empty(rows, min(policy.CLASS_TILE, classes), dtype=unit.dtype, device=unit.device)
     best = None
     running_max = running_sum = None
-    if labels is not None:
+    if with_lse:
         running_max = torch.full((rows, 1), -torch.inf, dtype=unit.dtype, device=unit.device)
         running_sum = torch.zeros(rows, 1, dtype=unit.dtype, device=unit.device)
-    for start in range(0, classes, CLASS_TILE):
-        stop = min(start + CLASS_TILE, classes)
+    for start in range(0, classes, policy.CLASS_TILE):
+        stop = min(start + policy.CLASS_TILE, classes)
         cosines = torch.mm(unit, z[start:stop].T, out=tile[:, : stop - start])
         values, indices = cosines.topk(min(k, stop - start), dim=1)
         best = merge_topk(best, values, indices + start, k)
-        if labels is None:
+        if not with_lse:
             continue
         # Online log-sum-exp of scale·cos, in place on the tile (its cosines are used up).
         new_max = torch.maximum(running_max, logit_scale * values[:, :1])
@@ -65,18 +62,29 @@ def tiled_scores(
         cosines.mul_(logit_scale).sub_(new_max).exp_()
         running_sum.add_(cosines.sum(dim=1, keepdim=True))
         running_max = new_max
-    loss = None
-    if labels is not None:
-        true_logit = logit_scale * (unit * z[labels]).sum(dim=1, keepdim=True)
-        loss = (running_max + running_sum.log() - true_logit)[:, 0]
-    return best, loss
+    lse = (running_max + running_sum.log())[:, 0] if with_lse else None
+    return best[0], best[1], lse
+
+
+def true_cosines(x: torch.Tensor, class_features: torch.Tensor, labels: torch.Tensor
+                 ) -> torch.Tensor:
+    """cos(x_n, z_{labels_n}) per row against unit-norm ``class_features`` (no (N, C) matrix)."""
+    unit = F.normalize(x.float(), dim=-1)
+    return (unit * class_features[labels].to(unit.dtype)).sum(dim=1)
 
 
 def tiled_topk(
     x: torch.Tensor, class_features: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k cosines against unit-norm ``class_features``, class tile by class tile."""
-    return tiled_scores(x, class_features, k)[0]
+    values, indices, _ = tiled_scores(x, class_features, k)
+    return values, indices
+
+
+def tiled_logsumexp(x: torch.Tensor, class_features: torch.Tensor, logit_scale: float
+                    ) -> torch.Tensor:
+    """logsumexp_c(``logit_scale``·cos(x_n, z_c)) per row, class tile by class tile."""
+    return tiled_scores(x, class_features, 1, with_lse=True, logit_scale=logit_scale)[2]
 
 
 def tiled_cross_entropy(
@@ -84,4 +92,5 @@ def tiled_cross_entropy(
 ) -> torch.Tensor:
     """Mean cross-entropy of softmax(``logit_scale``·cos) against labels, class tile by tile
     (unit-norm ``class_features``)."""
-    return tiled_scores(x, class_features, 1, labels, logit_scale=logit_scale)[1].mean()
+    lse = tiled_logsumexp(x, class_features, logit_scale)
+    return (lse - logit_scale * true_cosines(x, class_features, labels)).mean()

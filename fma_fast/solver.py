@@ -1,24 +1,38 @@
-"""Batch solving and scoring: stream test rows through the early-stopping Euler solver."""
+"""Solving and scoring test rows with the early-stopping Euler solver: the public functions.
+
+Every function checks its arguments, resolves one :class:`~fma_fast.routing.Route` and streams
+the rows through it a batch at a time: the network runs in :mod:`fma_fast.runtime_torch`
+(folded GEMM chain), :mod:`fma_fast.runtime_triton` (fused kernels) or a plain loop, and the
+states are scored through :mod:`fma_fast.dispatch` or in torch class tiles
+(:mod:`fma_fast.scoring`). :func:`trajectory_scores` is the one pass over the states that
+``select_steps``, ``accuracy_by_steps``, adaptive stopping and the report share.
+"""
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from . import _validation as check
-from . import dispatch, reference, scoring
-from .fused_solver import fused_states, kernels_run
-from .kernels._common import HAS_TRITON
-from .model import VelocityNet
-from .plan import folded_final, folded_states, solver_plan
-
-DEFAULT_CHUNK_ROWS = {"cpu": 4096, "cuda": 65536}
-PATH_TILED = "torch-tiled"
+from . import dispatch, reference, runtime_torch, runtime_triton, scoring
+from .plan import solver_plan
+from .policy import LOGIT_SCALE, best_on_val
+from .routing import (
+    NETWORK_FALLBACK,
+    NETWORK_FOLDED,
+    NETWORK_FUSED,
+    NETWORK_GENERIC,
+    NETWORK_REFERENCE,
+    SCORING_TILED,
+    Route,
+    SolveOptions,
+    resolve,
+)
 
 
 @dataclass
@@ -35,9 +49,8 @@ class SolveResult:
 @dataclass
 class StepSelection:
     """Accuracy and mean cross-entropy (softmax of 100·cos) after every M in 0..max_steps, and
-    the best M: highest accuracy, then lowest cross-entropy, then fewest steps. Small val
-    splits tie often (4 shots per class); the cross-entropy keeps a saturated split from
-    settling on the first perfect M."""
+    the best M by :func:`fma_fast.policy.best_on_val`: highest accuracy, then lowest
+    cross-entropy, then fewest steps."""
 
     best_steps: int
     accuracy: list[float]
@@ -51,23 +64,20 @@ class StepSelection:
         return "\n".join(lines)
 
 
-def _model_device(model) -> torch.device | None:
-    if isinstance(model, nn.Module):
-        for parameter in model.parameters():
-            return parameter.device
-    return None
+class StateScores(NamedTuple):
+    """Scores of one state of a row batch: the top-k cosines (N, k) and their classes, and,
+    when asked, logsumexp_c(100·cos) (N,) and the cosine of each row's own label (N,)."""
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    lse: torch.Tensor | None
+    true_cosine: torch.Tensor | None
 
 
-def _model_dim(model) -> int | None:
-    return getattr(model, "dim", None) if isinstance(getattr(model, "dim", None), int) else None
+# ------------------------------------------------------------------------- argument checks
 
 
-def _check_model(model) -> None:
-    if not callable(model):
-        raise TypeError(f"model must be a velocity network u(x, t), got {type(model).__name__}")
-
-
-def _check_steps(steps, step_size, name: str = "steps") -> tuple[int, float]:
+def _check_steps(steps, step_size, name: str = "steps") -> int:
     steps = check.check_int(name, steps, minimum=0)
     step_size = check.check_positive_float("step_size", step_size)
     if steps * step_size > 1.0 + 1e-9:
@@ -75,108 +85,55 @@ def _check_steps(steps, step_size, name: str = "steps") -> tuple[int, float]:
             f"{name} * step_size = {steps * step_size:g} > 1: the solve runs past t=1, "
             "beyond the time range the field was trained on"
         )
-    return steps, step_size
+    return steps
 
 
-def _check_state(state: torch.Tensor, step: int, start: int) -> torch.Tensor:
-    """Refuse non-finite solver states: a NaN field would give every row the same class."""
-    if not bool(torch.isfinite(state.sum())):
-        raise ValueError(
-            f"the solve produced NaN or Inf at step {step} (rows from {start} on): the "
-            "model's velocities are not finite; check its weights or its forward"
-        )
-    return state
-
-
-def _chunks(
-    features: torch.Tensor, batch_size: int, device: torch.device
-) -> Iterator[tuple[slice, torch.Tensor]]:
-    """Rows moved to the compute device one chunk at a time, each checked for NaN/Inf."""
-    for start in range(0, features.shape[0], batch_size):
-        rows = slice(start, min(start + batch_size, features.shape[0]))
-        chunk = features[rows].to(device, torch.float32, non_blocking=True)
-        check.check_finite("features" if start == 0 else f"features[{start}:]", chunk)
-        yield rows, chunk
-
-
-def _prepare(
-    features, model, class_features, batch_size, device, labels=None, require_classes=False
-):
-    _check_model(model)
-    dim = _model_dim(model)
-    x = check.check_matrix("features", features, dim=dim)
+def _inputs(features, model, class_features, *, labels=None, require_classes=False):
+    """Checked features, class table (None when not given) and labels, all on one device."""
+    if not callable(model):
+        raise TypeError(f"model must be a velocity network u(x, t), got {type(model).__name__}")
+    dim = getattr(model, "dim", None)
+    x = check.check_matrix("features", features, dim=dim if isinstance(dim, int) else None)
     tensors = {"features": x}
-    z = None
     if class_features is None and require_classes:
         raise TypeError("class_features must be a (C, D) class table, got None")
+    z = None
     if class_features is not None:
         z = check.check_matrix(
             "class_features", class_features, dim=x.shape[1], dim_source="features"
         )
         tensors["class_features"] = z
+    y = None
     if labels is not None:
-        tensors["labels"] = labels
+        tensors["labels"] = check.as_tensor("labels", labels)
     check.check_same_device(**tensors)
     if z is not None:
         check.check_finite("class_features", z)
-    device = check.resolve_device(device, default=_model_device(model) or x.device)
-    if batch_size is None:
-        batch_size = DEFAULT_CHUNK_ROWS.get(device.type, 4096)
-    batch_size = check.check_int("batch_size", batch_size, minimum=1)
-    if z is not None:
-        z = z.to(device, torch.float32)
-    return x, z, batch_size, device
+        if labels is not None:
+            y = check.check_labels("labels", labels, rows=x.shape[0], num_classes=z.shape[0])
+    return x, z, y
 
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-BACKENDS = ("auto", "reference", "folded", "triton")
-ROUTE_REFERENCE, ROUTE_GENERIC, ROUTE_FOLDED, ROUTE_FUSED, ROUTE_FALLBACK = (
-    "reference",
-    "generic",
-    "folded",
-    "fused-triton",
-    "folded-fallback",
-)
-"""ROUTE_FALLBACK: the fused kernels cannot run on this GPU, so the torch GEMM chain runs."""
+def _unit_rows(z: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The class table in fp32 with unit rows on ``device``; CLIP tables usually are unit
+    already, and then no (C, D) copy is made (at C = 100,000 that copy would be 200 MB)."""
+    z = z.to(device, torch.float32)
+    norms = torch.linalg.vector_norm(z, dim=-1)
+    if bool(((norms - 1).abs() <= 1e-6).all()):
+        return z
+    return F.normalize(z, dim=-1)
 
 
-def _route(model, device: torch.device, precision: str, backend: str) -> str:
-    """Which network path runs: the fastest exact one unless ``backend`` forces another.
-
-    auto: a VelocityNet runs folded (FMA_FACTS §3) — through the fused Triton kernels on CUDA,
-    as a torch GEMM chain elsewhere; any other velocity module runs as given ("generic").
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
-    if backend == "reference":
-        if precision != "fp32":
-            raise ValueError(f"the reference runs in fp32 only, got precision={precision!r}")
-        return ROUTE_REFERENCE
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError(
-            "precision='fp16' needs a CUDA device (CPUs have no fast fp16 GEMM); "
-            "use 'bf16' or 'fp32'"
-        )
-    if not isinstance(model, VelocityNet):
-        if backend in ("folded", "triton"):
-            raise ValueError(f"backend={backend!r} needs a VelocityNet, got {type(model).__name__}")
-        return ROUTE_GENERIC
-    if backend == "folded":
-        return ROUTE_FOLDED
-    if backend == "triton":
-        dispatch.select_path("triton", torch.empty(0, device=device))  # raises with the reason
-        return ROUTE_FUSED
-    return ROUTE_FUSED if device.type == "cuda" and HAS_TRITON else ROUTE_FOLDED
+def _batches(x: torch.Tensor, route: Route) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Rows moved to the compute device one batch at a time, each checked for NaN/Inf."""
+    for start in range(0, x.shape[0], route.batch_size):
+        rows = slice(start, min(start + route.batch_size, x.shape[0]))
+        batch = x[rows].to(route.device, torch.float32, non_blocking=True)
+        check.check_finite("features" if start == 0 else f"features[{start}:]", batch)
+        yield rows, batch
 
 
-def _checked_route(route, model, steps, step_size, precision, backend, device) -> str:
-    """The fused route where its kernels run here; else (backend "auto") the torch chain."""
-    if route != ROUTE_FUSED or backend == "triton":
-        return route
-    plan = solver_plan(model, steps, step_size, dtype=PRECISIONS[precision], device=device)
-    return ROUTE_FUSED if kernels_run(plan) else ROUTE_FALLBACK
+# --------------------------------------------------------------------- the network paths
 
 
 def _velocity(model, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
@@ -193,97 +150,81 @@ def _velocity(model, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tenso
     return velocity
 
 
-def _states(
-    route: str,
-    model,
-    x: torch.Tensor,
-    steps: int,
-    step_size: float,
-    precision: str,
-    op_backend: str,
-) -> Iterator[torch.Tensor]:
-    """States x_0..x_M of one chunk; a yielded tensor may be overwritten by the next step."""
-    if route in (ROUTE_FOLDED, ROUTE_FALLBACK):
-        yield from folded_states(model, x, steps, step_size, precision=precision)
+def _check_state(state: torch.Tensor, step: int, start: int) -> torch.Tensor:
+    """Refuse non-finite solver states: a NaN field would give every row the same class."""
+    if not bool(torch.isfinite(state.sum())):
+        raise ValueError(
+            f"the solve produced NaN or Inf at step {step} (rows from {start} on): the "
+            "model's velocities are not finite; check its weights or its forward"
+        )
+    return state
+
+
+def _plan(route: Route, model, steps: int):
+    return solver_plan(model, steps, route.step_size, dtype=route.dtype, device=route.device)
+
+
+def _raw_states(route: Route, model, x: torch.Tensor, steps: int) -> Iterator[torch.Tensor]:
+    """States x_0..x_M of one batch; a yielded tensor may be overwritten by the next step."""
+    if route.network in (NETWORK_FOLDED, NETWORK_FALLBACK):
+        yield from runtime_torch.folded_states(
+            model, x, steps, route.step_size, precision=route.precision
+        )
         return
-    if route == ROUTE_FUSED:
-        plan = solver_plan(model, steps, step_size, dtype=PRECISIONS[precision], device=x.device)
-        yield from fused_states(plan, x)
+    if route.network == NETWORK_FUSED:
+        yield from runtime_triton.fused_states(_plan(route, model, steps), x)
         return
     x = x.clone()
     t = torch.zeros((), dtype=torch.float32, device=x.device)
     yield x
-    low_precision = route == ROUTE_GENERIC and precision != "fp32"
+    low_precision = route.network == NETWORK_GENERIC and route.precision != "fp32"
     for step in range(steps):
-        with torch.autocast(x.device.type, dtype=PRECISIONS[precision], enabled=low_precision):
+        with torch.autocast(x.device.type, dtype=route.dtype, enabled=low_precision):
             velocity = _velocity(model, x, t, step)
-        if route == ROUTE_REFERENCE:
-            x, t = reference.euler_step(x, velocity, t, step_size)
+        if route.network == NETWORK_REFERENCE:
+            x, t = reference.euler_step(x, velocity, t, route.step_size)
         else:
-            dispatch.euler_step(x, velocity, t, step_size, inplace=True, backend=op_backend)
+            dispatch.euler_step(x, velocity, t, route.step_size, inplace=True,
+                                backend=route.op_backend)
         yield x
 
 
-def _checked_states(route, model, chunk, start, steps, step_size, precision, op_backend):
-    """:func:`_states`, each state refused when it holds NaN or Inf."""
-    states = _states(route, model, chunk, steps, step_size, precision, op_backend)
-    for step, state in enumerate(states):
+def _states(route: Route, model, x: torch.Tensor, start: int, steps: int):
+    """:func:`_raw_states`, each state refused when it holds NaN or Inf."""
+    for step, state in enumerate(_raw_states(route, model, x, steps)):
         yield _check_state(state, step, start)
 
 
-def _final_state(
-    route: str,
-    model,
-    x: torch.Tensor,
-    start: int,
-    steps: int,
-    step_size: float,
-    precision: str,
-    op_backend: str,
-) -> torch.Tensor:
-    """x_M of one chunk (rows from ``start`` on); the folded route merges each step's final
-    layer with the next input projection when the states in between are not needed
-    (``plan.folded_final``)."""
-    if route in (ROUTE_FOLDED, ROUTE_FALLBACK):
-        final = folded_final(model, x, steps, step_size, precision=precision)
+def _final_state(route: Route, model, x: torch.Tensor, start: int, steps: int) -> torch.Tensor:
+    """x_M of one batch: the runtimes' final-only entry points where there is one."""
+    if route.network in (NETWORK_FOLDED, NETWORK_FALLBACK):
+        final = runtime_torch.folded_final(
+            model, x, steps, route.step_size, precision=route.precision
+        )
+    elif route.network == NETWORK_FUSED:
+        final = runtime_triton.fused_final(_plan(route, model, steps), x)
     else:
-        states = _states(route, model, x, steps, step_size, precision, op_backend)
-        final = deque(states, maxlen=1)[0]
+        final = deque(_raw_states(route, model, x, steps), maxlen=1)[0]
     return _check_state(final, steps, start)
 
 
-def _unit_rows(z: torch.Tensor) -> torch.Tensor:
-    """The class table with unit rows; CLIP tables usually are already, and then no (C, D) copy
-    is made (with C = 100,000 classes that copy alone would be 200 MB)."""
-    norms = torch.linalg.vector_norm(z, dim=-1)
-    if bool(((norms - 1).abs() <= 1e-6).all()):
-        return z
-    return F.normalize(z, dim=-1)
+# --------------------------------------------------------------------------- scoring
 
 
-def _op_backend(backend: str, device: torch.device) -> str:
-    """The dispatch backend of the fused update and scoring ops: Triton on CUDA; on the CPU the
-    torch paths, unless ``backend="triton"`` asks for the (test-only, slow) interpreter."""
-    if backend in ("reference", "triton"):
-        return backend
-    return "auto" if device.type == "cuda" else "reference"
-
-
-def _topk(
-    state: torch.Tensor, z: torch.Tensor, k: int, op_backend: str, tiled: bool
-) -> dispatch.TopK:
-    """Top-k cosines of unit-norm ``z``: Triton where it runs, else class tiles in torch so
-    memory stays bounded for any C (``tiled=False`` keeps the plain reference twin)."""
-    if op_backend != "reference" or not tiled:
-        return dispatch.cosine_topk(state, z, k, normalized=True, backend=op_backend)
-    return dispatch.TopK(*scoring.tiled_topk(state, z, k), PATH_TILED)
-
-
-def _path_name(route: str, precision: str, scoring: str | None) -> str:
-    if route == ROUTE_REFERENCE and scoring in (None, dispatch.PATH_REFERENCE):
-        return ROUTE_REFERENCE
-    network = route if route == ROUTE_REFERENCE else f"{route}-{precision}"
-    return network if scoring is None else f"{network}+{scoring}-topk"
+def _score(state: torch.Tensor, z: torch.Tensor, k: int, route: Route, *, with_lse: bool
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, str]:
+    """Top-k cosines (and the log-sum-exp) of one state: in torch class tiles on the CPU,
+    through the dispatched ops (kernels on CUDA, the plain twins for ``backend="reference"``)
+    elsewhere."""
+    if route.tiled_scoring:
+        values, indices, lse = scoring.tiled_scores(state, z, k, with_lse=with_lse)
+        return values, indices, lse, SCORING_TILED
+    top = dispatch.cosine_topk(state, z, k, normalized=True, backend=route.op_backend)
+    lse = None
+    if with_lse:
+        lse = dispatch.cosine_logsumexp(state, z, LOGIT_SCALE, normalized=True,
+                                        backend=route.op_backend).lse
+    return top.values, top.indices, lse, top.path
 
 
 def _check_ensemble_steps(ensemble_steps, steps: int) -> list[int]:
@@ -300,6 +241,14 @@ def _check_ensemble_steps(ensemble_steps, steps: int) -> list[int]:
     return chosen
 
 
+def _options(step_size, precision, backend, batch_size, device) -> SolveOptions:
+    return SolveOptions(step_size=step_size, precision=precision, backend=backend,
+                        batch_size=batch_size, device=device)
+
+
+# ----------------------------------------------------------------------- public functions
+
+
 @torch.inference_mode()
 def solve(
     features,
@@ -314,7 +263,7 @@ def solve(
     precision: str = "fp32",
     backend: str = "auto",
     ensemble_steps: Sequence[int] | None = None,
-    logit_scale: float = 100.0,
+    logit_scale: float = LOGIT_SCALE,
 ) -> torch.Tensor | SolveResult:
     """Transport ``features`` (N, D) with M=``steps`` Euler steps of size ``step_size``.
 
@@ -331,118 +280,107 @@ def solve(
     softmax(``logit_scale``·cos) at those steps, each ≤ ``steps``); values are then summed
     probabilities instead of cosines. A NaN/Inf state (a non-finite field) raises ValueError.
     """
-    steps, step_size = _check_steps(steps, step_size)
+    steps = _check_steps(steps, step_size)
     logit_scale = check.check_positive_float("logit_scale", logit_scale)
-    x, z, batch_size, device = _prepare(features, model, class_features, batch_size, device)
-    route = _route(model, device, precision, backend)
-    route = _checked_route(route, model, steps, step_size, precision, backend, device)
-    op_backend = _op_backend(backend, device)
+    options = _options(step_size, precision, backend, batch_size, device)
+    x, z, _ = _inputs(features, model, class_features)
     if z is None:
         for name, value in (("topk", topk), ("ensemble_steps", ensemble_steps)):
             if value is not None:
                 raise ValueError(f"{name} needs class_features (a (C, D) class table) to score")
-        transported = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-        for rows, chunk in _chunks(x, batch_size, device):
-            transported[rows] = _final_state(
-                route, model, chunk, rows.start, steps, step_size, precision, op_backend
-            ).to(x.device)
-        return transported
     if ensemble_steps is not None:
         ensemble_steps = _check_ensemble_steps(ensemble_steps, steps)
     topk = 1 if topk is None else check.check_int("topk", topk, minimum=1)
-    if topk > z.shape[0]:
+    if z is not None and topk > z.shape[0]:
         raise ValueError(f"topk must be <= the number of classes {z.shape[0]}, got {topk}")
-    z = _unit_rows(z)
+    route = resolve(model, options, steps, x.device)
+    if z is None:
+        transported = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        for rows, batch in _batches(x, route):
+            transported[rows] = _final_state(route, model, batch, rows.start, steps).to(x.device)
+        return transported
+    z = _unit_rows(z, route.device)
     values = torch.empty(x.shape[0], topk, dtype=torch.float32, device=x.device)
     indices = torch.empty(x.shape[0], topk, dtype=torch.long, device=x.device)
     scoring_path = None
-    for rows, chunk in _chunks(x, batch_size, device):
+    for rows, batch in _batches(x, route):
         if ensemble_steps is None:
-            final = _final_state(
-                route, model, chunk, rows.start, steps, step_size, precision, op_backend
-            )
-            scored = _topk(final, z, topk, op_backend, tiled=backend != "reference")
+            final = _final_state(route, model, batch, rows.start, steps)
+            top_values, top_indices, _, scoring_path = _score(final, z, topk, route,
+                                                              with_lse=False)
         else:
-            states = _checked_states(
-                route, model, chunk, rows.start, steps, step_size, precision, op_backend
-            )
+            states = _states(route, model, batch, rows.start, steps)
             kept = [state.clone() for s, state in enumerate(states) if s in ensemble_steps]
             scored = dispatch.step_ensemble_topk(
-                kept, z, topk, logit_scale=logit_scale, normalized=True, backend=op_backend
-            )
-        values[rows], indices[rows] = scored.values.to(x.device), scored.indices.to(x.device)
-        scoring_path = scored.path
+                kept, z, topk, logit_scale=logit_scale, normalized=True,
+                backend=route.op_backend)
+            top_values, top_indices, scoring_path = scored
+        values[rows], indices[rows] = top_values.to(x.device), top_indices.to(x.device)
     return SolveResult(
         pred=indices[:, 0].clone(),
         topk_values=values,
         topk_indices=indices,
-        path=_path_name(route, precision, scoring_path),
+        path=route.path(scoring_path),
     )
 
 
-def _step_scores(
-    state: torch.Tensor, z: torch.Tensor, truth: torch.Tensor, op_backend: str, tiled: bool,
-    with_loss: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Top-1 predictions and, with ``with_loss``, the summed cross-entropy of one state."""
-    if op_backend == "reference" and tiled:
-        (_, indices), loss = scoring.tiled_scores(state, z, 1, truth if with_loss else None)
-        return indices[:, 0], None if loss is None else loss.double().sum()
-    pred = _topk(state, z, 1, op_backend, tiled).indices[:, 0]
-    if not with_loss:
-        return pred, None
-    mean = dispatch.cosine_cross_entropy(
-        state, z, truth, scoring.LOSS_LOGIT_SCALE, normalized=True, backend=op_backend
-    ).loss
-    return pred, mean.double() * len(truth)
+def trajectory_scores(
+    model,
+    features,
+    class_features,
+    *,
+    max_steps: int = 10,
+    labels=None,
+    k: int = 1,
+    with_lse: bool = False,
+    step_size: float = 0.1,
+    batch_size: int | None = None,
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
+    backend: str = "auto",
+) -> Iterator[tuple[slice, int, StateScores]]:
+    """One pass over the states x_0..x_M of every row batch, scored as they come:
+    ``(rows, m, StateScores)`` per batch and step, with the top-``k`` classes and, with
+    ``with_lse``, the log-sum-exp at logit scale 100 (and each row's own-label cosine when
+    ``labels`` are given). Memory stays one batch's state and class tile whatever N, C or M.
+    Arguments are checked when called, before the first state."""
+    max_steps = _check_steps(max_steps, step_size, name="max_steps")
+    options = _options(step_size, precision, backend, batch_size, device)
+    x, z, y = _inputs(features, model, class_features, labels=labels, require_classes=True)
+    k = check.check_int("k", k, minimum=1)
+    if k > z.shape[0]:
+        raise ValueError(f"k must be <= the number of classes {z.shape[0]}, got {k}")
+    route = resolve(model, options, max_steps, x.device)
+    z = _unit_rows(z, route.device)
+    return _trajectory(model, x, z, y, max_steps, k, with_lse, route)
 
 
 @torch.inference_mode()
-def _scores_by_steps(
-    model,
-    features,
-    labels,
-    class_features,
-    max_steps,
-    step_size,
-    batch_size,
-    device,
-    precision,
-    backend,
-    with_loss: bool,
-) -> tuple[list[float], list[float] | None]:
-    """Accuracy and, with ``with_loss``, mean cross-entropy (logit scale 100) after every M,
-    from one pass over the rows (and, on the CPU, one pass over the classes per state)."""
-    max_steps, step_size = _check_steps(max_steps, step_size, name="max_steps")
-    x, z, batch_size, device = _prepare(
-        features,
-        model,
-        class_features,
-        batch_size,
-        device,
-        labels=check.as_tensor("labels", labels),
-        require_classes=True,
-    )
-    y = check.check_labels("labels", labels, rows=x.shape[0], num_classes=z.shape[0])
-    route = _route(model, device, precision, backend)
-    route = _checked_route(route, model, max_steps, step_size, precision, backend, device)
-    op_backend = _op_backend(backend, device)
-    tiled = backend != "reference"
-    z = _unit_rows(z)
-    correct = torch.zeros(max_steps + 1, dtype=torch.long, device=device)
-    loss_sum = torch.zeros(max_steps + 1, dtype=torch.float64, device=device)
-    for rows, chunk in _chunks(x, batch_size, device):
-        truth = y[rows].to(device)
-        states = _checked_states(
-            route, model, chunk, rows.start, max_steps, step_size, precision, op_backend
-        )
-        for steps, state in enumerate(states):
-            pred, loss = _step_scores(state, z, truth, op_backend, tiled, with_loss)
-            correct[steps] += (pred == truth).sum()
-            if loss is not None:
-                loss_sum[steps] += loss
-    accuracy = (correct.double() / x.shape[0]).tolist()
-    return accuracy, (loss_sum / x.shape[0]).tolist() if with_loss else None
+def _trajectory(model, x, z, y, max_steps, k, with_lse, route):
+    for rows, batch in _batches(x, route):
+        truth = None if y is None else y[rows].to(route.device)
+        for step, state in enumerate(_states(route, model, batch, rows.start, max_steps)):
+            values, indices, lse, _ = _score(state, z, k, route, with_lse=with_lse)
+            true_cosine = None if truth is None else scoring.true_cosines(state, z, truth)
+            yield rows, step, StateScores(values, indices, lse, true_cosine)
+
+
+def _accuracy_and_loss(model, features, labels, class_features, *, with_loss: bool, **options):
+    scores = trajectory_scores(model, features, class_features, labels=labels,
+                               with_lse=with_loss, **options)
+    rows = check.as_tensor("labels", labels).shape[0]
+    correct: dict[int, int] = {}
+    loss: dict[int, float] = {}
+    y = check.as_tensor("labels", labels)
+    for batch, step, scored in scores:
+        truth = y[batch].to(scored.indices.device)
+        correct[step] = correct.get(step, 0) + int((scored.indices[:, 0] == truth).sum())
+        if with_loss:
+            row_loss = scored.lse - LOGIT_SCALE * scored.true_cosine
+            loss[step] = loss.get(step, 0.0) + float(row_loss.double().sum())
+    steps = sorted(correct)
+    accuracy = [correct[m] / rows for m in steps]
+    return accuracy, [loss[m] / rows for m in steps] if with_loss else None
 
 
 def accuracy_by_steps(
@@ -459,18 +397,10 @@ def accuracy_by_steps(
     backend: str = "auto",
 ) -> list[float]:
     """Top-1 accuracy after every M in 0..max_steps, from one trajectory pass over the rows."""
-    return _scores_by_steps(
-        model,
-        features,
-        labels,
-        class_features,
-        max_steps,
-        step_size,
-        batch_size,
-        device,
-        precision,
-        backend,
-        with_loss=False,
+    return _accuracy_and_loss(
+        model, features, labels, class_features, with_loss=False, max_steps=max_steps,
+        step_size=step_size, batch_size=batch_size, device=device, precision=precision,
+        backend=backend,
     )[0]
 
 
@@ -489,19 +419,11 @@ def select_steps(
 ) -> StepSelection:
     """Choose M on a validation split (the released code chose it on the test split, which
     leaks): the best accuracy over M in 0..max_steps, ties broken by the lower cross-entropy
-    and then by fewer steps."""
-    accuracy, cross_entropy = _scores_by_steps(
-        model,
-        val_features,
-        val_labels,
-        class_features,
-        max_steps,
-        step_size,
-        batch_size,
-        device,
-        precision,
-        backend,
-        with_loss=True,
+    of softmax(100·cos) and then by fewer steps (:func:`fma_fast.policy.best_on_val`)."""
+    accuracy, cross_entropy = _accuracy_and_loss(
+        model, val_features, val_labels, class_features, with_loss=True, max_steps=max_steps,
+        step_size=step_size, batch_size=batch_size, device=device, precision=precision,
+        backend=backend,
     )
-    best = max(range(len(accuracy)), key=lambda m: (accuracy[m], -cross_entropy[m], -m))
+    best = best_on_val(accuracy, cross_entropy, steps=range(len(accuracy)))
     return StepSelection(best_steps=best, accuracy=accuracy, cross_entropy=cross_entropy)

@@ -12,7 +12,9 @@ from tqdm.auto import tqdm
 from . import _validation as check
 from . import dispatch
 from .model import VelocityNet
+from .policy import OP_BACKENDS
 from .reference import DEFAULT_TIME_EPS, NOISE_FORMS
+from .routing import op_backend
 
 AMP_CHOICES = ("auto", "fp16", "bf16", "off")
 
@@ -99,8 +101,8 @@ def fit(
     gamma = check.check_positive_float("gamma", gamma, allow_zero=True)
     if noise not in NOISE_FORMS:
         raise ValueError(f"noise must be one of {NOISE_FORMS}, got {noise!r}")
-    if backend not in dispatch.BACKENDS:
-        raise ValueError(f"backend must be one of {dispatch.BACKENDS}, got {backend!r}")
+    if backend not in OP_BACKENDS:
+        raise ValueError(f"backend must be one of {OP_BACKENDS}, got {backend!r}")
     seed = check.check_int("seed", seed)
     time_eps = check.check_positive_float("time_eps", time_eps)
     if not time_eps < 0.5:
@@ -145,8 +147,7 @@ def fit(
         "form": noise,
         "feature_std": feature_std,
         "time_eps": time_eps,
-        # The interpreter (TRITON_INTERPRET=1) is for tests: CPU runs use it only on request.
-        "backend": "reference" if backend == "auto" and device.type != "cuda" else backend,
+        "backend": op_backend(backend, device),
     }
 
     history: list[float] = []

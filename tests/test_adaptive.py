@@ -107,12 +107,15 @@ def test_vectorised_rule_matches_a_per_row_loop(setup, kind):
     model, x, z, _, stats = setup
     if kind == "stable":
         rule = StopRule("stable", 2)
-    else:  # a threshold from the data, so that rows stop at different steps; midway between
-        # two observed values, so rounding differences of a one-row solve cannot flip a ">="
-        values = (stats.prob if kind == "prob" else stats.margin)[:, MAX_STEPS // 2]
-        ordered = values.sort().values
-        middle = len(ordered) // 2
-        rule = StopRule(kind, float(ordered[middle] + ordered[middle + 1]) / 2)
+    else:  # a threshold from the data, so that rows stop at different steps: the middle of
+        # the widest gap between the values of every row and step in their middle half, so
+        # that rounding differences between the fast path and a one-row reference solve
+        # cannot flip a ">="
+        ordered = (stats.prob if kind == "prob" else stats.margin).flatten().sort().values
+        quarter = len(ordered) // 4
+        middle = ordered[quarter : 3 * quarter]
+        gap = int((middle[1:] - middle[:-1]).argmax())
+        rule = StopRule(kind, float(middle[gap] + middle[gap + 1]) / 2)
     pred, steps = adaptive_predict(stats, rule)
     assert len(set(steps.tolist())) >= 2, "the rule must stop rows at different steps"
     brute_pred, brute_steps = _brute_force(model, x, z, rule)
@@ -134,14 +137,35 @@ def test_select_rule_takes_the_best_val_accuracy_then_fewest_steps(setup):
     *_, labels, stats = setup
     selection = select_rule(stats, labels)
     assert len(selection.table) == len(DEFAULT_GRID)
-    assert selection.accuracy == max(acc for _, acc, _ in selection.table)
+    assert selection.accuracy == max(acc for _, acc, _, _ in selection.table)
     ties = [row for row in selection.table if row[1] == selection.accuracy]
-    assert selection.mean_steps == min(steps for _, _, steps in ties)
+    assert selection.mean_steps == min(steps for *_, steps in ties)
     pred, _ = adaptive_predict(stats, selection.rule)
     assert selection.accuracy == float((pred == labels).double().mean())
     # Two rules that never fire tie exactly: the first in grid order wins.
     never = [StopRule("prob", 2.0), StopRule("margin", 3.0)]
     assert select_rule(stats, labels, never).rule == never[0]
+
+
+def test_select_rule_breaks_accuracy_ties_by_the_val_cross_entropy(setup):
+    """With the labels' log-probabilities, equal accuracy goes to the lower cross-entropy at
+    the rows' stopping steps (computed here from the per-step log-probabilities), not to the
+    fewer steps."""
+    model, x, z, labels, _ = setup
+    stats = trajectory_stats(model, x, z, labels, max_steps=MAX_STEPS, step_size=STEP)
+    never = StopRule("prob", 2.0)  # every row at MAX_STEPS
+    at_once = StopRule("prob", 0.0)  # every row at step 0
+    accuracy = stats.fixed_accuracy(labels)
+    loss = (-stats.label_logprob.double().mean(dim=0)).tolist()
+    with torch.no_grad():
+        logits = 100 * reference.cosine_logits(
+            reference.euler_solve(model, x, MAX_STEPS, STEP), z)
+    expected_loss = float(torch.nn.functional.cross_entropy(logits, labels))
+    assert loss[MAX_STEPS] == pytest.approx(expected_loss, rel=1e-4, abs=1e-4)
+    stats.pred[:, MAX_STEPS] = stats.pred[:, 0]  # equal accuracy at both ends
+    selection = select_rule(stats, labels, [at_once, never])
+    expected = never if loss[MAX_STEPS] < loss[0] else at_once
+    assert selection.rule == expected, (accuracy, loss[0], loss[MAX_STEPS])
 
 
 def test_fixed_accuracy_is_accuracy_per_m(setup):

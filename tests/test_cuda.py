@@ -1,5 +1,5 @@
 """The whole pipeline on a GPU against the CPU reference: solve on every precision, select_steps,
-fit with the fused kernels, bounded memory for many classes, the CUDA graph replay. Skipped
+fit with the fused kernels, bounded memory for many classes. Skipped
 without CUDA (the kernels' own tests run in the interpreter there)."""
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from conftest import randomize_parameters
 import fma_fast
 from fma_fast import dispatch, synthetic
 from fma_fast.kernels._common import HAS_TRITON
-from fma_fast.plan import solver_plan
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and HAS_TRITON),
@@ -79,20 +78,3 @@ def test_many_classes_keep_gpu_memory_bounded():
     fma_fast.select_steps(net, x, labels, z, max_steps=2)
     peak = torch.cuda.max_memory_allocated() - base
     assert peak < 4 * 4096 * 100_000 / 10, f"peak {peak / 2**20:.0f} MiB: an N×C buffer?"
-
-
-def test_graphed_solve_equals_the_fused_loop():
-    from collections import deque
-
-    from fma_fast.fused_solver import GraphedSolve, fused_states
-
-    net = fma_fast.VelocityNet(64, blocks=2).cuda()
-    randomize_parameters(net, scale=0.1)
-    plan = solver_plan(net, 5, 0.1)
-    x = torch.randn(256, 64, device="cuda")
-    graphed = GraphedSolve(plan, 256)
-    expected = deque(fused_states(plan, x), maxlen=1)[0].clone()
-    torch.testing.assert_close(graphed(x), expected, rtol=0, atol=0)
-    other = torch.randn(256, 64, device="cuda")
-    torch.testing.assert_close(graphed(other), deque(fused_states(plan, other), maxlen=1)[0],
-                               rtol=0, atol=0)

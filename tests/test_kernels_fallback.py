@@ -11,7 +11,7 @@ import torch
 from conftest import randomize_parameters
 
 import fma_fast
-from fma_fast import dispatch, fused_solver, reference, solver
+from fma_fast import dispatch, reference, routing, runtime_triton
 from fma_fast.kernels import _common
 from fma_fast.kernels._common import HAS_TRITON, KernelFallbackWarning
 from fma_fast.kernels.testing import assert_close
@@ -56,7 +56,7 @@ def fresh_fallbacks(monkeypatch):
     """Every test starts with no recorded fallback and no kernel known to run."""
     monkeypatch.setattr(_common, "FALLBACKS", {})
     monkeypatch.setattr(dispatch, "_FLOW_MATCHING_RUNS", set())
-    monkeypatch.setattr(fused_solver, "_RUNS", set())
+    monkeypatch.setattr(runtime_triton, "_RUNS", set())
 
 
 def fail(monkeypatch, module: str, kernel: str, failure) -> FailingKernel:
@@ -147,7 +147,7 @@ def test_fused_solve_falls_back_to_the_torch_chain(monkeypatch):
     net = fma_fast.VelocityNet(12, blocks=2)
     randomize_parameters(net, scale=0.2)
     x, table, _ = data()
-    monkeypatch.setattr(solver, "_route", lambda *args: solver.ROUTE_FUSED)
+    monkeypatch.setattr(routing, "_network", lambda *args: routing.NETWORK_FUSED)
     fail(monkeypatch, "folded_step", "_residual_block_kernel", FAILURES["out of resources"])
     with pytest.warns(KernelFallbackWarning, match="folded_step"):
         result = fma_fast.solve(x, net, 3, class_features=table, topk=2)

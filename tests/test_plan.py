@@ -8,19 +8,11 @@ import torch.nn.functional as F
 from conftest import randomize_parameters
 
 import fma_fast
-from fma_fast import VelocityNet, reference, synthetic
-from fma_fast import plan as plan_module
-from fma_fast.plan import (
-    PRECISIONS,
-    SolverPlan,
-    build_plan,
-    clear_plan_cache,
-    folded_final,
-    folded_solve,
-    folded_states,
-    solver_plan,
-    step_times,
-)
+from fma_fast import VelocityNet, policy, reference, synthetic
+from fma_fast import runtime_torch as runtime_module
+from fma_fast.plan import SolverPlan, build_plan, clear_plan_cache, solver_plan, step_times
+from fma_fast.policy import PRECISIONS
+from fma_fast.runtime_torch import folded_final, folded_solve, folded_states
 
 # Error of a state, relative to how far the reference moved the features from x_0 (so a solver
 # that barely moves cannot hide in the size of x_0), by precision:
@@ -321,9 +313,23 @@ def test_inference_tensor_parameters_are_cached_and_checked():
 def test_plan_argument_matches_model_argument():
     net = random_net(24, 2)
     x = unit_rows(10, 24)
-    plan = build_plan(net, 8, 0.1)
+    plan = build_plan(net, 8, 0.1, final_only=True)
     assert torch.equal(folded_solve(plan, x, 8, 0.1), folded_solve(net, x, 8, 0.1))
     assert torch.equal(folded_solve(plan, x, 5, 0.1), folded_solve(net, x, 5, 0.1))
+    states = build_plan(net, 8, 0.1)  # without the final-only fields: the states path
+    assert not states.final_only and plan.final_only
+    expected = folded_solve(net, x, 8, 0.1, return_trajectory=True)[-1]
+    assert torch.equal(folded_solve(states, x, 8, 0.1), expected)
+
+
+def test_final_only_fields_are_built_only_for_the_fp32_final_path():
+    net = random_net(24, 2)
+    x = unit_rows(4, 24)
+    folded_states(net, x, 3, 0.1)
+    folded_final(net, x, 3, 0.1, precision="bf16")
+    assert not solver_plan(net, 3, 0.1).final_only, "states or bf16 built final-only fields"
+    folded_final(net, x, 3, 0.1)
+    assert solver_plan(net, 3, 0.1).final_only
 
 
 @pytest.mark.parametrize(
@@ -378,12 +384,12 @@ def test_workers_match_one_worker(precision, rows, chunk_rows, workers):
 @pytest.mark.parametrize(("rows", "chunk", "workers"), [(1, 64, 4), (300, 64, 2), (1000, 4096, 3),
                                                          (257, 128, 2), (4096, 1024, 2)])
 def test_row_chunks_cover_every_row_once(rows, chunk, workers):
-    chunks = plan_module._row_chunks(rows, chunk, workers)
+    chunks = runtime_module._row_chunks(rows, chunk, workers)
     covered = torch.cat([torch.arange(rows)[piece] for piece in chunks])
     assert torch.equal(covered, torch.arange(rows)), f"{chunks} do not tile {rows} rows"
     sizes = [piece.stop - piece.start for piece in chunks]
     assert max(sizes) <= chunk, f"a chunk exceeds chunk_rows={chunk}: {sizes}"
-    if rows >= workers * plan_module.MIN_WORKER_ROWS:
+    if rows >= workers * policy.MIN_WORKER_ROWS:
         assert len(chunks) >= workers, f"{workers} workers but only {len(chunks)} chunks"
 
 
@@ -396,7 +402,7 @@ def test_workers_restore_the_thread_count_even_on_error(monkeypatch):
     def broken_step(*args):
         raise RuntimeError("worker failed")
 
-    monkeypatch.setattr(plan_module, "_blocks", broken_step)
+    monkeypatch.setattr(runtime_module, "_blocks", broken_step)
     with pytest.raises(RuntimeError, match="worker failed"):
         folded_solve(net, x, 2, workers=2, chunk_rows=128)
     assert torch.get_num_threads() == before, "intra-op threads not restored after an error"

@@ -9,7 +9,7 @@ from conftest import randomize_parameters
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fma_fast
-from fma_fast import dispatch, reference, scoring
+from fma_fast import dispatch, policy, reference
 
 
 def seeded(seed: int) -> torch.Generator:
@@ -170,7 +170,7 @@ def test_precision_options(model, data):
 def test_class_tiles_equal_the_untiled_reference(model, data, monkeypatch, classes, topk):
     """With tiles of 8 classes, C spans zero to three tile boundaries; indices past the first
     tile carry the tile's offset, and the online log-sum-exp equals the plain softmax."""
-    monkeypatch.setattr(scoring, "CLASS_TILE", 8)
+    monkeypatch.setattr(policy, "CLASS_TILE", 8)
     x, _ = data
     z = torch.nn.functional.normalize(torch.randn(classes, 12, generator=seeded(4)), dim=-1)
     labels = torch.arange(37) % classes
@@ -183,7 +183,8 @@ def test_class_tiles_equal_the_untiled_reference(model, data, monkeypatch, class
     truth = fma_fast.select_steps(model, x, labels, z, max_steps=2, backend="reference")
     assert selection.accuracy == truth.accuracy
     for m, (tiled, plain) in enumerate(zip(selection.cross_entropy, truth.cross_entropy)):
-        assert tiled == pytest.approx(plain, rel=1e-5, abs=1e-6), f"cross-entropy at M={m}"
+        # logits are 100·cos: fp32 rounding of a logit is about 1e-5
+        assert tiled == pytest.approx(plain, rel=1e-5, abs=2e-5), f"cross-entropy at M={m}"
 
 
 class LargestTensor(TorchDispatchMode):
@@ -204,7 +205,7 @@ class LargestTensor(TorchDispatchMode):
 def test_select_steps_never_builds_rows_times_classes(model, monkeypatch):
     """C is 16× the tile here: an N×C logits or softmax temporary would be seen (the largest
     tensor allowed is half of N×C, which the (C, D) normalised table fits in)."""
-    monkeypatch.setattr(scoring, "CLASS_TILE", 32)
+    monkeypatch.setattr(policy, "CLASS_TILE", 32)
     x = torch.randn(40, 12, generator=seeded(5))
     z = torch.randn(512, 12, generator=seeded(6))
     labels = torch.arange(40) * 7 % 512

@@ -1,16 +1,17 @@
-"""The GPU solve path: a folded plan run through the fused Triton step kernels.
+"""The Triton runtime of the folded plan (docs/method.md §3): the fused step kernels.
 
 Per step: one input-projection GEMM (cuBLAS, fp32 in and out), then one fused kernel per
 residual block (LayerNorm statistics, GEMM, SiLU, GEMM, residual; the hidden activations stay
 on chip) and one fused kernel for the final layer with the Euler update. That is 2 + blocks
-launches per step instead of about a hundred for the unfolded network. On small batches the
-whole M-step loop can be captured once as a CUDA graph and replayed per chunk.
+launches per step instead of about a hundred for the unfolded network. The same two entry
+points as the torch runtime: :func:`fused_states` and :func:`fused_final`.
 
 Runs wherever the Triton kernels run: CUDA, or CPU tensors under ``TRITON_INTERPRET=1`` (tests).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
 
 import torch
@@ -75,37 +76,8 @@ def fused_states(
         yield state
 
 
-class GraphedSolve:
-    """The whole M-step fused loop captured as one CUDA graph for a fixed chunk size.
-
-    Launch overhead dominates small batches (2 + blocks launches per step); a graph replays
-    them with one call. Construct once per (plan, rows) and call per chunk of exactly ``rows``.
-    """
-
-    def __init__(self, plan: SolverPlan, rows: int, *, dot_precision: str = DEFAULT_DOT_PRECISION):
-        if plan.device.type != "cuda":
-            raise ValueError(f"CUDA graphs need a CUDA plan, this one is on {plan.device}")
-        self.rows = rows
-        self.state = torch.zeros(rows, plan.dim, dtype=torch.float32, device=plan.device)
-        self.hidden = torch.empty(rows, plan.width, dtype=torch.float32, device=plan.device)
-
-        def loop() -> None:
-            for i in range(plan.steps):
-                _run_step(plan, i, self.state, self.hidden, dot_precision)
-
-        side = torch.cuda.Stream(device=plan.device)
-        side.wait_stream(torch.cuda.current_stream(plan.device))
-        with torch.cuda.stream(side):
-            loop()  # compiles the kernels outside the capture
-        torch.cuda.current_stream(plan.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            loop()
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """The final state for ``x`` (rows, D); the returned buffer is reused by the next call."""
-        if x.shape[0] != self.rows:
-            raise ValueError(f"this graph was captured for {self.rows} rows, got {x.shape[0]}")
-        self.state.copy_(x)
-        self.graph.replay()
-        return self.state
+def fused_final(
+    plan: SolverPlan, x: torch.Tensor, *, dot_precision: str = DEFAULT_DOT_PRECISION
+) -> torch.Tensor:
+    """The fp32 final state x_M of :func:`fused_states` (a fresh tensor)."""
+    return deque(fused_states(plan, x, dot_precision=dot_precision), maxlen=1)[0]

@@ -1,0 +1,62 @@
+"""The project's policies, each defined once: backend and precision names, row and class chunk
+sizes, the logit scale, and the rule that picks the best candidate on a validation split.
+
+Internal module: the public functions take these names as arguments; the numbers behind the
+sizes are in ``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+SOLVE_BACKENDS = ("auto", "reference", "folded", "triton")
+"""``solve`` / ``select_steps``: "auto" the fastest exact path, "reference" the plain PyTorch
+loop, "folded" the torch GEMM chain of the folded plan, "triton" the fused kernels."""
+
+OP_BACKENDS = ("auto", "triton", "reference")
+"""One op of :mod:`fma_fast.dispatch` (and ``fit``'s training pair and loss): "auto" the kernel
+where it runs, "triton" the kernel or an error, "reference" the PyTorch twin."""
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""Solve precisions: the dtype of the folded weights and GEMM inputs (accumulation, residual
+stream and LayerNorm statistics stay fp32). fp16 is for CUDA: CPUs have no fast fp16 GEMM."""
+
+SOLVE_BATCH_ROWS = {"cpu": 4096, "cuda": 65536}
+"""Rows moved to the compute device and solved at once (``solve``'s default ``batch_size``)."""
+
+CPU_CHUNK_ROWS = 1024
+"""Most rows one CPU worker advances through a step at a time (the work buffers' size); the
+rows of a solve batch are split into such chunks, at least one per worker."""
+
+MIN_WORKER_ROWS = 128
+"""Smallest chunk a CPU solve batch is split into for workers: smaller GEMMs run poorly."""
+
+CLASS_TILE = 4096
+"""Classes scored at once in torch: a chunk's logits stay rows × 4096, whatever C is."""
+
+LOGIT_SCALE = 100.0
+"""CLIP's logit scale: softmax(100·cos) turns cosines into class probabilities (the
+validation cross-entropy, the step ensemble, the baselines' logits, adaptive stopping)."""
+
+
+def best_on_val(
+    accuracy: Sequence[float],
+    cross_entropy: Sequence[float],
+    steps: Sequence[float] | None = None,
+) -> int:
+    """The index of the best candidate on a validation split: the highest accuracy, then the
+    lowest cross-entropy, then the fewest (mean) solver steps, then the earliest candidate.
+
+    Small validation splits tie often (4 shots per class); the cross-entropy keeps a saturated
+    split from settling on the first perfect candidate.
+    """
+    if not accuracy or len(accuracy) != len(cross_entropy):
+        raise ValueError(
+            f"need one cross-entropy per accuracy, got {len(accuracy)} and {len(cross_entropy)}"
+        )
+    steps = [0.0] * len(accuracy) if steps is None else list(steps)
+    return max(
+        range(len(accuracy)), key=lambda i: (accuracy[i], -cross_entropy[i], -steps[i], -i)
+    )

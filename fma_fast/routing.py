@@ -1,0 +1,149 @@
+"""Which implementation runs, decided in one place.
+
+:func:`resolve` turns the options of a solve into a :class:`Route`: the network path (the
+reference loop, any other velocity module as given, the folded plan's torch GEMM chain, or its
+fused Triton kernels) and how the states are scored. :func:`op_backend` is the rule shared by
+the solve's Euler update and scoring ops and by ``fit``'s training pair and loss: the kernels on
+CUDA, the torch twins on the CPU, unless a backend is forced.
+
+Internal module: the public functions take ``backend`` and ``precision`` strings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import _validation as check
+from . import dispatch
+from .kernels._common import HAS_TRITON
+from .model import VelocityNet
+from .plan import solver_plan
+from .policy import OP_BACKENDS, PRECISIONS, SOLVE_BACKENDS, SOLVE_BATCH_ROWS
+from .runtime_triton import kernels_run
+
+NETWORK_REFERENCE = "reference"
+NETWORK_GENERIC = "generic"
+NETWORK_FOLDED = "folded"
+NETWORK_FUSED = "fused-triton"
+NETWORK_FALLBACK = "folded-fallback"
+"""The fused kernels cannot run on this GPU, so the folded plan's torch GEMM chain runs."""
+SCORING_TILED = "torch-tiled"
+
+
+@dataclass(frozen=True)
+class SolveOptions:
+    """How to solve, checked once: Euler step size, GEMM precision, backend, rows per batch
+    (None: :data:`~fma_fast.policy.SOLVE_BATCH_ROWS` of the device) and compute device (None:
+    the model's, else the features')."""
+
+    step_size: float = 0.1
+    precision: str = "fp32"
+    backend: str = "auto"
+    batch_size: int | None = None
+    device: str | torch.device | None = None
+
+    def __post_init__(self) -> None:
+        check.check_positive_float("step_size", self.step_size)
+        if self.backend not in SOLVE_BACKENDS:
+            raise ValueError(f"backend must be one of {SOLVE_BACKENDS}, got {self.backend!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}"
+            )
+        if self.backend == "reference" and self.precision != "fp32":
+            raise ValueError(f"the reference runs in fp32 only, got precision={self.precision!r}")
+        if self.batch_size is not None:
+            check.check_int("batch_size", self.batch_size, minimum=1)
+
+
+@dataclass(frozen=True)
+class Route:
+    """A resolved solve: the network path, the dispatch backend of the Euler update and the
+    scoring ops, whether scoring runs in torch class tiles, and the numbers it runs with."""
+
+    network: str
+    op_backend: str
+    tiled_scoring: bool
+    precision: str
+    step_size: float
+    device: torch.device
+    batch_size: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return PRECISIONS[self.precision]
+
+    def path(self, scoring: str | None = None) -> str:
+        """What ran, e.g. ``folded-fp32+torch-tiled-topk`` or ``fused-triton-bf16+triton-topk``
+        (``reference`` alone for the plain loop scored by the plain twin)."""
+        if self.network == NETWORK_REFERENCE and scoring in (None, dispatch.PATH_REFERENCE):
+            return NETWORK_REFERENCE
+        network = self.network if self.network == NETWORK_REFERENCE else (
+            f"{self.network}-{self.precision}")
+        return network if scoring is None else f"{network}+{scoring}-topk"
+
+
+def op_backend(backend: str, device: torch.device) -> str:
+    """The :mod:`fma_fast.dispatch` backend for ops on ``device``: "auto" means the kernels on
+    CUDA and the torch twins on the CPU, where the kernels only run in Triton's slow
+    interpreter (``backend="triton"`` asks for it, for tests)."""
+    if backend not in (*OP_BACKENDS, *SOLVE_BACKENDS):
+        raise ValueError(f"backend must be one of {OP_BACKENDS}, got {backend!r}")
+    if backend in ("reference", "triton"):
+        return backend
+    return "auto" if device.type == "cuda" else "reference"
+
+
+def _model_device(model) -> torch.device | None:
+    if isinstance(model, nn.Module):
+        for parameter in model.parameters():
+            return parameter.device
+    return None
+
+
+def _network(model, device: torch.device, precision: str, backend: str) -> str:
+    """auto: a VelocityNet runs folded (docs/method.md §3), through the fused Triton kernels on
+    CUDA and as a torch GEMM chain elsewhere; any other velocity module runs as given."""
+    if backend == "reference":
+        return NETWORK_REFERENCE
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError(
+            "precision='fp16' needs a CUDA device (CPUs have no fast fp16 GEMM); "
+            "use 'bf16' or 'fp32'"
+        )
+    if not isinstance(model, VelocityNet):
+        if backend in ("folded", "triton"):
+            raise ValueError(f"backend={backend!r} needs a VelocityNet, got {type(model).__name__}")
+        return NETWORK_GENERIC
+    if backend == "folded":
+        return NETWORK_FOLDED
+    if backend == "triton":
+        dispatch.select_path("triton", torch.empty(0, device=device))  # raises with the reason
+        return NETWORK_FUSED
+    return NETWORK_FUSED if device.type == "cuda" and HAS_TRITON else NETWORK_FOLDED
+
+
+def resolve(
+    model, options: SolveOptions, steps: int, features_device: torch.device
+) -> Route:
+    """The route of a solve of ``steps`` steps; on CUDA the fused kernels are launched once
+    here (one step, one row) and, where they cannot run, the torch chain is taken instead."""
+    device = check.resolve_device(options.device, default=_model_device(model) or features_device)
+    network = _network(model, device, options.precision, options.backend)
+    if network == NETWORK_FUSED and options.backend != "triton":
+        plan = solver_plan(model, steps, options.step_size, dtype=PRECISIONS[options.precision],
+                           device=device)
+        network = NETWORK_FUSED if kernels_run(plan) else NETWORK_FALLBACK
+    backend = op_backend(options.backend, device)
+    return Route(
+        network=network,
+        op_backend=backend,
+        tiled_scoring=backend == "reference" and options.backend != "reference",
+        precision=options.precision,
+        step_size=options.step_size,
+        device=device,
+        batch_size=options.batch_size or SOLVE_BATCH_ROWS.get(device.type, 4096),
+    )
