@@ -7,7 +7,6 @@ failed check with its reason, where a user's call would fall back to torch with 
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
@@ -288,31 +287,3 @@ def render(result: dict) -> str:
                if result["failed"] else "no kernel check failed")
     lines.append(verdict)
     return "\n".join(lines)
-
-
-def cmd_doctor(args) -> int:
-    """The ``fma-fast doctor`` command; exit 1 when a kernel check fails."""
-    if args.json:
-        from ._io import check_output_file
-
-        check_output_file(args.json, "--json", kind="a doctor report",
-                          is_kind=lambda path: path.suffix == ".json")
-    result = report(args.device, kernels=not args.no_kernels)
-    print(render(result))
-    if args.json:
-        from ._io import write_text
-
-        write_text(args.json, json.dumps(result, indent=1) + "\n")
-    return 1 if result["failed"] else 0
-
-
-def add_command(commands) -> None:
-    parser = commands.add_parser(
-        "doctor", help="versions, devices, the path each op takes here, and a check of every "
-                       "Triton kernel against its reference")
-    parser.add_argument("--device", default=None,
-                        help="device to check (default: cuda if present, else cpu)")
-    parser.add_argument("--no-kernels", action="store_true", help="skip the kernel checks")
-    parser.add_argument("--json", default=None, help="also write the report as JSON here")
-    parser.set_defaults(run=cmd_doctor)
-

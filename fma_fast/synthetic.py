@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _validation as check
+from . import protocol
 
 NUISANCE = 0.4
 
@@ -58,11 +59,13 @@ def make_task(
     seed: int = 1,
 ) -> FewShotTask:
     """Build a K-shot task: ``shots`` train and min(shots, 4) val images per class (the
-    literature's convention) unless ``val_shots`` is given, and ``test_per_class`` test images."""
+    literature's convention, :func:`fma_fast.protocol.val_shots`) unless ``val_shots`` is
+    given, and ``test_per_class`` test images."""
     num_classes = check.check_int("num_classes", num_classes, minimum=2)
     dim = check.check_int("dim", dim, minimum=8)
     shots = check.check_int("shots", shots, minimum=1)
-    val_shots = min(shots, 4) if val_shots is None else check.check_int("val_shots", val_shots)
+    val_shots = protocol.val_shots(shots) if val_shots is None else check.check_int(
+        "val_shots", val_shots)
     test_per_class = check.check_int("test_per_class", test_per_class, minimum=1)
     if not 0.0 <= difficulty <= 1.0:
         raise ValueError(f"difficulty must lie in [0, 1], got {difficulty}")

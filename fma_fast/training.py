@@ -152,7 +152,9 @@ def fit(
 
     history: list[float] = []
     path = None
-    bar = tqdm(range(epochs), desc="fit", unit="epoch", disable=not progress, leave=False)
+    # disable=None: no bar when output is not a terminal (logs, CI), even with progress=True
+    bar = tqdm(range(epochs), desc="fit", unit="epoch", disable=None if progress else True,
+               leave=False)
     for epoch in bar:
         order = torch.randperm(rows, device=device, generator=generator)
         loss_sum = torch.zeros((), device=device)

@@ -71,7 +71,7 @@ def test_synth_train_eval_round_trip(tmp_path, capsys):
                 str(run),
                 "--topk",
                 "2",
-                "--output",
+                "--out",
                 str(predictions),
             ]
         )

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fma_fast import _io, cli
-from fma_fast.cli import main
+from fma_fast import _io
+from fma_fast.cli import evaluate, main, options
 from fma_fast.features_io import save_features
 
 TRAIN = ["--blocks", "1", "--epochs", "1", "--quiet"]
@@ -47,8 +47,8 @@ def no_work(monkeypatch):
     def started(*args, **kwargs):
         raise AssertionError("work started before the arguments were checked")
 
-    monkeypatch.setattr(cli, "fit", started)
-    monkeypatch.setattr(cli, "solve", started)
+    monkeypatch.setattr(options, "fit", started)
+    monkeypatch.setattr(evaluate, "solve", started)
 
 
 def one_line_error(capsys, argv: list[str]) -> str:
@@ -77,11 +77,11 @@ CASES = {
         "device must be a torch device",
     ),
     "extract --device nonexistent": (
-        lambda w, d: ["extract", *NO_DATASET, "--device", "bogus", "--output", str(w / "x")],
+        lambda w, d: ["extract", *NO_DATASET, "--device", "bogus", "--out", str(w / "x")],
         "device must be a torch device",
     ),
     "run --device nonexistent": (
-        lambda w, d: ["run", *NO_DATASET, "--device", "bogus", "--output", str(w / "x")],
+        lambda w, d: ["run", *NO_DATASET, "--device", "bogus", "--out", str(w / "x")],
         "device must be a torch device",
     ),
     "train --out is a file": (
@@ -103,17 +103,17 @@ CASES = {
         lambda w, d: ["synth", "--out", str(w / "foreign")],
         "exists and is not a feature file; refusing to overwrite it",
     ),
-    "eval --output is a folder": (
-        lambda w, d: ["eval", d["test"], "--model", str(w / "model"), "--output", str(w / "adir")],
+    "eval --out is a folder": (
+        lambda w, d: ["eval", d["test"], "--model", str(w / "model"), "--out", str(w / "adir")],
         "is a folder; give a file name",
     ),
-    "eval --output is the test feature file": (
-        lambda w, d: ["eval", d["test"], "--model", str(w / "model"), "--output", d["test"]],
+    "eval --out is the test feature file": (
+        lambda w, d: ["eval", d["test"], "--model", str(w / "model"), "--out", d["test"]],
         "exists and is not a predictions file",
     ),
-    "eval --output in a missing folder": (
+    "eval --out in a missing folder": (
         lambda w, d: ["eval", d["test"], "--model", str(w / "model"),
-                      "--output", str(w / "no" / "p.json")],
+                      "--out", str(w / "no" / "p.json")],
         "does not exist",
     ),
     "eval features is a folder": (
@@ -123,20 +123,20 @@ CASES = {
     "eval --model is a file": (
         lambda w, d: ["eval", d["test"], "--model", str(w / "afile")], "is a file; a model is"
     ),
-    "extract --output is a file": (
-        lambda w, d: ["extract", *NO_DATASET, "--output", str(w / "afile")],
+    "extract --out is a file": (
+        lambda w, d: ["extract", *NO_DATASET, "--out", str(w / "afile")],
         "is an existing file, not a folder",
     ),
-    "run --output is a file": (
-        lambda w, d: ["run", *NO_DATASET, "--output", str(w / "afile")],
+    "run --out is a file": (
+        lambda w, d: ["run", *NO_DATASET, "--out", str(w / "afile")],
         "is an existing file, not a folder",
     ),
     "run --seeds 1 1": (
-        lambda w, d: ["run", *NO_DATASET, "--seeds", "1", "2", "1", "--output", str(w / "r")],
+        lambda w, d: ["run", *NO_DATASET, "--seeds", "1", "2", "1", "--out", str(w / "r")],
         "seeds must differ: 1 given twice",
     ),
     "extract --seed 3 3": (
-        lambda w, d: ["extract", *NO_DATASET, "--seed", "3", "3", "--output", str(w / "r")],
+        lambda w, d: ["extract", *NO_DATASET, "--seed", "3", "3", "--out", str(w / "r")],
         "seeds must differ: 3 given twice",
     ),
 }
@@ -163,8 +163,8 @@ def test_bad_paths_and_devices_exit_2_before_any_work(work, capsys, no_work, cas
         lambda w, d: ["demo", "--device", "cuda", *TRAIN],
         lambda w, d: ["train", d["train"], "--out", str(w / "m"), "--device", "cuda:1", *TRAIN],
         lambda w, d: ["eval", d["test"], "--model", str(w / "model"), "--device", "cuda"],
-        lambda w, d: ["extract", *NO_DATASET, "--device", "cuda", "--output", str(w / "x")],
-        lambda w, d: ["run", *NO_DATASET, "--device", "cuda", "--output", str(w / "x")],
+        lambda w, d: ["extract", *NO_DATASET, "--device", "cuda", "--out", str(w / "x")],
+        lambda w, d: ["run", *NO_DATASET, "--device", "cuda", "--out", str(w / "x")],
     ],
     ids=["demo", "train", "eval", "extract", "run"],
 )
@@ -181,7 +181,7 @@ def test_triton_backend_where_it_cannot_run(work, capsys, no_work, monkeypatch, 
         argv = ["eval", data_files(work)["test"], "--model", str(work / "model"),
                 "--backend", "triton"]
     else:
-        argv = ["run", *NO_DATASET, "--solve-backend", "triton", "--output", str(work / "r")]
+        argv = ["run", *NO_DATASET, "--solve-backend", "triton", "--out", str(work / "r")]
     if torch.cuda.is_available():
         argv += ["--device", "cpu"]
     err = one_line_error(capsys, argv)
@@ -243,7 +243,7 @@ def test_unwritable_output_folders_are_refused_before_training(work, capsys):
     code, err = as_unprivileged(capsys, argv, [(locked, 0o555)])
     assert code == 2 and "cannot write in" in err and "permission denied" in err, (code, err)
     argv = ["eval", data_files(work)["test"], "--model", str(work / "model"),
-            "--output", str(locked / "p.json")]
+            "--out", str(locked / "p.json")]
     code, err = as_unprivileged(capsys, argv, [(locked, 0o555)])
     assert code == 2 and "cannot write in" in err, (code, err)
 
@@ -270,7 +270,7 @@ def test_a_full_disk_is_one_line_and_keeps_what_was_saved(work, capsys, monkeypa
     saved = {p.name: p.read_bytes() for p in model.iterdir()}
     predictions = work / "pred.json"
     data = data_files(work)
-    assert main(["eval", data["test"], "--model", str(model), "--output", str(predictions)]) == 0
+    assert main(["eval", data["test"], "--model", str(model), "--out", str(predictions)]) == 0
     written = predictions.read_bytes()
     capsys.readouterr()
     full_disk(monkeypatch, after_bytes=100)
@@ -278,7 +278,7 @@ def test_a_full_disk_is_one_line_and_keeps_what_was_saved(work, capsys, monkeypa
     assert "no space left on device" in err and "nothing was half-written" in err, err
     err = one_line_error(
         capsys, ["eval", data["test"], "--model", str(model), "--topk", "3",
-                 "--output", str(predictions)]
+                 "--out", str(predictions)]
     )
     assert "no space left on device" in err, err
     assert {p.name: p.read_bytes() for p in model.iterdir()} == saved
@@ -289,7 +289,7 @@ def test_a_full_disk_is_one_line_and_keeps_what_was_saved(work, capsys, monkeypa
 def test_too_little_space_for_the_model_is_refused_before_training(work, capsys, no_work,
                                                                     monkeypatch):
     usage = shutil.disk_usage(work)
-    monkeypatch.setattr(cli.shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    monkeypatch.setattr(options.shutil, "disk_usage", lambda path: usage._replace(free=1000))
     err = one_line_error(capsys, ["train", data_files(work)["train"], "--out", str(work / "m2"),
                                   *TRAIN])
     assert "not enough disk space for the model" in err, err

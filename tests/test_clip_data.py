@@ -114,11 +114,24 @@ def test_csv_lists(tmp_path):
     folder.mkdir()
     (folder / "train.csv").write_text("x/1.png,0\nx/2.png,1\n")
     (folder / "test.csv").write_text("y/1.png,1\n")
-    data = datasets.load_dataset(folder)
+    with pytest.raises(ValueError, match="train.csv:1: no class name"):
+        datasets.load_dataset(folder)  # "a photo of a 0." would be the prompt
+    data = datasets.load_dataset(folder, allow_unnamed=True)
     assert data.class_names == ["0", "1"] and data.val is None
     (folder / "test.csv").write_text("y/1.png,1\ny/2.png,one\n")
     with pytest.raises(ValueError, match="is not an integer"):
-        datasets.load_dataset(folder)
+        datasets.load_dataset(folder, allow_unnamed=True)
+
+
+def test_an_empty_class_folder_is_refused_unless_asked(tmp_path):
+    for cls, count in (("cat", 10), ("dog", 10), ("emu", 0)):
+        (tmp_path / "flat" / cls).mkdir(parents=True)
+        for i in range(count):
+            _touch(tmp_path / "flat" / cls / f"{i}.png")
+    with pytest.raises(ValueError, match="class folder.s. without images: emu"):
+        datasets.load_dataset(tmp_path / "flat")
+    data = datasets.load_dataset(tmp_path / "flat", allow_empty_classes=True)
+    assert data.class_names == ["cat", "dog", "emu"] and {i.label for i in data.train} == {0, 1}
 
 
 def test_few_shot_is_seeded_and_per_class(tmp_path):
@@ -194,5 +207,5 @@ def test_missing_open_clip_is_one_clear_line(tmp_path, monkeypatch, capsys):
         load_encoder("ViT-B-16")
     _zhou(tmp_path)
     argv = ["extract", "--root", str(tmp_path), "--dataset", "oxford_pets", "--model", "ViT-B-16"]
-    assert main([*argv, "--output", str(tmp_path / "out")]) == 2
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
     assert "pip install fma_fast[clip]" in capsys.readouterr().err

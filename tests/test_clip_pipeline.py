@@ -138,13 +138,13 @@ def single_run(tiny, tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("run")
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        assert main(["run", *data_args(tiny), "--output", str(out), *TRAIN_OPTIONS]) == 0
+        assert main(["run", *data_args(tiny), "--out", str(out), *TRAIN_OPTIONS]) == 0
     return out, printed.getvalue()
 
 
 def test_run_end_to_end(single_run):
     out, printed = single_run
-    assert "(mean ± std over seeds)" in printed
+    assert "(mean ± sample std over seeds)" in printed
     assert "oxford_pets, 4 shots, seeds 1 2 3: test accuracy M=0 (zero-shot)" in printed
     results = json.loads((out / "results.json").read_text())
     assert results["seeds"] == [1, 2, 3] and len(results["runs"]) == 3
@@ -280,7 +280,7 @@ def test_torchrun_matches_single_process(tiny, single_run, tmp_path):
         *data_args(tiny),
         "--seed",
         "1",
-        "--output",
+        "--out",
         str(out),
         "--device",
         "cpu",
@@ -314,7 +314,7 @@ def _error(argv, capsys) -> str:
 
 
 def test_clear_errors(tiny, tmp_path, capsys):
-    out = ["--output", str(tmp_path / "out"), "--quiet"]
+    out = ["--out", str(tmp_path / "out"), "--quiet"]
     err = _error(["extract", *data_args(tiny, root=tmp_path), *out], capsys)
     assert "dataset folder for oxford_pets not found" in err
     (tmp_path / "oxford_pets" / "images").mkdir(parents=True)
@@ -339,9 +339,9 @@ def test_unreadable_image_skip_or_fail(tiny, tmp_path, capsys):
     write_pets(root)
     (root / "oxford_pets" / "images" / "pug_test_1.png").write_bytes(b"not a png")
     args = ["extract", *data_args(tiny, root=root), "--quiet"]
-    err = _error([*args, "--output", str(tmp_path / "a"), "--on-error", "fail"], capsys)
+    err = _error([*args, "--out", str(tmp_path / "a"), "--on-error", "fail"], capsys)
     assert "cannot read image" in err and "pug_test_1.png" in err
-    assert main([*args, "--output", str(tmp_path / "b")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
     assert "skipped 1 unreadable test image(s), e.g. pug_test_1.png" in capsys.readouterr().out
     test = load_split(tmp_path / "b" / "cache" / "test")
     assert test.features.shape[0] == 8 and test.skipped == ["pug_test_1.png"]
@@ -349,7 +349,7 @@ def test_unreadable_image_skip_or_fail(tiny, tmp_path, capsys):
     train = load_features(tmp_path / "b" / "seed1-k4" / "train.safetensors", require_labels=True)
     assert train.features.shape == (48, 16) and train.class_names == CLASSES
     assert load_features(tmp_path / "b" / "test.safetensors").features.shape == (8, 16)
-    err = _error([*args, "--output", str(tmp_path / "b"), "--on-error", "fail"], capsys)
+    err = _error([*args, "--out", str(tmp_path / "b"), "--on-error", "fail"], capsys)
     assert "skipped as unreadable" in err  # a cache with skipped images is not reused silently
 
 
@@ -362,14 +362,14 @@ def test_an_output_folder_serves_one_source(tiny, tmp_path, capsys):
     torch.save(open_clip.create_model(MODEL).state_dict(), other)
     out_a, out_b = tmp_path / "a", tmp_path / "b"
     base = ["extract", *data_args(tiny), "--views", "1", "--quiet"]
-    assert main([*base, "--output", str(out_a)]) == 0
+    assert main([*base, "--out", str(out_a)]) == 0
     with_other = [*base, "--checkpoint", str(other)]  # argparse keeps the last --checkpoint
-    assert main([*with_other, "--output", str(out_b)]) == 0
+    assert main([*with_other, "--out", str(out_b)]) == 0
     capsys.readouterr()
     before = {p: p.read_bytes() for p in out_a.rglob("*") if p.is_file()}
-    err = _error([*with_other, "--output", str(out_a)], capsys)
+    err = _error([*with_other, "--out", str(out_a)], capsys)
     assert "holds features from another source (checkpoint sha256:" in err, err
-    err = _error([*base, "--template", "a blurry photo of a {}.", "--output", str(out_a)], capsys)
+    err = _error([*base, "--template", "a blurry photo of a {}.", "--out", str(out_a)], capsys)
     assert "holds features from another source (templates" in err, err
     assert {p: p.read_bytes() for p in out_a.rglob("*") if p.is_file()} == before
     train = load_features(out_a / "seed1-k4" / "train.safetensors")

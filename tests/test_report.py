@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from fma_fast import report
+from fma_fast import protocol, report
 from fma_fast.cli import main
 
 TINY = [
@@ -114,13 +114,13 @@ def test_report_on_feature_files(tmp_path):
 
 def test_few_shot_indices_draws_k_per_class_from_the_seed():
     labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 2])
-    first = report.few_shot_indices(labels, 2, torch.Generator().manual_seed(1))
-    again = report.few_shot_indices(labels, 2, torch.Generator().manual_seed(1))
+    first = protocol.few_shot_indices(labels, 2, torch.Generator().manual_seed(1))
+    again = protocol.few_shot_indices(labels, 2, torch.Generator().manual_seed(1))
     assert torch.equal(first, again)
     assert torch.bincount(labels[first]).tolist() == [2, 2, 2]
     assert len(set(first.tolist())) == 6
     with pytest.raises(ValueError, match="class 0 has 3 rows"):
-        report.few_shot_indices(labels, 4, torch.Generator().manual_seed(1))
+        protocol.few_shot_indices(labels, 4, torch.Generator().manual_seed(1))
 
 
 @pytest.mark.parametrize(

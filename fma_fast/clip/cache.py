@@ -247,7 +247,7 @@ def _encode_shards(
         total=sum(len(batch) for batch in batches),
         desc=f"encode {plan.common['split']}",
         unit="img",
-        disable=not progress,
+        disable=None if progress else True,  # None: off when not a terminal
         leave=False,
     )
     parts: list[tuple[torch.Tensor, torch.Tensor]] = []

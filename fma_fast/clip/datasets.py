@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..protocol import draw_split
 from .prompts import DATASET_TEMPLATES, DEFAULT_TEMPLATE
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
@@ -260,11 +261,22 @@ def _split_per_class(items: list[Item], class_names: list[str]) -> tuple[list[It
     return train, val, test
 
 
-def _read_folder(folder: Path) -> Dataset:
+def _refuse_empty_classes(root: Path, names: list[str], allow_empty: bool) -> None:
+    empty = [name for name in names if not _images_in(root / name)]
+    if empty and not allow_empty:
+        raise ValueError(
+            f"{root}: class folder(s) without images: {', '.join(empty[:5])}; pass "
+            "allow_empty_classes=True (--allow-empty-classes) to keep them as classes with no "
+            "training images"
+        )
+
+
+def _read_folder(folder: Path, allow_empty: bool) -> Dataset:
     """``folder/{train,val,test}/<class>/*`` (val optional), or ``folder/<class>/*`` that is
-    split 50/20/30."""
+    split 50/20/30 per class."""
     if (folder / "train").is_dir():
         names = _class_folders(folder / "train")
+        _refuse_empty_classes(folder / "train", names, allow_empty)
         splits = {}
         for split in ("train", "val", "test"):
             root = folder / split
@@ -285,6 +297,7 @@ def _read_folder(folder: Path) -> Dataset:
         train, val, test = splits["train"], splits["val"], splits["test"]
     else:
         names = _class_folders(folder)
+        _refuse_empty_classes(folder, names, allow_empty)
         items = [
             Item(f"{n}/{f}", label) for label, n in enumerate(names) for f in _images_in(folder / n)
         ]
@@ -297,7 +310,7 @@ def _read_folder(folder: Path) -> Dataset:
     return Dataset(folder.name, folder, names, DEFAULT_TEMPLATE, train, val, test)
 
 
-def _read_csv_rows(path: Path) -> tuple[list[Item], dict[int, set[str]]]:
+def _read_csv_rows(path: Path, allow_unnamed: bool) -> tuple[list[Item], dict[int, set[str]]]:
     items, named = [], {}
     with open(path, newline="") as handle:
         for number, row in enumerate(csv.reader(handle), 1):
@@ -313,12 +326,18 @@ def _read_csv_rows(path: Path) -> tuple[list[Item], dict[int, set[str]]]:
                 raise ValueError(f"{path}:{number}: label {row[1]!r} is not an integer") from None
             if label < 0:
                 raise ValueError(f"{path}:{number}: label {label} is negative")
+            if len(row) == 2 and not allow_unnamed:
+                raise ValueError(
+                    f"{path}:{number}: no class name (expected path,label,classname): the "
+                    "prompts need names; pass allow_unnamed=True (--allow-unnamed-classes) to "
+                    "name classes by their label numbers"
+                )
             items.append(Item(row[0].strip(), label))
             named.setdefault(label, set()).add(row[2].strip() if len(row) == 3 else str(label))
     return items, named
 
 
-def _read_csv(path: Path) -> Dataset:
+def _read_csv(path: Path, allow_unnamed: bool) -> Dataset:
     """One CSV (split 50/20/30 per class) or a folder with train.csv, test.csv [, val.csv]."""
     if path.is_dir():
         splits, named = {}, {}
@@ -329,23 +348,34 @@ def _read_csv(path: Path) -> Dataset:
                     raise FileNotFoundError(f"{path} has train.csv but no test.csv")
                 splits[split] = None
                 continue
-            splits[split], found = _read_csv_rows(file)
+            splits[split], found = _read_csv_rows(file, allow_unnamed)
             for label, names in found.items():
                 named.setdefault(label, set()).update(names)
         names = _class_names(named, str(path))
         return Dataset(
             path.name, path, names, DEFAULT_TEMPLATE, splits["train"], splits["val"], splits["test"]
         )
-    items, named = _read_csv_rows(path)
+    items, named = _read_csv_rows(path, allow_unnamed)
     names = _class_names(named, str(path))
     train, val, test = _split_per_class(items, names)
     return Dataset(path.stem, path.parent, names, DEFAULT_TEMPLATE, train, val, test)
 
 
-def load_dataset(dataset: str | os.PathLike, root: str | os.PathLike | None = None) -> Dataset:
+def load_dataset(
+    dataset: str | os.PathLike,
+    root: str | os.PathLike | None = None,
+    *,
+    allow_empty_classes: bool = False,
+    allow_unnamed: bool = False,
+) -> Dataset:
     """One of the 11 few-shot datasets under ``root`` by name (``oxford_pets``, ``OxfordPets``,
     ``fgvc_aircraft`` ...), or a path (under ``root`` or as given) to a class-per-folder
-    directory, a CSV list (path,label[,classname]) or a folder with train/val/test CSVs."""
+    directory, a CSV list (path,label,classname) or a folder with train/val/test CSVs.
+
+    A folder or CSV without its own splits is split 50/20/30 per class (CoOp's fractions,
+    shuffled with a fixed seed per class name, so the test split never depends on the run's
+    seed). A class folder without images, or a CSV row without a class name, is refused unless
+    ``allow_empty_classes`` / ``allow_unnamed`` say to keep it."""
     name = canonical_name(str(dataset))
     base = Path(root) if root is not None else Path(".")
     if name is not None:
@@ -359,9 +389,11 @@ def load_dataset(dataset: str | os.PathLike, root: str | os.PathLike | None = No
     candidates = [base / dataset, Path(dataset)] if root is not None else [Path(dataset)]
     for path in candidates:
         if path.is_file() and path.suffix.lower() == ".csv":
-            return _read_csv(path)
+            return _read_csv(path, allow_unnamed)
         if path.is_dir():
-            return _read_csv(path) if (path / "train.csv").is_file() else _read_folder(path)
+            if (path / "train.csv").is_file():
+                return _read_csv(path, allow_unnamed)
+            return _read_folder(path, allow_empty_classes)
     raise ValueError(
         f"unknown dataset {str(dataset)!r}: use one of {', '.join(DATASET_NAMES)} (under --root), "
         "or a path to a class-per-folder directory or a CSV file "
@@ -369,30 +401,21 @@ def load_dataset(dataset: str | os.PathLike, root: str | os.PathLike | None = No
     )
 
 
-def _sample_per_class(items: list[Item], shots: int, rng: random.Random) -> list[Item]:
-    by_label: dict[int, list[Item]] = {}
-    for item in items:
-        by_label.setdefault(item.label, []).append(item)
-    picked = []
-    for label in sorted(by_label):
-        group = by_label[label]
-        picked += rng.sample(group, min(shots, len(group)))
-    return picked
-
-
 def few_shot(dataset: Dataset, shots: int, seed: int) -> tuple[list[Item], list[Item]]:
-    """K random training images per class and min(K, 4) validation images per class, seeded.
+    """K random training images per class and min(K, 4) validation images per class, seeded
+    (:func:`fma_fast.protocol.draw_split`; a class with fewer images gives all it has).
 
     Without a validation split the validation shots come from the training images left over,
     so M is never chosen on test images (CoOp reuses ImageNet's test set as its val).
     """
     if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
         raise ValueError(f"shots must be an int >= 1, got {shots!r}")
-    train = _sample_per_class(dataset.train, shots, random.Random(f"fma_fast:train:{seed}"))
-    if dataset.val is not None:
-        pool = dataset.val
-    else:
-        chosen = set(train)
-        pool = [item for item in dataset.train if item not in chosen]
-    val = _sample_per_class(pool, min(shots, 4), random.Random(f"fma_fast:val:{seed}"))
+    val_pool = dataset.val
+    train_rows, val_rows, from_train = draw_split(
+        [item.label for item in dataset.train],
+        None if val_pool is None else [item.label for item in val_pool],
+        shots, seed, strict=False,
+    )
+    train = [dataset.train[i] for i in train_rows.tolist()]
+    val = [(dataset.train if from_train else val_pool)[i] for i in val_rows.tolist()]
     return train, val

@@ -149,7 +149,7 @@ class ClipEncoder:
                 build_prompts(class_names, templates),
                 desc="text",
                 unit="template",
-                disable=not progress,
+                disable=None if progress else True,  # None: off when not a terminal
             )
         ]
         return F.normalize(torch.stack(per_template).mean(dim=0), dim=-1)

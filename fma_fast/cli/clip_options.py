@@ -1,0 +1,110 @@
+"""What ``extract`` and ``run`` share: the data and encoder options, the checks before any
+image is read, building the encoder, and encoding a seed's splits into the feature cache."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from .._io import check_output_folder
+from ..features_io import claim_folder
+from . import options
+
+
+def add_data_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data and encoder")
+    group.add_argument("--dataset", required=True,
+                       help="dataset name (oxford_pets, imagenet, ...), a class-per-folder "
+                            "directory or a CSV file (path,label,classname)")
+    group.add_argument("--root", default=".", help="folder holding the datasets")
+    group.add_argument("--allow-empty-classes", action="store_true",
+                       help="keep class folders without images (refused otherwise)")
+    group.add_argument("--allow-unnamed-classes", action="store_true",
+                       help="name CSV classes without a classname column by their labels")
+    group.add_argument("--model", required=True, help="open_clip architecture, e.g. ViT-B-16")
+    group.add_argument("--checkpoint", default=None,
+                       help="local weights file for --model (None: random init, smoke runs)")
+    group.add_argument("--model-config", default=None,
+                       help="register an open_clip architecture JSON first (its name is the stem)")
+    group.add_argument("--shots", type=int, default=16, help="K training shots per class")
+    group.add_argument("--views", type=int, default=10,
+                       help="augmented views per training image")
+    group.add_argument("--template", action="append", default=None,
+                       help="prompt template with {} (repeat for an ensemble, or 'imagenet7'; "
+                            "None: the dataset's CoOp template)")
+    group.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
+                       help="encoder autocast on CUDA; auto = fp16")
+    group.add_argument("--encode-batch-size", type=int, default=256,
+                       help="crops per encoder call")
+    group.add_argument("--workers", type=int, default=None,
+                       help="image decoding processes (None: 8 on CUDA, 0 on CPU)")
+    group.add_argument("--shard-size", type=int, default=1024, help="images per cache shard")
+    group.add_argument("--on-error", choices=("skip", "fail"), default="skip",
+                       help="unreadable image: skip and count it, or stop")
+
+
+def check_before_work(args, seeds: list[int], context, backend: str | None = None) -> Path:
+    """What can be checked before the dataset is read or the encoder built: repeated seeds,
+    the device, the solver backend (``run``) and the output folder."""
+    if len(set(seeds)) != len(seeds):
+        repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+        raise ValueError(f"seeds must differ: {' '.join(map(str, repeated))} given twice")
+    device = context.device(args.device)
+    if backend is not None:
+        options.check_backend(backend, device)
+    return check_output_folder(options.require_out(args), "--out")
+
+
+def prepare(args, context):
+    """Dataset, encoder, templates, device and decoding workers from the shared options."""
+    from ..clip import load_dataset, load_encoder, register_model_config, resolve_templates
+
+    device = context.device(args.device)
+    dataset = load_dataset(args.dataset, args.root, allow_empty_classes=args.allow_empty_classes,
+                           allow_unnamed=args.allow_unnamed_classes)
+    model = register_model_config(args.model_config) if args.model_config else args.model
+    if args.model_config and model != args.model:
+        raise ValueError(
+            f"--model-config {args.model_config} registers {model!r}, not {args.model!r}"
+        )
+    encoder = load_encoder(model, args.checkpoint, device=device, precision=args.precision)
+    templates = resolve_templates(args.template, dataset.name)
+    if args.workers is not None:
+        workers = args.workers
+    else:
+        workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
+    if context.is_main:
+        print(
+            f"dataset {dataset.name}: {len(dataset.class_names)} classes, {len(dataset.train)} "
+            f"train / {len(dataset.val) if dataset.val is not None else 'no'} val / "
+            f"{len(dataset.test)} test images; model {args.model} ({encoder.checkpoint[:19]}), "
+            f"{encoder.precision} on {device}, input {encoder.preprocessing['size']}",
+            flush=True,
+        )
+    return dataset, encoder, templates, device, workers
+
+
+def claim_output(out: Path, dataset, encoder, templates) -> dict[str, Any]:
+    """Tie --out to this extraction's source; an output folder of another is refused."""
+    from ..clip.cache import extraction_source
+
+    source = extraction_source(encoder, dataset, templates)
+    claim_folder(out, source, "--out")
+    return source
+
+
+def extract_seed(args, dataset, encoder, templates, workers, folder, seed, context):
+    """One seed's train/val/test features through the cache under ``folder``."""
+    from ..clip import extract
+
+    features = extract(
+        encoder, dataset, folder, shots=args.shots, seed=seed, views=args.views,
+        templates=templates, shard_size=args.shard_size, batch_size=args.encode_batch_size,
+        workers=workers, on_error=args.on_error, progress=not args.quiet, context=context,
+    )
+    for split, paths in features.skipped.items():
+        if paths and context.is_main:
+            print(f"skipped {len(paths)} unreadable {split} image(s), e.g. {paths[0]}")
+    return features

@@ -1,0 +1,70 @@
+"""``fma-fast eval``: score a feature file with a saved model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .. import checkpoint
+from .._io import write_text
+from ..features_io import check_same_origin, data_record, load_features
+from ..solver import solve
+from . import options
+
+
+def run(args) -> None:
+    device = options.check_device(args.device)
+    options.check_backend(args.backend, device)
+    out = getattr(args, "out", None)
+    if out is not None:
+        options.check_predictions_output(Path(out), "--out")
+    model = checkpoint.load(args.model)
+    config = checkpoint.load_config(args.model)
+    steps = args.steps if args.steps is not None else config.get("steps")
+    if steps is None:
+        raise ValueError(f"{args.model} has no M chosen on val; pass --steps")
+    step_size = args.step_size if args.step_size is not None else config.get("step_size", 0.1)
+    data = load_features(args.features)
+    if isinstance(config.get("data"), dict):
+        check_same_origin(
+            {f"the data model {args.model} was trained on": config["data"],
+             Path(args.features).name: data_record(data)}
+        )
+    solve_options = {"step_size": step_size, "class_features": data.class_features,
+                     "device": args.device}
+    result = solve(data.features, model, steps, topk=args.topk, precision=args.precision,
+                   backend=args.backend, **solve_options)
+    summary = {"steps": steps, "step_size": step_size, "rows": len(result.pred),
+               "path": result.path}
+    if data.labels is not None:
+        zero_shot = solve(data.features, model, 0, **solve_options).pred  # scoring x_0 only
+        summary["accuracy"] = float((result.pred == data.labels).double().mean())
+        summary["accuracy_at_m0"] = float((zero_shot == data.labels).double().mean())
+    print(json.dumps(summary))
+    if out is not None:
+        payload = {
+            "format": options.PREDICTIONS_FORMAT,
+            **summary,
+            "pred": result.pred.tolist(),
+            "topk_indices": result.topk_indices.tolist(),
+            "topk_values": result.topk_values.tolist(),
+        }
+        write_text(out, json.dumps(payload))
+
+
+def register(commands) -> None:
+    parser = commands.add_parser("eval", help="score a feature file with a saved model",
+                                 formatter_class=options.Formatter)
+    parser.add_argument("features", help="safetensors feature file (labels optional)")
+    parser.add_argument("--model", required=True, help="model folder written by 'train'")
+    parser.add_argument("--steps", type=int, default=None, help="M (None: chosen on val)")
+    parser.add_argument("--step-size", type=float, default=None, help="h (None: as trained)")
+    parser.add_argument("--topk", type=int, default=1, help="classes kept per row")
+    options.add_device(parser)
+    parser.add_argument("--out", default=argparse.SUPPRESS,
+                        help="write the predictions as JSON here (optional)")
+    parser.add_argument("--output", dest="out", default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)
+    options.add_solve_options(parser)
+    parser.set_defaults(run=run)

@@ -1,0 +1,50 @@
+"""``fma-fast extract``: encode a few-shot dataset with a CLIP model into feature files.
+
+Scales out under ``torchrun`` (:mod:`fma_fast.clip.distributed`): shards are dealt to the
+ranks, rank 0 writes the feature files.
+"""
+
+from __future__ import annotations
+
+from ..features_io import save_features
+from . import clip_options, options
+
+
+def run(args) -> None:
+    from ..clip import launch
+
+    with launch() as context:
+        out = clip_options.check_before_work(args, args.seeds, context)
+        dataset, encoder, templates, _, workers = clip_options.prepare(args, context)
+        clip_options.claim_output(out, dataset, encoder, templates)
+        for seed in args.seeds:
+            features = clip_options.extract_seed(
+                args, dataset, encoder, templates, workers, out / "cache", seed, context
+            )
+            if not context.is_main:
+                continue
+            written = []
+            # The test split depends on neither seed nor K: one file beside the per-seed ones.
+            splits = ("train", "val", "test") if seed == args.seeds[0] else ("train", "val")
+            for split in splits:
+                data = getattr(features, split)
+                folder = out if split == "test" else out / f"seed{seed}-k{args.shots}"
+                path = folder / f"{split}.safetensors"
+                save_features(path, data.features, data.class_features, data.labels,
+                              data.class_names, provenance=data.provenance)
+                written.append(f"{path} ({data.features.shape[0]} rows)")
+            print(f"seed {seed}: wrote " + ", ".join(written), flush=True)
+
+
+def register(commands) -> None:
+    parser = commands.add_parser(
+        "extract", help="encode a few-shot dataset with a CLIP model into feature files",
+        formatter_class=options.Formatter)
+    clip_options.add_data_options(parser)
+    options.add_seeds(parser, [1], "seeds of the K-shot draws and augmentations")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda, cuda:1 ... (None: cuda if present; under torchrun "
+                             "each rank takes its local GPU)")
+    options.add_out(parser, "output folder")
+    options.add_quiet(parser)
+    parser.set_defaults(run=run)

@@ -1,0 +1,58 @@
+"""The ``fma-fast`` command: the commands, and one line with exit status 2 for bad input."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from .._io import describe_os_error
+from ..checkpoint import CheckpointError
+from ..dispatch import BackendUnavailableError
+from ..features_io import FeatureFileError
+from . import demo, doctor, evaluate, extract, report, run, synth, train
+
+COMMANDS = (demo, synth, train, evaluate, extract, run, report, doctor)
+INPUT_ERRORS = (
+    CheckpointError,
+    FeatureFileError,
+    ValueError,
+    TypeError,
+    OSError,
+    FloatingPointError,
+    BackendUnavailableError,
+    torch.cuda.OutOfMemoryError,
+)
+"""Bad input, files, devices or disks: one line and exit status 2 (anything else is a bug and
+keeps its traceback)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fma-fast",
+        description="Fast, dependable Flow Matching Alignment (FMA) for few-shot CLIP "
+                    "classification.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        command.register(commands)
+    return parser
+
+
+def _one_line(error: BaseException) -> str:
+    text = describe_os_error(error) if isinstance(error, OSError) and error.errno else str(error)
+    return " ".join(text.split()) or type(error).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.run(args)
+    except INPUT_ERRORS as error:
+        print(f"fma-fast {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fma-fast: interrupted", file=sys.stderr)
+        return 130
+    return code or 0

@@ -1,0 +1,171 @@
+"""What the commands share: option groups, the one helper that turns parsed options into
+``fit`` arguments, and the checks that run before any work (device, backend, outputs)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import _validation as check
+from .. import checkpoint, dispatch
+from .._io import check_output_file, check_output_folder
+from ..features_io import FeatureFileError, load_features
+from ..model import VelocityNet
+from ..policy import PRECISIONS, SOLVE_BACKENDS
+from ..training import AMP_CHOICES, fit
+
+PREDICTIONS_FORMAT = "fma_fast/predictions/1"
+
+
+class Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default."""
+
+
+def add_out(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--out``, the one name of every command's output (``--output`` is still read)."""
+    parser.add_argument("--out", default=argparse.SUPPRESS, help=f"{help} (required)")
+    parser.add_argument("--output", dest="out", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def add_seeds(parser: argparse.ArgumentParser, default: list[int], help: str) -> None:
+    """``--seeds S [S ...]`` (``--seed`` is read as one seed)."""
+    parser.add_argument("--seeds", type=int, nargs="+", default=default, help=help)
+    parser.add_argument("--seed", type=int, nargs="+", dest="seeds", help=argparse.SUPPRESS)
+
+
+def add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda, cuda:1 ... (None: cuda if present, else cpu)")
+
+
+def add_quiet(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars (they are off anyway when output is not a terminal)")
+
+
+def add_training_options(
+    parser: argparse.ArgumentParser, defaults: dict | None = None, *, seed: bool = True
+) -> None:
+    """The options of ``fit`` (training group) and of choosing M (``--max-steps``); ``seed``
+    False where the command's --seeds give each fit its seed."""
+    defaults = defaults or {}
+    group = parser.add_argument_group("training")
+    group.add_argument("--blocks", type=int, default=defaults.get("blocks", 12),
+                       help="residual blocks of the velocity network")
+    group.add_argument("--width", type=int, default=None, help="hidden width (None: feature dim)")
+    group.add_argument("--epochs", type=int, default=defaults.get("epochs", 200),
+                       help="passes over the training rows")
+    group.add_argument("--batch-size", type=int, default=32, help="rows per optimizer step")
+    group.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate")
+    group.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    group.add_argument("--gamma", type=float, default=defaults.get("gamma", 0.0),
+                       help="noise strength")
+    group.add_argument("--noise", choices=("bridge", "endpoint"), default="bridge",
+                       help="noise form: the released code's bridge or the paper's endpoint")
+    group.add_argument("--amp", choices=AMP_CHOICES, default="auto", help="autocast on CUDA")
+    if seed:
+        group.add_argument("--seed", type=int, default=1,
+                           help="seed of the initialisation, batches and noise")
+    group.add_argument("--max-steps", type=int, default=10,
+                       help="largest M tried when choosing M on val")
+    group.add_argument("--step-size", type=float, default=0.1, help="Euler step h")
+
+
+def fit_from_args(args: argparse.Namespace, features, labels, class_features, **overrides: Any):
+    """``fit`` with the training options of ``args`` (and ``overrides``, e.g. seed, device)."""
+    options = dict(
+        blocks=args.blocks, width=args.width, epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, weight_decay=args.weight_decay, gamma=args.gamma, noise=args.noise,
+        seed=getattr(args, "seed", 1), device=args.device, amp=args.amp,
+        progress=not args.quiet,
+    )
+    return fit(features, labels, class_features, **{**options, **overrides})
+
+
+def add_solve_options(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """--[prefix]precision and --[prefix]backend of :func:`fma_fast.solve`."""
+    parser.add_argument(f"--{prefix}precision", choices=tuple(PRECISIONS), default="fp32",
+                        help="solver GEMM precision: fp32 (exact), bf16 (CPU/GPU), fp16 (CUDA)")
+    parser.add_argument(f"--{prefix}backend", choices=SOLVE_BACKENDS, default="auto",
+                        help="solver path: auto (fastest exact), reference, folded, triton")
+
+
+def require_out(args: argparse.Namespace) -> Path:
+    if getattr(args, "out", None) is None:
+        raise ValueError("--out is required")
+    return Path(args.out)
+
+
+def check_device(device: str | None) -> torch.device:
+    """The --device option as a device that exists here (checked before any work)."""
+    return check.resolve_device(device)
+
+
+def check_backend(backend: str, device: torch.device) -> None:
+    """--backend triton must be runnable here, before features are encoded or a field fit."""
+    if backend == "triton":
+        dispatch.select_path("triton", torch.empty(0, device=device))
+
+
+def _is_feature_file(path: Path) -> bool:
+    try:
+        load_features(path)
+    except FeatureFileError:
+        return False
+    return True
+
+
+def check_feature_output(path: Path, name: str) -> Path:
+    """An output feature file: a new file, or an earlier feature file (nothing else)."""
+    return check_output_file(path, name, kind="a feature file", is_kind=_is_feature_file)
+
+
+def _is_predictions_file(path: Path) -> bool:
+    """An earlier ``eval --out`` file (fma_fast 0.1 wrote no format tag)."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    if not isinstance(value, dict):
+        return False
+    return value.get("format") == PREDICTIONS_FORMAT or {"pred", "topk_indices"} <= set(value)
+
+
+def check_predictions_output(path: Path, name: str) -> Path:
+    return check_output_file(path, name, kind="a predictions file written by fma-fast eval",
+                             is_kind=_is_predictions_file)
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**20:.1f} MiB" if count >= 2**20 else f"{count / 1024:.0f} KiB"
+
+
+def check_model_output(out: Path, blocks: int, width: int | None, dim: int) -> Path:
+    """A model's --out: a writable folder with room for the weights, holding no foreign files."""
+    out = check_output_folder(out, "--out")
+    checkpoint.check_model_folder(out, "--out")
+    with torch.device("meta"):
+        size = 4 * sum(p.numel() for p in VelocityNet(dim, blocks, width).parameters())
+    home = out if out.is_dir() else out.parent
+    free = shutil.disk_usage(home).free
+    if free < size + (1 << 20):
+        raise OSError(
+            f"not enough disk space for the model in {home}: it needs {_size(size + (1 << 20))}, "
+            f"{_size(free)} are free"
+        )
+    return out
+
+
+def accuracy_table(val: list[float] | None, test: list[float], chosen: int) -> str:
+    header = "  M   val acc  test acc" if val is not None else "  M  test acc"
+    lines = [header]
+    for steps, test_acc in enumerate(test):
+        val_part = f"  {100 * val[steps]:7.2f}%" if val is not None else ""
+        mark = "  <- chosen on val" if steps == chosen else ""
+        lines.append(f"{steps:>3}{val_part}  {100 * test_acc:7.2f}%{mark}")
+    return "\n".join(lines)

@@ -1,0 +1,45 @@
+"""``fma-fast train``: fit on a feature file, choose M on a validation file, save the model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import checkpoint
+from ..features_io import check_feature_files, data_record, load_features
+from ..solver import select_steps
+from . import options
+
+
+def run(args) -> None:
+    options.check_device(args.device)
+    out = options.require_out(args)
+    train = load_features(args.features, require_labels=True)
+    val = load_features(args.val, require_labels=True) if args.val else None
+    if val is not None:
+        check_feature_files({Path(args.features).name: train, Path(args.val).name: val})
+    options.check_model_output(out, args.blocks, args.width, train.features.shape[1])
+    result = options.fit_from_args(args, train.features, train.labels, train.class_features)
+    extra = {"step_size": args.step_size, "data": data_record(train)}
+    if val is not None:
+        selection = select_steps(result.model, val.features, val.labels, val.class_features,
+                                 max_steps=args.max_steps, step_size=args.step_size,
+                                 device=args.device)
+        extra.update(steps=selection.best_steps, val_accuracy=selection.accuracy)
+        print(selection.table())
+    else:
+        print("no --val file: M is not chosen; pass --steps to 'fma-fast eval'")
+    checkpoint.save(result, out, extra=extra)
+    print(f"loss {result.history[0]:.4f} -> {result.history[-1]:.4f}; saved to {out}")
+
+
+def register(commands) -> None:
+    parser = commands.add_parser(
+        "train", help="fit on a feature file, choose M on --val, save the model",
+        formatter_class=options.Formatter)
+    parser.add_argument("features", help="safetensors feature file with labels")
+    parser.add_argument("--val", help="validation feature file (chooses M)")
+    options.add_out(parser, "output model folder")
+    options.add_training_options(parser)
+    options.add_device(parser)
+    options.add_quiet(parser)
+    parser.set_defaults(run=run)

@@ -1,0 +1,68 @@
+"""The few-shot protocol of the CLIP literature, defined once: K random training shots per class
+and min(K, 4) validation shots per class, drawn from a seed. The CLIP datasets, the synthetic
+tasks and the report all sample through here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import _validation as check
+
+VAL_SHOTS_CAP = 4
+"""At most this many validation shots per class (the literature's min(K, 4))."""
+
+
+def val_shots(shots: int) -> int:
+    """Validation shots per class for K training shots: min(K, 4)."""
+    return min(check.check_int("shots", shots, minimum=1), VAL_SHOTS_CAP)
+
+
+def few_shot_indices(
+    labels: torch.Tensor | Sequence[int],
+    shots: int,
+    generator: torch.Generator,
+    *,
+    strict: bool = True,
+) -> torch.Tensor:
+    """``shots`` random rows of every class, class by class in label order. A class with fewer
+    rows is an error when ``strict``, else all of its rows are taken (real data sets have
+    small classes)."""
+    labels = torch.as_tensor(labels)
+    shots = check.check_int("shots", shots, minimum=1)
+    chosen = []
+    for c in torch.unique(labels).tolist():
+        rows = (labels == c).nonzero().flatten()
+        if rows.numel() < shots and strict:
+            raise ValueError(f"class {c} has {rows.numel()} rows in the pool, fewer than {shots}")
+        chosen.append(rows[torch.randperm(rows.numel(), generator=generator)[:shots]])
+    return torch.cat(chosen) if chosen else torch.zeros(0, dtype=torch.long)
+
+
+def draw_split(
+    train_labels: torch.Tensor | Sequence[int],
+    val_labels: torch.Tensor | Sequence[int] | None,
+    shots: int,
+    seed: int,
+    *,
+    strict: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The K-shot training rows and the min(K, 4)-shot validation rows of ``seed``.
+
+    Validation shots come from the val pool; without one (``val_labels`` None) from the
+    training rows not drawn as training shots, so M is never chosen on test rows. Returns the
+    training indices, the validation indices and whether those index the training pool.
+    """
+    generator = torch.Generator().manual_seed(check.check_int("seed", seed))
+    train = few_shot_indices(train_labels, shots, generator, strict=strict)
+    if val_labels is not None:
+        val = few_shot_indices(val_labels, val_shots(shots), generator, strict=strict)
+        return train, val, False
+    left = torch.ones(len(train_labels), dtype=torch.bool)
+    left[train] = False
+    rest = left.nonzero().flatten()
+    picked = few_shot_indices(torch.as_tensor(train_labels)[rest], val_shots(shots), generator,
+                              strict=strict)
+    return train, rest[picked], True
