@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _validation as check
+from .adaptive import TrajectoryStats, trajectory_stats
 from .policy import LOGIT_SCALE, best_on_val
-from .solver import StepSelection, select_steps, solve
+from .solver import StepSelection, solve
 from .training import FitResult, fit
 
 Array = torch.Tensor | np.ndarray
@@ -441,6 +442,7 @@ class FMA(Baseline):
         self.step_size = check.check_positive_float("step_size", step_size)
         self.fit_result: FitResult | None = None
         self.steps_selection: StepSelection | None = None
+        self.val_stats: TrajectoryStats | None = None
 
     def _fit(self, x, y, z, val) -> None:
         self._needs_val(self.max_steps + 1, val)
@@ -449,10 +451,15 @@ class FMA(Baseline):
         if val is None:
             self.steps = self.max_steps
         else:
-            self.steps_selection = select_steps(
-                self.model, val[0], val[1], z, self.max_steps, self.step_size
-            )
-            self.steps = self.steps_selection.best_steps
+            # One pass over the val states gives M (select_steps' rule) and what adaptive
+            # stopping chooses its rule from (``val_stats``).
+            self.val_stats = trajectory_stats(self.model, val[0], z, val[1],
+                                              max_steps=self.max_steps, step_size=self.step_size)
+            accuracy = self.val_stats.fixed_accuracy(val[1])
+            loss = (-self.val_stats.label_logprob.double().mean(dim=0)).tolist()
+            best = best_on_val(accuracy, loss, steps=range(len(accuracy)))
+            self.steps_selection = StepSelection(best, accuracy, loss)
+            self.steps = best
         self.selection = {"steps": self.steps}
 
     def transform(self, features: Array) -> torch.Tensor:

@@ -23,7 +23,7 @@ from . import dispatch, reference, routing, solver
 from .kernels import _common
 from .kernels._common import triton_usable
 from .model import VelocityNet
-from .policy import PRECISIONS
+from .policy import PRECISIONS, TOLERANCES
 
 PACKAGES = ("torch", "triton", "numpy", "safetensors", "tqdm", "open_clip_torch", "pillow",
             "matplotlib", "pytest", "pytest-benchmark")
@@ -215,8 +215,6 @@ def kernel_checks(device: torch.device) -> list[CheckResult]:
     cases = _kernel_cases(device)
     if not usable:
         return [CheckResult(name, "skip", detail=why) for name, *_ in cases]
-    from .kernels.testing import TOLERANCES
-
     results = []
     for name, dtype, kernel, expected_run in cases:
         if device.type == "cpu" and dtype != torch.float32:

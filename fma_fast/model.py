@@ -62,7 +62,7 @@ class FinalLayer(nn.Module):
 
 
 class VelocityNet(nn.Module):
-    """Velocity field u(x, t) of FMA (FMA_FACTS §2); parameter names match released checkpoints.
+    """Velocity field u(x, t) of FMA (docs/method.md §2), named as released checkpoints are.
 
     ``dim`` is the feature dimension D, ``blocks`` the number of residual blocks and ``width``
     the hidden width (``dim`` when None, as in the released code). An untrained network outputs

@@ -36,6 +36,15 @@ MIN_WORKER_ROWS = 128
 CLASS_TILE = 4096
 """Classes scored at once in torch: a chunk's logits stay rows × 4096, whatever C is."""
 
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float32: (1e-5, 1e-6),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+"""(rtol, atol) of a kernel against its reference per I/O dtype, element-wise
+(``|a − e| ≤ atol + rtol·|e|``): fp32 1e-5 relative (atol for values near 0); halves about two
+units of their last place (2⁻¹⁰, 2⁻⁷) relative. The kernel tests and ``fma-fast doctor``."""
+
 LOGIT_SCALE = 100.0
 """CLIP's logit scale: softmax(100·cos) turns cosines into class probabilities (the
 validation cross-entropy, the step ensemble, the baselines' logits, adaptive stopping)."""

@@ -170,7 +170,7 @@ def folded_residual_block(
     b2: torch.Tensor,
     eps: float = 1e-6,
 ) -> torch.Tensor:
-    """A residual block with its time conditioning folded in (FMA_FACTS §3)."""
+    """A residual block with its time conditioning folded in (docs/method.md §3)."""
     normed = F.layer_norm(h, (h.shape[-1],), eps=eps)
     return h + F.silu(normed @ w1.T + b1) @ w2.T + b2
 

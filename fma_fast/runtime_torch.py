@@ -122,9 +122,8 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 def _single_threaded_ops() -> Iterator[None]:
     """torch intra-op threads = 1 while workers run, restored by the last one to leave.
 
-    Row-parallel workers need no OpenMP barrier per op. On the 2-core host the folded solve ran
-    as fast as with intra-op threads under default OpenMP settings and 25-35% faster under
-    OMP_WAIT_POLICY=PASSIVE, and a busy neighbour core now slows only its own chunks.
+    Row-parallel workers need no OpenMP barrier per op, and a busy neighbour core slows only
+    its own chunks (the measurements are in benchmarks/results/).
     """
     with _THREADS_LOCK:
         if _SINGLE_THREADED["depth"] == 0:

@@ -21,12 +21,16 @@ def merge_topk(
     indices: torch.Tensor,
     k: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The running top-k of a row block merged with a new class tile's (ties: lower index)."""
-    if best is None:
-        return values, indices
-    values, indices = torch.cat([best[0], values], dim=1), torch.cat([best[1], indices], dim=1)
-    values, order = values.topk(k, dim=1)
-    return values, indices.gather(1, order)
+    """The running top-k of a row block merged with a new class tile's candidates, best first;
+    equal cosines keep the lower class index first (as the Triton kernel does), so results do
+    not depend on where the tile borders fall."""
+    if best is not None:
+        values = torch.cat([best[0], values], dim=1)
+        indices = torch.cat([best[1], indices], dim=1)
+    by_index = indices.argsort(dim=1)
+    values, indices = values.gather(1, by_index), indices.gather(1, by_index)
+    order = values.argsort(dim=1, descending=True, stable=True)[:, :k]
+    return values.gather(1, order), indices.gather(1, order)
 
 
 def tiled_scores(

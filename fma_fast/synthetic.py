@@ -1,6 +1,6 @@
 """Seeded few-shot tasks with CLIP-like feature geometry, the test bed and the demo's default.
 
-Geometry (FMA_FACTS §4): text features sit in a narrow cone around a text mean direction,
+Geometry (docs/method.md §7): text features sit in a narrow cone around a text mean direction,
 image features in another cone around an image mean direction, the two cones apart (the
 modality gap). Each class has a text direction; its images come in several modes, each mode
 pointing partly along its own class's text direction, partly along another class's text

@@ -1,4 +1,4 @@
-"""Fused kernels of one folded solver step (FMA_FACTS §3): residual block, final layer + Euler.
+"""Fused kernels of one folded solver step (docs/method.md §3): residual block, final layer + Euler.
 
 With the time conditioning folded into the weights, a residual block is
 ``h + SiLU(LN(h) @ W1'ᵀ + b1') @ W2'ᵀ + b2'`` and the final layer with the Euler update is

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from kernel_support import kernel_device
 
 import fma_fast
-from fma_fast import synthetic
+from fma_fast import dispatch, reference, synthetic, training
 from fma_fast.training import lr_factor
 
 
@@ -109,9 +112,8 @@ def test_schedule_warms_up_linearly_then_decays_to_zero():
 
 
 def test_fused_triton_training_matches_the_reference_loss_curve(hard_task):
-    import os
 
-    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+    if kernel_device() is None:
         pytest.skip("SKIPPED, not passed: the Triton backend needs CUDA or TRITON_INTERPRET=1")
     # Philox (Triton) and torch.Generator noise differ, so compare at gamma=0 where the
     # target is deterministic: same batches, same t, same model -> same losses.
@@ -139,3 +141,68 @@ def test_fit_leaves_the_callers_tensors_untouched(noise):
                                   (features, table, labels), copies):
         assert tensor.grad is None, f"fit wrote .grad into the caller's {name}"
         assert torch.equal(tensor.detach(), copy), f"fit changed the caller's {name}"
+
+
+def _tiny_task(rows_per_class: int = 8):
+    task = synthetic.make_task(num_classes=4, dim=16, shots=rows_per_class, difficulty=0.5,
+                               seed=7)
+    return task.train.features, task.train.labels, task.class_features
+
+
+def test_the_learning_rate_follows_warm_up_then_cosine_at_every_step():
+    """Guards a scheduler that never steps, or a warm-up of the wrong length: the schedule is
+    written out here from its definition, not taken from lr_factor."""
+    x, y, z = _tiny_task()  # 32 rows, batch 8: 4 steps per epoch
+    lr, epochs, per_epoch = 1e-3, 3, 4
+    result = fma_fast.fit(x, y, z, blocks=1, epochs=epochs, batch_size=8, lr=lr,
+                          warmup_epochs=1, progress=False)
+    total, warm = epochs * per_epoch, per_epoch
+    expected = [lr * (k + 1) / warm for k in range(warm)]
+    expected += [lr * 0.5 * (1 + math.cos(math.pi * (k - warm) / (total - warm)))
+                 for k in range(warm, total)]
+    assert result.learning_rates == pytest.approx(expected, rel=1e-9), result.learning_rates
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.3])
+def test_weight_decay_is_applied_at_the_step_learning_rate(weight_decay):
+    """Guards an optimizer that ignores weight_decay. At the released init the output layer is
+    zero, so in the first step every earlier weight has a zero gradient: AdamW then only
+    decays it, p <- p·(1 - lr_0·wd), with lr_0 the first step's warm-up learning rate."""
+    x, y, z = _tiny_task()
+    torch.manual_seed(3)
+    model = fma_fast.VelocityNet(16, blocks=1)
+    before = model.input_proj.weight.detach().clone()
+    result = fma_fast.fit(x, y, z, model=model, epochs=1, batch_size=32, lr=0.1,
+                          weight_decay=weight_decay, warmup_epochs=1, progress=False)
+    lr_0 = 0.1 * 1 / 1  # one step per epoch, warm-up of one step: the full rate
+    assert result.learning_rates == [pytest.approx(lr_0)]
+    torch.testing.assert_close(model.input_proj.weight.detach(),
+                               before * (1 - lr_0 * weight_decay), rtol=1e-6, atol=0)
+
+
+def test_the_endpoint_noise_scale_is_gamma_times_the_feature_std(monkeypatch):
+    """Guards a wrong σ: fit hands the per-dimension std of its rows (ddof 0) to the pair, and
+    the endpoint form puts sqrt(t(1-t))·γ·σ·ε around the line (written out here)."""
+    x, y, z = _tiny_task()
+    seen = {}
+    real = dispatch.fused_pair
+
+    def spy(*args, **kwargs):
+        seen["feature_std"] = kwargs["feature_std"]
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training.dispatch, "fused_pair", spy)
+    fma_fast.fit(x, y, z, blocks=1, epochs=1, gamma=0.5, noise="endpoint", progress=False)
+    torch.testing.assert_close(seen["feature_std"], torch.tensor(x.numpy().std(axis=0)))
+
+    generator = torch.Generator().manual_seed(2)
+    x0, target = torch.randn(5, 6, generator=generator), torch.randn(5, 6, generator=generator)
+    t, noise = torch.rand(5, generator=generator), torch.randn(5, 6, generator=generator)
+    std = torch.rand(6, generator=generator) + 0.5
+    x_t, v = reference.training_pair(x0, target, t, noise, gamma=0.5, form="endpoint",
+                                     feature_std=std)
+    tc = t.clamp(1e-3, 1 - 1e-3)[:, None]
+    line = (1 - tc) * x0 + tc * target
+    expected = line + torch.sqrt(tc * (1 - tc)) * 0.5 * std * noise
+    torch.testing.assert_close(x_t, expected)
+    torch.testing.assert_close(v, (target - expected) / (1 - tc))

@@ -7,20 +7,19 @@ is fastest can only be measured on a GPU; the choice mechanism is tested with a 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from kernel_support import kernel_device
 
 from fma_fast import reference
 from fma_fast.kernels import _common
 from fma_fast.kernels._common import Blocks, candidate_blocks, fastest_blocks, tuned_blocks
 
 pytestmark = pytest.mark.skipif(
-    not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+    kernel_device() is None,
     reason="needs CUDA or TRITON_INTERPRET=1",
 )
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = kernel_device() or "cpu"
 
 
 def hopper_candidates(monkeypatch, *args, **kwargs) -> list[Blocks]:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_support import HALF_SKIP_REASON, SKIP_REASON, assert_close, kernel_device
 
 from fma_fast import dispatch, reference
-from fma_fast.kernels.testing import HALF_SKIP_REASON, SKIP_REASON, assert_close, kernel_device
 
 DEVICE = kernel_device()
 pytestmark = pytest.mark.skipif(DEVICE is None, reason=SKIP_REASON)

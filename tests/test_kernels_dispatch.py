@@ -10,10 +10,10 @@ import textwrap
 
 import pytest
 import torch
+from kernel_support import SKIP_REASON, assert_close, kernel_device
 
 from fma_fast import dispatch, reference
 from fma_fast.kernels._common import HAS_TRITON
-from fma_fast.kernels.testing import SKIP_REASON, assert_close, kernel_device
 
 DEVICE = kernel_device()
 

@@ -9,12 +9,12 @@ import warnings
 import pytest
 import torch
 from conftest import randomize_parameters
+from kernel_support import assert_close
 
 import fma_fast
 from fma_fast import dispatch, reference, routing, runtime_triton
 from fma_fast.kernels import _common
 from fma_fast.kernels._common import HAS_TRITON, KernelFallbackWarning
-from fma_fast.kernels.testing import assert_close
 
 pytestmark = pytest.mark.skipif(
     not HAS_TRITON or not _common.interpreter_active(),

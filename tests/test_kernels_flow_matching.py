@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from kernel_support import HALF_SKIP_REASON, SKIP_REASON, assert_close, kernel_device
 
 from fma_fast import dispatch, reference
-from fma_fast.kernels.testing import HALF_SKIP_REASON, SKIP_REASON, assert_close, kernel_device
 from fma_fast.model import VelocityNet
 
 DEVICE = kernel_device()

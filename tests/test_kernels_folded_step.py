@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from kernel_support import kernel_device
 
 from fma_fast import reference
 
 pytestmark = pytest.mark.skipif(
-    not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+    kernel_device() is None,
     reason="needs CUDA or TRITON_INTERPRET=1",
 )
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = kernel_device() or "cpu"
 # (weight dtype, relative tolerance): fp32 is exact in the interpreter and TF32x3 on CUDA;
 # half-precision operands carry 8-11 mantissa bits through two GEMMs.
 TOLERANCES = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}

@@ -18,7 +18,7 @@ def test_cosine_ranges_are_clip_like(difficulty):
     task = synthetic.make_task(difficulty=difficulty, seed=2, dim=256, test_per_class=20)
     x, z, y = task.test.features, task.class_features, task.test.labels
     matched = float((x * z[y]).sum(-1).mean())
-    assert 0.2 <= matched <= 0.35, matched  # FMA_FACTS §4: matched image-text cos 0.25-0.35
+    assert 0.2 <= matched <= 0.35, matched  # docs/method.md §7: matched image-text cos 0.25-0.35
     assert 0.4 <= off_diagonal_mean(x @ x.T) <= 0.9
     assert 0.6 <= off_diagonal_mean(z @ z.T) <= 0.9
     assert torch.allclose(x.norm(dim=-1), torch.ones(len(x)), atol=1e-5)

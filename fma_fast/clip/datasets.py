@@ -1,4 +1,4 @@
-"""Few-shot datasets in the layouts of the CLIP few-shot literature (FMA_FACTS §4), plus a
+"""Few-shot datasets in the layouts of the CLIP few-shot literature (docs/method.md §7), plus a
 class-per-folder layout and CSV lists; seeded K-shot sampling."""
 
 from __future__ import annotations

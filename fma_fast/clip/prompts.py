@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-#: CoOp's hand-written template per dataset (FMA_FACTS §4), keyed by fma_fast's dataset names.
+#: CoOp's hand-written template per dataset (docs/method.md §7), keyed by fma_fast's dataset names.
 DATASET_TEMPLATES: dict[str, str] = {
     "imagenet": "a photo of a {}.",
     "caltech101": "a photo of a {}.",

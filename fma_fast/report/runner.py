@@ -170,7 +170,7 @@ def run_one(pools: FeatureSetPools, shots: int, seed: int, settings: ReportSetti
     fma = _fma(settings, seed, len(y)).fit(x, y, z, vx, vy)
     seconds["FMA"] = time.perf_counter() - start
     options = {"max_steps": settings.max_steps, "step_size": settings.step_size}
-    val_stats = trajectory_stats(fma.model, vx, z, **options)
+    val_stats = fma.val_stats  # the one pass over the val states that chose M
     test_stats = trajectory_stats(fma.model, tx, z, **options)
     test_curve = test_stats.fixed_accuracy(ty)
     accuracy["FMA"] = test_curve[fma.steps]

@@ -1,22 +1,13 @@
-"""Test support for the kernels: the tolerance table, a located assert_close, device choice.
-
-Kept in the package (like ``torch.testing``) so every ``tests/test_kernels_*.py`` shares one
-tolerance table without a shared conftest. Imports without triton.
-"""
+"""Test support for the kernels: a located assert_close on the one per-dtype tolerance table
+(``fma_fast.policy.TOLERANCES``, which the doctor uses too), and the device the kernel tests
+run on. Imports without triton."""
 
 from __future__ import annotations
 
 import torch
 
-from ._common import HAS_TRITON, interpreter_active
-
-TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
-    torch.float32: (1e-5, 1e-6),
-    torch.float16: (2e-3, 2e-3),
-    torch.bfloat16: (1.6e-2, 1.6e-2),
-}
-"""(rtol, atol) per I/O dtype: fp32 is the brief's 1e-5 relative (atol for values near 0);
-halves are about 2 units of their last place (2^-10, 2^-7) relative."""
+from fma_fast.kernels._common import HAS_TRITON, interpreter_active
+from fma_fast.policy import TOLERANCES
 
 
 def kernel_device() -> str | None:
