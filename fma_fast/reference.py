@@ -10,6 +10,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .policy import LOGIT_SCALE
+
 DEFAULT_TIME_EPS = 1e-3
 """t is clamped to [eps, 1 - eps]: both noise forms have targets that are singular at 0 and 1."""
 
@@ -136,7 +138,7 @@ def cosine_cross_entropy(
     x: torch.Tensor,
     class_features: torch.Tensor,
     labels: torch.Tensor,
-    logit_scale: float = 100.0,
+    logit_scale: float = LOGIT_SCALE,
 ) -> torch.Tensor:
     """Mean cross-entropy of softmax(logit_scale·cos) against labels."""
     return F.cross_entropy(cosine_logits(x, class_features, logit_scale), labels)
@@ -150,7 +152,7 @@ def step_ensemble_probs(
     steps: int = 10,
     ensemble_steps: Sequence[int] = (0, 4, 8),
     step_size: float = 0.1,
-    logit_scale: float = 100.0,
+    logit_scale: float = LOGIT_SCALE,
 ) -> torch.Tensor:
     """The released test code's ensemble: sum of softmax(scale·cos) at the chosen steps (N, C)."""
     if any(s < 0 or s > steps for s in ensemble_steps):
