@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from kernel_support import kernel_device
+from kernel_support import SKIP_REASON, kernel_device
 
 import fma_fast
 from fma_fast import dispatch, reference, synthetic, training
@@ -114,7 +114,7 @@ def test_schedule_warms_up_linearly_then_decays_to_zero():
 def test_fused_triton_training_matches_the_reference_loss_curve(hard_task):
 
     if kernel_device() is None:
-        pytest.skip("SKIPPED, not passed: the Triton backend needs CUDA or TRITON_INTERPRET=1")
+        pytest.skip(SKIP_REASON)
     # Philox (Triton) and torch.Generator noise differ, so compare at gamma=0 where the
     # target is deterministic: same batches, same t, same model -> same losses.
     runs = [fma_fast.fit(hard_task.train.features[:24], hard_task.train.labels[:24],

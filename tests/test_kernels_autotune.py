@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_support import kernel_device
+from kernel_support import SKIP_REASON, kernel_device
 
 from fma_fast import reference
 from fma_fast.kernels import _common
@@ -17,7 +17,7 @@ from fma_fast.kernels._common import Blocks, candidate_blocks, fastest_blocks, t
 
 pytestmark = pytest.mark.skipif(
     kernel_device() is None,
-    reason="needs CUDA or TRITON_INTERPRET=1",
+    reason=SKIP_REASON,
 )
 DEVICE = kernel_device() or "cpu"
 

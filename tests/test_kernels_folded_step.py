@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_support import kernel_device
+from kernel_support import SKIP_REASON, kernel_device
 
 from fma_fast import reference
 
 pytestmark = pytest.mark.skipif(
     kernel_device() is None,
-    reason="needs CUDA or TRITON_INTERPRET=1",
+    reason=SKIP_REASON,
 )
 
 DEVICE = kernel_device() or "cpu"

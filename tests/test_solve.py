@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import randomize_parameters
-from kernel_support import kernel_device
+from kernel_support import SKIP_REASON, kernel_device
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fma_fast
@@ -110,7 +110,7 @@ def interpreter_or_cuda() -> bool:
 @pytest.mark.parametrize("backend", ["auto", "folded", "triton"])
 def test_every_backend_equals_the_reference(model, data, backend):
     if backend == "triton" and not interpreter_or_cuda():
-        pytest.skip("SKIPPED, not passed: the Triton backend needs CUDA or TRITON_INTERPRET=1")
+        pytest.skip(SKIP_REASON)
     x, z = data
     expected = fma_fast.solve(x, model, 3, class_features=z, topk=4, backend="reference")
     assert expected.path == "reference"
