@@ -81,7 +81,7 @@ def routes(device: torch.device) -> dict:
     usable, why = triton_usable(probe)
     ops = {op: dispatch.select_path("auto", probe)
            for op in ("cosine_topk", "step_ensemble", "cosine_cross_entropy", "euler_step")}
-    training = "fused flow-matching kernels" if device.type == "cuda" and usable else "reference"
+    training = dispatch.select_path(routing.op_backend("auto", device), probe)
     solve = {}
     for precision in PRECISIONS:
         try:
