@@ -1,6 +1,7 @@
 """fma_fast: fast, dependable Flow Matching Alignment for few-shot CLIP classification."""
 
 from . import _checkout, reference, synthetic  # noqa: F401  (_checkout first: kernels/)
+from ._validation import NotUnitNormWarning
 from .checkpoint import CheckpointError, load, load_config, load_official, save
 from .model import VelocityNet
 from .solver import SolveResult, StepSelection, accuracy_by_steps, select_steps, solve
@@ -11,6 +12,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError",
     "FitResult",
+    "NotUnitNormWarning",
     "SolveResult",
     "StepSelection",
     "VelocityNet",

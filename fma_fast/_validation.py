@@ -9,6 +9,8 @@ import warnings
 import numpy as np
 import torch
 
+from .policy import UNIT_NORM_TOLERANCE
+
 _INTERNAL_MODULES = ("fma_fast", "torch", "contextlib")
 """Frames skipped when a warning is attributed to the caller's line."""
 
@@ -70,6 +72,48 @@ def check_finite(name: str, x: torch.Tensor) -> None:
     if not bool(finite.all()):
         bad_row = int((~finite).reshape(x.shape[0], -1).any(dim=1).nonzero()[0, 0])
         raise ValueError(f"{name} contains NaN or Inf (first at row {bad_row})")
+
+
+class NotUnitNormWarning(UserWarning):
+    """Feature rows that are not L2-normalised: FMA's lines run between unit image and text
+    features (every released extractor normalises), so raw rows give other answers."""
+
+
+class UnitNormWatch:
+    """Tracks the row norm furthest from 1 over the batches of one argument and warns once,
+    naming the argument, the worst norm and its row (docs/method.md §7)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.worst: tuple[float, float, int] | None = None  # (|norm - 1|, norm, row)
+
+    def update(self, rows: torch.Tensor, start: int = 0) -> None:
+        if rows.numel() == 0:
+            return
+        norms = torch.linalg.vector_norm(rows.detach(), dim=-1, dtype=torch.float32)
+        deviation = (norms - 1).abs()
+        row = int(deviation.argmax())
+        found = (float(deviation[row]), float(norms[row]), start + row)
+        if self.worst is None or found[0] > self.worst[0]:
+            self.worst = found
+
+    def warn(self) -> None:
+        if self.worst is None or not self.worst[0] > UNIT_NORM_TOLERANCE:
+            return
+        _, norm, row = self.worst
+        warn_at_caller(
+            f"{self.name} rows are not unit-norm (worst norm {norm:.4g} at row {row}; "
+            f"|norm - 1| > {UNIT_NORM_TOLERANCE:g}): CLIP features are L2-normalised before "
+            "FMA (torch.nn.functional.normalize(x, dim=-1)); raw rows give other answers",
+            NotUnitNormWarning,
+        )
+
+
+def warn_unless_unit_rows(name: str, x: torch.Tensor) -> None:
+    """One :class:`NotUnitNormWarning` when a row of ``x`` is not unit-norm."""
+    watch = UnitNormWatch(name)
+    watch.update(x)
+    watch.warn()
 
 
 def check_labels(name: str, value, *, rows: int, num_classes: int) -> torch.Tensor:

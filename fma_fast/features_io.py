@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +125,48 @@ def load_features(path: str | os.PathLike, *, require_labels: bool = False) -> F
     provenance = _json_metadata(path, metadata, PROVENANCE_KEY, dict)
     return FeatureSet(
         features=x, labels=labels, class_features=z, class_names=names, provenance=provenance
+    )
+
+
+def normalized(data: FeatureSet) -> tuple[FeatureSet, int]:
+    """``data`` with every feature and class row L2-normalised, and how many rows changed.
+    Rows already unit-norm (within 1e-6) keep their bits, so files written normalised give the
+    same class-table digest before and after."""
+    changed = 0
+
+    def unit(rows: torch.Tensor) -> torch.Tensor:
+        nonlocal changed
+        norms = torch.linalg.vector_norm(rows.float(), dim=-1, keepdim=True)
+        off = (norms - 1).abs().squeeze(-1) > 1e-6
+        if not bool(off.any()):
+            return rows
+        changed += int(off.sum())
+        fixed = rows.float().clone()
+        fixed[off] = fixed[off] / norms[off].clamp_min(1e-12)
+        return fixed.to(rows.dtype)
+
+    features, table = unit(data.features), unit(data.class_features)
+    return replace(data, features=features, class_features=table), changed
+
+
+def subsample_classes(data: FeatureSet, classes: list[int], name: str) -> FeatureSet:
+    """The rows of ``classes`` only, relabelled 0..len-1 in that order, with their class table
+    rows and names; the provenance records the subset as ``name`` (e.g. "base")."""
+    if data.labels is None:
+        raise FeatureFileError(f"selecting the {name} classes needs labels")
+    keep = torch.as_tensor(classes, dtype=torch.long)
+    relabel = torch.full((data.class_features.shape[0],), -1, dtype=torch.long)
+    relabel[keep] = torch.arange(len(classes))
+    rows = (relabel[data.labels] >= 0).nonzero().flatten()
+    provenance = dict(data.provenance or {})
+    provenance["classes"] = {"subset": name, "of": int(data.class_features.shape[0]),
+                             "kept": [int(c) for c in classes]}
+    return FeatureSet(
+        features=data.features[rows],
+        labels=relabel[data.labels[rows]],
+        class_features=data.class_features[keep],
+        class_names=None if data.class_names is None else [data.class_names[c] for c in classes],
+        provenance=provenance,
     )
 
 

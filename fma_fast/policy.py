@@ -45,6 +45,10 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
 (``|a − e| ≤ atol + rtol·|e|``): fp32 1e-5 relative (atol for values near 0); halves about two
 units of their last place (2⁻¹⁰, 2⁻⁷) relative. The kernel tests and ``fma-fast doctor``."""
 
+UNIT_NORM_TOLERANCE = 1e-3
+"""Rows whose L2 norm is further than this from 1 are "not unit-norm": every released CLIP
+extractor L2-normalises its features, and the field is trained and solved on such rows."""
+
 LOGIT_SCALE = 100.0
 """CLIP's logit scale: softmax(100·cos) turns cosines into class probabilities (the
 validation cross-entropy, the step ensemble, the baselines' logits, adaptive stopping)."""

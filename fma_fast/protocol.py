@@ -66,3 +66,17 @@ def draw_split(
     picked = few_shot_indices(torch.as_tensor(train_labels)[rest], val_shots(shots), generator,
                               strict=strict)
     return train, rest[picked], True
+
+
+SUBSAMPLES = ("all", "base-to-new")
+"""Which classes an experiment uses: all of them, or the base-to-new split (train on base)."""
+
+
+def base_and_new_classes(train_labels: torch.Tensor | Sequence[int]) -> tuple[list[int], list[int]]:
+    """The base-to-new generalisation split as released (CoCoOp's protocol): the labels present
+    in the training shots, sorted; the first ceil(n/2) are base, the rest new."""
+    labels = sorted({int(label) for label in torch.as_tensor(train_labels).tolist()})
+    if len(labels) < 2:
+        raise ValueError(f"base-to-new needs at least 2 classes, got {len(labels)}")
+    half = -(-len(labels) // 2)
+    return labels[:half], labels[half:]

@@ -125,12 +125,16 @@ def _unit_rows(z: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _batches(x: torch.Tensor, route: Route) -> Iterator[tuple[slice, torch.Tensor]]:
-    """Rows moved to the compute device one batch at a time, each checked for NaN/Inf."""
+    """Rows moved to the compute device one batch at a time, each checked for NaN/Inf; after
+    the last, one warning if a row was not unit-norm."""
+    norms = check.UnitNormWatch("features")
     for start in range(0, x.shape[0], route.batch_size):
         rows = slice(start, min(start + route.batch_size, x.shape[0]))
         batch = x[rows].to(route.device, torch.float32, non_blocking=True)
         check.check_finite("features" if start == 0 else f"features[{start}:]", batch)
+        norms.update(batch, start)
         yield rows, batch
+    norms.warn()
 
 
 # --------------------------------------------------------------------- the network paths

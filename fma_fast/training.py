@@ -18,6 +18,10 @@ from .routing import op_backend
 
 AMP_CHOICES = ("auto", "fp16", "bf16", "off")
 
+SCHEDULES = ("released", "warmup-cosine")
+"""``fit``'s learning-rate schedules (docs/method.md §8): "released" replays the released
+training loop step for step, "warmup-cosine" is a linear warm-up then a per-step cosine."""
+
 
 @dataclass
 class FitResult:
@@ -36,11 +40,66 @@ class FitResult:
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Linear warm-up over ``warmup_steps`` then cosine decay to 0 at ``total_steps`` (per step)."""
+    """"warmup-cosine": linear warm-up over ``warmup_steps`` (step k at (k+1)/W), then cosine
+    decay to 0 at ``total_steps``; ``step`` counts from 0."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     decay_steps = max(1, total_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup_steps) / decay_steps)))
+
+
+def _released_rates(lr: float, warmup_steps: int, total_steps: int) -> list[float]:
+    """The released loop's rate at every step: the first step at the full ``lr``; after step k
+    (counting from 1) a warm-up sets lr·k/W while k < W; from then on a cosine annealer over
+    T = total − W steps scales the current rate by (1 + cos(πj/T)) / (1 + cos(π(j−1)/T)) at
+    its j-th step, so the cosine starts from the last warm-up rate, not from ``lr``. The
+    products are taken in the annealer's order, so the rates match it to the last bit."""
+    cosine_steps = total_steps - warmup_steps
+    rates, current, annealed = [lr], lr, 0
+    for done in range(1, total_steps):
+        if done < warmup_steps:
+            current = lr * (float(done) / float(warmup_steps))
+        else:
+            annealed += 1
+            current = (
+                (1 + math.cos(math.pi * annealed / cosine_steps))
+                / (1 + math.cos(math.pi * (annealed - 1) / cosine_steps))
+                * current
+            )
+        rates.append(current)
+    return rates
+
+
+def learning_rates(schedule: str, lr: float, warmup_steps: int, total_steps: int) -> list[float]:
+    """The learning rate of each of ``total_steps`` optimizer steps under ``schedule``."""
+    if schedule == "released":
+        return _released_rates(lr, warmup_steps, total_steps)
+    if schedule == "warmup-cosine":
+        return [lr * lr_factor(step, warmup_steps, total_steps) for step in range(total_steps)]
+    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+
+
+def _check_views(views, labels: torch.Tensor) -> int:
+    """``views`` consecutive rows per image (image-major, as the feature cache writes them):
+    the row count must divide and every image's rows must share one label."""
+    views = check.check_int("views", views, minimum=1)
+    rows = labels.shape[0]
+    if rows % views:
+        raise ValueError(
+            f"views={views} needs the rows to come in groups of {views} (one image's views, "
+            f"image-major), but there are {rows} rows"
+        )
+    if views > 1:
+        grouped = labels.reshape(-1, views)
+        mixed = (grouped != grouped[:, :1]).any(dim=1)
+        if bool(mixed.any()):
+            image = int(mixed.nonzero()[0, 0])
+            raise ValueError(
+                f"views={views}: rows {image * views}..{image * views + views - 1} (image "
+                f"{image}) carry different labels; the rows must be image-major, {views} views "
+                "of one image after another"
+            )
+    return views
 
 
 def _autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -64,6 +123,8 @@ def fit(
     lr: float = 2e-4,
     weight_decay: float = 0.01,
     warmup_epochs: int = 1,
+    schedule: str = "released",
+    views: int = 1,
     gamma: float = 0.0,
     noise: str = "bridge",
     seed: int = 1,
@@ -78,7 +139,12 @@ def fit(
     Every row is paired with its ground-truth class text only (coupling enforcement); t ~ U(0,1)
     per row; ``gamma`` sets the noise of the ``noise`` form ("bridge": the released code's
     Brownian bridge, "endpoint": the paper's, σ = γ·per-dimension std of ``image_features``).
-    AdamW with linear warm-up then per-step cosine decay, as released. ``amp`` picks fp16
+    AdamW; ``schedule`` "released" gives the released loop's learning rate at every step
+    (full rate first, warm-up, then a cosine chained from the last warm-up rate), and
+    "warmup-cosine" a linear warm-up then a cosine from ``lr`` (see :data:`SCHEDULES`).
+    ``views``: the rows are image-major groups of ``views`` augmented views of one image (the
+    feature cache's layout); an epoch is one pass over the images, each seen through one of its
+    views drawn at random, so the optimizer steps do not grow with ``views``. ``amp`` picks fp16
     ("auto"), bf16 or no autocast on CUDA; it is ignored on the CPU. Reproducible from ``seed``.
     ``backend``: "auto" builds the pair and the loss in the fused Triton kernels on CUDA and in
     PyTorch elsewhere; "reference" forces PyTorch; "triton" forces the kernels (on CPU tensors
@@ -95,9 +161,14 @@ def fit(
     y_all = check.check_labels("labels", labels, rows=x_all.shape[0], num_classes=z_table.shape[0])
     check.check_finite("image_features", x_all)
     check.check_finite("class_features", z_table)
+    check.warn_unless_unit_rows("image_features", x_all)
+    check.warn_unless_unit_rows("class_features", z_table)
     epochs = check.check_int("epochs", epochs, minimum=1)
     batch_size = check.check_int("batch_size", batch_size, minimum=1)
     warmup_epochs = check.check_int("warmup_epochs", warmup_epochs, minimum=0)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    views = _check_views(views, y_all)
     lr = check.check_positive_float("lr", lr)
     weight_decay = check.check_positive_float("weight_decay", weight_decay, allow_zero=True)
     gamma = check.check_positive_float("gamma", gamma, allow_zero=True)
@@ -130,16 +201,14 @@ def fit(
     autocast_dtype = _autocast_dtype(amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
 
-    rows = x_all.shape[0]
-    steps_per_epoch = math.ceil(rows / batch_size)
+    images = x_all.shape[0] // views
+    steps_per_epoch = math.ceil(images / batch_size)
     total_steps = epochs * steps_per_epoch
     warmup_steps = warmup_epochs * steps_per_epoch
+    rates = learning_rates(schedule, lr, warmup_steps, total_steps)
     # The fused AdamW kernel beats the per-tensor loop on CPU for these small nets.
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=lr, weight_decay=weight_decay, fused=device.type in ("cpu", "cuda")
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, warmup_steps, total_steps)
     )
     generator = torch.Generator(device=device).manual_seed(seed)
     # Per-step noise seeds come from a CPU generator: drawing them never syncs with the GPU.
@@ -153,15 +222,19 @@ def fit(
     }
 
     history: list[float] = []
-    learning_rates: list[float] = []
+    taken: list[float] = []
     path = None
     # disable=None: no bar when output is not a terminal (logs, CI), even with progress=True
     bar = tqdm(range(epochs), desc="fit", unit="epoch", disable=None if progress else True,
                leave=False)
     for epoch in bar:
-        order = torch.randperm(rows, device=device, generator=generator)
+        order = torch.randperm(images, device=device, generator=generator)
+        if views > 1:  # one view of every image, drawn afresh each epoch
+            order = order * views + torch.randint(
+                views, (images,), device=device, generator=generator
+            )
         loss_sum = torch.zeros((), device=device)
-        for start in range(0, rows, batch_size):
+        for start in range(0, images, batch_size):
             index = order[start : start + batch_size]
             x0, labels_batch = x_all[index], y_all[index]
             t = torch.rand(len(index), device=device, generator=generator)
@@ -179,12 +252,14 @@ def fit(
             )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            learning_rates.append(optimizer.param_groups[0]["lr"])
+            rate = rates[len(taken)]
+            for group in optimizer.param_groups:
+                group["lr"] = rate
+            taken.append(rate)
             scaler.step(optimizer)
             scaler.update()
-            scheduler.step()
             loss_sum += loss.detach() * len(index)
-        epoch_loss = float(loss_sum) / rows
+        epoch_loss = float(loss_sum) / images
         if not math.isfinite(epoch_loss):
             raise FloatingPointError(
                 f"training loss became {epoch_loss} in epoch {epoch + 1}; lower lr or gamma"
@@ -199,14 +274,18 @@ def fit(
         "lr": lr,
         "weight_decay": weight_decay,
         "warmup_epochs": warmup_epochs,
+        "schedule": schedule,
+        "optimizer_steps": len(taken),
+        "warmup_steps": warmup_steps,
         "gamma": gamma,
         "noise": noise,
         "seed": seed,
         "time_eps": time_eps,
         "path": path,
         "amp": amp if autocast_dtype is not None else "off",
-        "rows": rows,
+        "rows": int(x_all.shape[0]),
+        "views": views,
+        "images": images,
         "classes": int(z_table.shape[0]),
     }
-    return FitResult(model=model.eval(), config=config, history=history,
-                     learning_rates=learning_rates)
+    return FitResult(model=model.eval(), config=config, history=history, learning_rates=taken)

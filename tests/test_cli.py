@@ -137,3 +137,47 @@ def test_console_script_help_runs():
         check=False,
     )
     assert completed.returncode == 0 and "demo" in completed.stdout
+
+
+def test_train_and_eval_normalise_feature_rows_unless_asked_not_to(tmp_path, capsys):
+    """Guards raw rows reaching the field through the CLI: train and eval L2-normalise feature
+    files by default (the model records it, eval follows), --no-normalize keeps them raw."""
+    import torch
+
+    from fma_fast import checkpoint
+    from fma_fast.features_io import load_features, save_features
+
+    data = tmp_path / "data"
+    assert main(["synth", "--out", str(data), "--classes", "4", "--dim", "16", "--shots", "2"]) == 0
+    scaled = {}
+    for split in ("train", "test"):
+        unit = load_features(data / f"{split}.safetensors")
+        scale = torch.linspace(0.5, 3.0, unit.features.shape[0])[:, None]
+        scale[::7] = 1.0  # some rows stay unit
+        scaled[split] = int((scale != 1).sum())
+        save_features(tmp_path / f"raw-{split}.safetensors", unit.features * scale,
+                      unit.class_features, unit.labels, unit.class_names, unit.provenance)
+    common = ["--blocks", "1", "--epochs", "3", "--quiet", "--seed", "4"]
+    capsys.readouterr()
+    for name, flag in (("unit", []), ("raw", ["--no-normalize"]), ("normalised", [])):
+        raw = tmp_path / "raw-train.safetensors"
+        source = data / "train.safetensors" if name == "unit" else raw
+        assert main(["train", str(source), "--out", str(tmp_path / name), *common, *flag]) == 0
+        printed = capsys.readouterr().out
+        assert ("L2-normalised" in printed) == (name == "normalised"), printed
+    weights = {name: checkpoint.load(tmp_path / name).state_dict()
+               for name in ("unit", "raw", "normalised")}
+    # normalised raw rows train the same field as the unit rows; raw rows another one
+    for key, value in weights["unit"].items():
+        torch.testing.assert_close(weights["normalised"][key], value, rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(weights["raw"][k], v) for k, v in weights["unit"].items())
+    assert checkpoint.load_config(tmp_path / "raw")["normalize"] is False
+
+    def evaluate(model, *flag):
+        assert main(["eval", str(tmp_path / "raw-test.safetensors"), "--model",
+                     str(tmp_path / model), "--steps", "2", *flag]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    assert evaluate("normalised")["normalized_rows"] == scaled["test"]
+    assert evaluate("raw")["normalized_rows"] == 0  # as that model was trained
+    assert evaluate("raw", "--normalize")["normalized_rows"] == scaled["test"]

@@ -201,6 +201,31 @@ def test_augmented_views_are_seeded(tmp_path):
     )
 
 
+def test_training_crops_cover_the_released_area_range_by_default():
+    """Guards the crop range drifting from the released (0.08, 1) RandomResizedCrop: the
+    boxes' areas, drawn by our own sampler, span that range (many far below the 0.5 floor
+    Tip-Adapter uses), and ``scale`` changes it and the cache description."""
+    from fma_fast.clip.transforms import Preprocess, check_crop_scale
+
+    def areas(pre):
+        generator = torch.Generator().manual_seed(0)
+        boxes = [pre._crop_box(400, 300, generator) for _ in range(2000)]
+        return torch.tensor([h * w / (400 * 300) for _, _, h, w in boxes])
+
+    released = Preprocess(size=(16, 16), mean=(0.5,) * 3, std=(0.25,) * 3)
+    assert released.scale == (0.08, 1.0)
+    drawn = areas(released)
+    assert drawn.min() < 0.1 and drawn.max() > 0.95 and (drawn < 0.5).float().mean() > 0.4
+    assert drawn.min() >= 0.075  # rounding of h and w only
+    narrow = Preprocess(size=(16, 16), mean=(0.5,) * 3, std=(0.25,) * 3, scale=(0.5, 1.0))
+    assert areas(narrow).min() >= 0.49
+    assert narrow.describe()["train"]["scale"] == [0.5, 1.0]
+    assert "train" not in narrow.describe(train=False)  # what every split shares
+    for bad in ((0.0, 1.0), (0.6, 0.5), (0.5, 1.2), ("a", 1), (0.5,)):
+        with pytest.raises(ValueError, match="crop_scale"):
+            check_crop_scale(bad)
+
+
 def test_missing_open_clip_is_one_clear_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "open_clip", None)  # as if not installed
     with pytest.raises(ImportError, match=r"pip install fma_fast\[clip\]"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -150,8 +151,10 @@ def test_run_end_to_end(single_run):
     assert results["seeds"] == [1, 2, 3] and len(results["runs"]) == 3
     assert results["preprocessing"]["size"] == [32, 32]  # from the model config, not 224
     assert results["templates"] == ["a photo of a {}, a type of pet."]
+    assert results["crop_scale"] == [0.08, 1.0]  # the released crops by default
     for run in results["runs"]:
         assert run["train_rows"] == 4 * 3 * 4  # K shots x classes x views
+        assert run["train_images"] == 4 * 3 and run["views"] == 4
         assert run["val_rows"] == 2 * 3 and run["test_rows"] == 9
         assert len(run["test_accuracy"]) == 11
     for run in results["runs"]:  # M on val by select_steps' rule: accuracy, then cross-entropy
@@ -159,20 +162,89 @@ def test_run_end_to_end(single_run):
         rule = max(range(len(val)), key=lambda m: (val[m], -loss[m], -m))
         assert run["chosen_steps"] == rule, f"seed {run['seed']}: chose {run['chosen_steps']}"
         assert run["solve_path"].startswith("folded-fp32"), run["solve_path"]
-    summary = results["summary"]
+    (summary,) = results["summary"]
+    assert summary["shots"] == 4
     chosen = [r["test_accuracy"][r["chosen_steps"]] for r in results["runs"]]
     assert summary["test_at_chosen_m"]["mean"] == pytest.approx(100 * sum(chosen) / 3)
     # Random towers put M=0 at chance; the field learns the colour-coded classes from pixels.
     assert summary["test_at_chosen_m"]["mean"] > summary["test_at_m0"]["mean"] + 20
     predictions = safe_open(str(out / "predictions.safetensors"), "pt")
-    assert set(predictions.keys()) == {"labels", "seed1", "seed2", "seed3"}
-    plot = out / "accuracy_by_steps.png"
+    assert set(predictions.keys()) == {"labels", "k4-seed1", "k4-seed2", "k4-seed3"}
+    plot = out / "accuracy_by_steps-k4.png"
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         assert "plot skipped: matplotlib is not installed" in printed and not plot.exists()
     else:
         assert f"plot: {plot}" in printed and plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_run_takes_the_released_number_of_optimizer_steps(single_run):
+    """Guards counting the cached views as epoch rows: 4 shots x 3 classes = 12 images, batch
+    16, 40 epochs -> 40 steps (the released loop's epochs · ceil(images / batch)), though
+    each image has 4 cached views."""
+    results = json.loads((single_run[0] / "results.json").read_text())
+    epochs, batch = results["training"]["epochs"], results["training"]["batch_size"]
+    for run in results["runs"]:
+        assert run["optimizer_steps"] == epochs * math.ceil(run["train_images"] / batch) == 40
+        assert run["warmup_steps"] == 1
+
+
+def test_run_base_to_new_trains_on_base_and_reports_base_new_and_hm(tiny, tmp_path):
+    """The released base-to-new protocol: of 3 classes the first ceil(3/2) = 2 are base; the
+    field is fit on base shots only, M is chosen on base val, and base, new and their
+    harmonic mean are reported next to zero-shot (numbers recomputed here from the runs)."""
+    out = tmp_path / "b2n"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["run", *data_args(tiny), "--subsample", "base-to-new", "--seeds", "1", "2",
+                     "--out", str(out), *TRAIN_OPTIONS]) == 0
+    text = printed.getvalue()
+    print(text)
+    assert "oxford_pets base-to-new, 4 shots, seeds 1 2 (mean ± sample std, %):" in text
+    results = json.loads((out / "results.json").read_text())
+    assert results["subsample"] == "base-to-new"
+    for run in results["runs"]:
+        assert run["classes"] == {"base": [0, 1], "new": [2]}
+        assert run["train_rows"] == 4 * 2 * 4 and run["val_rows"] == 2 * 2  # base classes only
+        assert run["base_test_rows"] == 6 and run["new_test_rows"] == 3
+        for m, (b, n, h) in enumerate(zip(run["base_test_accuracy"], run["new_test_accuracy"],
+                                          run["hm_by_steps"])):
+            assert h == pytest.approx(2 * b * n / (b + n) if b + n else 0.0), f"M={m}"
+    (summary,) = results["summary"]
+    for name, key in (("base", "base_test_accuracy"), ("new", "new_test_accuracy"),
+                      ("hm", "hm_by_steps")):
+        chosen = [100 * r[key][r["chosen_steps"]] for r in results["runs"]]
+        zero = [100 * r[key][0] for r in results["runs"]]
+        assert summary["fma"][name]["mean"] == pytest.approx(sum(chosen) / 2), name
+        assert summary["fma"][name]["std"] == pytest.approx(abs(chosen[0] - chosen[1]) / 2**0.5)
+        assert summary["zero_shot"][name]["mean"] == pytest.approx(sum(zero) / 2), name
+    row = next(line for line in text.splitlines() if line.startswith("FMA (M on base val)"))
+    assert f"{summary['fma']['hm']['mean']:6.2f}" in row
+    predictions = safe_open(str(out / "predictions.safetensors"), "pt")
+    assert set(predictions.keys()) == {"labels-base", "labels-new", "k4-seed1-base",
+                                       "k4-seed1-new", "k4-seed2-base", "k4-seed2-new"}
+    assert predictions.get_tensor("k4-seed1-new").max() == 0  # one new class: index 0
+    assert set(predictions.get_tensor("k4-seed1-base").tolist()) <= {0, 1}
+
+
+def test_run_over_several_shot_counts_gives_a_table_for_each(tiny, tmp_path, single_run):
+    """One run over --shots 2 4: one experiment per (shots, seed), one summary per shot
+    count, and the 4-shot run equal to the single-shot-count run of the same seed."""
+    out = tmp_path / "shots"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["run", *data_args(tiny), "--shots", "2", "4", "--seeds", "1", "--out",
+                     str(out), *TRAIN_OPTIONS]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [(r["shots"], r["seed"]) for r in results["runs"]] == [(2, 1), (4, 1)]
+    assert [entry["shots"] for entry in results["summary"]] == [2, 4]
+    assert results["runs"][0]["train_images"] == 2 * 3
+    single = json.loads((single_run[0] / "results.json").read_text())["runs"][0]
+    assert results["runs"][1]["test_accuracy"] == pytest.approx(single["test_accuracy"])
+    assert "oxford_pets, 2 shots, seeds 1:" in printed.getvalue()
+    predictions = safe_open(str(out / "predictions.safetensors"), "pt")
+    assert {"k2-seed1", "k4-seed1", "labels"} == set(predictions.keys())
 
 
 def test_cached_features_equal_direct_encoding(tiny, encoder, single_run):
@@ -266,7 +338,8 @@ def test_interrupted_extraction_resumes_without_redoing_shards(tiny, encoder, tm
 
 
 def test_torchrun_matches_single_process(tiny, single_run, tmp_path):
-    """Two gloo processes on the CPU: shards dealt to both ranks, solve rows split in two."""
+    """Two gloo processes on the CPU: shards dealt to both ranks, the two fits dealt one to
+    each rank (not all on rank 0), test rows split in two; the results equal one process's."""
     single_run, out = single_run[0], tmp_path / "ddp"
     command = [
         sys.executable,
@@ -278,8 +351,9 @@ def test_torchrun_matches_single_process(tiny, single_run, tmp_path):
         "fma_fast.cli",
         "run",
         *data_args(tiny),
-        "--seed",
+        "--seeds",
         "1",
+        "2",
         "--out",
         str(out),
         "--device",
@@ -291,19 +365,25 @@ def test_torchrun_matches_single_process(tiny, single_run, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
     assert done.returncode == 0, done.stderr[done.stderr.find("Traceback") :][:4000]
-    assert done.stdout.count("seed 1:") == 1  # rank 0 reports, rank 1 stays quiet
+    assert done.stdout.count("shots, seed 1:") == 1  # rank 0 reports, rank 1 stays quiet
     assert len(list((out / "cache" / "train-seed1-k4-v4").glob("shard-*"))) == 3  # ranks 0, 1, 0
-    for split in ("train-seed1-k4-v4", "val-seed1-k4", "test"):
+    for split in ("train-seed1-k4-v4", "val-seed1-k4", "train-seed2-k4-v4", "test"):
         ours, theirs = load_split(single_run / "cache" / split), load_split(out / "cache" / split)
         torch.testing.assert_close(theirs.features, ours.features, rtol=0, atol=1e-5)
         assert torch.equal(theirs.labels, ours.labels)
-    two = safe_open(str(out / "predictions.safetensors"), "pt").get_tensor("seed1")
-    one = safe_open(str(single_run / "predictions.safetensors"), "pt").get_tensor("seed1")
-    assert torch.equal(two, one)
-    single = json.loads((single_run / "results.json").read_text())["runs"][0]
-    ranks = json.loads((out / "results.json").read_text())["runs"][0]
-    assert ranks["chosen_steps"] == single["chosen_steps"]
-    assert ranks["test_accuracy"] == pytest.approx(single["test_accuracy"])
+    singles = json.loads((single_run / "results.json").read_text())["runs"][:2]
+    ranks = json.loads((out / "results.json").read_text())["runs"]
+    assert [run["fitted_on_rank"] for run in ranks] == [0, 1]
+    assert [run["fitted_on_rank"] for run in singles] == [0, 0]
+    for seed, (single, ddp) in enumerate(zip(singles, ranks), start=1):
+        two = safe_open(str(out / "predictions.safetensors"), "pt").get_tensor(f"k4-seed{seed}")
+        one = safe_open(str(single_run / "predictions.safetensors"), "pt").get_tensor(
+            f"k4-seed{seed}")
+        assert torch.equal(two, one), f"seed {seed}: predictions differ"
+        assert ddp["chosen_steps"] == single["chosen_steps"], f"seed {seed}"
+        assert ddp["optimizer_steps"] == single["optimizer_steps"]
+        for key in ("test_accuracy", "val_accuracy", "val_cross_entropy", "loss_first_last"):
+            assert ddp[key] == pytest.approx(single[key], rel=1e-4), f"seed {seed}: {key}"
 
 
 def _error(argv, capsys) -> str:
@@ -332,6 +412,10 @@ def test_clear_errors(tiny, tmp_path, capsys):
     assert "unknown open_clip model 'ViT-Q-99'" in err
     err = _error([*base, "--model", "hf-hub:org/repo"], capsys)
     assert "fetch files at run time" in err
+    err = _error([*base, *model_args(tiny), "--crop-scale", "0.6", "0.5"], capsys)
+    assert "crop_scale must satisfy 0 < low <= high <= 1, got (0.6, 0.5)" in err
+    err = _error(["run", *data_args(tiny), "--shots", "4", "4", *out], capsys)
+    assert "shots must differ: 4 given twice" in err
 
 
 def test_unreadable_image_skip_or_fail(tiny, tmp_path, capsys):

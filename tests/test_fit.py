@@ -150,12 +150,13 @@ def _tiny_task(rows_per_class: int = 8):
 
 
 def test_the_learning_rate_follows_warm_up_then_cosine_at_every_step():
-    """Guards a scheduler that never steps, or a warm-up of the wrong length: the schedule is
-    written out here from its definition, not taken from lr_factor."""
+    """Guards a scheduler that never steps, or a warm-up of the wrong length: the
+    "warmup-cosine" schedule is written out here from its definition, not taken from
+    lr_factor."""
     x, y, z = _tiny_task()  # 32 rows, batch 8: 4 steps per epoch
     lr, epochs, per_epoch = 1e-3, 3, 4
     result = fma_fast.fit(x, y, z, blocks=1, epochs=epochs, batch_size=8, lr=lr,
-                          warmup_epochs=1, progress=False)
+                          warmup_epochs=1, schedule="warmup-cosine", progress=False)
     total, warm = epochs * per_epoch, per_epoch
     expected = [lr * (k + 1) / warm for k in range(warm)]
     expected += [lr * 0.5 * (1 + math.cos(math.pi * (k - warm) / (total - warm)))
@@ -206,3 +207,118 @@ def test_the_endpoint_noise_scale_is_gamma_times_the_feature_std(monkeypatch):
     expected = line + torch.sqrt(tc * (1 - tc)) * 0.5 * std * noise
     torch.testing.assert_close(x_t, expected)
     torch.testing.assert_close(v, (target - expected) / (1 - tc))
+
+
+def _replay_released_schedule(lr: float, epochs: int, warmup_epochs: int,
+                              steps_per_epoch: int) -> list[float]:
+    """The released training loop's learning rates, replayed with torch's own classes: AdamW
+    and a CosineAnnealingLR over T = total - warm-up steps, the warm-up written by hand into
+    the param groups after each step while the step count is below the warm-up's."""
+    total, warmup = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=lr,
+                                  weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total - warmup,
+                                                           eta_min=0)
+    rates = []
+    for step in range(1, total + 1):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        if step < warmup:
+            for group in optimizer.param_groups:
+                group["lr"] = lr * (float(step) / float(warmup))
+        elif step < total:  # after the last step the released loop steps once more: unused
+            scheduler.step()
+    return rates
+
+
+@pytest.mark.parametrize("steps_per_epoch", [1, 2, 5, 100])
+@pytest.mark.parametrize("epochs,warmup_epochs", [(3, 1), (6, 2), (4, 0)])
+def test_the_released_schedule_equals_a_replay_of_the_released_scheduler_chain(
+        steps_per_epoch, epochs, warmup_epochs):
+    """Guards the released schedule: its first step at the full rate, the k/W warm-up and a
+    cosine chained from the last warm-up rate, bit for bit against torch's schedulers."""
+    expected = _replay_released_schedule(2e-4, epochs, warmup_epochs, steps_per_epoch)
+    total, warmup = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
+    rates = training.learning_rates("released", 2e-4, warmup, total)
+    assert len(rates) == len(expected) == total
+    mismatch = [(k, a, b) for k, (a, b) in enumerate(zip(rates, expected)) if a != b]
+    assert not mismatch, f"first differing steps (step, ours, replay): {mismatch[:3]}"
+
+
+def test_fit_runs_the_released_schedule_at_every_optimizer_step():
+    """Guards fit ignoring its schedule: the rates it stepped with are the replay's."""
+    x, y, z = _tiny_task()  # 32 rows, batch 8: 4 steps per epoch
+    result = fma_fast.fit(x, y, z, blocks=1, epochs=3, batch_size=8, lr=1e-3, progress=False)
+    assert result.config["schedule"] == "released"
+    assert result.learning_rates == _replay_released_schedule(1e-3, 3, 1, 4)
+    assert result.learning_rates[0] == 1e-3  # the released first step runs at the full rate
+
+
+@pytest.mark.parametrize("views", [1, 3, 10])
+def test_an_epoch_is_one_pass_over_the_images_whatever_the_views(views):
+    """Guards counting every cached view as a row of the epoch: with V views per image the
+    optimizer steps stay epochs·ceil(images / batch), the released number, and every step
+    sees each image at most once per epoch."""
+    x, y, z = _tiny_task(rows_per_class=5)  # 20 images
+    x_views = (x.repeat_interleave(views, dim=0)
+               + 0.01 * torch.randn(20 * views, x.shape[1], generator=torch.Generator()
+                                    .manual_seed(1)))
+    y_views = y.repeat_interleave(views)
+    seen = []
+    real = dispatch.fused_pair
+
+    def spy(x0, labels, *args, **kwargs):
+        seen.append(x0.clone())
+        return real(x0, labels, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training.dispatch, "fused_pair", spy)
+        result = fma_fast.fit(x_views, y_views, z, blocks=1, epochs=3, batch_size=8,
+                              views=views, progress=False)
+    assert result.config["optimizer_steps"] == 3 * math.ceil(20 / 8) == len(seen)
+    assert result.config["images"] == 20 and result.config["views"] == views
+    for epoch in range(3):
+        rows = torch.cat(seen[3 * epoch: 3 * epoch + 3])
+        assert rows.shape[0] == 20
+        # each batch row is one of its image's views, and every image appears once
+        distance = torch.cdist(rows, x)
+        images = distance.argmin(dim=1)
+        assert sorted(images.tolist()) == list(range(20)), f"epoch {epoch}: images {images}"
+        if views > 1:
+            which = torch.cdist(rows, x_views).argmin(dim=1)
+            assert torch.equal(which // views, images)
+
+
+def test_views_must_group_rows_of_one_image():
+    x, y, z = _tiny_task()
+    with pytest.raises(ValueError, match="groups of 3"):
+        fma_fast.fit(x, y, z, blocks=1, epochs=1, views=3, progress=False)
+    with pytest.raises(ValueError, match="carry different labels"):
+        fma_fast.fit(x, y.roll(1), z, blocks=1, epochs=1, views=2, progress=False)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        fma_fast.fit(x, y, z, blocks=1, epochs=1, schedule="cosine", progress=False)
+
+
+def test_rows_that_are_not_unit_norm_get_one_warning_naming_the_argument():
+    """Guards raw, unnormalised rows passing silently (every released extractor
+    L2-normalises): one warning per call, naming the argument and the worst norm."""
+    x, y, z = _tiny_task()
+    raw = x.clone()
+    raw[5] *= 3.0
+    with pytest.warns(fma_fast.NotUnitNormWarning) as caught:
+        fma_fast.fit(raw, y, z, blocks=1, epochs=1, progress=False)
+    messages = [str(w.message) for w in caught if w.category is fma_fast.NotUnitNormWarning]
+    assert len(messages) == 1 and messages[0].startswith("image_features rows are not unit")
+    assert "worst norm 3 at row 5" in messages[0], messages[0]
+    with pytest.warns(fma_fast.NotUnitNormWarning, match="class_features rows"):
+        fma_fast.fit(x, y, 2 * z, blocks=1, epochs=1, progress=False)
+    model = fma_fast.VelocityNet(16, blocks=1)
+    with pytest.warns(fma_fast.NotUnitNormWarning, match=r"^features rows .* at row 37"):
+        fma_fast.solve(torch.cat([x, x]).index_fill(0, torch.tensor([37]), 0.5), model, 2,
+                       class_features=z, batch_size=16)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fma_fast.NotUnitNormWarning)
+        nudged = x * (1 + 5e-4)  # within the 1e-3 tolerance
+        fma_fast.fit(nudged, y, z, blocks=1, epochs=1, progress=False)
+        fma_fast.select_steps(model, nudged, y, z, max_steps=2)

@@ -201,6 +201,8 @@ def test_fit_seed_and_time_eps_are_checked(setup, option, error, message):
 
 
 def test_long_solve_warning_points_at_the_callers_line(setup):
+    """Both warnings a call can give (the long solve, and these random rows that are not
+    unit-norm) point at the caller's line, from every public function."""
     model, x, labels, z = setup
     for call in (
         lambda: fma_fast.solve(x, model, 12),
@@ -210,11 +212,15 @@ def test_long_solve_warning_points_at_the_callers_line(setup):
     ):
         with pytest.warns(UserWarning, match=r"> 1: the solve runs past t=1") as caught:
             call()
-        assert [w.filename for w in caught] == [__file__], [(w.filename, w.lineno) for w in caught]
+        kinds = sorted(type(w.message).__name__ for w in caught)
+        assert kinds == ["NotUnitNormWarning", "UserWarning"], kinds
+        assert [w.filename for w in caught] == [__file__] * 2, [
+            (w.filename, w.lineno) for w in caught]
 
 
 def test_read_only_memmaps_are_accepted_without_a_warning(setup, tmp_path):
     model, x, labels, z = setup
+    x = torch.nn.functional.normalize(x, dim=-1)  # unit rows: no NotUnitNormWarning either
     np.save(tmp_path / "x.npy", x.numpy())
     np.save(tmp_path / "z.npy", z.numpy())
     features = np.load(tmp_path / "x.npy", mmap_mode="r")

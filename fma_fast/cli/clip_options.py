@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .._io import check_output_folder
+from ..clip.transforms import AUGMENT_SCALE, check_crop_scale
 from ..features_io import claim_folder
 from . import options
 
@@ -28,9 +29,15 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
                        help="local weights file for --model (None: random init, smoke runs)")
     group.add_argument("--model-config", default=None,
                        help="register an open_clip architecture JSON first (its name is the stem)")
-    group.add_argument("--shots", type=int, default=16, help="K training shots per class")
+    group.add_argument("--shots", type=int, nargs="+", default=[16],
+                       help="K training shots per class (several: one experiment each)")
     group.add_argument("--views", type=int, default=10,
-                       help="augmented views per training image")
+                       help="augmented views cached per training image (each epoch sees one "
+                            "view of every image, so the steps do not grow with it)")
+    group.add_argument("--crop-scale", type=float, nargs=2, default=list(AUGMENT_SCALE),
+                       metavar=("LOW", "HIGH"),
+                       help="area range of the training views' random resized crops "
+                            "(the released code's)")
     group.add_argument("--template", action="append", default=None,
                        help="prompt template with {} (repeat for an ensemble, or 'imagenet7'; "
                             "None: the dataset's CoOp template)")
@@ -46,11 +53,14 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
 
 
 def check_before_work(args, seeds: list[int], context, backend: str | None = None) -> Path:
-    """What can be checked before the dataset is read or the encoder built: repeated seeds,
+    """What can be checked before the dataset is read or the encoder built: repeated seeds or
+    shot counts,
     the device, the solver backend (``run``) and the output folder."""
-    if len(set(seeds)) != len(seeds):
-        repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
-        raise ValueError(f"seeds must differ: {' '.join(map(str, repeated))} given twice")
+    for name, values in (("seeds", seeds), ("shots", args.shots)):
+        if len(set(values)) != len(values):
+            repeated = sorted({value for value in values if values.count(value) > 1})
+            raise ValueError(f"{name} must differ: {' '.join(map(str, repeated))} given twice")
+    check_crop_scale(args.crop_scale)
     device = context.device(args.device)
     if backend is not None:
         options.check_backend(backend, device)
@@ -95,12 +105,13 @@ def claim_output(out: Path, dataset, encoder, templates) -> dict[str, Any]:
     return source
 
 
-def extract_seed(args, dataset, encoder, templates, workers, folder, seed, context):
-    """One seed's train/val/test features through the cache under ``folder``."""
+def extract_seed(args, dataset, encoder, templates, workers, folder, seed, context, shots):
+    """One (shots, seed) draw's train/val/test features through the cache under ``folder``."""
     from ..clip import extract
 
     features = extract(
-        encoder, dataset, folder, shots=args.shots, seed=seed, views=args.views,
+        encoder, dataset, folder, shots=shots, seed=seed, views=args.views,
+        crop_scale=tuple(args.crop_scale),
         templates=templates, shard_size=args.shard_size, batch_size=args.encode_batch_size,
         workers=workers, on_error=args.on_error, progress=not args.quiet, context=context,
     )

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .. import checkpoint
 from .._io import write_text
-from ..features_io import check_same_origin, data_record, load_features
+from ..features_io import check_same_origin, data_record
 from ..solver import solve
 from . import options
 
@@ -25,7 +25,8 @@ def run(args) -> None:
     if steps is None:
         raise ValueError(f"{args.model} has no M chosen on val; pass --steps")
     step_size = args.step_size if args.step_size is not None else config.get("step_size", 0.1)
-    data = load_features(args.features)
+    normalize = args.normalize if args.normalize is not None else config.get("normalize", True)
+    data, normalized_rows = options.read_features(args.features, normalize=bool(normalize))
     if isinstance(config.get("data"), dict):
         check_same_origin(
             {f"the data model {args.model} was trained on": config["data"],
@@ -36,7 +37,7 @@ def run(args) -> None:
     result = solve(data.features, model, steps, topk=args.topk, precision=args.precision,
                    backend=args.backend, **solve_options)
     summary = {"steps": steps, "step_size": step_size, "rows": len(result.pred),
-               "path": result.path}
+               "path": result.path, "normalized_rows": normalized_rows}
     if data.labels is not None:
         zero_shot = solve(data.features, model, 0, **solve_options).pred  # scoring x_0 only
         summary["accuracy"] = float((result.pred == data.labels).double().mean())
@@ -61,6 +62,8 @@ def register(commands) -> None:
     parser.add_argument("--steps", type=int, default=None, help="M (None: chosen on val)")
     parser.add_argument("--step-size", type=float, default=None, help="h (None: as trained)")
     parser.add_argument("--topk", type=int, default=1, help="classes kept per row")
+    options.add_normalize(parser, None, "L2-normalise the feature rows (None: as the model "
+                                        "was trained, normalised for older models)")
     options.add_device(parser)
     parser.add_argument("--out", default=argparse.SUPPRESS,
                         help="write the predictions as JSON here (optional)")

@@ -17,23 +17,25 @@ def run(args) -> None:
         out = clip_options.check_before_work(args, args.seeds, context)
         dataset, encoder, templates, _, workers = clip_options.prepare(args, context)
         clip_options.claim_output(out, dataset, encoder, templates)
-        for seed in args.seeds:
+        jobs = [(shots, seed) for shots in args.shots for seed in args.seeds]
+        for shots, seed in jobs:
             features = clip_options.extract_seed(
-                args, dataset, encoder, templates, workers, out / "cache", seed, context
+                args, dataset, encoder, templates, workers, out / "cache", seed, context,
+                shots=shots,
             )
             if not context.is_main:
                 continue
             written = []
             # The test split depends on neither seed nor K: one file beside the per-seed ones.
-            splits = ("train", "val", "test") if seed == args.seeds[0] else ("train", "val")
+            splits = ("train", "val", "test") if (shots, seed) == jobs[0] else ("train", "val")
             for split in splits:
                 data = getattr(features, split)
-                folder = out if split == "test" else out / f"seed{seed}-k{args.shots}"
+                folder = out if split == "test" else out / f"seed{seed}-k{shots}"
                 path = folder / f"{split}.safetensors"
                 save_features(path, data.features, data.class_features, data.labels,
                               data.class_names, provenance=data.provenance)
                 written.append(f"{path} ({data.features.shape[0]} rows)")
-            print(f"seed {seed}: wrote " + ", ".join(written), flush=True)
+            print(f"{shots} shots, seed {seed}: wrote " + ", ".join(written), flush=True)
 
 
 def register(commands) -> None:

@@ -14,10 +14,10 @@ import torch
 from .. import _validation as check
 from .. import checkpoint, dispatch
 from .._io import check_output_file, check_output_folder
-from ..features_io import FeatureFileError, load_features
+from ..features_io import FeatureFileError, FeatureSet, load_features, normalized
 from ..model import VelocityNet
 from ..policy import PRECISIONS, SOLVE_BACKENDS
-from ..training import AMP_CHOICES, fit
+from ..training import AMP_CHOICES, SCHEDULES, fit
 
 PREDICTIONS_FORMAT = "fma_fast/predictions/1"
 
@@ -59,10 +59,14 @@ def add_training_options(
                        help="residual blocks of the velocity network")
     group.add_argument("--width", type=int, default=None, help="hidden width (None: feature dim)")
     group.add_argument("--epochs", type=int, default=defaults.get("epochs", 200),
-                       help="passes over the training rows")
+                       help="passes over the training images (one view of each per epoch)")
     group.add_argument("--batch-size", type=int, default=32, help="rows per optimizer step")
     group.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate")
     group.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    group.add_argument("--warmup-epochs", type=int, default=1, help="epochs of linear warm-up")
+    group.add_argument("--schedule", choices=SCHEDULES, default="released",
+                       help="learning-rate schedule: the released loop's, step for step, or a "
+                            "warm-up then a cosine from --lr")
     group.add_argument("--gamma", type=float, default=defaults.get("gamma", 0.0),
                        help="noise strength")
     group.add_argument("--noise", choices=("bridge", "endpoint"), default="bridge",
@@ -77,14 +81,38 @@ def add_training_options(
 
 
 def fit_from_args(args: argparse.Namespace, features, labels, class_features, **overrides: Any):
-    """``fit`` with the training options of ``args`` (and ``overrides``, e.g. seed, device)."""
+    """``fit`` with the training options of ``args`` (and ``overrides``, e.g. seed, device,
+    views)."""
     options = dict(
         blocks=args.blocks, width=args.width, epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, weight_decay=args.weight_decay, gamma=args.gamma, noise=args.noise,
+        lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
+        schedule=args.schedule, gamma=args.gamma, noise=args.noise,
         seed=getattr(args, "seed", 1), device=args.device, amp=args.amp,
         progress=not args.quiet,
     )
     return fit(features, labels, class_features, **{**options, **overrides})
+
+
+def add_normalize(parser: argparse.ArgumentParser, default: bool | None, help: str) -> None:
+    """``--normalize/--no-normalize``: L2-normalise the rows of feature files as they are read."""
+    parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=default,
+                        help=help)
+
+
+def read_features(path, *, normalize: bool, require_labels: bool = False
+                  ) -> tuple[FeatureSet, int]:
+    """A feature file, its rows L2-normalised when ``normalize``, and how many rows that
+    changed (feature files from ``extract`` are unit already: 0)."""
+    data = load_features(path, require_labels=require_labels)
+    return normalized(data) if normalize else (data, 0)
+
+
+def file_views(data: FeatureSet, given: int | None) -> int:
+    """Views per image of a training file: ``given``, else what its provenance says, else 1."""
+    if given is not None:
+        return given
+    views = (data.provenance or {}).get("views")
+    return views if isinstance(views, int) and views >= 1 else 1
 
 
 def add_solve_options(parser: argparse.ArgumentParser, prefix: str = "") -> None:

@@ -25,7 +25,13 @@ from ..features_io import FeatureSet, claim_folder
 from .datasets import Dataset, Item, few_shot
 from .distributed import SINGLE, Context
 from .encoder import ClipEncoder
-from .transforms import Preprocess, open_image, require_image_libraries, view_generator
+from .transforms import (
+    AUGMENT_SCALE,
+    Preprocess,
+    open_image,
+    require_image_libraries,
+    view_generator,
+)
 
 CACHE_FORMAT = "fma_fast/clip-features/1"
 ON_ERROR = ("skip", "fail")
@@ -80,7 +86,7 @@ def extraction_source(
         "kind": "clip-extraction",
         "format": CACHE_FORMAT,
         **encoder.model_id,
-        "preprocessing": Preprocess.from_encoder(encoder).describe(),
+        "preprocessing": Preprocess.from_encoder(encoder).describe(train=False),
         "dataset": dataset.name,
         "dataset_sha256": dataset_sha256(dataset),
         "templates": list(templates),
@@ -158,6 +164,7 @@ def extract_split(
     seed: int | None = None,
     shots: int | None = None,
     views: int = 1,
+    crop_scale: tuple[float, float] = AUGMENT_SCALE,
     shard_size: int = 1024,
     batch_size: int = 256,
     workers: int = 0,
@@ -167,8 +174,9 @@ def extract_split(
 ) -> SplitFeatures:
     """Encode ``items`` into shards under ``folder`` (reusing finished ones) and load them.
 
-    The "train" split gets ``views`` augmented views per image (random resized crop + flip,
-    seeded by ``seed`` and the image); other splits one centre-crop pass. ``batch_size``
+    The "train" split gets ``views`` augmented views per image (random resized crop of
+    ``crop_scale`` of the area + flip, seeded by ``seed`` and the image); other splits one
+    centre-crop pass. ``batch_size``
     counts encoded crops. ``on_error="skip"`` skips and counts unreadable images, ``"fail"``
     stops at the first. ``workers`` decoding processes never change the result.
     """
@@ -181,11 +189,11 @@ def extract_split(
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     augment = split == "train"
     views = views if augment else 1
-    preprocess = Preprocess.from_encoder(encoder)
+    preprocess = Preprocess.from_encoder(encoder, scale=crop_scale)
     common = {
         "format": CACHE_FORMAT,
         **encoder.model_id,
-        "preprocessing": preprocess.describe(),
+        "preprocessing": preprocess.describe(train=augment),
         "dataset": dataset.name,
         "split": split,
         "seed": seed,
@@ -373,6 +381,8 @@ def _feature_set(
         "source": source,
         **{key: common.get(key) for key in ("split", "seed", "shots", "views")},
     }
+    if common.get("augment"):
+        provenance["augmentation"] = common["preprocessing"]["train"]
     return FeatureSet(
         features=split.features,
         labels=split.labels,
@@ -390,6 +400,7 @@ def extract(
     shots: int,
     seed: int,
     views: int = 10,
+    crop_scale: tuple[float, float] = AUGMENT_SCALE,
     templates: Sequence[str] | None = None,
     shard_size: int = 1024,
     batch_size: int = 256,
@@ -398,8 +409,9 @@ def extract(
     progress: bool = True,
     context: Context = SINGLE,
 ) -> ExtractedFeatures:
-    """Few-shot train (``views`` augmented rows per image), val (min(K, 4) per class) and the
-    full test split of ``dataset``, encoded into the cache under ``folder``.
+    """Few-shot train (``views`` augmented rows per image, crops of ``crop_scale`` of the
+    area), val (min(K, 4) per class) and the full test split of ``dataset``, encoded into the
+    cache under ``folder``.
 
     The test split does not depend on ``seed`` or ``shots`` and is encoded once per folder.
     ``folder`` serves one source (encoder, checkpoint, preprocessing, dataset, templates): a
@@ -436,6 +448,7 @@ def extract(
             seed=seed,
             shots=shots,
             views=views,
+            crop_scale=crop_scale,
             **options,
         ),
         "val": extract_split(

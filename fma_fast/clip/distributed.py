@@ -46,13 +46,17 @@ class Context:
         dist.all_gather_object(out, value)
         return out
 
-    def broadcast(self, value: Any) -> Any:
-        """Rank 0's ``value`` on every rank."""
+    def broadcast(self, value: Any, src: int = 0) -> Any:
+        """Rank ``src``'s ``value`` on every rank."""
         if self.world_size == 1:
             return value
         box = [value]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=src)
         return box[0]
+
+    def owner(self, job: int) -> int:
+        """The rank that does job number ``job`` whole (jobs are dealt round-robin)."""
+        return job % self.world_size
 
     def device(self, device: str | torch.device | None) -> torch.device:
         """``device``, with a bare "cuda" (or the default) mapped to this rank's local GPU."""

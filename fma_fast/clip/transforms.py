@@ -15,10 +15,22 @@ import torch
 
 from .encoder import MissingExtraError
 
-#: Tip-Adapter's crop range for its cached views; aspect ratios and flip as torchvision's default.
-AUGMENT_SCALE = (0.5, 1.0)
+#: The released training views' crop area range (torchvision's RandomResizedCrop default);
+#: aspect ratios and flip as torchvision's default too.
+AUGMENT_SCALE = (0.08, 1.0)
 AUGMENT_RATIO = (3 / 4, 4 / 3)
 FLIP_PROBABILITY = 0.5
+
+
+def check_crop_scale(scale) -> tuple[float, float]:
+    """A crop area range (low, high) with 0 < low <= high <= 1."""
+    try:
+        low, high = (float(v) for v in scale)
+    except (TypeError, ValueError):
+        raise ValueError(f"crop_scale must be two numbers (low, high), got {scale!r}") from None
+    if not 0 < low <= high <= 1:
+        raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got ({low}, {high})")
+    return low, high
 
 
 def require_image_libraries() -> None:
@@ -59,29 +71,38 @@ class Preprocess:
     ratio: tuple[float, float] = AUGMENT_RATIO
 
     @classmethod
-    def from_encoder(cls, encoder) -> Preprocess:
+    def from_encoder(cls, encoder, scale: tuple[float, float] = AUGMENT_SCALE) -> Preprocess:
+        """The encoder's resize and normalisation; ``scale``: the training crops' area range."""
         cfg = encoder.preprocessing
         return cls(
             size=tuple(cfg["size"]),
             mean=tuple(cfg["mean"]),
             std=tuple(cfg["std"]),
             interpolation=cfg["interpolation"],
+            scale=check_crop_scale(scale),
         )
 
-    def describe(self) -> dict[str, Any]:
-        """Everything that changes the pixels, for cache metadata."""
-        return {
+    def describe(self, *, train: bool = True) -> dict[str, Any]:
+        """Everything that changes the pixels, for cache metadata; ``train`` False leaves out
+        the training augmentation (what every split shares)."""
+        described: dict[str, Any] = {
             "size": list(self.size),
             "mean": list(self.mean),
             "std": list(self.std),
             "interpolation": self.interpolation,
             "test": "resize shortest side + centre crop",
-            "train": {
-                "crop": "random resized crop",
-                "scale": list(self.scale),
-                "ratio": list(self.ratio),
-                "flip": FLIP_PROBABILITY,
-            },
+        }
+        if train:
+            described["train"] = self.augmentation()
+        return described
+
+    def augmentation(self) -> dict[str, Any]:
+        """The training views' random resized crop and flip."""
+        return {
+            "crop": "random resized crop",
+            "scale": list(self.scale),
+            "ratio": list(self.ratio),
+            "flip": FLIP_PROBABILITY,
         }
 
     def _mode(self):

@@ -16,31 +16,50 @@ def percent(values: list[float]) -> tuple[float, float]:
     return 100 * mean, 100 * std
 
 
+def harmonic_mean(base: float, new: float) -> float:
+    """The base-to-new harmonic mean 2·b·n / (b + n) (0 when both are 0)."""
+    return 2 * base * new / (base + new) if base + new > 0 else 0.0
+
+
 def by_steps(runs: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
     """Per M, the mean and std (percent) of the runs' ``key`` curve."""
     return [percent(list(column)) for column in zip(*(run[key] for run in runs))]
 
 
+TEST_CURVES = {"val": "val_accuracy", "test": "test_accuracy"}
+BASE_TO_NEW_CURVES = {"val (base)": "val_accuracy", "test base": "base_test_accuracy",
+                      "test new": "new_test_accuracy"}
+
+
+def curves_of(runs: list[dict[str, Any]]) -> dict[str, str]:
+    """The accuracy curves the runs carry: val and test, or val and base/new test."""
+    return BASE_TO_NEW_CURVES if "base_test_accuracy" in runs[0] else TEST_CURVES
+
+
 def seed_table(runs: list[dict[str, Any]]) -> str:
-    val, test = by_steps(runs, "val_accuracy"), by_steps(runs, "test_accuracy")
+    """Per M, mean ± sample std over seeds of every curve, and where val chose M."""
+    curves = curves_of(runs)
+    stats = [by_steps(runs, key) for key in curves.values()]
     chosen = [run["chosen_steps"] for run in runs]
-    lines = ["  M      val acc         test acc     (mean ± sample std over seeds)"]
-    for steps, ((vm, vs), (tm, ts)) in enumerate(zip(val, test)):
+    header = "".join(f"  {label:>15}" for label in curves)
+    lines = [f"  M{header}  (mean ± sample std over seeds)"]
+    for steps, row in enumerate(zip(*stats)):
         mark = f"  <- chosen for {chosen.count(steps)} seed(s)" if steps in chosen else ""
-        lines.append(f"{steps:>3}  {vm:6.2f} ± {vs:5.2f}  {tm:6.2f} ± {ts:5.2f}{mark}")
+        cells = "".join(f"  {m:6.2f} ± {s:6.2f}" for m, s in row)
+        lines.append(f"{steps:>3}{cells}{mark}")
     return "\n".join(lines)
 
 
 def plot_by_steps(path: Path, runs: list[dict[str, Any]]) -> str:
-    """Mean ± std accuracy per M on val and test; a PNG when matplotlib is installed."""
+    """Mean ± std accuracy per M of every curve; a PNG when matplotlib is installed."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
         return "plot skipped: matplotlib is not installed (pip install fma_fast[plot])"
     figure = Figure(figsize=(6.4, 4.8), dpi=100)
     axes = figure.add_subplot()
-    steps = list(range(len(runs[0]["test_accuracy"])))
-    for key, label in (("val_accuracy", "val"), ("test_accuracy", "test")):
+    steps = list(range(len(runs[0]["val_accuracy"])))
+    for label, key in curves_of(runs).items():
         stats = by_steps(runs, key)
         mean = [m for m, _ in stats]
         axes.plot(steps, mean, marker="o", label=label)
@@ -51,7 +70,9 @@ def plot_by_steps(path: Path, runs: list[dict[str, Any]]) -> str:
     axes.set_xticks(steps)
     axes.set_xlabel("Euler steps M")
     axes.set_ylabel("accuracy (%)")
-    axes.set_title(f"FMA accuracy per M, mean ± std over {len(runs)} seed(s)")
+    shots = runs[0].get("shots")
+    shots = f"{shots} shots, " if shots is not None else ""
+    axes.set_title(f"FMA accuracy per M, {shots}mean ± std over {len(runs)} seed(s)")
     axes.legend()
     figure.tight_layout()
     atomic_write(path, lambda temp: figure.savefig(temp, format="png"))

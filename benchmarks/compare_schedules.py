@@ -1,0 +1,147 @@
+"""Measure fit(schedule="released") against fit(schedule="warmup-cosine") on synthetic tasks.
+
+For every shots value and seed both schedules train on the same task from the same seed; the
+script reports the test accuracy at the M chosen on the validation split, the paired
+difference (released - warmup-cosine), the mean learning rate over each schedule's optimizer
+steps and the steps per epoch, as Markdown tables (and optionally JSON).
+
+    python benchmarks/compare_schedules.py --shots 1 4 16 --seeds 1 2 3 4 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+
+import torch
+
+import fma_fast
+from fma_fast.synthetic import make_task
+
+SCHEDULES = ("released", "warmup-cosine")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shots", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    parser.add_argument("--classes", type=int, default=20)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--blocks", type=int, default=4)
+    parser.add_argument("--difficulty", type=float, default=0.6)
+    parser.add_argument("--test-per-class", type=int, default=50)
+    parser.add_argument("--epochs", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--gamma", type=float, default=0.05)
+    parser.add_argument("--noise", default="bridge")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--json", help="also write the raw results here")
+    return parser.parse_args(argv)
+
+
+def run_one(task, schedule: str, seed: int, args) -> dict:
+    start = time.perf_counter()
+    result = fma_fast.fit(
+        task.train.features, task.train.labels, task.class_features,
+        blocks=args.blocks, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        schedule=schedule, gamma=args.gamma, noise=args.noise, seed=seed, progress=False,
+    )
+    seconds = time.perf_counter() - start
+    chosen = fma_fast.select_steps(
+        result.model, task.val.features, task.val.labels, task.class_features
+    ).best_steps
+    test = fma_fast.accuracy_by_steps(
+        result.model, task.test.features, task.test.labels, task.class_features
+    )
+    rates = result.learning_rates
+    return {
+        "schedule": schedule,
+        "seed": seed,
+        "chosen_steps": chosen,
+        "accuracy": test[chosen],
+        "zero_shot": test[0],
+        "mean_lr": statistics.fmean(rates),
+        "steps": len(rates),
+        "steps_per_epoch": len(rates) // args.epochs,
+        "path": result.config["path"],
+        "seconds": seconds,
+    }
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def table(shots: int, rows: list[dict]) -> str:
+    by = {s: sorted((r for r in rows if r["schedule"] == s), key=lambda r: r["seed"])
+          for s in SCHEDULES}
+    released, cosine = by["released"], by["warmup-cosine"]
+    diffs = [a["accuracy"] - b["accuracy"] for a, b in zip(released, cosine, strict=True)]
+    ratio = statistics.fmean(r["mean_lr"] for r in released) / statistics.fmean(
+        r["mean_lr"] for r in cosine)
+    lines = [
+        f"### shots = {shots} ({released[0]['steps_per_epoch']} steps/epoch, "
+        f"{released[0]['steps']} steps, n = {len(diffs)} seeds)",
+        "",
+        "| schedule | test acc at val-chosen M (mean ± std) | zero-shot (M=0) | chosen M "
+        "| mean LR |",
+        "|---|---|---|---|---|",
+    ]
+    for name, runs in by.items():
+        acc_mean, acc_std = _mean_std([r["accuracy"] for r in runs])
+        zero = statistics.fmean(r["zero_shot"] for r in runs)
+        chosen = ", ".join(str(r["chosen_steps"]) for r in runs)
+        lines.append(
+            f"| {name} | {100 * acc_mean:.2f} ± {100 * acc_std:.2f} | {100 * zero:.2f} "
+            f"| {chosen} | {statistics.fmean(r['mean_lr'] for r in runs):.3e} |"
+        )
+    diff_mean, diff_std = _mean_std(diffs)
+    se = diff_std / math.sqrt(len(diffs))
+    lines += [
+        "",
+        f"Paired difference released − warmup-cosine: {100 * diff_mean:+.2f} ± "
+        f"{100 * diff_std:.2f} pp (std; standard error {100 * se:.2f} pp; per seed "
+        + ", ".join(f"{100 * d:+.2f}" for d in diffs)
+        + f"). Mean LR ratio released / warmup-cosine: {ratio:.4f}.",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"{args.threads} thread(s); classes={args.classes} dim={args.dim} "
+          f"blocks={args.blocks} difficulty={args.difficulty} epochs={args.epochs} "
+          f"batch={args.batch_size} lr={args.lr} gamma={args.gamma} noise={args.noise}",
+          flush=True)
+    results: dict[int, list[dict]] = {}
+    start = time.perf_counter()
+    for shots in args.shots:
+        results[shots] = []
+        for seed in args.seeds:
+            task = make_task(
+                num_classes=args.classes, dim=args.dim, shots=shots,
+                test_per_class=args.test_per_class, difficulty=args.difficulty, seed=seed,
+            )
+            for schedule in SCHEDULES:
+                row = run_one(task, schedule, seed, args)
+                results[shots].append(row)
+                print(f"  shots={shots} seed={seed} {schedule}: acc={row['accuracy']:.4f} "
+                      f"M={row['chosen_steps']} ({row['seconds']:.1f}s)", flush=True)
+    print(f"\ntotal {time.perf_counter() - start:.0f}s\n")
+    for shots, rows in results.items():
+        print(table(shots, rows) + "\n")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"args": vars(args), "torch": torch.__version__, "results": results},
+                      handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
