@@ -2,17 +2,18 @@
 
 from . import _checkout, reference, synthetic  # noqa: F401  (_checkout first: kernels/)
 from ._validation import NotUnitNormWarning
+from ._version import __version__  # noqa: F401  (fma_fast.__version__)
+from .batch import ScoreSummary, score
 from .checkpoint import CheckpointError, load, load_config, load_official, save
 from .model import VelocityNet
 from .solver import SolveResult, StepSelection, accuracy_by_steps, select_steps, solve
 from .training import FitResult, fit
 
-__version__ = "0.1.0"
-
 __all__ = [
     "CheckpointError",
     "FitResult",
     "NotUnitNormWarning",
+    "ScoreSummary",
     "SolveResult",
     "StepSelection",
     "VelocityNet",
@@ -23,6 +24,7 @@ __all__ = [
     "load_official",
     "reference",
     "save",
+    "score",
     "select_steps",
     "solve",
     "synthetic",

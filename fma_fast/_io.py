@@ -119,6 +119,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     return path
 
 
+def read_json_record(path: Path) -> dict | None:
+    """A JSON object written by fma_fast (a record beside outputs), or None when it is not
+    readable as one."""
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return found if isinstance(found, dict) else None
+
+
 def write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda temp: temp.write_text(text))
 

@@ -49,7 +49,7 @@ def _version(package: str) -> str:
 
 def environment() -> dict:
     """Versions, devices and the settings that change which path runs."""
-    from . import __version__
+    from ._version import __version__
 
     devices = []
     if torch.cuda.is_available():

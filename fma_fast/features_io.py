@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from . import _validation as check
-from ._io import file_problem, save_safetensors, write_text
+from ._io import file_problem, read_json_record, save_safetensors, write_text
 
 CLASS_NAMES_KEY = "class_names"
 PROVENANCE_KEY = "provenance"
@@ -189,8 +189,8 @@ def data_record(data: FeatureSet) -> dict[str, Any]:
     }
 
 
-def _differences(first: Mapping[str, Any], second: Mapping[str, Any]) -> str:
-    """The keys on which two sources differ, with both values (shortened)."""
+def differences(first: Mapping[str, Any], second: Mapping[str, Any]) -> str:
+    """The keys on which two records differ, with both values (shortened)."""
     keys = sorted(set(first) | set(second))
     differing = [key for key in keys if first.get(key) != second.get(key)]
     shown = [
@@ -215,7 +215,7 @@ def check_same_origin(records: Mapping[str, Mapping[str, Any]]) -> None:
         sources = first.get("source"), record.get("source")
         if None not in sources and sources[0] != sources[1]:
             raise FeatureFileError(
-                f"{pair} come from different sources ({_differences(*sources)})"
+                f"{pair} come from different sources ({differences(*sources)})"
             )
         if first["classes"] != record["classes"]:
             raise FeatureFileError(
@@ -249,16 +249,13 @@ def claim_folder(folder: str | os.PathLike, source: Mapping[str, Any], name: str
     record = folder / SOURCE_NAME
     source = json.loads(json.dumps(dict(source)))  # as it reads back from JSON
     if record.exists():
-        try:
-            found = json.loads(record.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            found = None
-        if not isinstance(found, dict) or found.get("format") != SOURCE_FORMAT:
+        found = read_json_record(record)
+        if found is None or found.get("format") != SOURCE_FORMAT:
             raise FeatureFileError(f"{name} {folder}: {record} is not a readable source record")
         if found.get("source") != source:
             raise FeatureFileError(
                 f"{name} {folder} holds features from another source "
-                f"({_differences(found.get('source') or {}, source)}); "
+                f"({differences(found.get('source') or {}, source)}); "
                 "use another folder or delete this one"
             )
         return folder

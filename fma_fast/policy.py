@@ -33,6 +33,14 @@ rows of a solve batch are split into such chunks, at least one per worker."""
 MIN_WORKER_ROWS = 128
 """Smallest chunk a CPU solve batch is split into for workers: smaller GEMMs run poorly."""
 
+SCORE_PART_ROWS = 262144
+"""Most rows of one output part of ``fma_fast.score``: the unit written atomically, skipped
+when a job resumes, and the most outputs held in memory at once."""
+
+SCORE_TEXT_ENTRIES = 1_000_000
+"""Largest rows × topk written as CSV or JSON lines (with class names): beyond that, text is
+too big to read and slow to write; use safetensors or .npy."""
+
 CLASS_TILE = 4096
 """Classes scored at once in torch: a chunk's logits stay rows × 4096, whatever C is."""
 

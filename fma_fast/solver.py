@@ -38,12 +38,14 @@ from .routing import (
 @dataclass
 class SolveResult:
     """Predictions of :func:`solve`: ``pred`` (N,), ``topk_values`` / ``topk_indices`` (N, k)
-    (cosines, best first), and ``path``, the implementation that ran."""
+    (cosines, best first), ``path``, the implementation that ran, and with ``zero_shot=True``
+    ``zero_shot_pred`` (N,), the top-1 class of the untransported rows (M=0)."""
 
     pred: torch.Tensor
     topk_values: torch.Tensor
     topk_indices: torch.Tensor
     path: str
+    zero_shot_pred: torch.Tensor | None = None
 
 
 @dataclass
@@ -268,6 +270,7 @@ def solve(
     backend: str = "auto",
     ensemble_steps: Sequence[int] | None = None,
     logit_scale: float = LOGIT_SCALE,
+    zero_shot: bool = False,
 ) -> torch.Tensor | SolveResult:
     """Transport ``features`` (N, D) with M=``steps`` Euler steps of size ``step_size``.
 
@@ -282,14 +285,19 @@ def solve(
     path; "reference" forces the plain PyTorch loop, "folded" the torch GEMM chain, "triton"
     the fused kernels. ``ensemble_steps`` scores by the released code's step ensemble (sum of
     softmax(``logit_scale``·cos) at those steps, each ≤ ``steps``); values are then summed
-    probabilities instead of cosines. A NaN/Inf state (a non-finite field) raises ValueError.
+    probabilities instead of cosines. ``zero_shot=True`` also scores the rows before the first
+    step (M=0, the backbone's own prediction) in the same pass: ``.zero_shot_pred``. A NaN/Inf
+    state (a non-finite field) raises ValueError.
     """
     steps = _check_steps(steps, step_size)
     logit_scale = check.check_positive_float("logit_scale", logit_scale)
     options = _options(step_size, precision, backend, batch_size, device)
     x, z, _ = _inputs(features, model, class_features)
+    if not isinstance(zero_shot, bool):
+        raise TypeError(f"zero_shot must be True or False, got {type(zero_shot).__name__}")
     if z is None:
-        for name, value in (("topk", topk), ("ensemble_steps", ensemble_steps)):
+        for name, value in (("topk", topk), ("ensemble_steps", ensemble_steps),
+                            ("zero_shot", zero_shot or None)):
             if value is not None:
                 raise ValueError(f"{name} needs class_features (a (C, D) class table) to score")
     if ensemble_steps is not None:
@@ -306,8 +314,12 @@ def solve(
     z = _unit_rows(z, route.device)
     values = torch.empty(x.shape[0], topk, dtype=torch.float32, device=x.device)
     indices = torch.empty(x.shape[0], topk, dtype=torch.long, device=x.device)
+    zero_shot_pred = torch.empty(x.shape[0], dtype=torch.long, device=x.device) if zero_shot \
+        else None
     scoring_path = None
     for rows, batch in _batches(x, route):
+        if zero_shot_pred is not None:
+            zero_shot_pred[rows] = _score(batch, z, 1, route, with_lse=False)[1][:, 0].to(x.device)
         if ensemble_steps is None:
             final = _final_state(route, model, batch, rows.start, steps)
             top_values, top_indices, _, scoring_path = _score(final, z, topk, route,
@@ -325,6 +337,7 @@ def solve(
         topk_values=values,
         topk_indices=indices,
         path=route.path(scoring_path),
+        zero_shot_pred=zero_shot_pred,
     )
 
 

@@ -228,6 +228,19 @@ def test_run_base_to_new_trains_on_base_and_reports_base_new_and_hm(tiny, tmp_pa
     assert set(predictions.get_tensor("k4-seed1-base").tolist()) <= {0, 1}
 
 
+def test_run_with_ten_views_takes_the_released_number_of_steps(tiny, tmp_path):
+    """``run --views 10 --epochs 5``: 12 images, batch 16 -> 5 steps, not the 5·ceil(120/16) =
+    40 of counting every cached view as a row."""
+    out = tmp_path / "views"
+    options = [*TRAIN_OPTIONS[TRAIN_OPTIONS.index("--batch-size"):]]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["run", *data_args(tiny), "--views", "10", "--epochs", "5", "--blocks", "1",
+                     "--seeds", "1", "--out", str(out), *options]) == 0
+    (run,) = json.loads((out / "results.json").read_text())["runs"]
+    assert run["views"] == 10 and run["train_rows"] == 120 and run["train_images"] == 12
+    assert run["optimizer_steps"] == 5 * math.ceil(12 / 16) == 5
+
+
 def test_run_over_several_shot_counts_gives_a_table_for_each(tiny, tmp_path, single_run):
     """One run over --shots 2 4: one experiment per (shots, seed), one summary per shot
     count, and the 4-shot run equal to the single-shot-count run of the same seed."""

@@ -34,14 +34,14 @@ def run(args) -> None:
         )
     solve_options = {"step_size": step_size, "class_features": data.class_features,
                      "device": args.device}
+    labelled = data.labels is not None
     result = solve(data.features, model, steps, topk=args.topk, precision=args.precision,
-                   backend=args.backend, **solve_options)
+                   backend=args.backend, zero_shot=labelled, **solve_options)
     summary = {"steps": steps, "step_size": step_size, "rows": len(result.pred),
                "path": result.path, "normalized_rows": normalized_rows}
-    if data.labels is not None:
-        zero_shot = solve(data.features, model, 0, **solve_options).pred  # scoring x_0 only
+    if labelled:  # M=0 scored in the same pass over the states
         summary["accuracy"] = float((result.pred == data.labels).double().mean())
-        summary["accuracy_at_m0"] = float((zero_shot == data.labels).double().mean())
+        summary["accuracy_at_m0"] = float((result.zero_shot_pred == data.labels).double().mean())
     print(json.dumps(summary))
     if out is not None:
         payload = {

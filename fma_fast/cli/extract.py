@@ -1,6 +1,6 @@
 """``fma-fast extract``: encode a few-shot dataset with a CLIP model into feature files.
 
-Scales out under ``torchrun`` (:mod:`fma_fast.clip.distributed`): shards are dealt to the
+Scales out under ``torchrun`` (:mod:`fma_fast.distributed`): shards are dealt to the
 ranks, rank 0 writes the feature files.
 """
 

@@ -11,9 +11,9 @@ from .._io import describe_os_error
 from ..checkpoint import CheckpointError
 from ..dispatch import BackendUnavailableError
 from ..features_io import FeatureFileError
-from . import demo, doctor, evaluate, extract, report, run, synth, train
+from . import demo, doctor, evaluate, extract, report, run, score, synth, train
 
-COMMANDS = (demo, synth, train, evaluate, extract, run, report, doctor)
+COMMANDS = (demo, synth, train, evaluate, score, extract, run, report, doctor)
 INPUT_ERRORS = (
     CheckpointError,
     FeatureFileError,

@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 
-from .. import __version__
+from .._version import __version__
 
 
 def environment() -> dict[str, str]:
