@@ -5,6 +5,7 @@ from ._validation import NotUnitNormWarning
 from ._version import __version__  # noqa: F401  (fma_fast.__version__)
 from .batch import ScoreSummary, score
 from .checkpoint import CheckpointError, load, load_config, load_official, save
+from .class_tables import PerRowClasses
 from .model import VelocityNet
 from .solver import SolveResult, StepSelection, accuracy_by_steps, select_steps, solve
 from .training import FitResult, fit
@@ -13,6 +14,7 @@ __all__ = [
     "CheckpointError",
     "FitResult",
     "NotUnitNormWarning",
+    "PerRowClasses",
     "ScoreSummary",
     "SolveResult",
     "StepSelection",

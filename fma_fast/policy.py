@@ -41,6 +41,10 @@ SCORE_TEXT_ENTRIES = 1_000_000
 """Largest rows × topk written as CSV or JSON lines (with class names): beyond that, text is
 too big to read and slow to write; use safetensors or .npy."""
 
+PER_ROW_TABLE_BYTES = 256 * 2**20
+"""Largest fp32 (rows, C, D) block of per-row class tables held at once: it sets the row batch
+of a solve against per-row tables (CoCoOp)."""
+
 CLASS_TILE = 4096
 """Classes scored at once in torch: a chunk's logits stay rows × 4096, whatever C is."""
 

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from . import _validation as check
-from . import dispatch, reference, runtime_torch, runtime_triton, scoring
+from . import class_tables, dispatch, reference, runtime_torch, runtime_triton, scoring
+from .class_tables import PER_ROW_SCORING, PerRowClasses
 from .plan import solver_plan
 from .policy import LOGIT_SCALE, best_on_val
 from .routing import (
@@ -100,7 +101,13 @@ def _inputs(features, model, class_features, *, labels=None, require_classes=Fal
     if class_features is None and require_classes:
         raise TypeError("class_features must be a (C, D) class table, got None")
     z = None
-    if class_features is not None:
+    if isinstance(class_features, PerRowClasses):
+        if class_features.dim != x.shape[1]:
+            raise ValueError(f"per-row class tables have dim {class_features.dim} but the "
+                             f"features have {x.shape[1]}")
+        class_features.check_rows(x.shape[0])
+        z = class_features
+    elif class_features is not None:
         z = check.check_matrix(
             "class_features", class_features, dim=x.shape[1], dim_source="features"
         )
@@ -109,16 +116,23 @@ def _inputs(features, model, class_features, *, labels=None, require_classes=Fal
     if labels is not None:
         tensors["labels"] = check.as_tensor("labels", labels)
     check.check_same_device(**tensors)
-    if z is not None:
+    if isinstance(z, torch.Tensor):
         check.check_finite("class_features", z)
-        if labels is not None:
-            y = check.check_labels("labels", labels, rows=x.shape[0], num_classes=z.shape[0])
+    if z is not None and labels is not None:
+        y = check.check_labels("labels", labels, rows=x.shape[0], num_classes=_classes(z))
     return x, z, y
 
 
-def _unit_rows(z: torch.Tensor, device: torch.device) -> torch.Tensor:
+def _classes(z) -> int:
+    return z.num_classes if isinstance(z, PerRowClasses) else z.shape[0]
+
+
+def _unit_rows(z, device: torch.device):
     """The class table in fp32 with unit rows on ``device``; CLIP tables usually are unit
-    already, and then no (C, D) copy is made (at C = 100,000 that copy would be 200 MB)."""
+    already, and then no (C, D) copy is made (at C = 100,000 that copy would be 200 MB).
+    Per-row tables are normalised a batch at a time, as they are read."""
+    if isinstance(z, PerRowClasses):
+        return z
     z = z.to(device, torch.float32)
     norms = torch.linalg.vector_norm(z, dim=-1)
     if bool(((norms - 1).abs() <= 1e-6).all()):
@@ -126,12 +140,16 @@ def _unit_rows(z: torch.Tensor, device: torch.device) -> torch.Tensor:
     return F.normalize(z, dim=-1)
 
 
-def _batches(x: torch.Tensor, route: Route) -> Iterator[tuple[slice, torch.Tensor]]:
-    """Rows moved to the compute device one batch at a time, each checked for NaN/Inf; after
-    the last, one warning if a row was not unit-norm."""
+def _batches(x: torch.Tensor, route: Route, z=None) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Rows moved to the compute device one batch at a time (fewer against per-row class
+    tables ``z``, to bound their block), each checked for NaN/Inf; after the last, one warning
+    if a row was not unit-norm."""
     norms = check.UnitNormWatch("features")
-    for start in range(0, x.shape[0], route.batch_size):
-        rows = slice(start, min(start + route.batch_size, x.shape[0]))
+    size = route.batch_size
+    if isinstance(z, PerRowClasses):
+        size = min(size, z.batch_rows())
+    for start in range(0, x.shape[0], size):
+        rows = slice(start, min(start + size, x.shape[0]))
         batch = x[rows].to(route.device, torch.float32, non_blocking=True)
         check.check_finite("features" if start == 0 else f"features[{start}:]", batch)
         norms.update(batch, start)
@@ -233,6 +251,18 @@ def _score(state: torch.Tensor, z: torch.Tensor, k: int, route: Route, *, with_l
     return top.values, top.indices, lse, top.path
 
 
+def _scores(state, z, tables, k: int, route: Route, *, with_lse: bool, labels=None):
+    """:func:`_score` against one class table, or against the batch's per-row ``tables``;
+    also the own-label cosines when ``labels`` are given."""
+    if tables is not None:
+        values, indices, lse, true = class_tables.scores(state, tables, k, with_lse=with_lse,
+                                                         labels=labels)
+        return values, indices, lse, true, PER_ROW_SCORING
+    values, indices, lse, path = _score(state, z, k, route, with_lse=with_lse)
+    true = None if labels is None else scoring.true_cosines(state, z, labels)
+    return values, indices, lse, true, path
+
+
 def _check_ensemble_steps(ensemble_steps, steps: int) -> list[int]:
     if isinstance(ensemble_steps, (str, bytes)) or not isinstance(ensemble_steps, Iterable):
         raise TypeError(
@@ -276,9 +306,11 @@ def solve(
 
     Without ``class_features`` returns the transported features (N, D). With a class table (C, D)
     returns a :class:`SolveResult` with the top-``topk`` (default 1) cosine classes per row; no
-    N×C matrix is ever built. Rows stream through ``device`` (default: the model's)
-    ``batch_size`` at a time, so ``features`` may be a CPU tensor or numpy memmap larger than
-    device memory; results come back on the features' device.
+    N×C matrix is ever built. ``class_features`` may also be :class:`~fma_fast.PerRowClasses`
+    (a table per row, CoCoOp), read or built one row batch at a time. Rows stream through
+    ``device`` (default: the model's) ``batch_size`` at a time, so ``features`` may be a CPU
+    tensor or numpy memmap larger than device memory; results come back on the features'
+    device.
 
     ``precision``: "fp32" (exact to fp32 rounding), "bf16" or "fp16" (CUDA) GEMM operands with
     fp32 accumulation and an fp32 residual stream. ``backend``: "auto" picks the fastest exact
@@ -303,8 +335,11 @@ def solve(
     if ensemble_steps is not None:
         ensemble_steps = _check_ensemble_steps(ensemble_steps, steps)
     topk = 1 if topk is None else check.check_int("topk", topk, minimum=1)
-    if z is not None and topk > z.shape[0]:
-        raise ValueError(f"topk must be <= the number of classes {z.shape[0]}, got {topk}")
+    if z is not None and topk > _classes(z):
+        raise ValueError(f"topk must be <= the number of classes {_classes(z)}, got {topk}")
+    per_row = isinstance(z, PerRowClasses)
+    if per_row and ensemble_steps is not None:
+        raise ValueError("ensemble_steps is not available with per-row class tables")
     route = resolve(model, options, steps, x.device)
     if z is None:
         transported = torch.empty(x.shape, dtype=torch.float32, device=x.device)
@@ -317,13 +352,16 @@ def solve(
     zero_shot_pred = torch.empty(x.shape[0], dtype=torch.long, device=x.device) if zero_shot \
         else None
     scoring_path = None
-    for rows, batch in _batches(x, route):
+    for rows, batch in _batches(x, route, z):
+        tables = None  # the last batch's block goes before the next one is built
+        tables = z.for_rows(batch, rows) if per_row else None
         if zero_shot_pred is not None:
-            zero_shot_pred[rows] = _score(batch, z, 1, route, with_lse=False)[1][:, 0].to(x.device)
+            first = _scores(batch, z, tables, 1, route, with_lse=False)[1]
+            zero_shot_pred[rows] = first[:, 0].to(x.device)
         if ensemble_steps is None:
             final = _final_state(route, model, batch, rows.start, steps)
-            top_values, top_indices, _, scoring_path = _score(final, z, topk, route,
-                                                              with_lse=False)
+            top_values, top_indices, _, _, scoring_path = _scores(final, z, tables, topk, route,
+                                                                  with_lse=False)
         else:
             states = _states(route, model, batch, rows.start, steps)
             kept = [state.clone() for s, state in enumerate(states) if s in ensemble_steps]
@@ -365,8 +403,8 @@ def trajectory_scores(
     options = _options(step_size, precision, backend, batch_size, device)
     x, z, y = _inputs(features, model, class_features, labels=labels, require_classes=True)
     k = check.check_int("k", k, minimum=1)
-    if k > z.shape[0]:
-        raise ValueError(f"k must be <= the number of classes {z.shape[0]}, got {k}")
+    if k > _classes(z):
+        raise ValueError(f"k must be <= the number of classes {_classes(z)}, got {k}")
     route = resolve(model, options, max_steps, x.device)
     z = _unit_rows(z, route.device)
     return _trajectory(model, x, z, y, max_steps, k, with_lse, route)
@@ -374,11 +412,14 @@ def trajectory_scores(
 
 @torch.inference_mode()
 def _trajectory(model, x, z, y, max_steps, k, with_lse, route):
-    for rows, batch in _batches(x, route):
+    per_row = isinstance(z, PerRowClasses)
+    for rows, batch in _batches(x, route, z):
         truth = None if y is None else y[rows].to(route.device)
+        tables = None  # the last batch's block goes before the next one is built
+        tables = z.for_rows(batch, rows) if per_row else None
         for step, state in enumerate(_states(route, model, batch, rows.start, max_steps)):
-            values, indices, lse, _ = _score(state, z, k, route, with_lse=with_lse)
-            true_cosine = None if truth is None else scoring.true_cosines(state, z, truth)
+            values, indices, lse, true_cosine, _ = _scores(state, z, tables, k, route,
+                                                           with_lse=with_lse, labels=truth)
             yield rows, step, StateScores(values, indices, lse, true_cosine)
 
 

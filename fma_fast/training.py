@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from . import _validation as check
 from . import dispatch
+from .class_tables import PerRowClasses
 from .model import VelocityNet
 from .policy import OP_BACKENDS
 from .reference import DEFAULT_TIME_EPS, NOISE_FORMS
@@ -136,6 +137,8 @@ def fit(
 ) -> FitResult:
     """Train a velocity field that carries each image feature to its own class text feature.
 
+    ``class_features``: a (C, D) table, or :class:`~fma_fast.PerRowClasses` (CoCoOp: every
+    row has its own table; each batch gathers the rows' own classes only).
     Every row is paired with its ground-truth class text only (coupling enforcement); t ~ U(0,1)
     per row; ``gamma`` sets the noise of the ``noise`` form ("bridge": the released code's
     Brownian bridge, "endpoint": the paper's, σ = γ·per-dimension std of ``image_features``).
@@ -152,17 +155,27 @@ def fit(
     ran.
     """
     x_all = check.check_matrix("image_features", image_features)
-    z_table = check.check_matrix(
-        "class_features", class_features, dim=x_all.shape[1], dim_source="image_features"
-    )
-    check.check_same_device(
-        image_features=x_all, labels=check.as_tensor("labels", labels), class_features=z_table
-    )
-    y_all = check.check_labels("labels", labels, rows=x_all.shape[0], num_classes=z_table.shape[0])
+    per_row = isinstance(class_features, PerRowClasses)
+    if per_row:
+        if class_features.dim != x_all.shape[1]:
+            raise ValueError(f"per-row class tables have dim {class_features.dim} but "
+                             f"image_features have {x_all.shape[1]}")
+        class_features.check_rows(x_all.shape[0])
+        z_table, num_classes = class_features, class_features.num_classes
+        check.check_same_device(image_features=x_all, labels=check.as_tensor("labels", labels))
+    else:
+        z_table = check.check_matrix(
+            "class_features", class_features, dim=x_all.shape[1], dim_source="image_features"
+        )
+        num_classes = z_table.shape[0]
+        check.check_same_device(image_features=x_all, labels=check.as_tensor("labels", labels),
+                                class_features=z_table)
+    y_all = check.check_labels("labels", labels, rows=x_all.shape[0], num_classes=num_classes)
     check.check_finite("image_features", x_all)
-    check.check_finite("class_features", z_table)
     check.warn_unless_unit_rows("image_features", x_all)
-    check.warn_unless_unit_rows("class_features", z_table)
+    if not per_row:
+        check.check_finite("class_features", z_table)
+        check.warn_unless_unit_rows("class_features", z_table)
     epochs = check.check_int("epochs", epochs, minimum=1)
     batch_size = check.check_int("batch_size", batch_size, minimum=1)
     warmup_epochs = check.check_int("warmup_epochs", warmup_epochs, minimum=0)
@@ -195,7 +208,8 @@ def fit(
 
     # Detached: the caller's tensors get no .grad and no graph, whatever their requires_grad.
     x_all = x_all.detach().to(device, torch.float32)
-    z_table = z_table.detach().to(device, torch.float32)
+    if not per_row:
+        z_table = z_table.detach().to(device, torch.float32)
     y_all = y_all.to(device)
     feature_std = x_all.std(dim=0, unbiased=False) if noise == "endpoint" else None
     autocast_dtype = _autocast_dtype(amp, device)
@@ -240,7 +254,12 @@ def fit(
             t = torch.rand(len(index), device=device, generator=generator)
             step_seed = int(torch.randint(2**31 - 1, (), generator=noise_seeds))
             # The noise is regenerated from the seed inside the loss: it is never stored.
-            pair = dispatch.fused_pair(x0, labels_batch, z_table, t, seed=step_seed, **pair_options)
+            targets, target_labels = z_table, labels_batch
+            if per_row:  # each row's own-class feature, a (rows, D) table indexed by row
+                targets = z_table.targets(x0, index, labels_batch)
+                target_labels = torch.arange(len(index), device=device)
+            pair = dispatch.fused_pair(x0, target_labels, targets, t, seed=step_seed,
+                                       **pair_options)
             with torch.autocast(
                 device.type,
                 dtype=autocast_dtype or torch.float32,
@@ -248,7 +267,7 @@ def fit(
             ):
                 prediction = model(pair.x_t, pair.t)
             loss, path = dispatch.fused_loss(
-                prediction, x0, labels_batch, z_table, t, seed=step_seed, **pair_options
+                prediction, x0, target_labels, targets, t, seed=step_seed, **pair_options
             )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -286,6 +305,7 @@ def fit(
         "rows": int(x_all.shape[0]),
         "views": views,
         "images": images,
-        "classes": int(z_table.shape[0]),
+        "classes": int(num_classes),
+        "per_row_classes": per_row,
     }
     return FitResult(model=model.eval(), config=config, history=history, learning_rates=taken)
