@@ -264,29 +264,47 @@ def _done(out: Path, part: _Part, job: str) -> dict[str, Any] | None:
     return record
 
 
+PREFETCH_DEPTH = 2
+"""Chunks read ahead of the one being solved."""
+
+
 def _prefetch(parts: list[_Part], chunk: int, pin: bool) -> Iterator[tuple[_Part, tuple]]:
-    """(part, (features, labels, ids)) chunk by chunk, read one chunk ahead in a thread."""
-    items: queue.Queue = queue.Queue(maxsize=2)
+    """(part, (features, labels, ids)) chunk by chunk, read ahead in a thread.
+
+    The rows land in a ring of ``PREFETCH_DEPTH + 2`` reused buffers (queued, being solved,
+    being read): a fresh buffer per chunk would let the heap fragment and grow with N. A
+    chunk's features are only valid until the consumer asks for the chunk after next.
+    """
+    items: queue.Queue = queue.Queue(maxsize=PREFETCH_DEPTH)
     stop = threading.Event()
+    widest = max((part.shard.features.row_bytes for part in parts), default=0)
+    ring = [bytearray(chunk * widest) for _ in range(PREFETCH_DEPTH + 2)] if parts else []
+
+    def put(item) -> bool:
+        """Queue ``item`` unless the consumer has stopped; never blocks past a stop."""
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def read() -> None:
         try:
+            number = 0
             for part in parts:
                 for start in range(part.start, part.stop, chunk):
-                    rows = part.shard.read(start, min(start + chunk, part.stop))
+                    buffer = ring[number % len(ring)]
+                    number += 1
+                    rows = part.shard.read(start, min(start + chunk, part.stop), buffer)
                     if pin:
                         rows = (rows[0].pin_memory(), *rows[1:])
-                    while not stop.is_set():
-                        try:
-                            items.put((part, rows), timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
+                    if not put((part, rows)):
                         return
-            items.put(None)
+            put(None)
         except BaseException as error:  # handed to the consumer, raised there
-            items.put(error)
+            put(error)
 
     reader = threading.Thread(target=read, name="fma-fast-score-reader", daemon=True)
     reader.start()

@@ -71,16 +71,17 @@ class Shard:
         return {"path": str(self.path.resolve()), "size": stat.st_size,
                 "mtime_ns": stat.st_mtime_ns}
 
-    def read(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor | None,
-                                                    torch.Tensor]:
-        """Rows ``start:stop``: features (fp32), labels (or None) and row ids (int64)."""
+    def read(self, start: int, stop: int, buffer: bytearray | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Rows ``start:stop``: features (fp32), labels (or None) and row ids (int64). With
+        ``buffer`` (large enough) fp32 features are read into it and alias it."""
         with open(self.path, "rb") as handle:
-            features = _read_rows(handle, self.features, start, stop).float()
+            features = _read_rows(handle, self.features, start, stop, buffer).float()
             labels = self._per_row(handle, self.labels, start, stop)
             ids = self._per_row(handle, self.row_ids, start, stop)
         if ids is None:
             ids = torch.arange(start, stop, dtype=torch.int64)
-        bad = ~torch.isfinite(features).all(dim=1)
+        bad = ~torch.isfinite(features.sum(dim=1))  # NaN/Inf reach the row sums
         if bool(bad.any()):
             raise InputError(f"{self.path}: row {start + int(bad.nonzero()[0, 0])} contains NaN "
                              "or Inf")
@@ -108,15 +109,18 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty(0, dtype=dtype).element_size()
 
 
-def _read_rows(handle, column: Column, start: int, stop: int) -> torch.Tensor:
+def _read_rows(handle, column: Column, start: int, stop: int,
+               buffer: bytearray | None = None) -> torch.Tensor:
     count = stop - start
-    buffer = bytearray(count * column.row_bytes)
-    handle.seek(column.offset + start * column.row_bytes)
-    if handle.readinto(buffer) != len(buffer):
-        raise InputError(f"{handle.name}: the file is shorter than its header says (truncated?)")
-    if not buffer:
+    size = count * column.row_bytes
+    if not size:
         return torch.empty((0, *column.shape[1:]), dtype=column.dtype)
-    flat = torch.frombuffer(buffer, dtype=column.dtype)
+    if buffer is None or len(buffer) < size:
+        buffer = bytearray(size)
+    handle.seek(column.offset + start * column.row_bytes)
+    if handle.readinto(memoryview(buffer)[:size]) != size:
+        raise InputError(f"{handle.name}: the file is shorter than its header says (truncated?)")
+    flat = torch.frombuffer(buffer, dtype=column.dtype, count=size // _itemsize(column.dtype))
     return flat.reshape(count, *column.shape[1:])
 
 

@@ -325,3 +325,31 @@ def test_a_job_killed_with_sigkill_resumes_to_the_bytes_of_an_uninterrupted_run(
             assert (tmp_path / "killed" / path.name).read_bytes() == path.read_bytes(), path.name
     leftovers = [p.name for p in (tmp_path / "killed").iterdir() if p.name.endswith(".tmp")]
     assert not leftovers, leftovers
+
+
+def test_a_failing_solve_raises_instead_of_hanging(job, tmp_path, monkeypatch):
+    """Guards the reader thread blocking on a full queue after the consumer stopped: the
+    solve of a small job (13 rows in 3 chunks: the queue is full when the reader finishes)
+    fails, and score raises at once."""
+    import threading
+
+    def failing(*args, **kwargs):
+        time.sleep(0.3)  # let the reader fill the queue
+        raise RuntimeError("solve failed")
+
+    monkeypatch.setattr(batch, "solve", failing)
+    outcome = {}
+
+    def run():
+        try:
+            fma_fast.score(job["root"] / "model", [job["root"] / "extra.npy"],
+                           job["root"] / "test.safetensors", tmp_path / "out", batch_size=5,
+                           progress=False)
+        except RuntimeError as error:
+            outcome["error"] = str(error)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "score hung after its solve failed"
+    assert outcome == {"error": "solve failed"}

@@ -8,7 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .._io import check_output_folder
+from .._io import check_output_folder, file_problem
+from ..clip.peft import CLASS_TOKEN_POSITIONS, PEFT_METHODS
 from ..clip.transforms import AUGMENT_SCALE, check_crop_scale
 from ..features_io import claim_folder
 from . import options
@@ -50,6 +51,14 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--shard-size", type=int, default=1024, help="images per cache shard")
     group.add_argument("--on-error", choices=("skip", "fail"), default="skip",
                        help="unreadable image: skip and count it, or stop")
+    peft = parser.add_argument_group("PEFT feature source (features of a fine-tuned CLIP)")
+    peft.add_argument("--peft", choices=PEFT_METHODS, default=None,
+                      help="features from a CoOp, CoCoOp, CLIP-Adapter or CLIP-LoRA checkpoint "
+                           "on top of --model (None: zero-shot CLIP)")
+    peft.add_argument("--peft-checkpoint", default=None,
+                      help="the PEFT checkpoint file, in that project's own format")
+    peft.add_argument("--class-token-position", choices=CLASS_TOKEN_POSITIONS, default="end",
+                      help="CoOp: where the class name sits in the prompt (files do not say)")
 
 
 def check_before_work(args, seeds: list[int], context, backend: str | None = None) -> Path:
@@ -61,6 +70,12 @@ def check_before_work(args, seeds: list[int], context, backend: str | None = Non
             repeated = sorted({value for value in values if values.count(value) > 1})
             raise ValueError(f"{name} must differ: {' '.join(map(str, repeated))} given twice")
     check_crop_scale(args.crop_scale)
+    if (args.peft is None) != (args.peft_checkpoint is None):
+        raise ValueError("--peft and --peft-checkpoint go together")
+    if args.peft_checkpoint is not None:
+        problem = file_problem(args.peft_checkpoint)
+        if problem:
+            raise ValueError(f"cannot read --peft-checkpoint {args.peft_checkpoint}: {problem}")
     device = context.device(args.device)
     if backend is not None:
         options.check_backend(backend, device)
@@ -80,6 +95,14 @@ def prepare(args, context):
             f"--model-config {args.model_config} registers {model!r}, not {args.model!r}"
         )
     encoder = load_encoder(model, args.checkpoint, device=device, precision=args.precision)
+    if args.peft is not None:
+        from ..clip.peft import PeftEncoder, load_peft
+
+        # base-to-new: a shared context trained on the base classes serves every class
+        strict = getattr(args, "subsample", "all") != "base-to-new"
+        encoder = PeftEncoder(load_peft(args.peft, args.peft_checkpoint, encoder,
+                                        dataset.class_names, strict_classes=strict,
+                                        class_token_position=args.class_token_position))
     templates = resolve_templates(args.template, dataset.name)
     if args.workers is not None:
         workers = args.workers

@@ -52,15 +52,24 @@ def _prepare_job(args, job: _Job, features) -> None:
     job.train, job.val = train, val
 
 
-def _fit(args, job: _Job, device, rank: int) -> dict[str, Any]:
+def _tables(encoder, split: FeatureSet, classes: list[int] | None):
+    """What a split is scored against: its class table, or CoCoOp's per-image tables (of
+    ``classes``, the base or new half, when given)."""
+    if getattr(encoder, "per_image", False):
+        return encoder.per_image_tables(classes)
+    return split.class_features
+
+
+def _fit(args, job: _Job, device, rank: int, encoder) -> dict[str, Any]:
     """Fit one job and choose its M on val, on this rank alone."""
     train, val = job.train, job.val
     start = time.perf_counter()
-    fitted = options.fit_from_args(args, train.features, train.labels, train.class_features,
-                                   seed=job.seed, device=str(device), views=train_views(train))
+    fitted = options.fit_from_args(args, train.features, train.labels,
+                                   _tables(encoder, train, job.base), seed=job.seed,
+                                   device=str(device), views=train_views(train))
     seconds = time.perf_counter() - start
     selection = select_steps(
-        fitted.model, val.features, val.labels, val.class_features, args.max_steps,
+        fitted.model, val.features, val.labels, _tables(encoder, val, job.base), args.max_steps,
         args.step_size, device=device, precision=args.solve_precision,
         backend=args.solve_backend,
     )
@@ -80,27 +89,28 @@ def train_views(train: FeatureSet) -> int:
     return options.file_views(train, None)
 
 
-def _test(args, model, steps: int, test: FeatureSet, device, context):
+def _test(args, model, steps: int, test: FeatureSet, table, device, context):
     """Accuracy per M over the test rows and the predictions at ``steps``, rows shared out."""
     from ..clip import accuracy_by_steps_sharded, solve_sharded
 
     solve_options = {"precision": args.solve_precision, "backend": args.solve_backend,
                      "step_size": args.step_size, "device": device, "context": context}
-    curve = accuracy_by_steps_sharded(model, test.features, test.labels, test.class_features,
+    curve = accuracy_by_steps_sharded(model, test.features, test.labels, table,
                                       max_steps=args.max_steps, **solve_options)
-    result = solve_sharded(test.features, model, steps, class_features=test.class_features,
-                           **solve_options)
+    result = solve_sharded(test.features, model, steps, class_features=table, **solve_options)
     return curve, result
 
 
-def _test_sets(args, job: _Job, test: FeatureSet) -> dict[str, FeatureSet]:
+def _test_sets(args, job: _Job, test: FeatureSet):
+    """(test split, the classes its table keeps or None) by name ("" without subsampling)."""
     if args.subsample == "base-to-new":
-        return {"base": subsample_classes(test, job.base, "base"),
-                "new": subsample_classes(test, job.new, "new")}
-    return {"": test}
+        return {"base": (subsample_classes(test, job.base, "base"), job.base),
+                "new": (subsample_classes(test, job.new, "new"), job.new)}
+    return {"": (test, None)}
 
 
-def _evaluate(args, job: _Job, fitted: dict[str, Any], test: FeatureSet, device, context):
+def _evaluate(args, job: _Job, fitted: dict[str, Any], test: FeatureSet, encoder, device,
+              context):
     """The run record of one fitted job and its test predictions (name -> tensor)."""
     model, selection = fitted["model"], fitted["selection"]
     best, config = selection.best_steps, fitted["config"]
@@ -112,8 +122,9 @@ def _evaluate(args, job: _Job, fitted: dict[str, Any], test: FeatureSet, device,
         "val_cross_entropy": selection.cross_entropy,
     }
     predictions, prefix = {}, f"k{job.shots}-seed{job.seed}"
-    for name, split in _test_sets(args, job, test).items():
-        curve, result = _test(args, model, best, split, device, context)
+    for name, (split, classes) in _test_sets(args, job, test).items():
+        curve, result = _test(args, model, best, split, _tables(encoder, split, classes),
+                              device, context)
         key = f"{name}_test" if name else "test"
         run[f"{key}_accuracy"] = curve
         run[f"{key}_rows"] = int(split.features.shape[0])
@@ -213,7 +224,7 @@ def run(args) -> None:
         fitted = {}
         for number, job in enumerate(jobs):  # each rank fits its own jobs, whole
             if context.owner(number) == context.rank:
-                fitted[number] = _fit(args, job, device, context.rank)
+                fitted[number] = _fit(args, job, device, context.rank, encoder)
         runs, predictions = [], {}
         for number, job in enumerate(jobs):
             owner = context.owner(number)
@@ -222,7 +233,7 @@ def run(args) -> None:
                 None if mine is None else {**mine, "classes": (job.base, job.new)}, src=owner
             )
             job.base, job.new = shared.pop("classes")
-            run, preds = _evaluate(args, job, shared, test, device, context)
+            run, preds = _evaluate(args, job, shared, test, encoder, device, context)
             runs.append(run)
             predictions.update(preds)
             if context.is_main:
@@ -241,6 +252,7 @@ def run(args) -> None:
         "checkpoint": encoder.checkpoint,
         "precision": encoder.precision,
         "preprocessing": encoder.preprocessing,
+        "peft": encoder.model_id.get("peft"),
         "crop_scale": list(args.crop_scale),
         "subsample": args.subsample,
         "shots": shot_counts,

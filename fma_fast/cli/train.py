@@ -22,6 +22,10 @@ def run(args) -> None:
     if val is not None:
         check_feature_files({Path(args.features).name: train, Path(args.val).name: val})
     options.check_model_output(out, args.blocks, args.width, train.features.shape[1])
+    peft = (train.source or {}).get("peft") or {}
+    if peft.get("method") == "cocoop":
+        raise ValueError(f"{args.features} holds CoCoOp features, whose class tables depend on "
+                         "the image: use fma-fast run --peft cocoop")
     views = options.file_views(train, args.views)
     result = options.fit_from_args(args, train.features, train.labels, train.class_features,
                                    views=views)

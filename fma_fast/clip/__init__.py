@@ -15,6 +15,7 @@ from .cache import (
 from .datasets import DATASET_NAMES, Dataset, Item, few_shot, load_dataset
 from .distributed import Context, accuracy_by_steps_sharded, launch, solve_sharded
 from .encoder import ClipEncoder, MissingExtraError, load_encoder, register_model_config
+from .peft import PEFT_METHODS, PeftEncoder, PeftError, PeftSource, load_peft
 from .prompts import DATASET_TEMPLATES, ENSEMBLES, build_prompts, resolve_templates
 from .transforms import Preprocess
 
@@ -28,6 +29,10 @@ __all__ = [
     "ExtractedFeatures",
     "Item",
     "MissingExtraError",
+    "PEFT_METHODS",
+    "PeftEncoder",
+    "PeftError",
+    "PeftSource",
     "Preprocess",
     "SplitFeatures",
     "accuracy_by_steps_sharded",
@@ -37,6 +42,7 @@ __all__ = [
     "extract_split",
     "few_shot",
     "launch",
+    "load_peft",
     "load_dataset",
     "load_encoder",
     "load_split",
