@@ -225,20 +225,23 @@ class LinearProbe(Baseline):
 
 
 class ClipAdapter(Baseline):
-    """CLIP-Adapter-style one-step residual adapter on the image features.
+    """CLIP-Adapter as released, trained here on the cached image features.
 
-    ``x' = normalize(α·MLP(x) + (1-α)·x)``, MLP = Linear(D, D/reduction) → ReLU → Linear(.., D)
-    without biases, scored by cosine to the class texts at logit scale 100 and trained with
-    cross-entropy (full-batch AdamW). One adapter per α in ``alpha_grid``, all from the same
-    seeded initialisation; α chosen on val. The one-step counterpart of FMA's multi-step
-    transport, and a feature producer FMA can stack on (``transform``).
+    ``x' = normalize(α·A(x) + (1-α)·x)`` with A = Linear(D, D/reduction) → ReLU →
+    Linear(.., D) → ReLU, both Linears without biases, and the released residual ratio
+    α = 0.2; scored by cosine to the class texts at logit scale 100 and trained with
+    cross-entropy (full-batch AdamW). Several values in ``alpha_grid`` (not the release) train
+    one adapter each from the same seeded initialisation and choose α on val. The one-step
+    counterpart of FMA's multi-step transport, and a feature producer FMA can stack on
+    (``transform``). A CLIP-Adapter checkpoint of the released code is a feature source
+    instead (:func:`fma_fast.clip.load_peft`, ``--peft adapter``).
     """
 
     name = "CLIP-Adapter"
 
     def __init__(
         self,
-        alpha_grid: Sequence[float] = (0.1, 0.2, 0.4, 0.6, 0.8),
+        alpha_grid: Sequence[float] = (0.2,),
         *,
         reduction: int = 4,
         iterations: int = 100,
@@ -260,7 +263,8 @@ class ClipAdapter(Baseline):
 
     @staticmethod
     def _adapt(w1, w2, alpha, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(alpha * (torch.relu(x @ w1) @ w2) + (1 - alpha) * x, dim=-1)
+        return F.normalize(alpha * torch.relu(torch.relu(x @ w1) @ w2) + (1 - alpha) * x,
+                           dim=-1)
 
     def _fit(self, x, y, z, val) -> None:
         self._needs_val(len(self.alpha_grid), val)

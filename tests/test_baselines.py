@@ -90,6 +90,18 @@ def test_adapters_trained_side_by_side_equal_one_run_per_alpha(task):
     )
 
 
+def test_clip_adapter_is_the_released_adapter(task):
+    """Guards the adapter drifting from the released CLIP-Adapter: both ReLUs (the second
+    after the up-projection), ratio 0.2 by default, then normalised; written out here."""
+    adapter = _fit(ClipAdapter(iterations=5), task)
+    assert adapter.alpha == 0.2 and adapter.selection == {"alpha": 0.2}
+    x = F.normalize(task.test.features, dim=-1)
+    mlp = torch.relu(torch.relu(x @ adapter.w1) @ adapter.w2)
+    torch.testing.assert_close(adapter.transform(task.test.features),
+                               F.normalize(0.2 * mlp + 0.8 * x, dim=-1))
+    assert bool((torch.relu(x @ adapter.w1) @ adapter.w2 < 0).any())  # the last ReLU acts
+
+
 def test_zero_shot_is_argmax_cosine(task):
     pred = _fit(ZeroShot(), task).predict(task.test.features)
     cosine = F.normalize(task.test.features, dim=-1) @ F.normalize(task.class_features, dim=-1).T

@@ -83,8 +83,9 @@ def render_markdown(result: dict) -> str:
         "",
         "Methods: zero-shot = cosine to class texts (FMA's M=0); FMA = zero-shot features "
         "transported M steps (M on val); FMA adaptive = per-row stopping rule chosen on val; "
-        "linear probe = L2-regularised logistic regression; CLIP-Adapter = one-step residual "
-        "adapter; CLIP-Adapter + FMA = FMA trained and run on the adapter's features (the "
+        "linear probe = L2-regularised logistic regression; CLIP-Adapter = the released "
+        "adapter (two ReLUs, ratio 0.2) trained on the cached features; CLIP-Adapter + FMA = "
+        "FMA trained and run on the adapter's features (the "
         "paper's plug-in use); Tip-Adapter(-F) = cache model (-F: keys fine-tuned; without "
         "augmented views of fixed features it barely moves from Tip-Adapter). M on val "
         "(`fma_fast.select_steps`): the best accuracy, ties broken by the lower val "
