@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fma_fast
 from fma_fast import protocol, report
@@ -138,6 +139,49 @@ def test_report_on_feature_files(tmp_path):
     assert list(result["aggregate"]) == ["my_features"]
     assert result["convergence"] == []
     assert "--train" in result["command"] and "--difficulties" not in result["command"]
+
+
+def test_report_adds_peft_plus_fma_rows_for_each_source(tmp_path):
+    """A PEFT source's files of the same images give the rows NAME (its own prediction, M=0)
+    and NAME + FMA, with the paired difference; NAME's accuracy is recomputed here. A source
+    whose files list other images is refused."""
+    from fma_fast.features_io import load_features, save_features
+
+    data = tmp_path / "my_features"
+    assert main(["synth", "--out", str(data), "--classes", "3", "--dim", "16", "--shots", "4"]) == 0
+    peft = tmp_path / "peft"
+    generator = torch.Generator().manual_seed(0)
+    rotation = torch.linalg.qr(torch.randn(16, 16, generator=generator))[0]
+    rotation = rotation * (0.2 + 2 * torch.rand(16, generator=generator))  # not a rotation
+    for split in ("train", "val", "test"):
+        d = load_features(data / f"{split}.safetensors")
+        save_features(peft / f"{split}.safetensors", d.features @ rotation,
+                      d.class_features @ rotation, d.labels, d.class_names)
+    files = ["--train", str(data / "train.safetensors"), "--val", str(data / "val.safetensors")]
+    files += ["--test", str(data / "test.safetensors")]
+    source = ["--peft-features", "rotated", *(str(peft / f"{s}.safetensors")
+                                              for s in ("train", "val", "test"))]
+    out = tmp_path / "out"
+    argv = ["report", "--out", str(out), *files, *source, *TINY, "--skip-convergence-check"]
+    assert main(argv) == 0
+    result = json.loads((out / "report.json").read_text())
+    test = load_features(peft / "test.safetensors")
+    cosine = F.normalize(test.features, dim=-1) @ F.normalize(test.class_features, dim=-1).T
+    own = float((cosine.argmax(dim=1) == test.labels).double().mean())
+    for run in result["runs"]:
+        assert run["accuracy"]["rotated"] == pytest.approx(own)
+        assert run["accuracy"]["rotated"] != run["accuracy"]["zero-shot"]  # other features
+        assert 0 <= run["accuracy"]["rotated + FMA"] <= 1
+    markdown = (out / "report.md").read_text()
+    assert "| rotated + FMA |" in markdown and "| rotated + FMA - rotated |" in markdown
+    assert "--peft-features rotated" in result["command"]
+    shuffled = tmp_path / "shuffled.safetensors"
+    d = load_features(peft / "test.safetensors")
+    save_features(shuffled, d.features, d.class_features, d.labels.roll(1), d.class_names)
+    bad = ["--peft-features", "rotated", str(peft / "train.safetensors"),
+           str(peft / "val.safetensors"), str(shuffled)]
+    assert main(["report", "--out", str(tmp_path / "o2"), *files, *bad, *TINY,
+                 "--skip-convergence-check"]) == 2
 
 
 def test_few_shot_indices_draws_k_per_class_from_the_seed():

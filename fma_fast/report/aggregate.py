@@ -7,7 +7,7 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-from .settings import METHODS
+from .settings import method_names, peft_pairs
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -27,7 +27,7 @@ def aggregate(runs: list[dict]) -> dict:
         out[dataset] = {}
         for shots, group in sorted(by_shots.items()):
             entry: dict[str, Any] = {"seeds": [r["seed"] for r in group], "methods": {}}
-            for method in METHODS:
+            for method in method_names(group):
                 entry["methods"][method] = mean_std([r["accuracy"][method] for r in group])
             for key in ("test_by_steps", "val_by_steps", "adapter_test_by_steps"):
                 columns = list(zip(*(r["fma"][key] for r in group)))
@@ -39,7 +39,7 @@ def aggregate(runs: list[dict]) -> dict:
             )
             entry["paired"] = {
                 f"{a} - {b}": mean_std([r["accuracy"][a] - r["accuracy"][b] for r in group])
-                for a, b in PAIRS
+                for a, b in (*PAIRS, *peft_pairs(group))
             }
             entry["fma_epochs"] = group[0]["fma"]["fit"]["epochs"]
             entry["fma_updates"] = group[0]["fma"]["fit"]["updates"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..protocol import VAL_SHOTS_CAP
 from .aggregate import PAIRS
-from .settings import METHODS
+from .settings import peft_pairs
 
 
 def _pct(mean: float, std: float | None = None) -> str:
@@ -98,9 +98,10 @@ def render_markdown(result: dict) -> str:
         lines += [f"## {dataset}", "", "Test accuracy (%), mean ± std over seeds:", ""]
         lines.append("| method | " + " | ".join(f"K={k}" for k in shots) + " |")
         lines.append("|---|" + "---:|" * len(shots))
-        for method in METHODS:
+        methods = list(by_shots[str(shots[0])]["methods"])
+        for method in methods:
             cells = []
-            best = {k: max(by_shots[str(k)]["methods"][m][0] for m in METHODS) for k in shots}
+            best = {k: max(by_shots[str(k)]["methods"][m][0] for m in methods) for k in shots}
             for k in shots:
                 mean, std = by_shots[str(k)]["methods"][method]
                 cell = _pct(mean, std)
@@ -109,7 +110,7 @@ def render_markdown(result: dict) -> str:
         lines += ["", "Paired differences (points, same seeds), mean ± std:", ""]
         lines.append("| comparison | " + " | ".join(f"K={k}" for k in shots) + " |")
         lines.append("|---|" + "---:|" * len(shots))
-        for a, b in PAIRS:
+        for a, b in (*PAIRS, *peft_pairs([{"accuracy": dict.fromkeys(methods)}])):
             key = f"{a} - {b}"
             cells = [_signed(*by_shots[str(k)]["paired"][key]) for k in shots]
             lines.append(f"| {key} | " + " | ".join(cells) + " |")

@@ -144,8 +144,25 @@ def _fit_diagnostics(fma: FMA, x, y, vx, vy, test_curve: list[float]) -> dict:
     }
 
 
-def run_one(pools: FeatureSetPools, shots: int, seed: int, settings: ReportSettings) -> dict:
-    """Every method on one K-shot draw: test accuracies, choices made on val, seconds."""
+def peft_pools(settings: ReportSettings, pools: FeatureSetPools) -> dict[str, FeatureSetPools]:
+    """The PEFT sources' pools, each checked to list the same images as ``pools`` (the same
+    labels in the same order in every split), so the same draw picks the same images."""
+    sources = {}
+    for name, train, val, test in settings.peft:
+        other = file_pools(train, val, test)
+        for split in ("train", "val", "test"):
+            ours, theirs = getattr(pools, split).labels, getattr(other, split).labels
+            if ours.shape != theirs.shape or not bool((ours == theirs).all()):
+                raise ValueError(f"--peft-features {name}: its {split} file does not list the "
+                                 f"images of --{split} (labels differ in count or order)")
+        sources[name] = other
+    return sources
+
+
+def run_one(pools: FeatureSetPools, shots: int, seed: int, settings: ReportSettings,
+            sources: dict[str, FeatureSetPools] | None = None) -> dict:
+    """Every method on one K-shot draw: test accuracies, choices made on val, seconds; and for
+    each PEFT source (same images, its own features) its own prediction and FMA on it."""
     x, y, vx, vy = draw(pools, shots, seed)
     tx, ty, z = pools.test.features, pools.test.labels, pools.class_features
     accuracy: dict[str, float] = {}
@@ -194,6 +211,19 @@ def run_one(pools: FeatureSetPools, shots: int, seed: int, settings: ReportSetti
     adapted_curve = trajectory_stats(
         adapted_fma.model, adapter.transform(tx), z, **options
     ).fixed_accuracy(ty)
+
+    for name, source in (sources or {}).items():
+        px, py, pvx, pvy = draw(source, shots, seed)
+        pz = source.class_features
+        start = time.perf_counter()
+        own = ZeroShot().fit(px, py, pz, pvx, pvy)
+        accuracy[name] = own.accuracy(source.test.features, source.test.labels)
+        seconds[name] = time.perf_counter() - start
+        start = time.perf_counter()
+        on_source = _fma(settings, seed, len(py)).fit(px, py, pz, pvx, pvy)
+        accuracy[f"{name} + FMA"] = on_source.accuracy(source.test.features, source.test.labels)
+        seconds[f"{name} + FMA"] = time.perf_counter() - start
+        chosen[f"{name} + FMA"] = dict(on_source.selection)
 
     history = fma.fit_result.history
     return {
@@ -251,9 +281,10 @@ def run_report(
         pool_sets = [synthetic_pools(settings, d) for d in settings.difficulties]
     runs, convergence = [], []
     for pools in pool_sets:
+        sources = peft_pools(settings, pools)
         for shots in settings.shots:
             for seed in settings.seeds:
-                run = run_one(pools, shots, seed, settings)
+                run = run_one(pools, shots, seed, settings, sources)
                 runs.append(run)
                 if progress:
                     accs = " ".join(f"{m}={100 * a:.1f}" for m, a in run["accuracy"].items())

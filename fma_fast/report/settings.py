@@ -69,10 +69,22 @@ class ReportSettings:
     """Refit FMA with 2x epochs at the smallest and largest K (``--skip-convergence-check``)."""
     features: tuple[str, str, str] | None = None
     """Train, val and test feature files instead of synthetic tasks (``--train/--val/--test``)."""
+    peft: tuple[tuple[str, str, str, str], ...] = ()
+    """PEFT feature sources of the same images (``--peft-features NAME TRAIN VAL TEST``): each
+    adds the rows NAME (the source's own prediction, FMA's M=0) and NAME + FMA."""
 
     def __post_init__(self) -> None:
         self.shots = _positive_ints("shots", self.shots, minimum=1)
         self.seeds = _positive_ints("seeds", self.seeds, minimum=0)
+        self.peft = tuple(tuple(source) for source in self.peft)
+        if self.peft and self.features is None:
+            raise ValueError("--peft-features needs --train/--val/--test: the PEFT sources' "
+                             "files must hold the same images as those")
+        names = [source[0] for source in self.peft]
+        clash = sorted(set(names) & set(METHODS)) or sorted(
+            {n for n in names if names.count(n) > 1})
+        if clash:
+            raise ValueError(f"--peft-features names must be new and distinct, got {clash[0]!r}")
         if self.features is None:
             if not self.difficulties:
                 raise ValueError("difficulties must name at least one difficulty in [0, 1]")
@@ -104,6 +116,8 @@ class ReportSettings:
         if self.features is not None:
             parts += ["--train", self.features[0], "--val", self.features[1]]
             parts += ["--test", self.features[2]]
+        for source in self.peft:
+            parts += ["--peft-features", *source]
         for spec in _option_fields():
             if self.features is not None and spec.metadata["group"] == DATA:
                 continue
@@ -132,6 +146,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--train", help="train pool feature file (with labels)")
     data.add_argument("--val", help="val pool feature file (with labels)")
     data.add_argument("--test", help="test feature file (with labels)")
+    data.add_argument("--peft-features", nargs=4, action="append", default=[],
+                      metavar=("NAME", "TRAIN", "VAL", "TEST"),
+                      help="a PEFT source's feature files of the same images (from 'extract "
+                           "--peft'): adds the rows NAME and NAME + FMA (repeatable)")
     for spec in _option_fields():
         group = groups.setdefault(spec.metadata["group"],
                                   parser.add_argument_group(spec.metadata["group"]))
@@ -155,7 +173,20 @@ def from_arguments(args: argparse.Namespace) -> ReportSettings:
         value = getattr(args, spec.name)
         values[spec.name] = tuple(value) if isinstance(value, list) else value
     return ReportSettings(**values, convergence_check=not args.skip_convergence_check,
-                          features=files if all(files) else None)
+                          features=files if all(files) else None,
+                          peft=tuple(tuple(source) for source in args.peft_features))
+
+
+def method_names(runs: list[dict]) -> list[str]:
+    """The report's methods, then the PEFT rows the runs carry, in their order."""
+    extra = [name for name in runs[0]["accuracy"] if name not in METHODS] if runs else []
+    return [*METHODS, *extra]
+
+
+def peft_pairs(runs: list[dict]) -> list[tuple[str, str]]:
+    """(NAME + FMA, NAME) for every PEFT source of the runs."""
+    return [(f"{name} + FMA", name) for name in method_names(runs)[len(METHODS):]
+            if not name.endswith(" + FMA")]
 
 
 def _positive_ints(name: str, values: Sequence[int], minimum: int) -> tuple[int, ...]:
