@@ -701,15 +701,24 @@ def test_each_source_runs_end_to_end_in_the_cli(method, encoder, tiny_files, tmp
     assert len(run["test_accuracy"]) == 4 and run["test_rows"] == 9
     if method == "cocoop":
         assert "per-row-tables" in run["solve_path"], run["solve_path"]
-    if method in ("coop", "cocoop"):  # a file trained for two classes does not fit three
-        other = tmp_path / "other.pth"
+    other = tmp_path / "other.pth"  # a checkpoint that does not fit this encoder or data
+    if method in ("coop", "cocoop"):  # trained for two classes, not three
         save_dassl(other, {**coop_state(encoder, randn(4, TEXT_WIDTH, seed=3),
                                         names=CLASSES[:2])})
-        code = main(["run", *common, "--peft", method, "--peft-checkpoint", str(other),
-                     "--out", str(tmp_path / "bad")])
-        err = capsys.readouterr().err.strip()
-        assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
-        assert "class" in err or "meta_net" in err, err
+    elif method == "adapter":  # an adapter of another width
+        save_dassl(other, {"fc.0.weight": randn(4, DIM + 8, seed=1),
+                           "fc.2.weight": randn(DIM + 8, 4, seed=2)})
+    else:  # LoRA matrices of the vision width on the text tower
+        payload = lora_payload(("text", "half-bottom", ("k", "v", "o")))
+        for layer in payload["weights"].values():
+            for entry in layer.values():
+                entry["w_lora_A"] = randn(2, VISION_WIDTH, seed=4)
+        torch.save(payload, other)
+    code = main(["run", *common, "--peft", method, "--peft-checkpoint", str(other),
+                 "--out", str(tmp_path / "bad")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert any(word in err for word in ("class", "meta_net", "width", "expected")), err
     if method == "coop":  # base-to-new: a context trained on the 2 base classes serves all 3
         assert main(["run", *common, "--subsample", "base-to-new", "--peft", method,
                      "--peft-checkpoint", str(other), "--out", str(tmp_path / "b2n")]) == 0
