@@ -9,6 +9,7 @@ process that no longer runs are removed by the next write into the same folder.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -117,6 +118,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
         temp.unlink(missing_ok=True)
         raise
     return path
+
+
+def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 24) -> str:
+    """Hex sha256 of a file, read in chunks (checkpoints can be gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_json_record(path: Path) -> dict | None:

@@ -34,6 +34,8 @@ from . import checkpoint
 from ._io import (
     atomic_write,
     check_output_folder,
+    file_problem,
+    file_sha256,
     read_json_record,
     save_safetensors,
     write_text,
@@ -107,14 +109,6 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def weights_sha256(model: VelocityNet) -> str:
     """A digest of a network's architecture and weights (what the solve depends on)."""
     digest = hashlib.sha256(json.dumps(model.config, sort_keys=True).encode())
@@ -155,6 +149,9 @@ def _resolve_classes(classes, class_names):
     class table and names), a .npy table or a safetensors file with one 2-D tensor."""
     if isinstance(classes, (str, os.PathLike)):
         path = Path(classes)
+        problem = file_problem(path)
+        if problem:
+            raise InputError(f"cannot read --classes {path}: {problem}")
         if path.suffix == ".npy":
             try:
                 table = torch.from_numpy(np.load(path)).float()
@@ -259,7 +256,7 @@ def _done(out: Path, part: _Part, job: str) -> dict[str, Any] | None:
         return None
     for name, digest in (record.get("files") or {}).items():
         path = out / name
-        if not path.is_file() or _file_sha256(path) != digest:
+        if not path.is_file() or file_sha256(path) != digest:
             return None
     return record
 
@@ -474,7 +471,7 @@ def score(
             record = {"format": PART_FORMAT, "job": job, "input": part.shard.identity(),
                       "rows": [part.start, part.stop], "labelled": "labels" in arrays,
                       "correct": counts[0], "correct_m0": counts[1], "path": path,
-                      "files": {f.name: _file_sha256(f) for f in files}}
+                      "files": {f.name: file_sha256(f) for f in files}}
             write_text(_record_path(out, part), json.dumps(record, sort_keys=True) + "\n")
             collected, counts = {}, [0, 0]
     bar.close()

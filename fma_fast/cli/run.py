@@ -66,7 +66,7 @@ def _fit(args, job: _Job, device, rank: int, encoder) -> dict[str, Any]:
     start = time.perf_counter()
     fitted = options.fit_from_args(args, train.features, train.labels,
                                    _tables(encoder, train, job.base), seed=job.seed,
-                                   device=str(device), views=train_views(train))
+                                   device=str(device), views=options.file_views(train, None))
     seconds = time.perf_counter() - start
     selection = select_steps(
         fitted.model, val.features, val.labels, _tables(encoder, val, job.base), args.max_steps,
@@ -82,11 +82,6 @@ def _fit(args, job: _Job, device, rank: int, encoder) -> dict[str, Any]:
         "val_rows": int(val.features.shape[0]),
         "rank": rank,
     }
-
-
-def train_views(train: FeatureSet) -> int:
-    """Views per image of a cached training split (its provenance says)."""
-    return options.file_views(train, None)
 
 
 def _test(args, model, steps: int, test: FeatureSet, table, device, context):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -13,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .._io import file_sha256
 from .._validation import resolve_device
 from .prompts import build_prompts
 
@@ -33,15 +33,6 @@ def import_open_clip():
             f"CLIP encoders need open_clip ({error}); pip install fma_fast[clip]"
         ) from None
     return open_clip
-
-
-def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 24) -> str:
-    """Hex sha256 of a file, read in chunks (checkpoints can be gigabytes)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk_bytes):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def register_model_config(path: str | os.PathLike) -> str:
