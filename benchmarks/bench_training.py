@@ -10,7 +10,9 @@ both identical in the two paths) on a batch of 32 (the released default) or 256 
   PyTorch ops as the released step, as ``fit`` does) and fused AdamW.
 
 On CUDA both use fp16 autocast with a GradScaler, as released, and every timed step ends with
-``torch.cuda.synchronize()``. On the CPU the only difference between the paths is the optimizer.
+``torch.cuda.synchronize()``. On the CPU the only difference between the first two paths is
+the optimizer; fma_fast-step-bf16 is ``fit(amp="bf16")``'s step (bf16 autocast, CUDA or a CPU
+with BF16 units).
 Grids: "full" is D=512 with 12 blocks (the released default), "quick" D=256 with 4 blocks.
 
     python benchmarks/run.py -k training     # or: python -m pytest benchmarks/bench_training.py
@@ -24,11 +26,11 @@ import pytest
 import torch
 
 import fma_fast
-from fma_fast import dispatch, reference
+from fma_fast import dispatch, reference, training
 
 GRIDS = {"full": (512, 12), "quick": (256, 4)}  # (D, blocks)
 BATCHES = (32, 256)
-PATHS = ("released-step", "fma_fast-step")
+PATHS = ("released-step", "fma_fast-step", "fma_fast-step-bf16")
 CLASSES, GAMMA = 100, 0.05
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ROUNDS, ITERATIONS, WARMUP_STEPS = 5, 2, 2
@@ -51,12 +53,14 @@ def _training_step(dim: int, blocks: int, batch: int, path: str) -> Callable[[],
         torch.randn(CLASSES, dim, device=DEVICE, generator=generator), dim=-1
     )
     labels = torch.randint(CLASSES, (batch,), device=DEVICE, generator=generator)
-    fused = path == "fma_fast-step"
+    fused = path.startswith("fma_fast-step")
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=2e-4, weight_decay=0.01, fused=True if fused else None
     )
-    autocast = DEVICE.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=autocast)
+    # fp16 on CUDA as released; the -bf16 path is fit(amp="bf16") (CPUs with BF16 units too)
+    dtype = torch.bfloat16 if path.endswith("-bf16") else torch.float16
+    autocast = DEVICE.type == "cuda" or dtype == torch.bfloat16
+    scaler = torch.amp.GradScaler("cuda", enabled=DEVICE.type == "cuda" and dtype == torch.float16)
     op_backend = "auto" if DEVICE.type == "cuda" else "reference"  # as fit picks it
     seeds = iter(range(1, 1 << 30))  # fit draws a fresh noise seed per step
 
@@ -71,7 +75,7 @@ def _training_step(dim: int, blocks: int, batch: int, path: str) -> Callable[[],
             noise = torch.randn(x0.shape, device=DEVICE, generator=generator)
             x_t, target = reference.training_pair(x0, table[labels], t, noise, gamma=GAMMA)
             t_in = reference.clamp_time(t)
-        with torch.autocast(DEVICE.type, dtype=torch.float16, enabled=autocast):
+        with torch.autocast(DEVICE.type, dtype=dtype, enabled=autocast):
             prediction = model(x_t, t_in)
         if fused:
             loss = dispatch.fused_loss(prediction, x0, labels, table, t, seed=seed, gamma=GAMMA,
@@ -92,6 +96,8 @@ def _training_step(dim: int, blocks: int, batch: int, path: str) -> Callable[[],
 @pytest.mark.parametrize("grid", sorted(GRIDS))
 def test_training_step(benchmark, grid: str, batch: int, path: str) -> None:
     dim, blocks = GRIDS[grid]
+    if path.endswith("-bf16") and DEVICE.type == "cpu" and not training.cpu_has_bf16():
+        pytest.skip("this CPU has no BF16 units")
     step = _training_step(dim, blocks, batch, path)
     for _ in range(WARMUP_STEPS):
         step()  # kernel compilation, allocator, optimizer state

@@ -103,12 +103,30 @@ def _check_views(views, labels: torch.Tensor) -> int:
     return views
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has BF16 units (AVX-512 BF16 or AMX) for oneDNN's bf16 GEMMs."""
+    return bool(torch.backends.mkldnn.is_available()
+                and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def _autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``amp`` on ``device``: fp16 ("auto") or bf16 on CUDA; on the CPU
+    bf16 only when asked and only with BF16 units ("auto" stays fp32 there)."""
     if amp not in AMP_CHOICES:
         raise ValueError(f"amp must be one of {AMP_CHOICES}, got {amp!r}")
-    if device.type != "cuda" or amp == "off":
+    if amp == "off":
         return None
-    return torch.bfloat16 if amp == "bf16" else torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if amp == "bf16" else torch.float16
+    if amp == "fp16":
+        raise ValueError("amp='fp16' needs a CUDA device (CPUs have no fast fp16 GEMM); use "
+                         "'bf16' or 'off'")
+    if amp == "bf16":
+        if device.type != "cpu" or not cpu_has_bf16():
+            raise ValueError(f"amp='bf16' needs a CPU with BF16 units (AVX-512 BF16 or AMX) or "
+                             f"a CUDA device; this {device.type} has none")
+        return torch.bfloat16
+    return None
 
 
 def fit(
@@ -148,7 +166,8 @@ def fit(
     ``views``: the rows are image-major groups of ``views`` augmented views of one image (the
     feature cache's layout); an epoch is one pass over the images, each seen through one of its
     views drawn at random, so the optimizer steps do not grow with ``views``. ``amp`` picks fp16
-    ("auto"), bf16 or no autocast on CUDA; it is ignored on the CPU. Reproducible from ``seed``.
+    ("auto"), bf16 or no autocast on CUDA; on the CPU "bf16" autocasts where the CPU has BF16
+    units ("auto" stays fp32 there, "fp16" is refused). Reproducible from ``seed``.
     ``backend``: "auto" builds the pair and the loss in the fused Triton kernels on CUDA and in
     PyTorch elsewhere; "reference" forces PyTorch; "triton" forces the kernels (on CPU tensors
     through the slow interpreter, TRITON_INTERPRET=1, for tests). ``config["path"]`` says which

@@ -322,3 +322,28 @@ def test_rows_that_are_not_unit_norm_get_one_warning_naming_the_argument():
         nudged = x * (1 + 5e-4)  # within the 1e-3 tolerance
         fma_fast.fit(nudged, y, z, blocks=1, epochs=1, progress=False)
         fma_fast.select_steps(model, nudged, y, z, max_steps=2)
+
+
+def test_bf16_autocast_on_a_cpu_with_bf16_units():
+    """Guards amp being ignored on the CPU: with amp="bf16" the network runs under bf16
+    autocast (its output reaches the loss in bf16), the loss still falls; "fp16" is refused."""
+    if not training.cpu_has_bf16():
+        pytest.skip("SKIPPED, not passed: this CPU has no BF16 units")
+    x, y, z = _tiny_task()
+    seen = []
+    real = dispatch.fused_loss
+
+    def spy(prediction, *args, **kwargs):
+        seen.append(prediction.dtype)
+        return real(prediction, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training.dispatch, "fused_loss", spy)
+        result = fma_fast.fit(x, y, z, blocks=1, epochs=30, batch_size=8, lr=2e-3,
+                              amp="bf16", device="cpu", progress=False)
+    assert set(seen) == {torch.bfloat16} and result.config["amp"] == "bf16"
+    assert result.history[-1] < 0.9 * result.history[0], result.history
+    default = fma_fast.fit(x, y, z, blocks=1, epochs=1, device="cpu", progress=False)
+    assert default.config["amp"] == "off"  # the CPU default stays fp32
+    with pytest.raises(ValueError, match="amp='fp16' needs a CUDA device"):
+        fma_fast.fit(x, y, z, blocks=1, epochs=1, amp="fp16", device="cpu", progress=False)

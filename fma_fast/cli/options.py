@@ -71,7 +71,9 @@ def add_training_options(
                        help="noise strength")
     group.add_argument("--noise", choices=("bridge", "endpoint"), default="bridge",
                        help="noise form: the released code's bridge or the paper's endpoint")
-    group.add_argument("--amp", choices=AMP_CHOICES, default="auto", help="autocast on CUDA")
+    group.add_argument("--amp", choices=AMP_CHOICES, default="auto",
+                       help="autocast: auto = fp16 on CUDA, fp32 on the CPU; bf16 on CUDA or a "
+                            "CPU with BF16 units")
     if seed:
         group.add_argument("--seed", type=int, default=1,
                            help="seed of the initialisation, batches and noise")
