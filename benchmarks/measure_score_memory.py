@@ -44,22 +44,12 @@ MIB = 1024 * 1024
 FILL_ROWS = 65536
 
 
-def _rss_now_kib() -> int:
-    """The process's current resident set (VmRSS) in KiB, or -1 where /proc is missing."""
+def _proc_status_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB (VmRSS: resident now, VmHWM: its high-water
+    mark), or -1 where /proc is missing."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return -1
-
-
-def _hwm_kib() -> int:
-    """The high-water mark of this process's own memory map (VmHWM) in KiB, or -1."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1])
     except OSError:
         pass
@@ -86,15 +76,16 @@ def child(args: argparse.Namespace) -> dict:
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.normal_(0, 0.03)
-    before_peak, before_now, before_hwm = _maxrss_kib(), _rss_now_kib(), _hwm_kib()
+    before_peak = _maxrss_kib()
+    before_now, before_hwm = _proc_status_kib("VmRSS"), _proc_status_kib("VmHWM")
     summary = fma_fast.score(model, [args.child], args.classes_file, args.out, steps=args.steps,
                              topk=args.topk, progress=False)
-    peak, hwm = _maxrss_kib(), _hwm_kib()
+    peak, hwm = _maxrss_kib(), _proc_status_kib("VmHWM")
     return {
         "rows": summary.rows, "rows_scored": summary.rows_scored, "parts": summary.parts,
         "seconds": summary.seconds, "rows_per_s": summary.rows_per_s, "path": summary.path,
         "maxrss_before_kib": before_peak, "rss_before_kib": before_now,
-        "maxrss_peak_kib": peak, "rss_after_kib": _rss_now_kib(),
+        "maxrss_peak_kib": peak, "rss_after_kib": _proc_status_kib("VmRSS"),
         "hwm_before_kib": before_hwm, "hwm_peak_kib": hwm,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "part_rows": SCORE_PART_ROWS,

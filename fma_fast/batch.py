@@ -111,11 +111,9 @@ def _digest(value: Any) -> str:
 
 def weights_sha256(model: VelocityNet) -> str:
     """A digest of a network's architecture and weights (what the solve depends on)."""
-    digest = hashlib.sha256(json.dumps(model.config, sort_keys=True).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()
+    state = {name: tensor.detach().to("cpu", torch.float32).contiguous()
+             for name, tensor in model.state_dict().items()}
+    return checkpoint.state_digest(state, json.dumps(model.config, sort_keys=True))
 
 
 def _resolve_model(model, steps, step_size):
@@ -189,15 +187,15 @@ def _single_table(path: Path) -> torch.Tensor:
     return tensors[0]
 
 
-def _settings(model, steps, step_size, topk, table, precision, backend, output_format,
-              batch_size) -> dict[str, Any]:
+def _settings(model, steps, step_size, topk, table, table_digest, precision, backend,
+              output_format, batch_size) -> dict[str, Any]:
     return {
         "model_sha256": weights_sha256(model),
         "steps": steps,
         "step_size": step_size,
         "topk": topk,
         "classes": int(table.shape[0]),
-        "class_table_sha256": class_table_sha256(table),
+        "class_table_sha256": table_digest,
         "precision": precision,
         "backend": backend,
         "format": output_format,
@@ -433,7 +431,7 @@ def score(
                          f"{SCORE_TEXT_ENTRIES:,}); {total:,} rows x {topk} is more: use "
                          "safetensors or npy")
     out = check_output_folder(Path(out), "--out")
-    settings = _settings(model, steps, step_size, topk, table, precision, backend,
+    settings = _settings(model, steps, step_size, topk, table, digest, precision, backend,
                          output_format, batch_size)
     job = _claim_folder(out, settings, context)
 

@@ -172,15 +172,21 @@ def _check_known_keys(config: dict[str, Any], source: str) -> None:
         raise ValueError(f"{source}: class_names must be a list of strings")
 
 
-def _save_id(state: dict[str, torch.Tensor], config_text: str) -> str:
-    """Identifies one save: a digest of its weights and its config (so identical runs write
-    identical files, and any two different saves get different ids)."""
+def state_digest(state: dict[str, torch.Tensor], text: str) -> str:
+    """sha256 of CPU tensors by sorted name, then ``text`` (a config): what a network's
+    outputs depend on."""
     digest = hashlib.sha256()
     for key in sorted(state):
         digest.update(key.encode())
         digest.update(state[key].numpy())
-    digest.update(config_text.encode())
-    return digest.hexdigest()[:32]
+    digest.update(text.encode())
+    return digest.hexdigest()
+
+
+def _save_id(state: dict[str, torch.Tensor], config_text: str) -> str:
+    """Identifies one save: a digest of its weights and its config (so identical runs write
+    identical files, and any two different saves get different ids)."""
+    return state_digest(state, config_text)[:32]
 
 
 def save(model, path: str | os.PathLike, *, extra: dict[str, Any] | None = None) -> Path:
