@@ -117,3 +117,65 @@ def test_run_writes_tagged_results_and_fails_loudly(tmp_path):
                  "date (UTC)", "load average", "| slow (baseline) |", "12.5 steps/s",
                  "3.0 MiB", "note=hello", "GPU benchmark: needs CUDA (1 test)"):
         assert text in markdown, text
+
+
+def _load_benchmark_module(name: str):
+    path = RUN_PY.parent / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _recorded_gemms(run) -> list[tuple]:
+    """(rows, inner, cols, dtype) of every matrix product ``run()`` dispatches, in order."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    products = {torch.ops.aten.mm.default: 0, torch.ops.aten.mm.out: 0,
+                torch.ops.aten.addmm.default: 1, torch.ops.aten.addmm.out: 1,
+                torch.ops.aten.addmm_.default: 1}
+    seen: list[tuple] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in products:
+                a, b = args[products[func]], args[products[func] + 1]
+                seen.append((a.shape[0], a.shape[1], b.shape[1], b.dtype))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        run()
+    return seen
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("rows, chunk_rows", [(37, 16), (5, 1024)])
+def test_gemm_only_chain_runs_the_folded_runtimes_gemms(precision, rows, chunk_rows):
+    """The GEMM ceiling of bench_cpu_solver is only a ceiling if it runs exactly the GEMMs
+    (count, shapes, dtypes, order) that folded_solve runs on the same chunks."""
+    import torch
+
+    import fma_fast
+    from fma_fast.runtime_torch import folded_solve
+
+    gemm_chain = _load_benchmark_module("gemm_chain")
+    torch.manual_seed(0)
+    model = fma_fast.VelocityNet(dim=24, blocks=3, width=40)
+    x = torch.nn.functional.normalize(torch.randn(rows, 24), dim=-1)
+    with torch.no_grad():
+        for p in model.parameters():  # an untrained net has zero output layers
+            p.add_(0.1 * torch.randn_like(p))
+    steps, blocks = 4, 3
+    options = {"precision": precision, "chunk_rows": chunk_rows, "workers": 1}
+    folded_solve(model, x, steps, 0.1, **options)  # fold the plan outside the recording
+    solve = _recorded_gemms(lambda: folded_solve(model, x, steps, 0.1, **options))
+    ceiling = _recorded_gemms(
+        lambda: gemm_chain.gemm_only_solve(model, x, steps, 0.1, **options))
+    chunks = -(-rows // chunk_rows)
+    # fp32 final path: input once, 2 per block, feedback between steps, final once; bf16
+    # states path: input, 2 per block and final in every step
+    per_chunk = (1 + steps * 2 * blocks + steps - 1 + 1 if precision == "fp32"
+                 else steps * (2 * blocks + 2))
+    assert len(solve) == chunks * per_chunk, f"folded_solve ran {len(solve)} GEMMs: {solve}"
+    assert ceiling == solve, f"GEMM-only chain {ceiling} != folded_solve {solve}"
