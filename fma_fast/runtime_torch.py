@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from . import _validation as check
+from . import cpu_fused
+from .cpu_fused import inverse_rms
 from .model import VelocityNet
 from .plan import SolverPlan, resolve_plan
 from .policy import CPU_CHUNK_ROWS, MIN_WORKER_ROWS
@@ -176,68 +178,64 @@ class _Buffers:
 
         self.hidden = empty(torch.float32, plan.width)
         self.rstd = empty(torch.float32, 1)
-        self.inner = empty(plan.dtype, plan.width)
-        self.velocity = empty(plan.dtype, plan.dim)
-        if plan.dtype != torch.float32:  # bf16 copies of the fp32 GEMM operands
+        if plan.dtype == torch.float32:
+            self.inner = empty(torch.float32, plan.width)
+            self.velocity = empty(torch.float32, plan.dim)
+        else:  # half copies of the fp32 input projection, and the GEMM operands
             self.input_weight = plan.input_weight.to(plan.dtype)
             self.input_bias = plan.input_bias.to(plan.dtype)
             self.features = empty(plan.dtype, plan.dim)
-            self.hidden_low = empty(plan.dtype, plan.width)
-            self.update = empty(plan.dtype, plan.width)
-
-
-def _inverse_rms(hidden: torch.Tensor, out: torch.Tensor, eps: float) -> torch.Tensor:
-    """1/sqrt(mean(h²) + eps) per row: the LayerNorm scale of the mean-free hidden state."""
-    torch.linalg.vector_norm(hidden, dim=1, keepdim=True, out=out)
-    return out.square_().div_(hidden.shape[1]).add_(eps).rsqrt_()
+            self.operand = empty(plan.dtype, plan.width)
 
 
 def _normed_gemm(
     plan: SolverPlan, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     out: torch.Tensor, buffers: _Buffers,
 ) -> None:
-    """out = LayerNorm(hidden) @ weight + bias for the mean-free hidden state.
-
-    fp32 computes (hidden @ weight)·rstd + bias: the GEMM reads the hidden state directly and
-    the scaling rides on the bias add. bf16 scales while casting the GEMM operand instead (one
-    pass either way; mixed-dtype elementwise ops are slow on the CPU).
-    """
-    rows = hidden.shape[0]
-    scale = _inverse_rms(hidden, buffers.rstd[:rows], plan.eps)
-    if plan.dtype == torch.float32:
-        torch.addcmul(bias, torch.mm(hidden, weight, out=out), scale, out=out)
-    else:
-        torch.addmm(bias, torch.mul(hidden, scale, out=buffers.hidden_low[:rows]), weight,
-                    out=out)
+    """out = LayerNorm(hidden) @ weight + bias for the mean-free fp32 hidden state, as
+    (hidden @ weight)·rstd + bias: the GEMM reads the hidden state directly and the scaling
+    rides on the bias add."""
+    scale = inverse_rms(hidden, buffers.rstd[: hidden.shape[0]], plan.eps)
+    torch.addcmul(bias, torch.mm(hidden, weight, out=out), scale, out=out)
 
 
 def _blocks(plan: SolverPlan, i: int, hidden: torch.Tensor, buffers: _Buffers) -> None:
-    """The residual blocks of step ``i`` on the fp32 hidden rows, in place."""
-    rows = hidden.shape[0]
-    inner = buffers.inner[:rows]
+    """The residual blocks of step ``i`` on the fp32 hidden rows of a fp32 plan, in place."""
+    inner = buffers.inner[: hidden.shape[0]]
     for b in range(plan.blocks):
         _normed_gemm(plan, hidden, plan.w1[i, b], plan.b1[i, b], inner, buffers)
         F.silu(inner, inplace=True)
-        if plan.dtype != torch.float32:
-            update = buffers.update[:rows]
-            hidden.add_(torch.addmm(plan.b2[i, b], inner, plan.w2[i, b], out=update))
-        else:
-            hidden.addmm_(inner, plan.w2[i, b]).add_(plan.b2[i, b])
+        hidden.addmm_(inner, plan.w2[i, b]).add_(plan.b2[i, b])
 
 
 def _step(plan: SolverPlan, i: int, x: torch.Tensor, buffers: _Buffers) -> None:
     """One folded Euler step on the rows ``x`` in place."""
+    if plan.dtype != torch.float32:
+        _low_precision_step(plan, i, x, buffers)
+        return
     rows = x.shape[0]
     hidden, velocity = buffers.hidden[:rows], buffers.velocity[:rows]
-    if plan.dtype != torch.float32:
-        features = buffers.features[:rows].copy_(x)
-        inner = buffers.inner[:rows]
-        hidden.copy_(torch.addmm(buffers.input_bias, features, buffers.input_weight, out=inner))
-    else:
-        torch.addmm(plan.input_bias, x, plan.input_weight, out=hidden)
+    torch.addmm(plan.input_bias, x, plan.input_weight, out=hidden)
     _blocks(plan, i, hidden, buffers)
     _normed_gemm(plan, hidden, plan.wf[i], plan.bf[i], velocity, buffers)
     x.add_(velocity)
+
+
+def _low_precision_step(plan: SolverPlan, i: int, x: torch.Tensor, buffers: _Buffers) -> None:
+    """One step of a bf16/fp16 plan: GEMMs on half operands with the bias in their epilogue
+    (``cpu_fused.linear``); the residual stream and LayerNorm statistics stay fp32, and each
+    LayerNorm scales while casting the next GEMM's operand (mixed-dtype passes are slow on the
+    CPU, so each block makes three besides its GEMMs: residual add, norm, scale-and-cast)."""
+    rows = x.shape[0]
+    hidden, rstd, operand = buffers.hidden[:rows], buffers.rstd[:rows], buffers.operand[:rows]
+    features = buffers.features[:rows].copy_(x)
+    hidden.copy_(cpu_fused.linear(features, buffers.input_weight, buffers.input_bias))
+    cpu_fused.normed(hidden, rstd, plan.eps, operand)
+    for b in range(plan.blocks):
+        inner = F.silu(cpu_fused.linear(operand, plan.w1[i, b], plan.b1[i, b]), inplace=True)
+        update = cpu_fused.linear(inner, plan.w2[i, b], plan.b2[i, b])
+        cpu_fused.residual_normed(hidden, update, rstd, plan.eps, operand)
+    x.add_(cpu_fused.linear(operand, plan.wf[i], plan.bf[i]))
 
 
 def _final_step(
@@ -256,7 +254,7 @@ def _final_step(
         displacement.zero_()
     torch.add(lifted, plan.offsets[i], out=hidden)
     _blocks(plan, i, hidden, buffers)
-    torch.mul(hidden, _inverse_rms(hidden, buffers.rstd[:rows], plan.eps), out=normed)
+    torch.mul(hidden, inverse_rms(hidden, buffers.rstd[:rows], plan.eps), out=normed)
     if i + 1 < plan.steps:
         lifted.addmm_(normed, plan.feedback[i])
     displacement.addcmul_(normed, plan.final_scale[i])

@@ -128,7 +128,8 @@ def _load_benchmark_module(name: str):
 
 
 def _recorded_gemms(run) -> list[tuple]:
-    """(rows, inner, cols, dtype) of every matrix product ``run()`` dispatches, in order."""
+    """(rows, inner, cols, dtype) of every matrix product ``run()`` dispatches, in order
+    (``mm``, ``addmm`` and oneDNN's linear, which the bf16 chain runs)."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -137,11 +138,17 @@ def _recorded_gemms(run) -> list[tuple]:
                 torch.ops.aten.addmm_.default: 1}
     seen: list[tuple] = []
 
+    linear = getattr(torch.ops.mkldnn, "_linear_pointwise", None)  # weight given (out, in)
+    linear = None if linear is None else linear.default
+
     class Record(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func in products:
                 a, b = args[products[func]], args[products[func] + 1]
                 seen.append((a.shape[0], a.shape[1], b.shape[1], b.dtype))
+            elif func == linear:
+                seen.append((args[0].shape[0], args[0].shape[1], args[1].shape[0],
+                             args[1].dtype))
             return func(*args, **(kwargs or {}))
 
     with Record():

@@ -1,0 +1,234 @@
+"""Does a ``torch.compile``d bf16 CPU solve pay? Eager folded bf16 against two compiled variants.
+
+Every variant runs the same folded plan through the CPU runtime's own chunk scheduler (row
+chunks, one single-threaded worker per core), interleaved round by round in one process with
+the released loop and the GEMM-only chain (``gemm_chain.py``), so host drift hits all alike:
+
+- ``eager-bf16``: ``folded_solve(precision="bf16")``, what ``solve`` runs.
+- ``compiled-step``: one module per step holding that step's folded weights, compiled with
+  inductor ``freezing`` (weights become constants, so oneDNN gets prepacked weights) and
+  ``max_autotune`` with the CPP GEMM backend (AMX micro-kernels whose epilogues take the bias,
+  SiLU, cast and residual add). Compiled per step: M graphs.
+- ``compiled-elementwise``: the eager chain's GEMMs (``cpu_fused.linear``, bias in the
+  epilogue) and SiLU, with one compiled kernel in place of its three passes per block
+  (residual add, LayerNorm statistics, scale-and-cast). The weights are inputs, so one graph
+  serves every step and block, and inductor's on-disk cache applies.
+
+Compile time is reported cold (fresh cache directory) and warm (second process, same cache).
+
+    python benchmarks/compare_compiled_solve.py --rows 16384 --rounds 3
+    python benchmarks/compare_compiled_solve.py --variants compiled-elementwise --cache-dir D
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+from gemm_chain import gemm_only_solve
+from released_loop import released_solve
+from torch import nn
+
+import fma_fast
+from fma_fast.cpu_fused import linear as fused_linear
+from fma_fast.plan import SolverPlan, solver_plan
+from fma_fast.runtime_torch import (
+    _advance,
+    _Buffers,
+    _prepare,
+    _single_threaded_ops,
+    folded_solve,
+)
+
+STEPS, STEP_SIZE, DIM, BLOCKS, CLASSES = 10, 0.1, 512, 12, 1000
+VARIANTS = ("compiled-step", "compiled-elementwise")
+
+
+def _field(seed: int = 0) -> fma_fast.VelocityNet:
+    """A D=512, 12-block field with every weight perturbed (an untrained one outputs zero)."""
+    torch.manual_seed(seed)
+    model = fma_fast.VelocityNet(DIM, BLOCKS)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.03 * torch.randn_like(parameter))
+    return model
+
+
+class _FrozenStep(nn.Module):
+    """Step ``i`` of a bf16 plan as a module whose weights inductor freezes."""
+
+    def __init__(self, plan: SolverPlan, i: int):
+        super().__init__()
+
+        def constant(tensor: torch.Tensor) -> nn.Parameter:
+            return nn.Parameter(tensor.contiguous(), requires_grad=False)
+
+        self.eps = plan.eps
+        self.input_weight = constant(plan.input_weight.t().to(plan.dtype))
+        self.input_bias = constant(plan.input_bias.to(plan.dtype))
+        self.w1 = nn.ParameterList(constant(w.t()) for w in plan.w1[i])
+        self.b1 = nn.ParameterList(constant(b) for b in plan.b1[i])
+        self.w2 = nn.ParameterList(constant(w.t()) for w in plan.w2[i])
+        self.b2 = nn.ParameterList(constant(b) for b in plan.b2[i])
+        self.wf, self.bf = constant(plan.wf[i].t()), constant(plan.bf[i])
+
+    def _normed(self, hidden: torch.Tensor) -> torch.Tensor:
+        scale = torch.rsqrt(hidden.square().mean(1, keepdim=True) + self.eps)
+        return (hidden * scale).to(self.wf.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = F.linear(x.to(self.wf.dtype), self.input_weight, self.input_bias).float()
+        for w1, b1, w2, b2 in zip(self.w1, self.b1, self.w2, self.b2):
+            inner = F.silu(F.linear(self._normed(hidden), w1, b1))
+            hidden = hidden + F.linear(inner, w2, b2).float()
+        return x + F.linear(self._normed(hidden), self.wf, self.bf).float()
+
+
+def _compile_steps(plan: SolverPlan, chunk: torch.Tensor) -> list:
+    import torch._inductor.config as inductor
+
+    inductor.freezing = True
+    inductor.max_autotune = True
+    inductor.max_autotune_gemm_backends = "CPP,ATEN"
+    torch._dynamo.config.cache_size_limit = max(64, plan.steps + 8)
+    steps = []
+    with _single_threaded_ops(), torch.no_grad():  # the workers call them single-threaded
+        for i in range(plan.steps):
+            step = torch.compile(_FrozenStep(plan, i).eval(), dynamic=False)
+            step(chunk)
+            steps.append(step)
+    return steps
+
+
+def _compiled_step_solve(plan: SolverPlan, steps: list, x: torch.Tensor) -> torch.Tensor:
+    plan, state, chunk, workers = _prepare(plan, x, plan.steps, plan.step_size, "bf16", None,
+                                           None, True)
+
+    def step(plan, i, rows, buffers):
+        rows.copy_(steps[i](rows))
+
+    for _ in _advance(plan, state.shape[0], chunk, workers, step, state):
+        pass
+    return state
+
+
+def _elementwise_kernels(eps: float):
+    def normed(hidden):
+        scale = torch.rsqrt(hidden.square().mean(1, keepdim=True) + eps)
+        return (hidden * scale).to(torch.bfloat16)
+
+    def residual_then_normed(hidden, update):
+        hidden.add_(update)
+        return normed(hidden)
+
+    compile_options = {"dynamic": True, "fullgraph": True}
+    return torch.compile(normed, **compile_options), torch.compile(residual_then_normed,
+                                                                   **compile_options)
+
+
+def _compiled_elementwise_solve(plan: SolverPlan, kernels, x: torch.Tensor) -> torch.Tensor:
+    normed, residual_then_normed = kernels
+    plan, state, chunk, workers = _prepare(plan, x, plan.steps, plan.step_size, "bf16", None,
+                                           None, True)
+
+    def step(plan, i, rows, buffers: _Buffers):
+        n = rows.shape[0]
+        hidden = buffers.hidden[:n]
+        features = buffers.features[:n].copy_(rows)
+        hidden.copy_(fused_linear(features, buffers.input_weight, buffers.input_bias))
+        operand = normed(hidden)
+        for b in range(plan.blocks):
+            inner = F.silu(fused_linear(operand, plan.w1[i, b], plan.b1[i, b]), inplace=True)
+            update = fused_linear(inner, plan.w2[i, b], plan.b2[i, b])
+            operand = residual_then_normed(hidden, update)
+        rows.add_(fused_linear(operand, plan.wf[i], plan.bf[i]))
+
+    for _ in _advance(plan, state.shape[0], chunk, workers, step, state):
+        pass
+    return state
+
+
+def _warm_elementwise(kernels, rows: int) -> None:
+    hidden = torch.randn(rows, DIM)
+    with _single_threaded_ops(), torch.no_grad():
+        kernels[0](hidden)
+        kernels[1](hidden, hidden.to(torch.bfloat16))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=16384)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--released-rows", type=int, default=4096,
+                        help="rows the released loop is timed on (its rate barely depends on N)")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--cache-dir", default=None,
+                        help="inductor cache directory (default: a fresh one, i.e. cold)")
+    args = parser.parse_args()
+    cache = args.cache_dir or tempfile.mkdtemp(prefix="fma-inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+    variants = [v for v in args.variants.split(",") if v]
+    model = _field()
+    plan = solver_plan(model, STEPS, STEP_SIZE, dtype=torch.bfloat16)
+    x = F.normalize(torch.randn(args.rows, DIM, generator=torch.Generator().manual_seed(1)),
+                    dim=-1)
+    classes = F.normalize(torch.randn(CLASSES, DIM, generator=torch.Generator().manual_seed(2)),
+                          dim=-1)
+    released_x = x[: args.released_rows]
+    solvers = {
+        "released": (lambda: released_solve(model, released_x, STEPS, STEP_SIZE), released_x),
+        "eager-fp32": (lambda: folded_solve(model, x, STEPS, STEP_SIZE), x),
+        "eager-bf16": (lambda: folded_solve(model, x, STEPS, STEP_SIZE, precision="bf16"), x),
+        "gemm-only-bf16": (
+            lambda: gemm_only_solve(model, x, STEPS, STEP_SIZE, precision="bf16"), x),
+    }
+    compile_s = {}
+    chunk = x[:1024].clone()
+    if "compiled-step" in variants:
+        start = time.perf_counter()
+        steps = _compile_steps(plan, chunk)
+        compile_s["compiled-step"] = time.perf_counter() - start
+        solvers["compiled-step"] = (lambda: _compiled_step_solve(plan, steps, x), x)
+    if "compiled-elementwise" in variants:
+        start = time.perf_counter()
+        kernels = _elementwise_kernels(plan.eps)
+        _warm_elementwise(kernels, 1024)
+        compile_s["compiled-elementwise"] = time.perf_counter() - start
+        solvers["compiled-elementwise"] = (
+            lambda: _compiled_elementwise_solve(plan, kernels, x), x)
+    with torch.no_grad():
+        fp32 = folded_solve(model, x, STEPS, STEP_SIZE)
+        wanted = (fp32 @ classes.T).argmax(1)
+        agreement, max_diff = {}, {}
+        for name in solvers:
+            if name.startswith(("eager-bf16", "compiled")):
+                state = solvers[name][0]()
+                agreement[name] = float(((state @ classes.T).argmax(1) == wanted).float().mean())
+                max_diff[name] = float((state - fp32).abs().max())
+        best = dict.fromkeys(solvers, float("inf"))
+        for _ in range(args.rounds):
+            for name, (solve, _) in solvers.items():
+                start = time.perf_counter()
+                solve()
+                best[name] = min(best[name], time.perf_counter() - start)
+    rates = {name: solvers[name][1].shape[0] / seconds for name, seconds in best.items()}
+    print(f"rows={args.rows}, D={DIM}, {BLOCKS} blocks, M={STEPS}, torch "
+          f"{torch.__version__}, threads {torch.get_num_threads()}, 1-min load "
+          f"{os.getloadavg()[0]:.2f}, inductor cache {cache}")
+    print("| path | rows/s (best of rounds) | vs released | vs eager bf16 | compile s "
+          "| top-1 = fp32 (1,000 random classes) | max abs diff to fp32 |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, rate in rates.items():
+        extra = (f"{compile_s[name]:.1f}" if name in compile_s else "",
+                 f"{agreement[name]:.2%}" if name in agreement else "",
+                 f"{max_diff[name]:.4f}" if name in max_diff else "")
+        print(f"| {name} | {rate:,.0f} | {rate / rates['released']:.2f}x | "
+              f"{rate / rates['eager-bf16']:.2f}x | {' | '.join(extra)} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""cpu_fused: oneDNN's linear (bias in the GEMM epilogue) against its addmm twin, the fallback,
+and the half-precision LayerNorm passes of the folded CPU chain against plain formulas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_support import assert_close
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fma_fast import cpu_fused
+
+SHAPES = [(1, 8, 16), (37, 24, 40), (257, 96, 80), (1024, 512, 512)]  # (rows, in, out)
+
+
+def _operands(rows: int, cols_in: int, cols_out: int, dtype: torch.dtype, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cols_in, generator=generator)
+    weight = torch.randn(cols_in, cols_out, generator=generator) / cols_in**0.5
+    bias = torch.randn(cols_out, generator=generator)
+    return x.to(dtype), weight.to(dtype), bias.to(dtype)
+
+
+def _bf16_units() -> bool:
+    return bool(torch.backends.mkldnn.is_available()
+                and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+@pytest.mark.parametrize("rows, cols_in, cols_out", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_linear_matches_x_weight_plus_bias(rows, cols_in, cols_out, dtype):
+    x, weight, bias = _operands(rows, cols_in, cols_out, dtype, seed=rows + cols_out)
+    got = cpu_fused.linear(x, weight, bias)
+    assert got.dtype == dtype and got.shape == (rows, cols_out)
+    where = f"{dtype} {rows}x{cols_in}x{cols_out}"
+    if dtype != torch.float32:  # halves: within their rounding of the exact product
+        expected = torch.addmm(bias.double(), x.double(), weight.double())
+        assert_close(got, expected, f"linear {where} vs float64", dtype)
+    assert_close(got, torch.addmm(bias, x, weight), f"linear {where} vs its addmm twin", dtype)
+
+
+def test_linear_runs_onednn_where_the_cpu_has_bf16_units_and_addmm_otherwise(monkeypatch):
+    """The fast path must not be silently dead: on a CPU with BF16 units bf16 rows go to
+    oneDNN's linear; with the probe failing (or for fp16) they go to addmm."""
+    if not _bf16_units():
+        pytest.skip("SKIPPED, not passed: this CPU has no BF16 units for oneDNN's linear")
+    ops: list[str] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, weight, bias = _operands(9, 16, 24, torch.bfloat16, seed=1)
+    with Record():
+        fused = cpu_fused.linear(x, weight, bias)
+    assert any("_linear_pointwise" in op for op in ops), ops
+    assert not any("addmm" in op for op in ops), ops
+
+    ops.clear()
+    monkeypatch.setattr(cpu_fused, "_onednn_linear_works", lambda: False)
+    with Record():
+        fallback = cpu_fused.linear(x, weight, bias)
+        cpu_fused.linear(x.half(), weight.half(), bias.half())
+    assert sum("addmm" in op for op in ops) == 2 and not any("_linear_pointwise" in op
+                                                             for op in ops), ops
+    assert_close(fused, fallback, "oneDNN linear vs its addmm fallback", torch.bfloat16)
+
+
+@pytest.mark.parametrize("rows, width", [(1, 8), (33, 40), (300, 512)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_residual_then_normed_operand(rows, width, dtype):
+    """hidden += update, then the next GEMM's operand hidden / sqrt(mean(hidden²) + eps)."""
+    generator = torch.Generator().manual_seed(rows)
+    hidden = torch.randn(rows, width, generator=generator) * 3
+    update = torch.randn(rows, width, generator=generator).to(dtype)
+    eps = 1e-6
+    advanced = hidden.double() + update.double()
+    expected = advanced / (advanced.square().mean(1, keepdim=True) + eps).sqrt()
+    rstd = torch.empty(rows, 1)
+    out = torch.empty(rows, width, dtype=dtype)
+    got = cpu_fused.residual_normed(hidden, update, rstd, eps, out)
+    assert got.data_ptr() == out.data_ptr()
+    assert_close(hidden, advanced, "hidden after the residual add")  # fp32 stream kept
+    assert_close(got, expected, f"normed operand ({dtype})", dtype)
