@@ -5,10 +5,9 @@ chunks, one single-threaded worker per core), interleaved round by round in one 
 the released loop and the GEMM-only chain (``gemm_chain.py``), so host drift hits all alike:
 
 - ``eager-bf16``: ``folded_solve(precision="bf16")``, what ``solve`` runs.
-- ``compiled-step``: one module per step holding that step's folded weights, compiled with
-  inductor ``freezing`` (weights become constants, so oneDNN gets prepacked weights) and
-  ``max_autotune`` with the CPP GEMM backend (AMX micro-kernels whose epilogues take the bias,
-  SiLU, cast and residual add). Compiled per step: M graphs.
+- ``compiled``: ``folded_solve(precision="bf16", compiled=True)``, what
+  ``solve(backend="compiled")`` runs: one frozen, max-autotuned module per step
+  (``fma_fast.cpu_compiled`` says which inductor settings and why). M graphs.
 - ``compiled-elementwise``: the eager chain's GEMMs (``cpu_fused.linear``, bias in the
   epilogue) and SiLU, with one compiled kernel in place of its three passes per block
   (residual add, LayerNorm statistics, scale-and-cast). The weights are inputs, so one graph
@@ -16,8 +15,11 @@ the released loop and the GEMM-only chain (``gemm_chain.py``), so host drift hit
 
 Compile time is reported cold (fresh cache directory) and warm (second process, same cache).
 
-    python benchmarks/compare_compiled_solve.py --rows 16384 --rounds 3
-    python benchmarks/compare_compiled_solve.py --variants compiled-elementwise --cache-dir D
+    python benchmarks/compare_compiled_solve.py --rows 16384 --rounds 3          # cold
+    python benchmarks/compare_compiled_solve.py --rows 16384 --rounds 3 --cache-dir D  # warm
+
+The compiled-elementwise variant is a prototype kept here with its measurement; it is not in
+the library (it was slower than eager with the row workers).
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ import torch
 import torch.nn.functional as F
 from gemm_chain import gemm_only_solve
 from released_loop import released_solve
-from torch import nn
 
 import fma_fast
 from fma_fast.cpu_fused import linear as fused_linear
@@ -45,7 +46,7 @@ from fma_fast.runtime_torch import (
 )
 
 STEPS, STEP_SIZE, DIM, BLOCKS, CLASSES = 10, 0.1, 512, 12, 1000
-VARIANTS = ("compiled-step", "compiled-elementwise")
+VARIANTS = ("compiled", "compiled-elementwise")
 
 
 def _field(seed: int = 0) -> fma_fast.VelocityNet:
@@ -56,64 +57,6 @@ def _field(seed: int = 0) -> fma_fast.VelocityNet:
         for parameter in model.parameters():
             parameter.add_(0.03 * torch.randn_like(parameter))
     return model
-
-
-class _FrozenStep(nn.Module):
-    """Step ``i`` of a bf16 plan as a module whose weights inductor freezes."""
-
-    def __init__(self, plan: SolverPlan, i: int):
-        super().__init__()
-
-        def constant(tensor: torch.Tensor) -> nn.Parameter:
-            return nn.Parameter(tensor.contiguous(), requires_grad=False)
-
-        self.eps = plan.eps
-        self.input_weight = constant(plan.input_weight.t().to(plan.dtype))
-        self.input_bias = constant(plan.input_bias.to(plan.dtype))
-        self.w1 = nn.ParameterList(constant(w.t()) for w in plan.w1[i])
-        self.b1 = nn.ParameterList(constant(b) for b in plan.b1[i])
-        self.w2 = nn.ParameterList(constant(w.t()) for w in plan.w2[i])
-        self.b2 = nn.ParameterList(constant(b) for b in plan.b2[i])
-        self.wf, self.bf = constant(plan.wf[i].t()), constant(plan.bf[i])
-
-    def _normed(self, hidden: torch.Tensor) -> torch.Tensor:
-        scale = torch.rsqrt(hidden.square().mean(1, keepdim=True) + self.eps)
-        return (hidden * scale).to(self.wf.dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = F.linear(x.to(self.wf.dtype), self.input_weight, self.input_bias).float()
-        for w1, b1, w2, b2 in zip(self.w1, self.b1, self.w2, self.b2):
-            inner = F.silu(F.linear(self._normed(hidden), w1, b1))
-            hidden = hidden + F.linear(inner, w2, b2).float()
-        return x + F.linear(self._normed(hidden), self.wf, self.bf).float()
-
-
-def _compile_steps(plan: SolverPlan, chunk: torch.Tensor) -> list:
-    import torch._inductor.config as inductor
-
-    inductor.freezing = True
-    inductor.max_autotune = True
-    inductor.max_autotune_gemm_backends = "CPP,ATEN"
-    torch._dynamo.config.cache_size_limit = max(64, plan.steps + 8)
-    steps = []
-    with _single_threaded_ops(), torch.no_grad():  # the workers call them single-threaded
-        for i in range(plan.steps):
-            step = torch.compile(_FrozenStep(plan, i).eval(), dynamic=False)
-            step(chunk)
-            steps.append(step)
-    return steps
-
-
-def _compiled_step_solve(plan: SolverPlan, steps: list, x: torch.Tensor) -> torch.Tensor:
-    plan, state, chunk, workers = _prepare(plan, x, plan.steps, plan.step_size, "bf16", None,
-                                           None, True)
-
-    def step(plan, i, rows, buffers):
-        rows.copy_(steps[i](rows))
-
-    for _ in _advance(plan, state.shape[0], chunk, workers, step, state):
-        pass
-    return state
 
 
 def _elementwise_kernels(eps: float):
@@ -187,12 +130,13 @@ def main() -> None:
             lambda: gemm_only_solve(model, x, STEPS, STEP_SIZE, precision="bf16"), x),
     }
     compile_s = {}
-    chunk = x[:1024].clone()
-    if "compiled-step" in variants:
+    chunk = x[:1024].clone()  # compiling the runtime's chunk shape
+    if "compiled" in variants:
         start = time.perf_counter()
-        steps = _compile_steps(plan, chunk)
-        compile_s["compiled-step"] = time.perf_counter() - start
-        solvers["compiled-step"] = (lambda: _compiled_step_solve(plan, steps, x), x)
+        folded_solve(model, chunk, STEPS, STEP_SIZE, precision="bf16", compiled=True)
+        compile_s["compiled"] = time.perf_counter() - start
+        solvers["compiled"] = (
+            lambda: folded_solve(model, x, STEPS, STEP_SIZE, precision="bf16", compiled=True), x)
     if "compiled-elementwise" in variants:
         start = time.perf_counter()
         kernels = _elementwise_kernels(plan.eps)

@@ -11,9 +11,11 @@ from collections.abc import Sequence
 
 import torch
 
-SOLVE_BACKENDS = ("auto", "reference", "folded", "triton")
+SOLVE_BACKENDS = ("auto", "reference", "folded", "triton", "compiled")
 """``solve`` / ``select_steps``: "auto" the fastest exact path, "reference" the plain PyTorch
-loop, "folded" the torch GEMM chain of the folded plan, "triton" the fused kernels."""
+loop, "folded" the torch GEMM chain of the folded plan, "triton" the fused kernels,
+"compiled" the folded plan's steps as ``torch.compile``d modules (bf16 on the CPU; minutes of
+compiling per plan, so only asked for, never chosen by "auto")."""
 
 OP_BACKENDS = ("auto", "triton", "reference")
 """One op of :mod:`fma_fast.dispatch` (and ``fit``'s training pair and loss): "auto" the kernel

@@ -28,6 +28,8 @@ NETWORK_REFERENCE = "reference"
 NETWORK_GENERIC = "generic"
 NETWORK_FOLDED = "folded"
 NETWORK_FUSED = "fused-triton"
+NETWORK_COMPILED = "folded-compiled"
+"""The folded plan's steps as torch.compile'd modules on the CPU (``fma_fast.cpu_compiled``)."""
 NETWORK_FALLBACK = "folded-fallback"
 """The fused kernels cannot run on this GPU, so the folded plan's torch GEMM chain runs."""
 SCORING_TILED = "torch-tiled"
@@ -115,11 +117,16 @@ def _network(model, device: torch.device, precision: str, backend: str) -> str:
             "use 'bf16' or 'fp32'"
         )
     if not isinstance(model, VelocityNet):
-        if backend in ("folded", "triton"):
+        if backend in ("folded", "triton", "compiled"):
             raise ValueError(f"backend={backend!r} needs a VelocityNet, got {type(model).__name__}")
         return NETWORK_GENERIC
     if backend == "folded":
         return NETWORK_FOLDED
+    if backend == "compiled":
+        if device.type != "cpu" or precision != "bf16":
+            raise ValueError(f"backend='compiled' is for precision='bf16' on the CPU, got "
+                             f"precision={precision!r} on {device}")
+        return NETWORK_COMPILED
     if backend == "triton":
         dispatch.select_path("triton", torch.empty(0, device=device))  # raises with the reason
         return NETWORK_FUSED

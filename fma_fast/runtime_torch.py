@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _validation as check
-from . import cpu_fused
+from . import cpu_compiled, cpu_fused
 from .cpu_fused import inverse_rms
 from .model import VelocityNet
 from .plan import SolverPlan, resolve_plan
@@ -34,6 +34,7 @@ def folded_states(
     precision: str = "fp32",
     chunk_rows: int | None = None,
     workers: int | None = None,
+    compiled: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Iterate over the fp32 states x_0, x_1, ..., x_M of the folded Euler solve.
 
@@ -41,11 +42,14 @@ def folded_states(
     score or clone it before advancing. One pass thus scores every M (``select_steps``).
     ``model`` is a :class:`VelocityNet` (its cached plan is used) or a :class:`SolverPlan`.
     On the CPU, ``workers`` threads (default: ``torch.get_num_threads()``) each run whole row
-    chunks with single-threaded ops; see :data:`fma_fast.policy.CPU_CHUNK_ROWS`. Arguments
-    are checked here, before the first state.
+    chunks with single-threaded ops; see :data:`fma_fast.policy.CPU_CHUNK_ROWS`.
+    ``compiled`` (bf16 plans on the CPU): every step runs as a ``torch.compile``d module
+    (:mod:`fma_fast.cpu_compiled`), compiled here on first use for this plan: minutes.
+    Arguments are checked here, before the first state.
     """
-    prepared = _prepare(model, x, steps, step_size, precision, chunk_rows, workers, True)
-    return _iterate(*prepared)
+    plan, state, chunk, workers = _prepare(model, x, steps, step_size, precision, chunk_rows,
+                                           workers, True)
+    return _iterate(plan, state, chunk, workers, _compiled_steps(plan, chunk, compiled))
 
 
 def _prepare(
@@ -69,6 +73,18 @@ def _prepare(
     return plan, x.to(torch.float32, copy=True).contiguous(), chunk, workers
 
 
+def _compiled_steps(plan: SolverPlan, chunk: int, compiled: bool) -> list | None:
+    """The plan's compiled steps, compiled for ``chunk`` rows (every chunk is padded to it,
+    so one shape serves a whole solve), or None for the eager chain."""
+    if not compiled:
+        return None
+    steps = cpu_compiled.compiled_steps(plan)
+    if plan.steps:
+        with _single_threaded_ops():  # inductor's CPU kernels keep the thread count they see
+            cpu_compiled.warm(steps, torch.zeros(chunk, plan.dim))
+    return steps
+
+
 def _row_chunks(rows: int, chunk: int, workers: int) -> list[slice]:
     """Row slices of at most ``chunk`` rows, at least one per worker when rows allow it."""
     if workers > 1:
@@ -78,11 +94,29 @@ def _row_chunks(rows: int, chunk: int, workers: int) -> list[slice]:
 
 @torch.no_grad()
 def _iterate(
-    plan: SolverPlan, state: torch.Tensor, chunk: int, workers: int
+    plan: SolverPlan, state: torch.Tensor, chunk: int, workers: int, compiled: list | None = None
 ) -> Iterator[torch.Tensor]:
     yield state
-    for _ in _advance(plan, state.shape[0], chunk, workers, _step, state):
+    step = _step if compiled is None else _compiled_step(compiled, chunk)
+    for _ in _advance(plan, state.shape[0], chunk, workers, step, state):
         yield state
+
+
+def _compiled_step(steps: list, chunk: int) -> Callable:
+    """A runtime step running the compiled module of step i on a chunk padded to ``chunk``
+    rows (zero rows: finite through LayerNorm, discarded)."""
+
+    def step(plan: SolverPlan, i: int, x: torch.Tensor, buffers: _Buffers) -> None:
+        rows = x.shape[0]
+        if rows == chunk:
+            x.copy_(steps[i](x))
+            return
+        if buffers.padded is None:
+            buffers.padded = torch.zeros(chunk, plan.dim, device=plan.device)
+        buffers.padded[:rows] = x
+        x.copy_(steps[i](buffers.padded)[:rows])
+
+    return step
 
 
 def _advance(
@@ -186,6 +220,7 @@ class _Buffers:
             self.input_bias = plan.input_bias.to(plan.dtype)
             self.features = empty(plan.dtype, plan.dim)
             self.operand = empty(plan.dtype, plan.width)
+        self.padded: torch.Tensor | None = None  # a compiled step's padded last chunk
 
 
 def _normed_gemm(
@@ -271,6 +306,7 @@ def folded_final(
     precision: str = "fp32",
     chunk_rows: int | None = None,
     workers: int | None = None,
+    compiled: bool = False,
 ) -> torch.Tensor:
     """x_M alone, with one GEMM less per step than :func:`folded_states` in fp32.
 
@@ -281,8 +317,9 @@ def folded_final(
     plan, state, chunk, workers = _prepare(
         model, x, steps, step_size, precision, chunk_rows, workers, False
     )
+    steps = _compiled_steps(plan, chunk, compiled)  # (refuses fp32 plans)
     if plan.dtype != torch.float32 or not plan.final_only:  # (a plan built without them)
-        return deque(_iterate(plan, state, chunk, workers), maxlen=1)[0]
+        return deque(_iterate(plan, state, chunk, workers, steps), maxlen=1)[0]
     lifted = torch.empty(state.shape[0], plan.width, device=state.device)
     displacement = torch.empty_like(lifted)
     with torch.no_grad():
@@ -302,14 +339,17 @@ def folded_solve(
     return_trajectory: bool = False,
     chunk_rows: int | None = None,
     workers: int | None = None,
+    compiled: bool = False,
 ) -> torch.Tensor | list[torch.Tensor]:
     """Folded equivalent of ``reference.euler_solve``: M steps of size h from t=0.
 
     Returns the fp32 features (N, D) after ``steps`` steps, or every state [x_0, ..., x_M] with
     ``return_trajectory``. ``precision="bf16"`` runs the GEMMs on bf16 weights and inputs
-    (fp32 accumulation; residual streams and LayerNorm statistics stay fp32).
+    (fp32 accumulation; residual streams and LayerNorm statistics stay fp32); ``compiled``
+    as in :func:`folded_states`.
     """
-    options = {"precision": precision, "chunk_rows": chunk_rows, "workers": workers}
+    options = {"precision": precision, "chunk_rows": chunk_rows, "workers": workers,
+               "compiled": compiled}
     if not return_trajectory:
         return folded_final(model, x, steps, step_size, **options)
     return [state.clone() for state in folded_states(model, x, steps, step_size, **options)]

@@ -24,6 +24,7 @@ from .class_tables import PER_ROW_SCORING, PerRowClasses
 from .plan import solver_plan
 from .policy import LOGIT_SCALE, best_on_val
 from .routing import (
+    NETWORK_COMPILED,
     NETWORK_FALLBACK,
     NETWORK_FOLDED,
     NETWORK_FUSED,
@@ -190,9 +191,10 @@ def _plan(route: Route, model, steps: int):
 
 def _raw_states(route: Route, model, x: torch.Tensor, steps: int) -> Iterator[torch.Tensor]:
     """States x_0..x_M of one batch; a yielded tensor may be overwritten by the next step."""
-    if route.network in (NETWORK_FOLDED, NETWORK_FALLBACK):
+    if route.network in (NETWORK_FOLDED, NETWORK_FALLBACK, NETWORK_COMPILED):
         yield from runtime_torch.folded_states(
-            model, x, steps, route.step_size, precision=route.precision
+            model, x, steps, route.step_size, precision=route.precision,
+            compiled=route.network == NETWORK_COMPILED,
         )
         return
     if route.network == NETWORK_FUSED:
@@ -221,9 +223,10 @@ def _states(route: Route, model, x: torch.Tensor, start: int, steps: int):
 
 def _final_state(route: Route, model, x: torch.Tensor, start: int, steps: int) -> torch.Tensor:
     """x_M of one batch: the runtimes' final-only entry points where there is one."""
-    if route.network in (NETWORK_FOLDED, NETWORK_FALLBACK):
+    if route.network in (NETWORK_FOLDED, NETWORK_FALLBACK, NETWORK_COMPILED):
         final = runtime_torch.folded_final(
-            model, x, steps, route.step_size, precision=route.precision
+            model, x, steps, route.step_size, precision=route.precision,
+            compiled=route.network == NETWORK_COMPILED,
         )
     elif route.network == NETWORK_FUSED:
         final = runtime_triton.fused_final(_plan(route, model, steps), x)
@@ -315,11 +318,13 @@ def solve(
     ``precision``: "fp32" (exact to fp32 rounding), "bf16" or "fp16" (CUDA) GEMM operands with
     fp32 accumulation and an fp32 residual stream. ``backend``: "auto" picks the fastest exact
     path; "reference" forces the plain PyTorch loop, "folded" the torch GEMM chain, "triton"
-    the fused kernels. ``ensemble_steps`` scores by the released code's step ensemble (sum of
-    softmax(``logit_scale``·cos) at those steps, each ≤ ``steps``); values are then summed
-    probabilities instead of cosines. ``zero_shot=True`` also scores the rows before the first
-    step (M=0, the backbone's own prediction) in the same pass: ``.zero_shot_pred``. A NaN/Inf
-    state (a non-finite field) raises ValueError.
+    the fused kernels, "compiled" (bf16 on the CPU) the folded steps as ``torch.compile``d
+    modules, which take minutes to compile per model and M and pay only on millions of rows
+    (``fma_fast.cpu_compiled``). ``ensemble_steps`` scores by the released code's step
+    ensemble (sum of softmax(``logit_scale``·cos) at those steps, each ≤ ``steps``); values
+    are then summed probabilities instead of cosines. ``zero_shot=True`` also scores the rows
+    before the first step (M=0, the backbone's own prediction) in the same pass:
+    ``.zero_shot_pred``. A NaN/Inf state (a non-finite field) raises ValueError.
     """
     steps = _check_steps(steps, step_size)
     logit_scale = check.check_positive_float("logit_scale", logit_scale)

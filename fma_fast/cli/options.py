@@ -122,7 +122,8 @@ def add_solve_options(parser: argparse.ArgumentParser, prefix: str = "") -> None
     parser.add_argument(f"--{prefix}precision", choices=tuple(PRECISIONS), default="fp32",
                         help="solver GEMM precision: fp32 (exact), bf16 (CPU/GPU), fp16 (CUDA)")
     parser.add_argument(f"--{prefix}backend", choices=SOLVE_BACKENDS, default="auto",
-                        help="solver path: auto (fastest exact), reference, folded, triton")
+                        help="solver path: auto (fastest exact), reference, folded, triton, "
+                             "compiled (bf16 on the CPU, minutes of compiling first)")
 
 
 def require_out(args: argparse.Namespace) -> Path:
@@ -137,7 +138,8 @@ def check_device(device: str | None) -> torch.device:
 
 
 def check_backend(backend: str, device: torch.device) -> None:
-    """--backend triton must be runnable here, before features are encoded or a field fit."""
+    """--backend triton must be runnable here, before features are encoded or a field fit
+    (--backend compiled is checked against the precision when the solve resolves)."""
     if backend == "triton":
         dispatch.select_path("triton", torch.empty(0, device=device))
 

@@ -1,0 +1,110 @@
+"""The compiled bf16 CPU solve (``backend="compiled"``) against the fp32 reference and the
+eager bf16 chain; its padding of short chunks, its reuse per plan, and its refusals.
+
+One tiny plan is compiled once for the module (inductor with freezing and max-autotune takes
+seconds even for it); every test reuses it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_plan import TOLERANCE, assert_states_close, random_net, reference_trajectory
+
+import fma_fast
+from fma_fast import cpu_compiled
+from fma_fast.plan import solver_plan
+from fma_fast.runtime_torch import folded_solve
+
+DIM, BLOCKS, WIDTH, STEPS, CHUNK = 16, 2, 24, 3, 16
+
+
+@pytest.fixture(scope="module")
+def net():
+    return random_net(DIM, BLOCKS, WIDTH, seed=3)
+
+
+def _rows(n: int, seed: int = 1) -> torch.Tensor:
+    return F.normalize(torch.randn(n, DIM, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+@pytest.mark.parametrize("rows, workers", [(37, 1), (37, 2), (16, 2), (5, 1)])
+def test_compiled_trajectory_matches_the_reference_and_the_eager_chain(net, rows, workers):
+    """Odd row counts pad their last chunk to the compiled shape: every real row must come
+    out as the reference's, and the padding must never leak into them."""
+    x = _rows(rows)
+    options = {"precision": "bf16", "chunk_rows": CHUNK, "workers": workers}
+    compiled = folded_solve(net, x, STEPS, 0.1, return_trajectory=True, compiled=True, **options)
+    expected = reference_trajectory(net, x, STEPS, 0.1)
+    where = f"compiled bf16, {rows} rows, {workers} workers"
+    assert_states_close(compiled, expected, x, TOLERANCE["bf16"], where)
+    eager = folded_solve(net, x, STEPS, 0.1, return_trajectory=True, **options)
+    assert_states_close(compiled, eager, x, TOLERANCE["bf16"], f"{where} vs eager bf16")
+    final = folded_solve(net, x, STEPS, 0.1, compiled=True, **options)
+    assert torch.equal(final, compiled[-1]), f"{where}: final-only differs from the trajectory"
+
+
+def test_compiled_steps_are_built_once_per_plan(net):
+    x = _rows(20)
+    folded_solve(net, x, STEPS, 0.1, precision="bf16", chunk_rows=CHUNK, compiled=True)
+    plan = solver_plan(net, STEPS, 0.1, dtype=torch.bfloat16)
+    first = cpu_compiled.compiled_steps(plan)
+    folded_solve(net, x, STEPS, 0.1, precision="bf16", chunk_rows=CHUNK, compiled=True)
+    assert cpu_compiled.compiled_steps(plan) is first and len(first) == STEPS
+
+
+def test_solve_backend_compiled_reports_its_path_and_predicts_as_eager(net):
+    x, classes = _rows(40), _rows(7, seed=2)
+    compiled = fma_fast.solve(x, net, STEPS, class_features=classes, precision="bf16",
+                              backend="compiled")
+    assert compiled.path.startswith("folded-compiled-bf16+"), compiled.path
+    eager = fma_fast.solve(x, net, STEPS, class_features=classes, precision="bf16")
+    assert eager.path.startswith("folded-bf16+"), eager.path
+    agree = float((compiled.pred == eager.pred).float().mean())
+    assert agree >= 0.95, f"compiled and eager bf16 predictions agree on {agree:.0%} of rows"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_compiled_is_refused_outside_bf16_on_the_cpu(net, precision):
+    x, classes = _rows(4), _rows(3, seed=2)
+    refusal = ("backend='compiled' is for precision='bf16' on the CPU" if precision == "fp32"
+               else "precision='fp16' needs a CUDA device")
+    with pytest.raises(ValueError, match=refusal):
+        fma_fast.solve(x, net, STEPS, class_features=classes, precision=precision,
+                       backend="compiled")
+    if precision == "fp32":
+        with pytest.raises(ValueError, match="compiled solve is for bf16 plans on the CPU"):
+            folded_solve(net, x, STEPS, 0.1, compiled=True)
+
+
+def test_a_failing_compile_is_reported_with_the_way_out(net, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    net_other = random_net(DIM, 1, WIDTH, seed=9)  # a plan not compiled yet
+    monkeypatch.setattr(cpu_compiled.torch, "compile", lambda module, **_: broken)
+    with pytest.raises(cpu_compiled.CompileUnavailable, match="use backend='folded'"):
+        folded_solve(net_other, _rows(3), 2, 0.1, precision="bf16", compiled=True)
+
+
+def test_the_compiled_modules_are_what_runs(net, monkeypatch):
+    """compiled=True must run the compiled step modules, every step on every chunk, not
+    quietly the eager chain."""
+    calls: list[tuple[int, int]] = []
+    built = cpu_compiled.compiled_steps
+
+    def spied(plan):
+        def spy(i, step):
+            def run(chunk):
+                calls.append((i, chunk.shape[0]))
+                return step(chunk)
+            return run
+        return [spy(i, step) for i, step in enumerate(built(plan))]
+
+    monkeypatch.setattr(cpu_compiled, "compiled_steps", spied)
+    folded_solve(net, _rows(37), STEPS, 0.1, precision="bf16", chunk_rows=CHUNK, workers=1,
+                 compiled=True)
+    warm = [(i, CHUNK) for i in range(STEPS)]
+    per_step = [[(i, CHUNK)] * 3 for i in range(STEPS)]  # 37 rows: 3 chunks, each padded
+    assert calls == warm + [call for step in per_step for call in step], calls
