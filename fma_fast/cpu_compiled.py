@@ -4,18 +4,19 @@ Inductor settings and why:
 
 - ``freezing``: the step's folded weights become graph constants, so oneDNN gets them
   prepacked once instead of repacking a weight per GEMM call.
-- ``max_autotune`` with the ``CPP`` GEMM backend (and ATen as the fallback choice): inductor's
-  AMX micro-kernel GEMM templates, whose epilogues take the bias, SiLU, casts and the residual
-  add, so most elementwise passes between the GEMMs disappear.
+- ``max_autotune`` with the ``CPP`` and ``ATEN`` GEMM backends: per GEMM shape inductor times
+  its AMX micro-kernel templates (whose epilogues can take the bias, SiLU, casts and residual
+  add) against oneDNN's linear and keeps the faster.
 - static shapes (every chunk has the runtime's chunk rows; a shorter last chunk compiles once
   more) and dynamo's recompile limit raised to one graph per step and chunk size.
 
 Each step is its own graph (its weights are its constants), so the compile cost grows with M
 and is paid once per plan and process; autotuning results and compiled kernels go to
-inductor's on-disk cache (``TORCHINDUCTOR_CACHE_DIR``). The kernels are compiled with one
-thread set, as the runtime's row workers run them (inductor's CPU code keeps the thread count
-it was compiled with). ``solve(backend="compiled")`` asks for this path; measurements of when
-it pays are in ``benchmarks/results/cpu-speed.md``.
+inductor's on-disk cache (``TORCHINDUCTOR_CACHE_DIR``). A compiled module must not be called
+from two threads at once (measured: concurrent calls corrupted each other's results), so the
+runtime runs its chunks on one thread, with torch's intra-op threads (inductor's CPU code keeps
+the thread count it was compiled with). ``solve(backend="compiled")`` asks for this path;
+measurements of when it pays are in ``benchmarks/results/cpu-speed.md``.
 """
 
 from __future__ import annotations
@@ -89,18 +90,20 @@ def compiled_steps(plan: SolverPlan) -> list[Callable[[torch.Tensor], torch.Tens
         steps = _STEPS.get(plan)
         if steps is None:
             _raise_recompile_limit(4 * plan.steps + 8)
-            steps = [torch.compile(FrozenStep(plan, i).eval(), dynamic=False,
-                                   options=dict(_INDUCTOR_SETTINGS))
+            steps = [torch.compile(FrozenStep(plan, i).eval(), dynamic=False)
                      for i in range(plan.steps)]
             _STEPS[plan] = steps
     return steps
 
 
 def warm(steps: list[Callable], chunk: torch.Tensor) -> None:
-    """Compile every step for ``chunk``'s shape on this thread (the caller sets one thread),
-    so the row workers never compile concurrently. Raises :class:`CompileUnavailable`."""
+    """Compile every step for ``chunk``'s shape on this thread, under the inductor settings above
+    (``torch.compile(options=...)`` did not apply them: no autotuning ran). Raises
+    :class:`CompileUnavailable`."""
+    from torch._inductor import config as inductor_config
+
     try:
-        with torch.no_grad():
+        with torch.no_grad(), inductor_config.patch(_INDUCTOR_SETTINGS):
             for step in steps:
                 step(chunk)
     except Exception as error:  # noqa: BLE001 - inductor raises many types; say it plainly

@@ -44,12 +44,15 @@ def folded_states(
     On the CPU, ``workers`` threads (default: ``torch.get_num_threads()``) each run whole row
     chunks with single-threaded ops; see :data:`fma_fast.policy.CPU_CHUNK_ROWS`.
     ``compiled`` (bf16 plans on the CPU): every step runs as a ``torch.compile``d module
-    (:mod:`fma_fast.cpu_compiled`), compiled here on first use for this plan: minutes.
+    (:mod:`fma_fast.cpu_compiled`), compiled here on first use for this plan: minutes. Its
+    chunks run on the calling thread, one after another (``workers`` is ignored): two threads
+    calling one compiled module at once corrupted each other's results.
     Arguments are checked here, before the first state.
     """
     plan, state, chunk, workers = _prepare(model, x, steps, step_size, precision, chunk_rows,
                                            workers, True)
-    return _iterate(plan, state, chunk, workers, _compiled_steps(plan, chunk, compiled))
+    return _iterate(plan, state, chunk, 1 if compiled else workers,
+                    _compiled_steps(plan, chunk, compiled))
 
 
 def _prepare(
@@ -75,13 +78,13 @@ def _prepare(
 
 def _compiled_steps(plan: SolverPlan, chunk: int, compiled: bool) -> list | None:
     """The plan's compiled steps, compiled for ``chunk`` rows (every chunk is padded to it,
-    so one shape serves a whole solve), or None for the eager chain."""
+    so one shape serves a whole solve), or None for the eager chain. They run on one thread
+    with torch's intra-op threads, which inductor's CPU kernels bake in when they compile."""
     if not compiled:
         return None
     steps = cpu_compiled.compiled_steps(plan)
     if plan.steps:
-        with _single_threaded_ops():  # inductor's CPU kernels keep the thread count they see
-            cpu_compiled.warm(steps, torch.zeros(chunk, plan.dim))
+        cpu_compiled.warm(steps, torch.zeros(chunk, plan.dim))
     return steps
 
 
@@ -319,6 +322,7 @@ def folded_final(
     )
     steps = _compiled_steps(plan, chunk, compiled)  # (refuses fp32 plans)
     if plan.dtype != torch.float32 or not plan.final_only:  # (a plan built without them)
+        workers = 1 if compiled else workers  # see folded_states
         return deque(_iterate(plan, state, chunk, workers, steps), maxlen=1)[0]
     lifted = torch.empty(state.shape[0], plan.width, device=state.device)
     displacement = torch.empty_like(lifted)

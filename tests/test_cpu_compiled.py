@@ -43,6 +43,8 @@ def test_compiled_trajectory_matches_the_reference_and_the_eager_chain(net, rows
     assert_states_close(compiled, eager, x, TOLERANCE["bf16"], f"{where} vs eager bf16")
     final = folded_solve(net, x, STEPS, 0.1, compiled=True, **options)
     assert torch.equal(final, compiled[-1]), f"{where}: final-only differs from the trajectory"
+    again = folded_solve(net, x, STEPS, 0.1, compiled=True, **options)
+    assert torch.equal(again, final), f"{where}: two identical solves differ (threads racing?)"
 
 
 def test_compiled_steps_are_built_once_per_plan(net):
