@@ -54,10 +54,7 @@ _PROMPT_BUFFERS = ("token_prefix", "token_suffix")
 _LABELS = {"coop": "CoOp", "cocoop": "CoCoOp", "adapter": "CLIP-Adapter", "lora": "CLIP-LoRA"}
 
 # CLIP-LoRA's block index tables (loralib/utils.py): position -> block indices per tower.
-_LORA_TEXT_POSITIONS = {
-    "top1": [11],
-    "top2": [10, 11],
-    "top3": [9, 10, 11],
+_LORA_SHARED_POSITIONS = {  # the entries both towers' tables have
     "bottom": [0, 1, 2, 3],
     "mid": [4, 5, 6, 7],
     "up": [8, 9, 10, 11],
@@ -65,16 +62,10 @@ _LORA_TEXT_POSITIONS = {
     "half-bottom": list(range(0, 6)),
     "all": list(range(12)),
 }
-_LORA_VISION_POSITIONS = {  # ViT-B/16 (ViT-B/32 has the same lists, without top and top3)
-    "top": [11],
-    "top3": [9, 10, 11],
-    "bottom": [0, 1, 2, 3],
-    "mid": [4, 5, 6, 7],
-    "up": [8, 9, 10, 11],
-    "half-up": list(range(6, 12)),
-    "half-bottom": list(range(0, 6)),
-    "all": list(range(12)),
-}
+_LORA_TEXT_POSITIONS = {"top1": [11], "top2": [10, 11], "top3": [9, 10, 11],
+                        **_LORA_SHARED_POSITIONS}
+# ViT-B/16 (ViT-B/32 has the same lists, without top and top3)
+_LORA_VISION_POSITIONS = {"top": [11], "top3": [9, 10, 11], **_LORA_SHARED_POSITIONS}
 _LORA_VISION_POSITIONS_L14 = {  # ViT-L/14: its "all" stops at block 20 of 24
     **{k: v for k, v in _LORA_VISION_POSITIONS.items() if k not in ("top", "top3", "all")},
     "all": list(range(21)),
