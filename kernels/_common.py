@@ -15,10 +15,13 @@ are simply not imported by :mod:`fma_fast.dispatch`.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import torch
 
@@ -99,6 +102,39 @@ def with_fallback(op: str, like: torch.Tensor, kernel: Callable[[], object],
             raise
         record_fallback(op, like, error)
         return torch_path(), True
+
+
+Launcher = TypeVar("Launcher", bound=Callable)
+
+
+def launch_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """The context a kernel launch for tensors on ``device`` runs in. Triton launches on torch's
+    *current* CUDA device and that device's current stream (``torch.cuda.current_device()``,
+    ``torch.cuda.current_stream()``), not on its arguments' device: without this guard a
+    launch for ``cuda:1`` tensors runs on GPU 0 against another GPU's memory, unordered with
+    the torch ops on cuda:1's stream. Nothing to switch elsewhere."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def on_tensor_device(launcher: Launcher) -> Launcher:
+    """Decorates every kernel launcher: it runs under :func:`launch_device` of the one device
+    of its tensor arguments (a ValueError when they are on several: a kernel reads all of them
+    from one GPU)."""
+
+    @functools.wraps(launcher)
+    def guarded(*args, **kwargs):
+        devices = {arg.device for arg in (*args, *kwargs.values())
+                   if isinstance(arg, torch.Tensor)}
+        if len(devices) > 1:
+            raise ValueError(f"{launcher.__qualname__}: the tensors are on several devices "
+                             f"{sorted(map(str, devices))}; move them to one")
+        if not devices:
+            return launcher(*args, **kwargs)
+        with launch_device(devices.pop()):
+            return launcher(*args, **kwargs)
+
+    return guarded
+
 
 DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")
 """How tl.dot treats fp32 operands on CUDA. 'tf32' (Triton's default) has a 10-bit mantissa:

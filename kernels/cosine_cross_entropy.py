@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import device_arch, dot_tile, pick_blocks, row_inv_norm
+from ._common import device_arch, dot_tile, on_tensor_device, pick_blocks, row_inv_norm
 from .cosine_topk import dot_operands
 
 
@@ -103,6 +103,7 @@ class CosineCrossEntropy(torch.autograd.Function):
     """Fused cosine CE; gradient w.r.t. x only (the unit-norm table is a constant)."""
 
     @staticmethod
+    @on_tensor_device
     def forward(ctx, x, table, labels, scale, precision):
         x_op, table_op, precision = dot_operands(x, table, precision)
         labels = labels.reshape(-1).contiguous()
@@ -122,6 +123,7 @@ class CosineCrossEntropy(torch.autograd.Function):
         return row_loss.sum() / n
 
     @staticmethod
+    @on_tensor_device
     def backward(ctx, grad_output):
         x, table, labels, lse, inv_norm, cos_y = ctx.saved_tensors
         n, d = x.shape

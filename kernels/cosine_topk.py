@@ -19,6 +19,7 @@ from ._common import (
     check_dot_precision,
     dot_tile,
     merge_topk,
+    on_tensor_device,
     row_inv_norm,
     row_major,
     tuned_blocks,
@@ -74,6 +75,7 @@ def dot_operands(x: torch.Tensor, table: torch.Tensor, precision: str
     return x, table, precision if x.dtype == torch.float32 else "tf32"
 
 
+@on_tensor_device
 def unsorted_topk(x: torch.Tensor, table: torch.Tensor, k: int, scale: float = 1.0,
                   precision: str = "tf32x3", blocks: Blocks | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import pick_blocks
+from ._common import on_tensor_device, pick_blocks
 
 
 @triton.jit
@@ -26,6 +26,7 @@ def _euler_kernel(x_ptr, v_ptr, out_ptr, t_ptr, t_out_ptr, numel, h, BLOCK: tl.c
         tl.store(t_out_ptr, tl.load(t_ptr).to(tl.float32) + h)
 
 
+@on_tensor_device
 def euler_step(x: torch.Tensor, v: torch.Tensor, t: torch.Tensor, step_size: float,
                out: torch.Tensor | None = None, t_out: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:

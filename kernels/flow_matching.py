@@ -13,9 +13,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import pick_blocks, row_major
+from ._common import on_tensor_device, pick_blocks, row_major
 
 FORMS = {"bridge": 0, "endpoint": 1}
+
+SEED = ("seed",)
+"""Arguments Triton must not specialise on their value: a fresh seed every training step would
+otherwise compile a variant for seed 1 and one for multiples of 16. (Seeds from 2**31 on are
+int64 arguments: one more variant, compiled once.)"""
 
 
 @triton.jit
@@ -47,7 +52,7 @@ def _pair_tile(x0_ptr, z_ptr, t_ptr, lab_ptr, std_ptr, seed, rows, cols, N, D,
     return x_t, target, mask, rows64, cols64
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SEED)
 def _pair_kernel(x0_ptr, z_ptr, t_ptr, lab_ptr, std_ptr, out_ptr, seed, N, D,
                  stride_x0, stride_z, stride_out, gamma, t_lo, t_hi,
                  FORM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -60,7 +65,7 @@ def _pair_kernel(x0_ptr, z_ptr, t_ptr, lab_ptr, std_ptr, out_ptr, seed, N, D,
              x_t.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SEED)
 def _loss_kernel(pred_ptr, x0_ptr, z_ptr, t_ptr, lab_ptr, std_ptr, row_loss_ptr, grad_ptr,
                  seed, N, D, stride_pred, stride_x0, stride_z, gamma, t_lo, t_hi, grad_scale,
                  FORM: tl.constexpr, WRITE_GRAD: tl.constexpr,
@@ -83,7 +88,7 @@ def _loss_kernel(pred_ptr, x0_ptr, z_ptr, t_ptr, lab_ptr, std_ptr, row_loss_ptr,
     tl.store(row_loss_ptr + rows.to(tl.int64), acc, mask=rows < N)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SEED)
 def _noise_kernel(out_ptr, seed, N, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     rows64 = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     cols64 = (tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
@@ -112,14 +117,20 @@ def _prepare(x0, labels, table, t, feature_std, form):
 
 def noise(seed: int, rows: int, dim: int, device: torch.device | str) -> torch.Tensor:
     """The (rows, dim) fp32 noise the kernels generate from ``seed`` (for tests and debugging)."""
-    out = torch.empty((rows, dim), dtype=torch.float32, device=device)
+    return _fill_noise(torch.empty((rows, dim), dtype=torch.float32, device=device), int(seed))
+
+
+@on_tensor_device
+def _fill_noise(out: torch.Tensor, seed: int) -> torch.Tensor:
+    rows, dim = out.shape
     b = pick_blocks("noise", rows, dim)
     grid = (triton.cdiv(rows, b.block_n), triton.cdiv(dim, b.block_d))
-    _noise_kernel[grid](out, int(seed), rows, dim, BLOCK_N=b.block_n, BLOCK_D=b.block_d,
+    _noise_kernel[grid](out, seed, rows, dim, BLOCK_N=b.block_n, BLOCK_D=b.block_d,
                         num_warps=b.num_warps)
     return out
 
 
+@on_tensor_device
 def training_input(x0: torch.Tensor, labels: torch.Tensor, table: torch.Tensor, t: torch.Tensor,
                    seed: int, *, gamma: float, form: str = "bridge",
                    feature_std: torch.Tensor | None = None, time_eps: float = 1e-3
@@ -147,6 +158,7 @@ class FlowMatchingLoss(torch.autograd.Function):
     to keep. x0, the table, t and the labels are data: they get no gradient."""
 
     @staticmethod
+    @on_tensor_device
     def forward(ctx, pred, x0, labels, table, t, feature_std, seed, gamma, form, time_eps):
         x0, labels, table, t, std = _prepare(x0, labels, table, t, feature_std, form)
         pred_rm = row_major(pred)

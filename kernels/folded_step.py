@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import DEFAULT_DOT_PRECISION, Blocks, row_major, tuned_blocks
+from ._common import DEFAULT_DOT_PRECISION, Blocks, on_tensor_device, row_major, tuned_blocks
 
 
 @triton.jit
@@ -221,6 +221,7 @@ def _check_weight(name: str, w: torch.Tensor, shape: tuple[int, int], like: torc
         raise ValueError(f"{name} is on {w.device} but the activations are on {like.device}")
 
 
+@on_tensor_device
 def residual_block(
     h: torch.Tensor,
     w1: torch.Tensor,
@@ -274,6 +275,7 @@ def residual_block(
     return out
 
 
+@on_tensor_device
 def final_euler_update(
     h: torch.Tensor,
     x: torch.Tensor,

@@ -14,7 +14,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import device_arch, dot_tile, merge_topk, pick_blocks, row_inv_norm
+from ._common import (
+    device_arch,
+    dot_tile,
+    merge_topk,
+    on_tensor_device,
+    pick_blocks,
+    row_inv_norm,
+)
 from .cosine_topk import dot_operands, k_slots, sort_topk
 
 
@@ -95,6 +102,7 @@ def _stacked(states: torch.Tensor, table: torch.Tensor, precision: str):
     return flat.reshape(s, n, d), table, precision
 
 
+@on_tensor_device
 def cosine_lse(states: torch.Tensor, table: torch.Tensor, scale: float,
                precision: str = "tf32x3") -> tuple[torch.Tensor, torch.Tensor]:
     """logsumexp_c(scale·cos(x_s,n, z_c)) and 1/||x_s,n|| for (S, N, D) states: two (S, N)
@@ -114,6 +122,7 @@ def cosine_lse(states: torch.Tensor, table: torch.Tensor, scale: float,
     return lse, inv_norm
 
 
+@on_tensor_device
 def ensemble_topk(states: torch.Tensor, table: torch.Tensor, k: int, scale: float,
                   precision: str = "tf32x3") -> tuple[torch.Tensor, torch.Tensor]:
     """Best-first top-k of Σ_s softmax(scale·cos(x_s, z)) for (S, N, D) states: (N, k) fp32

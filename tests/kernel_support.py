@@ -56,3 +56,29 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str,
         f"atol={atol:g}; first at {first}: got {a[first]:.9g}, expected {e[first]:.9g}; "
         f"worst at {worst}: got {a[worst]:.9g}, expected {e[worst]:.9g}"
     )
+
+
+class FakeCudaDevices:
+    """torch's current-CUDA-device bookkeeping on a machine without CUDA: ``count`` devices,
+    device 0 current, ``torch.cuda.device``/``set_device`` switching ``current`` (what
+    ``torch.cuda.current_device()``, and so Triton's launcher, then reports). Patched with
+    ``monkeypatch``, undone after the test."""
+
+    def __init__(self, monkeypatch, count: int = 2) -> None:
+        self.current = 0
+        self.count = count
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: self.current)
+        monkeypatch.setattr(torch.cuda, "_exchange_device", self._exchange)
+        monkeypatch.setattr(torch.cuda, "_maybe_exchange_device", self._exchange)
+        monkeypatch.setattr(torch.cuda, "set_device", lambda device: self._exchange(
+            torch.cuda._utils._get_device_index(device)))
+
+    def _exchange(self, index: int) -> int:
+        if index >= self.count:
+            raise RuntimeError(f"fake CUDA: no device {index} of {self.count}")
+        previous = self.current
+        if index >= 0:  # torch: a negative index leaves the device as it is
+            self.current = index
+        return previous
