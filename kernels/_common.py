@@ -47,14 +47,51 @@ FALLBACKS: dict[tuple[str, str, str], str] = {}
 path for the rest of the process (``fma-fast doctor`` lists them)."""
 
 
-def kernel_failure(error: BaseException) -> bool:
-    """Whether ``error`` says a kernel cannot be built or launched on this device (compile
-    errors, out of shared memory or registers, an arch without a dtype, a refused launch), as
-    opposed to bad arguments (ValueError/TypeError from the launchers), a lack of memory, or a
-    bug the interpreter found (those are raised, never hidden behind a fallback)."""
-    if isinstance(error, _BUILD_ERRORS):
+CUDA_FAULTS = (
+    "cuda error",  # torch's wording of any CUDA runtime error
+    "illegal memory access",
+    "illegal address",
+    "illegal instruction",
+    "misaligned address",
+    "device-side assert",
+    "unspecified launch failure",
+    "invalid program counter",
+    "hardware stack error",
+    "timed out and was terminated",
+    "uncorrectable ecc",
+    "not supported on global/shared address space",
+    "cublas_status",
+    "out of memory",
+)
+"""Words (lower case) of the errors that say the GPU faulted or ran out of memory, in CUDA's
+own wording (cuGetErrorString, which Triton's launcher reports as "Triton Error [CUDA]: ...")
+and torch's ("CUDA error: ..."). Most of these faults are sticky: the context is broken, and
+every later launch or torch op fails with the same error, so none of them says anything about
+whether one kernel can run here."""
+
+
+def cuda_fault(error: BaseException) -> bool:
+    """Whether ``error`` is a CUDA runtime fault or a lack of memory rather than a kernel that
+    cannot be built or launched (see :data:`CUDA_FAULTS`)."""
+    accelerator_error = getattr(torch, "AcceleratorError", None)  # torch >= 2.8
+    if accelerator_error is not None and isinstance(error, accelerator_error):
         return True
     if isinstance(error, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(error).lower()
+    return any(words in text for words in CUDA_FAULTS)
+
+
+def kernel_failure(error: BaseException) -> bool:
+    """Whether ``error`` says a kernel cannot be built or launched on this device (compile
+    errors, out of shared memory or registers, an arch without a dtype, a launch the driver
+    refuses), as opposed to bad arguments (ValueError/TypeError from the launchers), a CUDA
+    runtime fault (an illegal address, a device-side assert: :func:`cuda_fault`), a lack of
+    memory, or a bug the interpreter found. Only the first falls back to torch; the rest are
+    raised, never hidden behind a fallback."""
+    if isinstance(error, _BUILD_ERRORS):
+        return True
+    if cuda_fault(error):
         return False
     return isinstance(error, (RuntimeError, AssertionError, NotImplementedError)) and not (
         type(error).__module__.startswith(("triton.runtime.interpreter", "fma_fast"))
@@ -71,7 +108,12 @@ def fallen_back(op: str, like: torch.Tensor) -> bool:
 
 
 def record_fallback(op: str, like: torch.Tensor, error: BaseException) -> None:
-    """Remember that ``op`` cannot run as a kernel here and warn once."""
+    """Remember that ``op`` cannot run as a kernel here and warn once. On a GPU the device is
+    synchronised first: a pending fault is raised rather than recorded."""
+    if like.device.type == "cuda":
+        # A fault of an earlier launch surfaces here (and is raised) instead of being taken
+        # for this kernel's failure.
+        torch.cuda.synchronize(like.device)
     key = _fallback_key(op, like)
     lines = str(error).strip().splitlines() or [""]
     reason = f"{type(error).__name__}: {lines[-1][:200]}"

@@ -179,3 +179,80 @@ def test_kernel_bugs_and_bad_arguments_are_never_hidden(monkeypatch):
     with pytest.raises(ValueError, match="bad stride"):
         dispatch.cosine_topk(x, table, 2)
     assert not _common.FALLBACKS
+
+
+if HAS_TRITON:
+    _ACCELERATOR_ERROR = getattr(torch, "AcceleratorError", RuntimeError)  # torch >= 2.8
+    FAULTS = {
+        "illegal address (Triton's launcher)": lambda: RuntimeError(
+            "Triton Error [CUDA]: an illegal memory access was encountered"),
+        "device-side assert (torch)": lambda: _ACCELERATOR_ERROR(
+            "CUDA error: device-side assert triggered\nCUDA kernel errors might be "
+            "asynchronously reported at some other API call"),
+        "sticky fault of an earlier op (torch < 2.8)": lambda: RuntimeError(
+            "CUDA error: unspecified launch failure"),
+        "misaligned address": lambda: RuntimeError("Triton Error [CUDA]: misaligned address"),
+        "out of memory (Triton's loader)": lambda: RuntimeError(
+            "Triton Error [CUDA]: out of memory"),
+        "cuBLAS after a fault": lambda: RuntimeError(
+            "CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasSgemm(...)`"),
+    }
+    BUILD_OR_LAUNCH_REFUSALS = {
+        **FAILURES,
+        "PTX newer than the driver": lambda: RuntimeError(
+            "Triton Error [CUDA]: the provided PTX was compiled with an unsupported toolchain."),
+        "too many resources for launch": lambda: RuntimeError(
+            "Triton Error [CUDA]: too many resources requested for launch"),
+        "compiler pass failure": lambda: RuntimeError("PassManager::run failed"),
+    }
+else:
+    FAULTS, BUILD_OR_LAUNCH_REFUSALS = {}, {}
+
+
+@pytest.mark.parametrize("fault", FAULTS.values(), ids=FAULTS.keys())
+def test_cuda_faults_are_raised_never_recorded_as_fallbacks(monkeypatch, fault):
+    """An illegal address, a device-side assert or any "CUDA error" says the GPU faulted (the
+    context is usually broken for good), not that this kernel cannot run here: it is raised,
+    and no op is sent to torch for the rest of the process."""
+    x, table, _ = data()
+    fail(monkeypatch, "cosine_topk", "_cosine_topk_kernel", fault)
+    with pytest.raises(type(fault())) as raised:
+        dispatch.cosine_topk(x, table, 2)
+    assert str(raised.value) == str(fault())
+    assert not _common.FALLBACKS
+    assert not _common.kernel_failure(fault())
+
+
+@pytest.mark.parametrize("failure", BUILD_OR_LAUNCH_REFUSALS.values(),
+                         ids=BUILD_OR_LAUNCH_REFUSALS.keys())
+def test_build_and_launch_refusals_are_kernel_failures(failure):
+    assert _common.kernel_failure(failure())
+
+
+def test_a_pending_gpu_fault_surfaces_instead_of_a_fallback(monkeypatch):
+    """A kernel on a (fake) cuda:1 fails to build while an earlier launch left a fault behind:
+    the device is synchronised before the fallback is recorded, and the fault is raised."""
+    like = type("Like", (), {"device": torch.device("cuda", 1), "dtype": torch.float32})()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "fake H200")
+    fault = FAULTS["device-side assert (torch)"]
+    synchronised = []
+
+    def synchronize(device):
+        synchronised.append(device)
+        raise fault()
+
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+
+    def kernel():
+        raise FAILURES["compile error"]()
+
+    with pytest.raises(type(fault()), match="device-side assert"):
+        _common.with_fallback("cosine_topk", like, kernel, lambda: "torch")
+    assert synchronised == [torch.device("cuda", 1)] and not _common.FALLBACKS
+    # A healthy device: the build failure is a fallback, named after that GPU.
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronised.append)
+    with pytest.warns(KernelFallbackWarning, match=r"fake H200 \(sm_90\)"):
+        assert _common.with_fallback("cosine_topk", like, kernel, lambda: "torch") == (
+            "torch", True)
+    assert list(_common.FALLBACKS) == [("cosine_topk", "cuda:1", "float32")]
