@@ -75,7 +75,7 @@ def _pair_loss(rows: int) -> Op:
         return x_t, reference.flow_matching_loss(pred, target)
 
     def fused(x0, labels, table, t, pred):
-        options = {"seed": SEED, "gamma": GAMMA, "backend": "triton"}
+        options = {"seed": SEED, "gamma": GAMMA, "backend": "triton", "labels_checked": True}
         x_t = dispatch.fused_pair(x0, labels, table, t, **options).x_t
         return x_t, dispatch.fused_loss(pred, x0, labels, table, t, **options).loss
 
@@ -132,7 +132,7 @@ def _cross_entropy(rows: int) -> Op:
 
     def fused(x, table, labels):
         return dispatch.cosine_cross_entropy(x, table, labels, LOGIT_SCALE, normalized=True,
-                                             backend="triton").loss
+                                             backend="triton", labels_checked=True).loss
 
     return Op(eager, {"triton": fused}, (x, _unit(CLASSES, DIM), labels), [x])
 

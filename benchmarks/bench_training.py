@@ -69,7 +69,7 @@ def _training_step(dim: int, blocks: int, batch: int, path: str) -> Callable[[],
         if fused:
             seed = next(seeds)
             pair = dispatch.fused_pair(x0, labels, table, t, seed=seed, gamma=GAMMA,
-                                       backend=op_backend)
+                                       backend=op_backend, labels_checked=True)  # as fit
             x_t, t_in = pair.x_t, pair.t
         else:
             noise = torch.randn(x0.shape, device=DEVICE, generator=generator)
@@ -79,7 +79,7 @@ def _training_step(dim: int, blocks: int, batch: int, path: str) -> Callable[[],
             prediction = model(x_t, t_in)
         if fused:
             loss = dispatch.fused_loss(prediction, x0, labels, table, t, seed=seed, gamma=GAMMA,
-                                       backend=op_backend).loss
+                                       backend=op_backend, labels_checked=True).loss
         else:
             loss = reference.flow_matching_loss(prediction, target)
         optimizer.zero_grad(set_to_none=True)

@@ -125,6 +125,16 @@ def _check_k(k: int, classes: int) -> int:
     return k
 
 
+def _check_labels(labels: torch.Tensor, rows: int, class_features: torch.Tensor,
+                  checked: bool) -> torch.Tensor:
+    """Labels of ``rows`` rows in [0, C): a kernel would read past the class table (on a GPU,
+    an illegal address or garbage) where torch raises. The range check syncs with the device;
+    ``checked=True`` (a caller that checked them once, like ``fit``) skips it."""
+    if checked:
+        return labels
+    return check.check_labels("labels", labels, rows=rows, num_classes=class_features.shape[0])
+
+
 def _unit_table(class_features: torch.Tensor, normalized: bool) -> torch.Tensor:
     return class_features if normalized else F.normalize(class_features.float(), dim=-1)
 
@@ -190,14 +200,16 @@ def _flow_matching_runs(x0, labels, class_features, t, gamma, form, feature_std,
 def fused_pair(x0: torch.Tensor, labels: torch.Tensor, class_features: torch.Tensor,
                t: torch.Tensor, *, seed: int, gamma: float, form: str = "bridge",
                feature_std: torch.Tensor | None = None, time_eps: float = DEFAULT_TIME_EPS,
-               backend: str = "auto") -> Pair:
+               backend: str = "auto", labels_checked: bool = False) -> Pair:
     """Network input x̂_t for rows x0 (N, D) paired with class_features[labels], times t (N,)
     and noise drawn from ``seed`` (see ``reference.training_pair`` for the forms).
 
     Pass the same arguments to :func:`fused_loss`: it regenerates the same noise and target.
-    Use a fresh seed per training step.
+    Use a fresh seed per training step. ``labels`` must lie in [0, C) (checked, at the cost
+    of one sync with the device, unless ``labels_checked``).
     """
     _check_rows(x0, class_features, "x0")
+    labels = _check_labels(labels, x0.shape[0], class_features, labels_checked)
     path = select_path(backend, x0, labels, class_features, t)
     t_clamped = reference.clamp_time(t, time_eps)
     if path != PATH_REFERENCE and backend == "auto" and not _flow_matching_runs(
@@ -217,10 +229,12 @@ def fused_pair(x0: torch.Tensor, labels: torch.Tensor, class_features: torch.Ten
 def fused_loss(pred: torch.Tensor, x0: torch.Tensor, labels: torch.Tensor,
                class_features: torch.Tensor, t: torch.Tensor, *, seed: int, gamma: float,
                form: str = "bridge", feature_std: torch.Tensor | None = None,
-               time_eps: float = DEFAULT_TIME_EPS, backend: str = "auto") -> Loss:
+               time_eps: float = DEFAULT_TIME_EPS, backend: str = "auto",
+               labels_checked: bool = False) -> Loss:
     """mean_n Σ_d (pred - v)² against the target v of :func:`fused_pair` with the same
     arguments; differentiable w.r.t. ``pred`` only."""
     _check_rows(x0, class_features, "x0")
+    labels = _check_labels(labels, x0.shape[0], class_features, labels_checked)
     if pred.shape != x0.shape or pred.device != x0.device:
         raise ValueError(f"pred must match x0 in shape and device, got {tuple(pred.shape)} on "
                          f"{pred.device} and {tuple(x0.shape)} on {x0.device}")
@@ -359,15 +373,18 @@ def cosine_logsumexp(x: torch.Tensor, class_features: torch.Tensor,
 
 def cosine_cross_entropy(x: torch.Tensor, class_features: torch.Tensor, labels: torch.Tensor,
                          logit_scale: float = LOGIT_SCALE, *, normalized: bool = False,
-                         precision: str = DEFAULT_DOT_PRECISION, backend: str = "auto") -> Loss:
+                         precision: str = DEFAULT_DOT_PRECISION, backend: str = "auto",
+                         labels_checked: bool = False) -> Loss:
     """Mean CE of softmax(logit_scale·cos(x, z)) against labels, differentiable w.r.t. x.
 
     The Triton path has no gradient for the class table, so with ``backend="auto"`` a table
     that requires grad (under grad mode) goes to the reference; ``"triton"`` raises instead.
+    ``labels`` must lie in [0, C) (checked with one sync unless ``labels_checked``).
     """
     _check_rows(x, class_features)
     if labels.shape != (x.shape[0],):
         raise ValueError(f"labels must have shape ({x.shape[0]},), got {tuple(labels.shape)}")
+    labels = _check_labels(labels, x.shape[0], class_features, labels_checked)
     logit_scale = check.check_positive_float("logit_scale", logit_scale)
     table_grad = class_features.requires_grad and torch.is_grad_enabled()
     if table_grad and backend == "triton":

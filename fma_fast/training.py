@@ -252,6 +252,7 @@ def fit(
         "feature_std": feature_std,
         "time_eps": time_eps,
         "backend": op_backend(backend, device),
+        "labels_checked": True,  # checked once above: no sync with the device per step
     }
 
     history: list[float] = []

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from kernel_support import SKIP_REASON, FakeCudaDevices, kernel_device
 
+from fma_fast import dispatch
 from fma_fast.kernels import _common
 
 DEVICE = kernel_device()
@@ -203,3 +204,43 @@ def test_the_seed_compiles_no_new_kernel_variant(watched):
                                     "flow_matching._noise_kernel"}
     for name, keys in specialisations.items():
         assert len(keys) == 1, f"{name}: {len(keys)} variants for seeds {seeds}: {sorted(keys)}"
+
+
+# ------------------------------------------------------------------------- labels
+
+
+@needs_kernels
+@pytest.mark.parametrize("backend", ["auto", "triton", "reference"])
+@pytest.mark.parametrize("bad", [7, -1], ids=["C", "-1"])
+def test_labels_outside_the_table_are_refused_before_a_launch(watched, backend, bad):
+    """A label C or -1 would make a kernel read outside the class table (on a GPU: an illegal
+    address, or garbage): every public op with labels refuses it, naming the argument."""
+    x, table, labels, t = _tiny()
+    labels = labels.clone()
+    labels[2] = bad
+    options = dict(seed=3, gamma=0.5, backend=backend)
+    expected = r"labels must lie in \[0, 7\) for 7 classes"
+    with pytest.raises(ValueError, match=expected):
+        dispatch.fused_pair(x, labels, table, t, **options)
+    with pytest.raises(ValueError, match=expected):
+        dispatch.fused_loss(x.clone(), x, labels, table, t, **options)
+    with pytest.raises(ValueError, match=expected):
+        dispatch.cosine_cross_entropy(x, table, labels, backend=backend)
+    assert not watched, "a kernel was launched with bad labels"
+
+
+@needs_kernels
+def test_labels_checked_by_the_caller_skip_the_sync(monkeypatch):
+    """fit checks its labels once; its per-step calls pass labels_checked=True and take no
+    range check (one host sync each) per step."""
+    import fma_fast
+    from fma_fast import _validation
+
+    checks = []
+    real = _validation.check_labels
+    monkeypatch.setattr(_validation, "check_labels",
+                        lambda *args, **kwargs: checks.append(args[0]) or real(*args, **kwargs))
+    x, table, labels, _ = _tiny(rows=12)
+    fma_fast.fit(x.cpu(), labels.cpu(), table.cpu(), blocks=1, epochs=2, batch_size=4,
+                 progress=False)
+    assert checks == ["labels"], f"label checks during fit: {checks}"
