@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,7 +74,10 @@ def launch() -> Iterator[Context]:
     """Join the job that ``torchrun`` describes in the environment, or run as a single process.
 
     Only small objects (predictions, counts, the trained field) cross processes, so the gloo
-    backend serves CPU and GPU jobs alike and needs no device pinning.
+    backend serves CPU and GPU jobs alike. On a machine with GPUs, each rank's local GPU is the
+    current CUDA device inside the block: a bare "cuda" and every kernel launch (Triton
+    launches on the current device and its stream) then go to that rank's GPU, not all to
+    GPU 0.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
@@ -84,7 +87,17 @@ def launch() -> Iterator[Context]:
     if owns_group:
         dist.init_process_group("gloo")
     try:
-        yield Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        with _local_gpu(local_rank):
+            yield Context(dist.get_rank(), dist.get_world_size(), local_rank)
     finally:
         if owns_group:
             dist.destroy_process_group()
+
+
+def _local_gpu(local_rank: int) -> AbstractContextManager:
+    """GPU ``local_rank`` as the current CUDA device while the block runs (the previous one
+    afterwards); nothing without that GPU (a CPU job)."""
+    if torch.cuda.is_available() and local_rank < torch.cuda.device_count():
+        return torch.cuda.device(local_rank)
+    return nullcontext()

@@ -74,6 +74,21 @@ def environment() -> dict:
     }
 
 
+def solve_routes(device: torch.device) -> dict[str, str]:
+    """The path ``solve`` takes on ``device`` for a VelocityNet, per precision (backend auto),
+    or why that precision is unavailable there."""
+    solve = {}
+    for precision in PRECISIONS:
+        try:
+            # On ``device``, not the probe model's (the CPU): the paths a solve there takes.
+            options = routing.SolveOptions(precision=precision, device=device)
+            route = routing.resolve(VelocityNet(8, 1), options, 1, device)
+            solve[precision] = route.path()
+        except ValueError as error:
+            solve[precision] = f"unavailable: {error}"
+    return solve
+
+
 def routes(device: torch.device) -> dict:
     """The path each op takes here with backend "auto", and why the kernels cannot run when
     they cannot."""
@@ -82,16 +97,8 @@ def routes(device: torch.device) -> dict:
     ops = {op: dispatch.select_path("auto", probe)
            for op in ("cosine_topk", "step_ensemble", "cosine_cross_entropy", "euler_step")}
     training = dispatch.select_path(routing.op_backend("auto", device), probe)
-    solve = {}
-    for precision in PRECISIONS:
-        try:
-            route = routing.resolve(VelocityNet(8, 1), routing.SolveOptions(precision=precision),
-                                    1, device)
-            solve[precision] = route.path()
-        except ValueError as error:
-            solve[precision] = f"unavailable: {error}"
     return {"device": str(device), "kernels_usable": usable, "why_not": why, "ops": ops,
-            "solve": solve, "fit": training,
+            "solve": solve_routes(device), "fit": training,
             "fallbacks": {"/".join(key): reason for key, reason in _common.FALLBACKS.items()}}
 
 

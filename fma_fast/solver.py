@@ -151,7 +151,10 @@ def _batches(x: torch.Tensor, route: Route, z=None) -> Iterator[tuple[slice, tor
         size = min(size, z.batch_rows())
     for start in range(0, x.shape[0], size):
         rows = slice(start, min(start + size, x.shape[0]))
-        batch = x[rows].to(route.device, torch.float32, non_blocking=True)
+        # Only a copy to a GPU may be asynchronous: a non-blocking copy to the host may not
+        # have landed when the finiteness check and a CPU solve read it.
+        batch = x[rows].to(route.device, torch.float32,
+                           non_blocking=route.device.type != "cpu")
         check.check_finite("features" if start == 0 else f"features[{start}:]", batch)
         norms.update(batch, start)
         yield rows, batch
