@@ -64,6 +64,45 @@ def check_matrix(
     return x
 
 
+def check_dense_float(
+    name: str,
+    value,
+    *,
+    finite: bool = False,
+    nonempty: bool = False,
+    error: type[Exception] = ValueError,
+) -> torch.Tensor:
+    """``value`` if it is a dense (strided) tensor of a real floating dtype that holds data,
+    free of NaN/Inf with ``finite`` and with at least one element with ``nonempty``; else
+    ``error`` naming it. What weights files and class tables must hold: a meta tensor has a
+    shape but no data (files are read with map_location="cpu", so every other tensor of
+    theirs is on the CPU), and sparse, nested, quantized, integer or complex ones are read
+    wrongly or fail deep inside a computation (a cast to float drops an imaginary part)."""
+    if not isinstance(value, torch.Tensor):
+        raise error(f"{name} is a {type(value).__name__}, not a tensor")
+    if value.is_quantized:
+        raise error(f"{name} is a quantized tensor ({value.dtype}); expected it dequantized "
+                    "(tensor.dequantize())")
+    if value.is_meta:
+        raise error(f"{name} is a meta tensor: it has a shape but holds no data")
+    if value.is_nested:
+        raise error(f"{name} is a nested tensor; expected a dense tensor")
+    if value.layout != torch.strided:
+        layout = str(value.layout).removeprefix("torch.")
+        raise error(f"{name} has layout {layout}; expected a dense tensor (tensor.to_dense())")
+    if value.is_complex():
+        raise error(f"{name} has complex dtype {value.dtype}; expected real floating values "
+                    "(a cast would drop the imaginary part)")
+    if not value.is_floating_point():
+        raise error(f"{name} has dtype {value.dtype}; expected a floating dtype")
+    if nonempty and value.numel() == 0:
+        raise error(f"{name} is empty (shape {list(value.shape)})")
+    if finite and value.numel() and not bool(torch.isfinite(value).all()):
+        bad = int((~torch.isfinite(value)).sum())
+        raise error(f"{name} contains NaN or Inf ({bad} of {value.numel()} values)")
+    return value
+
+
 def check_finite(name: str, x: torch.Tensor) -> None:
     """Raise on NaN/Inf naming the first bad row (one pass; call per chunk when streaming)."""
     if x.numel() == 0 or bool(torch.isfinite(x.sum())):

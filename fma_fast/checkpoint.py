@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ._io import atomic_write, file_problem, save_safetensors
-from ._validation import resolve_device
+from ._validation import check_dense_float, resolve_device
 from .model import VelocityNet
 
 WEIGHTS_NAME = "model.safetensors"
@@ -115,13 +115,21 @@ def load_official(path: str | os.PathLike) -> VelocityNet:
         raise CheckpointError(
             f"{weights_path} holds {_describe(state)}, not a state_dict of tensors"
         )
+    unprefixed: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(
                 f"{weights_path}: entry {key!r} holds {_describe(value)}, not a tensor; "
                 "not a state_dict of tensors"
             )
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+        check_dense_float(f"{weights_path}: {key}", value, nonempty=True, error=CheckpointError)
+        name = str(key).removeprefix("module.")
+        if name in unprefixed:  # 'x' and 'module.x': which one was trained is unknown
+            raise CheckpointError(
+                f"{weights_path} holds both {name!r} and 'module.{name}'; keep one"
+            )
+        unprefixed[name] = value
+    state = unprefixed
     config = _architecture_from_state(state, str(weights_path))
     if config_path is not None:
         released = _read_json(config_path)

@@ -28,7 +28,8 @@ class PerRowClasses:
     Give either ``tables``, an (N, C, D) tensor or numpy array (a memmap stays on disk: it is
     read a row batch at a time), or ``build``, a callable that maps a batch of rows' x_0
     (rows, D) to their tables (rows, C, D), with ``num_classes`` and ``dim``. Tables are scored
-    as unit rows (normalised here).
+    as unit rows (normalised here); both kinds must be dense real floating tensors (complex
+    ones would lose their imaginary part; meta, sparse and quantized ones are refused too).
     """
 
     def __init__(
@@ -42,10 +43,10 @@ class PerRowClasses:
         if (tables is None) == (build is None):
             raise TypeError("give either tables (N, C, D) or build (a callable), not both")
         if tables is not None:
-            tables = check.as_tensor("tables", tables)
-            if tables.dim() != 3 or not tables.is_floating_point():
+            tables = check.check_dense_float("tables", check.as_tensor("tables", tables))
+            if tables.dim() != 3:
                 raise ValueError(f"tables must be a floating (N, C, D) array, got shape "
-                                 f"{tuple(tables.shape)} and dtype {tables.dtype}")
+                                 f"{tuple(tables.shape)}")
             self.rows_total: int | None = tables.shape[0]
             num_classes, dim = tables.shape[1], tables.shape[2]
         else:
@@ -80,6 +81,7 @@ class PerRowClasses:
                 block = self.build(x0)
             if not isinstance(block, torch.Tensor):
                 raise TypeError(f"build must return a tensor, got {type(block).__name__}")
+            check.check_dense_float("tables from build", block)
         expected = (x0.shape[0], self.num_classes, self.dim)
         if tuple(block.shape) != expected:
             raise ValueError(f"per-row class tables for {x0.shape[0]} rows must have shape "

@@ -72,11 +72,14 @@ SUBSAMPLES = ("all", "base-to-new")
 """Which classes an experiment uses: all of them, or the base-to-new split (train on base)."""
 
 
-def base_and_new_classes(train_labels: torch.Tensor | Sequence[int]) -> tuple[list[int], list[int]]:
-    """The base-to-new generalisation split as released (CoCoOp's protocol): the labels present
-    in the training shots, sorted; the first ceil(n/2) are base, the rest new."""
-    labels = sorted({int(label) for label in torch.as_tensor(train_labels).tolist()})
-    if len(labels) < 2:
-        raise ValueError(f"base-to-new needs at least 2 classes, got {len(labels)}")
-    half = -(-len(labels) // 2)
-    return labels[:half], labels[half:]
+def base_and_new_classes(num_classes: int) -> tuple[list[int], list[int]]:
+    """The base-to-new generalisation split (CoCoOp's protocol): of the C classes of the class
+    table, the first ceil(C/2) are base, the rest new. CoCoOp splits the labels present in
+    its training set, which are all C in its datasets; counting the table instead keeps a
+    class without training images (``--allow-empty-classes``) in its half rather than
+    dropping it, and its test images with it, from both."""
+    count = check.check_int("num_classes", num_classes, minimum=0)
+    if count < 2:
+        raise ValueError(f"base-to-new needs at least 2 classes, got {count}")
+    half = -(-count // 2)
+    return list(range(half)), list(range(half, count))

@@ -1,4 +1,5 @@
-"""Dataset layouts, K-shot sampling, prompts, preprocessing and row sharding (no encoder needed)."""
+"""Dataset layouts, K-shot sampling, prompts, preprocessing and row sharding (a tiny random
+encoder for the base-to-new split of a dataset with an empty class)."""
 
 from __future__ import annotations
 
@@ -132,6 +133,73 @@ def test_an_empty_class_folder_is_refused_unless_asked(tmp_path):
         datasets.load_dataset(tmp_path / "flat")
     data = datasets.load_dataset(tmp_path / "flat", allow_empty_classes=True)
     assert data.class_names == ["cat", "dog", "emu"] and {i.label for i in data.train} == {0, 1}
+
+
+def _tiny_encoder(folder):
+    """A registered 1-layer open_clip architecture and its random weights as a checkpoint."""
+    open_clip = pytest.importorskip(
+        "open_clip", reason="SKIPPED, not passed: open_clip missing (pip install fma_fast[clip])"
+    )
+    from fma_fast.clip import register_model_config
+
+    name = "fma-fast-tiny-data-test"
+    config = folder / f"{name}.json"
+    config.write_text(json.dumps({
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
+                       "patch_size": 8},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2,
+                     "layers": 1},
+    }))
+    register_model_config(config)
+    torch.manual_seed(0)
+    checkpoint = folder / "tiny.pt"
+    torch.save(open_clip.create_model(name).state_dict(), checkpoint)
+    return ["--model", name, "--model-config", str(config), "--checkpoint", str(checkpoint)]
+
+
+def _base_to_new_run(tmp_path, train_counts, test_counts):
+    """``run --subsample base-to-new --allow-empty-classes`` on classes a, b, c, d in train/ and
+    test/ folders with these image counts (0: an empty class folder); its exit status."""
+    image_module = pytest.importorskip("PIL.Image")
+    for split, per_class in (("train", train_counts), ("test", test_counts)):
+        for label, (name, count) in enumerate(zip("abcd", per_class)):
+            folder = tmp_path / "data" / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                colour = (40 + 50 * label, 200 - 40 * label, 30 * i)
+                image_module.new("RGB", (36, 36), colour).save(folder / f"{i}.png")
+    return main(["run", "--dataset", str(tmp_path / "data"), *_tiny_encoder(tmp_path),
+                 "--allow-empty-classes", "--subsample", "base-to-new", "--shots", "1",
+                 "--views", "1", "--seeds", "1", "--blocks", "1", "--epochs", "2",
+                 "--max-steps", "2", "--quiet", "--out", str(tmp_path / "out")])
+
+
+def test_base_to_new_keeps_the_first_half_of_all_classes_with_an_empty_class(tmp_path):
+    """README: base-to-new takes the first ceil(C/2) classes of the C in the class table as
+    base and the rest as new, also when --allow-empty-classes keeps a class with no training
+    images (it used to be dropped from both halves, and its test images with it: 9 of 12
+    scored). Class 1 here has test images but no training ones: it is base, never trained."""
+    assert _base_to_new_run(tmp_path, (2, 0, 2, 2), (3, 3, 3, 3)) == 0
+    (run,) = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
+    assert run["classes"] == {"base": [0, 1], "new": [2, 3], "base_without_shots": [1]}
+    assert run["base_test_rows"] + run["new_test_rows"] == 12  # every test image scored
+    assert run["base_test_rows"] == 6 and run["train_rows"] == 1  # class 0: 1 shot, 1 view
+
+
+@pytest.mark.parametrize("train_counts, test_counts, message", [
+    ((0, 0, 2, 2), (3, 3, 3, 3), "none of the 2 base classes (the first ceil(C/2)) has training"),
+    ((2, 2, 2, 2), (3, 3, 0, 0), "none of the 2 new classes has test images"),
+])
+def test_base_to_new_refuses_a_half_it_cannot_train_or_test(tmp_path, capsys, train_counts,
+                                                            test_counts, message):
+    """Empty classes that leave the base half without training images, or a half without
+    test images, are one line and exit 2 before any fit (the base half used to become the
+    first of the classes that had images)."""
+    assert _base_to_new_run(tmp_path, train_counts, test_counts) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "out" / "results.json").exists()
 
 
 def test_few_shot_is_seeded_and_per_class(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -134,3 +135,50 @@ def test_data_parallel_prefix_is_accepted(tmp_path):
     model = fma_fast.VelocityNet(8, blocks=2)
     torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, tmp_path / "model.pth")
     assert fma_fast.load_official(tmp_path / "model.pth").blocks == 2
+
+
+def _quantized(tensor):
+    with warnings.catch_warnings():  # torch deprecates quantized tensors; files may hold them
+        warnings.simplefilter("ignore")
+        return torch.quantize_per_tensor(tensor, 0.1, 0, torch.qint8)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch on loading sparse tensors
+@pytest.mark.parametrize(
+    "key, make, message",
+    [
+        ("input_proj.weight", lambda t: torch.empty(t.shape, device="meta"),
+         "input_proj.weight is a meta tensor: it has a shape but holds no data"),
+        ("input_proj.bias", lambda t: t.to_sparse(),
+         "input_proj.bias has layout sparse_coo; expected a dense tensor"),
+        ("final_layer.linear.weight", lambda t: t.to_sparse_csr(),
+         "final_layer.linear.weight has layout sparse_csr"),
+        ("res_blocks.0.mlp.0.weight", _quantized,
+         r"res_blocks.0.mlp.0.weight is a quantized tensor \(torch.qint8\)"),
+        ("res_blocks.1.mlp.2.bias", lambda t: t.to(torch.complex64),
+         "res_blocks.1.mlp.2.bias has complex dtype torch.complex64"),
+        ("input_proj.weight", lambda t: torch.zeros(0, t.shape[1]),
+         r"input_proj.weight is empty \(shape \[0, 8\]\)"),
+    ],
+    ids=["meta", "sparse", "csr", "quantized", "complex", "width-0"],
+)
+def test_tensors_without_dense_floating_data_are_refused(tmp_path, key, make, message):
+    """Meta and sparse tensors used to raise RuntimeError/NotImplementedError inside the
+    loader (and an empty weight a ValueError of VelocityNet's not naming the file): each is
+    a CheckpointError naming the file and the tensor."""
+    state = fma_fast.VelocityNet(8, blocks=2).state_dict()
+    state[key] = make(state[key])
+    torch.save(state, tmp_path / "model.pth")
+    with pytest.raises(fma_fast.CheckpointError, match=message) as caught:
+        fma_fast.load_official(tmp_path / "model.pth")
+    assert str(tmp_path / "model.pth") in str(caught.value)
+
+
+def test_a_key_with_and_without_the_module_prefix_is_refused(tmp_path):
+    """{'x': A, 'module.x': B} used to keep B silently."""
+    state = fma_fast.VelocityNet(8, blocks=1).state_dict()
+    state["module.input_proj.bias"] = torch.ones(8)
+    torch.save(state, tmp_path / "model.pth")
+    message = "holds both 'input_proj.bias' and 'module.input_proj.bias'; keep one"
+    with pytest.raises(fma_fast.CheckpointError, match=message):
+        fma_fast.load_official(tmp_path / "model.pth")

@@ -12,6 +12,7 @@ import copy
 import json
 import math
 import pickle
+import warnings
 from collections import OrderedDict
 
 import pytest
@@ -622,6 +623,191 @@ def test_mismatched_checkpoints_raise_one_line_errors(encoder, tmp_path):
         assert "\n" not in message and len(message) < 500, f"{name}: {message}"
 
 
+def _quantized(tensor):
+    with warnings.catch_warnings():  # torch deprecates quantized tensors; files may hold them
+        warnings.simplefilter("ignore")
+        return torch.quantize_per_tensor(tensor.float(), 0.1, 0, torch.qint8)
+
+
+def _with(state, key, value):
+    return {**state, key: value}
+
+
+def _lora_with(case, layer, key, value=None, alpha=None):
+    """LoRA_CASES[case]'s file with one A/B tensor (or alpha) replaced."""
+    payload = lora_payload(case)
+    if value is not None:
+        payload["weights"][layer][key[0]][key[1]] = value
+    if alpha is not None:
+        payload["metadata"]["alpha"] = alpha
+    return payload
+
+
+def _poisoned(tensor, value, index=0):
+    bad = tensor.clone()
+    bad.view(-1)[index] = value
+    return bad
+
+
+LORA_TEXT = ("text", "half-bottom", ("k", "v", "o"))
+
+
+def _non_finite_files(encoder):
+    """name -> (method, Dassl state_dict or LoRA payload, message fragment)."""
+    nan, inf = float("nan"), float("inf")
+    coop = coop_state(encoder, randn(4, TEXT_WIDTH, seed=40))
+    cocoop, adapter = cocoop_state(encoder), adapter_state()
+    b = lora_payload(LORA_TEXT)["weights"]["layer_1"]["v_proj"]["w_lora_B"]
+    a = lora_payload(LORA_TEXT)["weights"]["layer_4"]["proj"]["w_lora_A"]
+    return {
+        "coop ctx NaN": ("coop", _with(coop, "ctx", _poisoned(coop["ctx"], nan, 37)),
+                         "state_dict['ctx'] contains NaN or Inf (1 of 128 values)"),
+        "coop ctx Inf": ("coop", _with(coop, "ctx", _poisoned(coop["ctx"], -inf)),
+                         "state_dict['ctx'] contains NaN or Inf"),
+        "cocoop meta_net NaN": (
+            "cocoop",
+            _with(cocoop, "meta_net.linear2.bias",
+                  _poisoned(cocoop["meta_net.linear2.bias"], nan, 5)),
+            "state_dict['meta_net.linear2.bias'] contains NaN or Inf",
+        ),
+        "cocoop meta_net Inf": (
+            "cocoop",
+            _with(cocoop, "meta_net.linear1.weight",
+                  _poisoned(cocoop["meta_net.linear1.weight"], inf)),
+            "state_dict['meta_net.linear1.weight'] contains NaN or Inf",
+        ),
+        "adapter fc.0 NaN": ("adapter", _with(adapter, "fc.0.weight",
+                                              _poisoned(adapter["fc.0.weight"], nan)),
+                             "state_dict['fc.0.weight'] contains NaN or Inf"),
+        "adapter fc.2 Inf": ("adapter", _with(adapter, "fc.2.weight",
+                                              _poisoned(adapter["fc.2.weight"], inf, 9)),
+                             "state_dict['fc.2.weight'] contains NaN or Inf"),
+        "lora B NaN": ("lora", _lora_with(LORA_TEXT, "layer_1", ("v_proj", "w_lora_B"),
+                                          _poisoned(b, nan)),
+                       "layer_1.v_proj.w_lora_B contains NaN or Inf"),
+        "lora A Inf": ("lora", _lora_with(LORA_TEXT, "layer_4", ("proj", "w_lora_A"),
+                                          _poisoned(a, inf, 3)),
+                       "layer_4.proj.w_lora_A contains NaN or Inf"),
+        "lora alpha NaN": ("lora", _lora_with(LORA_TEXT, None, None, alpha=nan),
+                           "metadata alpha must be a finite number, got nan"),
+        "lora alpha Inf": ("lora", _lora_with(LORA_TEXT, None, None, alpha=inf),
+                           "metadata alpha must be a finite number, got inf"),
+    }
+
+
+def _write_peft(method, content, path):
+    """A LoRA payload as saved, a state_dict in Dassl's container (without the optimizer
+    objects, which cannot be built over meta or quantized tensors)."""
+    torch.save(content if method == "lora" else {"state_dict": content, "epoch": 50}, path)
+    return path
+
+
+def _refused(method, path, encoder, fragment):
+    with pytest.raises(PeftError) as caught:
+        source = load_peft(method, path, encoder, CLASSES)
+        pytest.fail(f"{path.name}: loaded, describe() = {source.describe()}")
+    message = str(caught.value)
+    assert fragment in message and str(path) in message, message
+    assert "\n" not in message, message
+    return message
+
+
+NON_FINITE = ("coop ctx NaN", "coop ctx Inf", "cocoop meta_net NaN", "cocoop meta_net Inf",
+              "adapter fc.0 NaN", "adapter fc.2 Inf", "lora B NaN", "lora A Inf",
+              "lora alpha NaN", "lora alpha Inf")
+
+
+@pytest.mark.parametrize("name", NON_FINITE)
+def test_non_finite_weights_are_refused_naming_the_tensor(encoder, tmp_path, name):
+    """NaN/Inf in a learned tensor (CoOp ctx, CoCoOp meta_net, adapter fc.*, LoRA A/B) or in
+    LoRA's alpha used to load and give NaN features: each is a PeftError naming the file and
+    the tensor."""
+    cases = _non_finite_files(encoder)
+    assert set(cases) == set(NON_FINITE)
+    method, content, fragment = cases[name]
+    path = _write_peft(method, content, tmp_path / f"{name.replace(' ', '-')}.pth")
+    _refused(method, path, encoder, fragment)
+
+
+def test_a_key_saved_with_and_without_the_module_prefix_is_refused(encoder, tmp_path):
+    """{'ctx': A, 'module.ctx': B} used to keep whichever came last (B) silently."""
+    coop = coop_state(encoder, randn(4, TEXT_WIDTH, seed=41))
+    both = {**coop, "module.ctx": randn(4, TEXT_WIDTH, seed=42)}
+    path = _write_peft("coop", both, tmp_path / "both.pth")
+    _refused("coop", path, encoder, "state_dict holds both 'ctx' and 'module.ctx'; keep one")
+    adapter = {**adapter_state(), "module.fc.2.weight": adapter_state(seed=3)["fc.2.weight"]}
+    path = _write_peft("adapter", adapter, tmp_path / "adapter.pth")
+    _refused("adapter", path, encoder, "both 'fc.2.weight' and 'module.fc.2.weight'")
+
+
+def _tensors_without_data(encoder):
+    """name -> (method, Dassl state_dict or LoRA payload, message fragment): tensors that
+    are not dense floating CPU tensors with data, and an adapter of width 0."""
+    coop = coop_state(encoder, randn(4, TEXT_WIDTH, seed=43))
+    cocoop, adapter = cocoop_state(encoder), adapter_state()
+    b = lora_payload(LORA_TEXT)["weights"]["layer_2"]["k_proj"]["w_lora_B"]
+
+    def lora(value):
+        return _lora_with(LORA_TEXT, "layer_2", ("k_proj", "w_lora_B"), value)
+
+    return {
+        "lora meta": ("lora", lora(torch.empty(TEXT_WIDTH, 2, device="meta")),
+                      "layer_2.k_proj.w_lora_B is a meta tensor: it has a shape but holds no data"),
+        "lora sparse": ("lora", lora(b.to_sparse()),
+                        "layer_2.k_proj.w_lora_B has layout sparse_coo; expected a dense"),
+        "lora csr": ("lora", lora(b.to_sparse_csr()), "has layout sparse_csr"),
+        "lora quantized": ("lora", lora(_quantized(b)),
+                           "layer_2.k_proj.w_lora_B is a quantized tensor (torch.qint8)"),
+        "lora complex": ("lora", lora(b.to(torch.complex64)),
+                         "has complex dtype torch.complex64; expected real floating values"),
+        "lora integer": ("lora", lora((b * 4).long()),
+                         "w_lora_B has dtype torch.int64; expected a floating dtype"),
+        "coop meta": ("coop", _with(coop, "ctx", torch.empty(4, TEXT_WIDTH, device="meta")),
+                      "state_dict['ctx'] is a meta tensor"),
+        "coop sparse": ("coop", _with(coop, "ctx", coop["ctx"].to_sparse()),
+                        "state_dict['ctx'] has layout sparse_coo"),
+        "coop quantized": ("coop", _with(coop, "ctx", _quantized(coop["ctx"])),
+                           "state_dict['ctx'] is a quantized tensor"),
+        "coop complex": ("coop", _with(coop, "ctx", coop["ctx"].to(torch.complex64)),
+                         "state_dict['ctx'] has complex dtype"),
+        "coop meta buffer": ("coop", _with(coop, "token_prefix",
+                                           torch.empty(3, 1, TEXT_WIDTH, device="meta")),
+                             "state_dict['token_prefix'] is a meta tensor"),
+        "cocoop meta": ("cocoop", _with(cocoop, "meta_net.linear1.bias",
+                                        torch.empty(4, dtype=torch.float16, device="meta")),
+                        "state_dict['meta_net.linear1.bias'] is a meta tensor"),
+        "adapter meta": ("adapter", _with(adapter, "fc.0.weight",
+                                          torch.empty(4, DIM, device="meta")),
+                         "state_dict['fc.0.weight'] is a meta tensor"),
+        "adapter sparse": ("adapter", _with(adapter, "fc.0.weight",
+                                            adapter["fc.0.weight"].to_sparse()),
+                           "state_dict['fc.0.weight'] has layout sparse_coo"),
+        "adapter width 0": ("adapter", {"fc.0.weight": torch.zeros(0, DIM),
+                                        "fc.2.weight": torch.zeros(DIM, 0)},
+                            "state_dict['fc.0.weight'] is empty (shape [0, 16])"),
+    }
+
+
+WITHOUT_DATA = ("lora meta", "lora sparse", "lora csr", "lora quantized", "lora complex",
+                "lora integer", "coop meta", "coop sparse", "coop quantized", "coop complex",
+                "coop meta buffer", "cocoop meta", "adapter meta", "adapter sparse",
+                "adapter width 0")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch on sparse/quantized
+@pytest.mark.parametrize("name", WITHOUT_DATA)
+def test_tensors_without_dense_floating_data_are_refused(encoder, tmp_path, name):
+    """Meta, sparse, quantized, complex and integer tensors, and an adapter of width 0, used to
+    raise NotImplementedError/RuntimeError/ZeroDivisionError deep in the loaders, or load
+    silently (a sparse, complex or integer LoRA B merged): each is a PeftError naming the
+    file and the tensor."""
+    cases = _tensors_without_data(encoder)
+    assert set(cases) == set(WITHOUT_DATA)
+    method, content, fragment = cases[name]
+    path = _write_peft(method, content, tmp_path / f"{name.replace(' ', '-')}.pth")
+    _refused(method, path, encoder, fragment)
+
+
 def test_bad_arguments(encoder, tmp_path):
     path = save_dassl(tmp_path / "c.pth", cocoop_state(encoder))
     assert PEFT_METHODS == ("coop", "cocoop", "adapter", "lora")
@@ -731,3 +917,29 @@ def test_each_source_runs_end_to_end_in_the_cli(method, encoder, tiny_files, tmp
                      str(tmp_path / "m"), "--quiet"])
         err = capsys.readouterr().err.strip()
         assert code == 2 and "use fma-fast run --peft cocoop" in err, err
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch on sparse/quantized
+@pytest.mark.parametrize("name", ["coop ctx NaN", "lora B NaN", "lora meta", "cocoop meta",
+                                  "adapter width 0", "lora sparse"])
+def test_bad_peft_weights_are_one_line_in_the_cli(encoder, tiny_files, tmp_path, capsys, name):
+    """``extract --peft`` with NaN weights used to exit 0 and write NaN features into the cache
+    and files; meta tensors and an adapter of width 0 printed tracebacks. Each is exit 2 with
+    one line naming the tensor, before any image is encoded."""
+    pytest.importorskip("PIL.Image")
+    from fma_fast.cli import main
+
+    _write_pets(tmp_path / "data")
+    method, content, fragment = {**_non_finite_files(encoder),
+                                 **_tensors_without_data(encoder)}[name]
+    path = _write_peft(method, content, tmp_path / "peft.pth")
+    out = tmp_path / "out"
+    code = main(["extract", "--root", str(tmp_path / "data"), "--dataset", "oxford_pets",
+                 "--model", MODEL, "--model-config", str(tiny_files["config"]),
+                 "--checkpoint", str(tiny_files["checkpoint"]), "--shots", "1", "--views",
+                 "1", "--seeds", "1", "--quiet", "--peft", method, "--peft-checkpoint",
+                 str(path), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert fragment in err, err
+    assert not list(out.rglob("*.safetensors"))

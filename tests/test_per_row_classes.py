@@ -3,6 +3,9 @@ brute-force computation, and the row batches that bound the (rows, C, D) block."
 
 from __future__ import annotations
 
+import warnings
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -126,3 +129,52 @@ def test_per_row_tables_are_checked():
                        ensemble_steps=(0, 2))
     with pytest.raises(TypeError, match="either tables"):
         fma_fast.PerRowClasses()
+
+
+def _quantized(tensor):
+    with warnings.catch_warnings():  # torch deprecates quantized tensors
+        warnings.simplefilter("ignore")
+        return torch.quantize_per_tensor(tensor, 0.1, 0, torch.qint8)
+
+
+BAD_TABLES = {  # name -> (make from real tables, message)
+    "complex": (lambda t: t.to(torch.complex64) + 1j, "has complex dtype torch.complex64"),
+    "complex-numpy": (lambda t: t.numpy() + 1j * np.ones(t.shape, dtype=np.float32),
+                      "has complex dtype torch.complex64"),
+    "meta": (lambda t: torch.empty(t.shape, device="meta"), "is a meta tensor"),
+    "sparse": (lambda t: t.to_sparse(), "has layout sparse_coo"),
+    "quantized": (_quantized, r"is a quantized tensor \(torch.qint8\)"),
+    "integer": (lambda t: (4 * t).long(), "has dtype torch.int64; expected a floating dtype"),
+    "nested": (lambda t: torch.nested.nested_tensor(list(t)), "is a nested tensor"),
+}
+
+
+def _bad_tables(name):
+    x = F.normalize(torch.randn(6, 4, generator=torch.Generator().manual_seed(5)), dim=-1)
+    make, message = BAD_TABLES[name]
+    return x, make(torch.randn(6, 3, 4, generator=torch.Generator().manual_seed(6))), message
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch: nested tensors are a prototype
+@pytest.mark.parametrize("name", BAD_TABLES)
+def test_tables_without_real_dense_values_are_refused(name):
+    """tables= that are meta or sparse used to be accepted and fail deep inside solve
+    (NotImplementedError); complex, quantized and integer ones were refused already. Each is
+    a ValueError naming tables and what is wrong, when PerRowClasses is built."""
+    _, bad, message = _bad_tables(name)
+    with pytest.raises(ValueError, match=f"tables {message}"):
+        fma_fast.PerRowClasses(bad)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch's complex-to-real cast warning
+@pytest.mark.parametrize("name", BAD_TABLES)
+def test_tables_from_build_without_real_dense_values_are_refused(name):
+    """Complex tables from build used to lose their imaginary part silently and integer ones
+    were scored as given; meta, sparse and quantized ones raised inside solve. Each is a
+    ValueError naming build's tables."""
+    x, bad, message = _bad_tables(name)
+    if isinstance(bad, np.ndarray):
+        bad = torch.from_numpy(bad)
+    built = fma_fast.PerRowClasses(build=lambda rows: bad, num_classes=3, dim=4)  # one batch
+    with pytest.raises(ValueError, match=f"tables from build {message}"):
+        fma_fast.solve(x, _field(4), 1, class_features=built)

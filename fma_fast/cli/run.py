@@ -40,16 +40,33 @@ class _Job:
     val: FeatureSet | None = None
     base: list[int] | None = None  # base-to-new: the base and new class indices
     new: list[int] | None = None
+    untrained: list[int] | None = None  # base classes without training images
 
 
 def _prepare_job(args, job: _Job, features) -> None:
     train, val = features.train, features.val
     check_feature_files({"train": train, "val": val, "test": features.test})
     if args.subsample == "base-to-new":
-        job.base, job.new = base_and_new_classes(train.labels)
+        job.base, job.new = base_and_new_classes(train.class_features.shape[0])
+        _check_halves(job, train, features.test)
         train = subsample_classes(train, job.base, "base")
         val = subsample_classes(val, job.base, "base")
     job.train, job.val = train, val
+
+
+def _check_halves(job: _Job, train: FeatureSet, test: FeatureSet) -> None:
+    """Before any fit: the base half has training images and each half has test images. A
+    class without training images (``--allow-empty-classes``) stays in its half; base ones
+    are recorded (the field never trained on them, as on new classes)."""
+    trained, tested = set(train.labels.tolist()), set(test.labels.tolist())
+    job.untrained = [c for c in job.base if c not in trained]
+    if len(job.untrained) == len(job.base):
+        raise ValueError(f"base-to-new: none of the {len(job.base)} base classes (the first "
+                         "ceil(C/2)) has training images; nothing to train on")
+    for name, classes in (("base", job.base), ("new", job.new)):
+        if not tested & set(classes):
+            raise ValueError(f"base-to-new: none of the {len(classes)} {name} classes has test "
+                             "images; its accuracy would be undefined")
 
 
 def _tables(encoder, split: FeatureSet, classes: list[int] | None):
@@ -130,6 +147,8 @@ def _evaluate(args, job: _Job, fitted: dict[str, Any], test: FeatureSet, encoder
         run["hm_by_steps"] = [runs_summary.harmonic_mean(b, n) for b, n in
                               zip(run["base_test_accuracy"], run["new_test_accuracy"])]
         run["classes"] = {"base": job.base, "new": job.new}
+        if job.untrained:
+            run["classes"]["base_without_shots"] = job.untrained
     run.update(
         train_rows=config["rows"],
         train_images=config["images"],
@@ -154,8 +173,10 @@ def _report_line(run: dict[str, Any]) -> str:
         base, new, hm = (run[key][best] for key in
                          ("base_test_accuracy", "new_test_accuracy", "hm_by_steps"))
         zero = [run[key][0] for key in ("base_test_accuracy", "new_test_accuracy", "hm_by_steps")]
+        untrained = run["classes"].get("base_without_shots")
+        note = f"; base classes without training images: {untrained}" if untrained else ""
         return (f"{head}, base {100 * base:.2f}% new {100 * new:.2f}% HM {100 * hm:.2f}% "
-                f"(M=0: {100 * zero[0]:.2f} / {100 * zero[1]:.2f} / {100 * zero[2]:.2f})")
+                f"(M=0: {100 * zero[0]:.2f} / {100 * zero[1]:.2f} / {100 * zero[2]:.2f}){note}")
     test = run["test_accuracy"]
     return f"{head}, test {100 * test[best]:.2f}% (M=0: {100 * test[0]:.2f}%)"
 
@@ -225,9 +246,10 @@ def run(args) -> None:
             owner = context.owner(number)
             mine = fitted.get(number)
             shared = context.broadcast(
-                None if mine is None else {**mine, "classes": (job.base, job.new)}, src=owner
+                None if mine is None else {**mine, "classes": (job.base, job.new, job.untrained)},
+                src=owner,
             )
-            job.base, job.new = shared.pop("classes")
+            job.base, job.new, job.untrained = shared.pop("classes")
             run, preds = _evaluate(args, job, shared, test, encoder, device, context)
             runs.append(run)
             predictions.update(preds)

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .. import _validation as check
 from .encoder import ClipEncoder, file_sha256
 
 PEFT_METHODS = ("coop", "cocoop", "adapter", "lora")
@@ -216,16 +217,17 @@ def _dassl_state_dict(payload: Any, path: Path, method: str) -> tuple[dict, dict
     if not isinstance(state, Mapping):
         raise PeftError(f"{path}: 'state_dict' is a {type(state).__name__}, not a mapping")
     clean = {}
-    for key, value in state.items():
-        key = str(key)
-        key = key[len("module.") :] if key.startswith("module.") else key
+    for saved, value in state.items():
+        key = str(saved).removeprefix("module.")
         if not isinstance(value, torch.Tensor):
             kind = "pickled optimizer/scheduler" if isinstance(value, _Dropped) else "Python"
             raise PeftError(
                 f"{path}: state_dict[{key!r}] is a {kind} object "
                 f"({type(value).__name__}), not a tensor"
             )
-        clean[key] = value
+        if key in clean:  # 'ctx' and 'module.ctx': which one was trained is unknown
+            raise PeftError(f"{path}: state_dict holds both {key!r} and 'module.{key}'; keep one")
+        clean[key] = _learned(path, f"state_dict[{key!r}]", value)
     expected = _DASSL_KEYS[method]
     missing = [k for k in expected if k not in clean]
     if missing:
@@ -243,6 +245,14 @@ def _dassl_state_dict(payload: Any, path: Path, method: str) -> tuple[dict, dict
 
 def _shape(tensor: torch.Tensor) -> list[int]:
     return list(tensor.shape)
+
+
+def _learned(path: Path, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor of a PEFT file, refused unless dense, floating, with data, finite and not
+    empty: NaN weights would give NaN features, and a meta tensor has no values to merge."""
+    return check.check_dense_float(
+        f"{path}: {name}", tensor, finite=True, nonempty=True, error=PeftError
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -682,8 +692,10 @@ class LoRASource(PeftSource):
         tower, params, position = metadata["encoder"], metadata["params"], metadata["position"]
         if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
             raise PeftError(f"{path}: metadata r must be a positive int, got {r!r}")
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
-            raise PeftError(f"{path}: metadata alpha must be a number, got {alpha!r}")
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(
+            alpha
+        ):
+            raise PeftError(f"{path}: metadata alpha must be a finite number, got {alpha!r}")
         if tower not in ("text", "vision", "both"):
             raise PeftError(f"{path}: metadata encoder must be text, vision or both, got {tower!r}")
         if (
@@ -723,7 +735,10 @@ class LoRASource(PeftSource):
                     isinstance(entry.get(k), torch.Tensor) for k in ("w_lora_A", "w_lora_B")
                 ):
                     raise PeftError(f"{path}: layer_{i}.{proj} lacks tensors w_lora_A, w_lora_B")
-                a, b = entry["w_lora_A"], entry["w_lora_B"]
+                a, b = (
+                    _learned(path, f"layer_{i}.{proj}.{key}", entry[key])
+                    for key in ("w_lora_A", "w_lora_B")
+                )
                 if _shape(a) != [r, width] or _shape(b) != [width, r]:
                     raise PeftError(
                         f"{path}: layer_{i}.{proj} (the {name} block {index}) has A "
