@@ -466,3 +466,35 @@ def test_a_subclass_that_overrides_no_call_is_still_folded(data):
     result = fma_fast.solve(x, net, 4, class_features=z)
     assert result.path.startswith("folded-fp32+"), result.path
     torch.testing.assert_close(fma_fast.solve(x, net, 4), expected, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------- one tie rule everywhere
+
+
+@pytest.mark.parametrize("class_tile", [8, policy.CLASS_TILE])  # across tiles; inside one
+@pytest.mark.parametrize("backend", ["auto", "reference", "folded", "triton"])
+def test_every_solve_path_gives_equal_cosines_to_the_lower_class(backend, class_tile,
+                                                                 monkeypatch):
+    """Exact ties (kernel_support.exact_ties) through solve, its step ensemble and the
+    scoring ops alone: every path ranks equal scores by ascending class, as documented."""
+    from kernel_support import exact_ties, tie_rule_topk
+
+    if backend == "triton" and not interpreter_or_cuda():
+        pytest.skip(SKIP_REASON)
+    monkeypatch.setattr(policy, "CLASS_TILE", class_tile)
+    x, z, levels = exact_ties(45, seed=7)
+    net = fma_fast.VelocityNet(x.shape[1], blocks=1)  # untrained: exactly zero velocity
+    for k in (1, 2, 3, 5, 16):
+        expected = tie_rule_topk(levels, k)
+        result = fma_fast.solve(x, net, 1, class_features=z, topk=k, backend=backend)
+        assert torch.equal(result.topk_indices, expected), (
+            f"{result.path} k={k}: {result.topk_indices.tolist()} != {expected.tolist()}")
+        ensemble = fma_fast.solve(x, net, 1, class_features=z, topk=k, backend=backend,
+                                  ensemble_steps=(0, 1), logit_scale=10.0)
+        assert torch.equal(ensemble.topk_indices, expected), (
+            f"ensemble {ensemble.path} k={k}: {ensemble.topk_indices.tolist()}")
+        if backend in ("reference", "triton"):
+            top = dispatch.cosine_topk(x, z, k, normalized=True, backend=backend)
+            assert torch.equal(top.indices, expected), f"cosine_topk {top.path} k={k}"
+        else:
+            assert torch.equal(scoring.tiled_topk(x, z, k)[1], expected), f"tiled k={k}"
