@@ -498,3 +498,35 @@ def test_every_solve_path_gives_equal_cosines_to_the_lower_class(backend, class_
             assert torch.equal(top.indices, expected), f"cosine_topk {top.path} k={k}"
         else:
             assert torch.equal(scoring.tiled_topk(x, z, k)[1], expected), f"tiled k={k}"
+
+
+# ------------------------------------------------------- class tables partly unit-norm
+
+
+def test_a_class_table_with_only_some_unit_rows_is_normalised_everywhere(model, data):
+    """Guards the solver's shortcut for unit-norm tables (no copy when every row is unit):
+    with rows 0, 4 and 9 scaled and the rest unit, every scoring user must see cosines, as
+    with the table normalised by hand (and against the reference for the final state)."""
+    x, z = data
+    unit = torch.nn.functional.normalize(z, dim=-1)
+    mixed = unit.clone()
+    mixed[0], mixed[4], mixed[9] = 6.0 * unit[0], 0.1 * unit[4], 3.0 * unit[9]
+    assert int(((mixed.norm(dim=1) - 1).abs() <= 1e-6).sum()) == 8  # most rows are unit
+    with torch.no_grad():
+        final = reference.euler_solve(model, x, 3)
+    values, indices = reference.cosine_topk(final, unit, 3)
+    result = fma_fast.solve(x, model, 3, class_features=mixed, topk=3, zero_shot=True)
+    assert torch.equal(result.topk_indices, indices), (
+        f"rows scaled in the table changed the ranking: {result.topk_indices[:3].tolist()} "
+        f"!= {indices[:3].tolist()} (first 3 rows)")
+    torch.testing.assert_close(result.topk_values, values, rtol=1e-5, atol=1e-6)
+    assert torch.equal(result.zero_shot_pred, reference.cosine_topk(x, unit, 1)[1][:, 0])
+    ensemble = [fma_fast.solve(x, model, 3, class_features=table, topk=2, ensemble_steps=(0, 3))
+                for table in (mixed, unit)]
+    assert torch.equal(ensemble[0].topk_indices, ensemble[1].topk_indices)
+    torch.testing.assert_close(ensemble[0].topk_values, ensemble[1].topk_values)
+    labels = torch.arange(x.shape[0]) % z.shape[0]
+    selections = [fma_fast.select_steps(model, x, labels, table, max_steps=3)
+                  for table in (mixed, unit)]
+    assert selections[0].accuracy == selections[1].accuracy
+    assert selections[0].cross_entropy == pytest.approx(selections[1].cross_entropy, rel=1e-5)
