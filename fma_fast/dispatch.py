@@ -339,7 +339,7 @@ def step_ensemble_topk(states: Sequence[torch.Tensor] | torch.Tensor,
     def torch_path():
         probs = sum(torch.softmax(reference.cosine_logits(s, class_features, logit_scale), -1)
                     for s in stacked)
-        return probs.topk(k, dim=-1)
+        return reference.topk(probs, k)
 
     if path == PATH_REFERENCE:
         return TopK(*torch_path(), path)

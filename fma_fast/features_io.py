@@ -55,11 +55,15 @@ def save_features(
     provenance: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a feature file atomically (temp file, then rename); the same content always gives
-    the same bytes. ``provenance`` (JSON) should hold a ``source`` shared by every split of
-    one origin."""
+    the same bytes. Features and class table are stored in fp32, the format's dtype and the
+    solver's, whatever dtype they come in (values beyond fp32's range are refused).
+    ``provenance`` (JSON) should hold a ``source`` shared by every split of one origin."""
     x = check.check_matrix("features", features)
     z = check.check_matrix("class_features", class_features, dim=x.shape[1], dim_source="features")
-    tensors = {"features": x.detach().cpu(), "class_features": z.detach().cpu()}
+    tensors = {"features": x.detach().to("cpu", torch.float32).contiguous(),
+               "class_features": z.detach().to("cpu", torch.float32).contiguous()}
+    for name in ("features", "class_features"):
+        check.check_finite(name, tensors[name])
     if labels is not None:
         tensors["labels"] = check.check_labels(
             "labels", labels, rows=x.shape[0], num_classes=z.shape[0]

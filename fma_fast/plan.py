@@ -14,9 +14,18 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules import module as nn_module
 
 from . import _validation as check
-from .model import VelocityNet, timestep_embedding
+from .model import (
+    TIME_FREQUENCY_DIM,
+    FinalLayer,
+    ResBlock,
+    TimestepEmbedder,
+    VelocityNet,
+    timestep_embedding,
+)
 from .policy import PRECISIONS
 
 
@@ -107,6 +116,100 @@ class SolverPlan:
         )
 
 
+_CALL_NAMES = ("forward", "__call__", "_call_impl", "_wrapped_call_impl")
+"""Attributes through which a module's call could differ from the class the fold reads."""
+
+
+def _built_modules(dim: int, blocks: int, width: int) -> dict[str, tuple[type, tuple]]:
+    """Every submodule of ``VelocityNet(dim, blocks, width)`` by name: its exact type and, for
+    Linears and LayerNorms, the (in, out) / (width,) shape the fold reads."""
+    def mlp(prefix: str, first: tuple, second: tuple) -> dict:
+        return {prefix: (nn.Sequential, ()), f"{prefix}.0": (nn.Linear, first),
+                f"{prefix}.1": (nn.SiLU, ()), f"{prefix}.2": (nn.Linear, second)}
+
+    def modulation(prefix: str, chunks: int) -> dict:
+        return {prefix: (nn.Sequential, ()), f"{prefix}.0": (nn.SiLU, ()),
+                f"{prefix}.1": (nn.Linear, (width, chunks * width))}
+
+    built = {"time_embed": (TimestepEmbedder, ()),
+             **mlp("time_embed.mlp", (TIME_FREQUENCY_DIM, width), (width, width)),
+             "input_proj": (nn.Linear, (dim, width)), "res_blocks": (nn.ModuleList, ())}
+    for b in range(blocks):
+        name = f"res_blocks.{b}"
+        built |= {name: (ResBlock, ()), f"{name}.in_ln": (nn.LayerNorm, (width,)),
+                  **mlp(f"{name}.mlp", (width, width), (width, width)),
+                  **modulation(f"{name}.adaLN_modulation", 3)}
+    return built | {"final_layer": (FinalLayer, ()),
+                    "final_layer.norm_final": (nn.LayerNorm, (width,)),
+                    "final_layer.linear": (nn.Linear, (width, dim)),
+                    **modulation("final_layer.adaLN_modulation", 2)}
+
+
+def _module_problem(name: str, module: nn.Module, kind: type, shape: tuple, eps: float
+                    ) -> str | None:
+    where = name or "the model"
+    if kind is not VelocityNet and type(module) is not kind:
+        return f"{where} is a {type(module).__name__}, not the {kind.__name__} it is built with"
+    overridden = [n for n in _CALL_NAMES if n in vars(module)]
+    if overridden:
+        return f"{where} has its own {overridden[0]} set on the instance"
+    if module._forward_hooks or module._forward_pre_hooks:
+        return f"{where} has forward hooks"
+    if kind is nn.Linear and (module.bias is None or tuple(module.weight.shape) != shape[::-1]
+                              or tuple(module.bias.shape) != shape[1:]):
+        return f"{where} is not a Linear {shape[0]} -> {shape[1]} with a bias"
+    if kind is nn.LayerNorm:
+        affine = name.endswith("in_ln")
+        if (tuple(module.normalized_shape) != shape or module.eps != eps
+                or module.elementwise_affine != affine
+                or affine and (module.bias is None or module.weight.shape != shape
+                               or module.bias.shape != shape)):
+            return f"{where} is not the LayerNorm({shape[0]}, eps={eps}) it is built with"
+    if kind is nn.SiLU and module.inplace:
+        return f"{where} is an in-place SiLU"
+    return None
+
+
+def fold_problem(model: nn.Module) -> str | None:
+    """Why folding ``model`` would not reproduce ``model(x, t)``, or None when it would.
+
+    The fold reads the weights of the modules a :class:`VelocityNet` is built with and runs the
+    math of their ``forward``; it cannot see anything else that changes a call. So it folds
+    only a VelocityNet (or a subclass that overrides no call method) whose submodules are
+    exactly the types and shapes it is built with, one LayerNorm eps throughout, no in-place
+    SiLU, no method set on an instance and no forward hooks (the global ones included).
+    Anything else runs as given (``routing``) or is refused (``build_plan``).
+    """
+    if not isinstance(model, VelocityNet):
+        return f"{type(model).__name__} is not a VelocityNet"
+    for cls in type(model).__mro__[:type(model).__mro__.index(VelocityNet)]:
+        overridden = [n for n in _CALL_NAMES if n in vars(cls)]
+        if overridden:
+            return f"{cls.__name__} overrides {overridden[0]}"
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return "global module forward hooks are registered"
+    built = {"": (VelocityNet, ())} | _built_modules(model.dim, model.blocks, model.width)
+    modules = dict(model.named_modules())
+    if modules.keys() != built.keys():
+        extra = sorted(modules.keys() - built.keys()) or sorted(built.keys() - modules.keys())
+        return f"its submodules differ from those it is built with (first: {extra[0]})"
+    eps = model.final_layer.norm_final.eps
+    for name, module in modules.items():
+        problem = _module_problem(name, module, *built[name], eps)
+        if problem:
+            return problem
+    return None
+
+
+def _check_foldable(model: nn.Module) -> None:
+    if not isinstance(model, VelocityNet):
+        raise TypeError(f"model must be a VelocityNet, got {type(model).__name__}")
+    problem = fold_problem(model)
+    if problem:
+        raise ValueError(f"the model cannot be folded ({problem}): the fold would ignore "
+                         "that; solve it with backend='auto' or 'reference' (runs it as given)")
+
+
 def step_times(steps: int, step_size: float) -> torch.Tensor:
     """The fp32 t of each step exactly as ``reference.euler_solve`` accumulates it (t += h)."""
     t = torch.zeros((), dtype=torch.float32)
@@ -138,8 +241,7 @@ def build_plan(
     in float64 and rounded once to ``dtype``, so a fp32 plan is exact to fp32 rounding.
     ``final_only`` also builds the fields of the fp32 final-state path (``feedback`` ...).
     """
-    if not isinstance(model, VelocityNet):
-        raise TypeError(f"model must be a VelocityNet, got {type(model).__name__}")
+    _check_foldable(model)
     steps = check.check_int("steps", steps, minimum=0)
     step_size = check.check_positive_float("step_size", step_size)
     if dtype not in PRECISIONS.values():
@@ -254,8 +356,7 @@ def solver_plan(
     on any difference (optimizer steps of any kind, ``load_state_dict``, in-place and
     ``param.data`` writes).
     """
-    if not isinstance(model, VelocityNet):
-        raise TypeError(f"model must be a VelocityNet, got {type(model).__name__}")
+    _check_foldable(model)  # at every lookup: hooks may come after a plan was cached
     steps = check.check_int("steps", steps, minimum=0)
     step_size = check.check_positive_float("step_size", step_size)
     device = next(model.parameters()).device if device is None else torch.device(device)

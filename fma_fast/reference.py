@@ -127,11 +127,29 @@ def cosine_logits(
     return logits if logit_scale is None else logit_scale * logits
 
 
+def topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest scores of each row of a (rows, C) matrix and their columns, best first,
+    equal scores by ascending column: fma_fast's tie rule (torch.topk picks among equals as
+    it likes; on the CPU the higher index). One topk of k+1 shows the rows whose k-th score
+    is shared beyond the k; those alone are resolved by a stable sort of the row."""
+    values, indices = scores.topk(min(k + 1, scores.shape[-1]), dim=-1)
+    if values.shape[-1] > k:
+        shared = values[:, k] == values[:, k - 1]
+        if bool(shared.any()):
+            rows = shared.nonzero()[:, 0]
+            sorted_values, order = scores[rows].sort(dim=-1, descending=True, stable=True)
+            values[rows], indices[rows] = sorted_values[:, :k + 1], order[:, :k + 1]
+        values, indices = values[:, :k], indices[:, :k]
+    indices, by_column = indices.sort(dim=-1)
+    values, order = values.gather(-1, by_column).sort(dim=-1, descending=True, stable=True)
+    return values, indices.gather(-1, order)
+
+
 def cosine_topk(
     x: torch.Tensor, class_features: torch.Tensor, k: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k largest cosines per row and their class indices, best first."""
-    return cosine_logits(x, class_features).topk(k, dim=-1)
+    """The k largest cosines per row and their class indices, best first (:func:`topk`)."""
+    return topk(cosine_logits(x, class_features), k)
 
 
 def cosine_cross_entropy(

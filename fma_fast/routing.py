@@ -1,10 +1,11 @@
 """Which implementation runs, decided in one place.
 
 :func:`resolve` turns the options of a solve into a :class:`Route`: the network path (the
-reference loop, any other velocity module as given, the folded plan's torch GEMM chain, or its
-fused Triton kernels) and how the states are scored. :func:`op_backend` is the rule shared by
-the solve's Euler update and scoring ops and by ``fit``'s training pair and loss: the kernels on
-CUDA, the torch twins on the CPU, unless a backend is forced.
+reference loop, any other velocity module as given (a VelocityNet too when the fold would
+not reproduce its call: :func:`fma_fast.plan.fold_problem`), the folded plan's torch GEMM
+chain, or its fused Triton kernels) and how the states are scored. :func:`op_backend` is the
+rule shared by the solve's Euler update and scoring ops and by ``fit``'s training pair and
+loss: the kernels on CUDA, the torch twins on the CPU, unless a backend is forced.
 
 Internal module: the public functions take ``backend`` and ``precision`` strings.
 """
@@ -19,8 +20,7 @@ from torch import nn
 from . import _validation as check
 from . import dispatch
 from .kernels._common import HAS_TRITON
-from .model import VelocityNet
-from .plan import solver_plan
+from .plan import fold_problem, solver_plan
 from .policy import OP_BACKENDS, PRECISIONS, SOLVE_BACKENDS, SOLVE_BATCH_ROWS
 from .runtime_triton import kernels_run
 
@@ -108,7 +108,9 @@ def _model_device(model) -> torch.device | None:
 
 def _network(model, device: torch.device, precision: str, backend: str) -> str:
     """auto: a VelocityNet runs folded (docs/method.md §3), through the fused Triton kernels on
-    CUDA and as a torch GEMM chain elsewhere; any other velocity module runs as given."""
+    CUDA and as a torch GEMM chain elsewhere; any other velocity module, and a VelocityNet whose
+    call the fold would not reproduce (an overridden forward, hooks, replaced submodules),
+    runs as given."""
     if backend == "reference":
         return NETWORK_REFERENCE
     if precision == "fp16" and device.type != "cuda":
@@ -116,9 +118,11 @@ def _network(model, device: torch.device, precision: str, backend: str) -> str:
             "precision='fp16' needs a CUDA device (CPUs have no fast fp16 GEMM); "
             "use 'bf16' or 'fp32'"
         )
-    if not isinstance(model, VelocityNet):
+    problem = fold_problem(model)
+    if problem:
         if backend in ("folded", "triton", "compiled"):
-            raise ValueError(f"backend={backend!r} needs a VelocityNet, got {type(model).__name__}")
+            raise ValueError(f"backend={backend!r} needs a VelocityNet the fold reproduces; "
+                             f"this model cannot be folded: {problem}")
         return NETWORK_GENERIC
     if backend == "folded":
         return NETWORK_FOLDED

@@ -502,10 +502,11 @@ if HAS_TRITON:
         """Fold a (BLOCK_N, BLOCK_C) score tile into the running unsorted top-K slots.
 
         Masked columns must hold -inf. Slots K..K_PAD-1 hold +inf so they are never the
-        minimum that gets replaced. Each round moves the tile's row maximum into the slot of
-        the running minimum when larger; rounds stop once no row of the block can improve,
-        which after the first few tiles is usually at once (at most K rounds).
-        """
+        minimum that gets replaced. Each round moves the tile's row maximum (its lowest class
+        among equals) into the slot of the running minimum (its highest class among equals)
+        when larger, so equal scores keep the lower class index; rounds stop once no row of
+        the block can improve, which after the first few tiles is usually at once (at most K
+        rounds)."""
         slots = tl.arange(0, K_PAD)
         big = tl.full(cls.shape, 2147483647, tl.int32)
         round_ = 0
@@ -516,7 +517,11 @@ if HAS_TRITON:
             arg = tl.min(tl.where(scores == best[:, None], cls[None, :], big[None, :]), axis=1)
             scores = tl.where(cls[None, :] == arg[:, None], float("-inf"), scores)
             low = tl.min(top_v, axis=1)
-            low_slot = tl.min(tl.where(top_v == low[:, None], slots[None, :], K_PAD), axis=1)
+            # of equal minima the highest class goes: equal scores keep the lower class
+            at_low = top_v == low[:, None]
+            evict = tl.max(tl.where(at_low, top_i, -1), axis=1)
+            low_slot = tl.min(tl.where(at_low & (top_i == evict[:, None]), slots[None, :],
+                                       K_PAD), axis=1)
             replace = (slots[None, :] == low_slot[:, None]) & (best > low)[:, None]
             top_v = tl.where(replace, best[:, None], top_v)
             top_i = tl.where(replace, arg[:, None], top_i)

@@ -102,8 +102,10 @@ def unsorted_topk(x: torch.Tensor, table: torch.Tensor, k: int, scale: float = 1
 
 
 def sort_topk(values: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Order (N, k) candidates best first: O(N·k), never O(N·C)."""
-    values, order = values.sort(dim=1, descending=True)
+    """Order (N, k) candidates best first, equal values by ascending class (the slots hold
+    them in no order): O(N·k), never O(N·C)."""
+    indices, by_class = indices.sort(dim=1)
+    values, order = values.gather(1, by_class).sort(dim=1, descending=True, stable=True)
     return values, indices.gather(1, order)
 
 

@@ -82,3 +82,38 @@ class FakeCudaDevices:
         if index >= 0:  # torch: a negative index leaves the device as it is
             self.current = index
         return previous
+
+
+def exact_ties(classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Four one-hot rows x (4, D), an exactly unit-norm class table (C, D) and the cosines
+    (4, C) the table was built with, in {-0.5, -0.25, 0, 0.25, 0.5}: many exact ties, inside
+    and across class tiles. Rows 0 and 3 are random (about C/5 classes per level). In 16-class
+    tiles, row 1 has zeros and one better class in each later tile (23, 39), so a running
+    top-k must evict one of several equal minima (the higher class); row 2 has class 1 above
+    the zeros and 24, 40 tied above it, so the slots end holding 40 before 24 and only the
+    final ordering can put 24 first. Every cosine is one product of exact binary fractions
+    plus zeros, the same in any summation order or tile, and the rows are unit-norm exactly
+    (padding entries of 0.25), so no normalisation breaks a tie."""
+    rows = 4
+    g = torch.Generator().manual_seed(seed)
+    levels = torch.randint(-2, 3, (rows, classes), generator=g).float() / 4
+    levels[1:3] = 0
+    for row, picks in ((1, {23: 0.25, 39: 0.5}), (2, {1: 0.25, 24: 0.5, 40: 0.5})):
+        for c, level in picks.items():
+            if c < classes:
+                levels[row, c] = level
+    pads = (16 - 16 * (levels ** 2).sum(0)).long()  # entries of 0.25 that complete the norm
+    table = torch.zeros(classes, rows + 16)
+    table[:, :rows] = levels.T
+    for c, count in enumerate(pads.tolist()):
+        table[c, rows:rows + count] = 0.25
+    x = torch.eye(rows, rows + 16)
+    assert torch.equal((table ** 2).sum(1), torch.ones(classes)), "the table is not unit-norm"
+    return x, table, levels
+
+
+def tie_rule_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The k best columns of each row by brute force: higher score first, equal scores in
+    ascending column order (fma_fast's documented tie rule)."""
+    return torch.tensor([sorted(range(len(row)), key=lambda c: (-row[c], c))[:k]
+                         for row in scores.tolist()])

@@ -261,3 +261,35 @@ def test_saved_files_get_the_usual_permissions(model, tmp_path):
     for name in ("model.safetensors", "config.json"):
         mode = stat.S_IMODE((tmp_path / "run" / name).stat().st_mode)
         assert mode == 0o666 & ~umask, f"{name} has mode {oct(mode)}"
+
+
+def test_a_model_folder_whose_chosen_m_is_zero_is_saved_loaded_and_used(tmp_path, capsys):
+    """M = 0 (the zero-shot rows win on val) is a legitimate choice, not a missing one: train
+    with --max-steps 0 records steps 0, and eval, score and a re-save read it back as 0
+    (where a falsy check would say "no M chosen" or fall back to another M)."""
+    from fma_fast.cli import main
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    assert main(["synth", "--out", str(data), "--classes", "4", "--dim", "16", "--shots", "2"]
+                ) == 0
+    assert main(["train", str(data / "train.safetensors"), "--val", str(data / "val.safetensors"),
+                 "--out", str(run), "--blocks", "1", "--epochs", "2", "--max-steps", "0",
+                 "--quiet"]) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["steps"] == 0 and not isinstance(config["steps"], bool), config.get("steps")
+    assert checkpoint.load_config(run)["steps"] == 0
+    capsys.readouterr()
+    assert main(["eval", str(data / "test.safetensors"), "--model", str(run)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 0 and summary["accuracy"] == summary["accuracy_at_m0"], summary
+
+    summary = fma_fast.score(run, [data / "test.safetensors"], data / "test.safetensors",
+                             tmp_path / "scored", progress=False)
+    assert summary.accuracy == summary.accuracy_at_m0
+    job = json.loads((tmp_path / "scored" / "job.json").read_text())
+    assert job["settings"]["steps"] == 0, job
+
+    model = fma_fast.load(run)
+    again = tmp_path / "again"
+    fma_fast.save(model, again, extra={"steps": 0})
+    assert checkpoint.load_config(again)["steps"] == 0

@@ -347,3 +347,53 @@ def test_bf16_autocast_on_a_cpu_with_bf16_units():
     assert default.config["amp"] == "off"  # the CPU default stays fp32
     with pytest.raises(ValueError, match="amp='fp16' needs a CUDA device"):
         fma_fast.fit(x, y, z, blocks=1, epochs=1, amp="fp16", device="cpu", progress=False)
+
+
+@pytest.mark.parametrize("noise", ["bridge", "endpoint"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_the_loss_uses_the_pairs_noise_at_every_optimizer_step(backend, noise, monkeypatch):
+    """Guards a loss that regenerates other noise than the pair it scores (a seed or offset
+    that agrees at the first step only), and noise repeated from step to step. At every step
+    the loss's target v is read back from its gradient (v = pred - N/2·∂loss/∂pred) and
+    compared with the target written out from the pair's own x̂_t: the bridge form's noise
+    term (x̂_t - line) scaled by (1-2t)/(2t(1-t)), the endpoint form's (z - x̂_t)/(1-t)."""
+    if backend == "triton" and kernel_device() is None:
+        pytest.skip(SKIP_REASON)
+    x, y, z = _tiny_task(rows_per_class=6)  # 24 rows, batch 8: 3 steps per epoch, 6 in all
+    steps = []
+    real_pair, real_loss = dispatch.fused_pair, dispatch.fused_loss
+
+    def pair_spy(x0, labels, table, t, **options):
+        pair = real_pair(x0, labels, table, t, **options)
+        steps.append({"x0": x0.clone(), "z": table[labels].clone(), "t": pair.t.clone(),
+                      "x_t": pair.x_t.detach().clone(), "path": pair.path})
+        return pair
+
+    def loss_spy(pred, x0, labels, table, t, **options):
+        loss = real_loss(pred, x0, labels, table, t, **options)
+        (grad,) = torch.autograd.grad(loss.loss, pred, retain_graph=True)
+        steps[-1]["v"] = (pred - grad * pred.shape[0] / 2).detach()
+        return loss
+
+    monkeypatch.setattr(training.dispatch, "fused_pair", pair_spy)
+    monkeypatch.setattr(training.dispatch, "fused_loss", loss_spy)
+    gamma = 0.5
+    fma_fast.fit(x, y, z, blocks=1, epochs=2, batch_size=8, gamma=gamma, noise=noise, seed=4,
+                 backend=backend, progress=False)
+    assert len(steps) == 6 and all("v" in step for step in steps)
+    noises = []
+    for number, step in enumerate(steps):
+        assert step["path"].startswith(backend), step["path"]
+        t, x0, target = step["t"], step["x0"], step["z"]
+        line = (1 - t) * x0 + t * target
+        if noise == "bridge":
+            expected = target - x0 + (1 - 2 * t) / (2 * t * (1 - t)) * (step["x_t"] - line)
+        else:
+            expected = (target - step["x_t"]) / (1 - t)
+        torch.testing.assert_close(step["v"], expected, rtol=1e-3, atol=1e-3,
+                                   msg=lambda m, n=number: f"optimizer step {n + 1}: {m}")
+        noises.append((step["x_t"] - line) / torch.sqrt(t * (1 - t)))
+    for i in range(len(noises)):
+        for j in range(i):
+            assert not torch.allclose(noises[i], noises[j], atol=1e-3), (
+                f"steps {j + 1} and {i + 1} drew the same noise")

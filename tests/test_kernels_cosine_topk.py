@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_support import HALF_SKIP_REASON, SKIP_REASON, assert_close, kernel_device
+from kernel_support import (
+    HALF_SKIP_REASON,
+    SKIP_REASON,
+    assert_close,
+    exact_ties,
+    kernel_device,
+    tie_rule_topk,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fma_fast import dispatch, reference
@@ -181,3 +188,38 @@ def test_scoring_allocates_nothing_of_rows_times_classes(op):
     assert used < bound, f"{op}: a {used}-byte tensor was made (bound {bound})"
     assert largest_tensor_bytes(lambda: run("reference")) >= 4 * rows * classes, (
         "the probe missed the reference's N×C scores")
+
+
+# --------------------------------------------------------------------------- tie rule
+
+
+@pytest.mark.parametrize("classes", [13, 45])  # inside one 16-class tile; across three
+def test_equal_cosines_go_to_the_lower_class_index_in_rank_order(classes):
+    """About C/5 classes per row tie exactly (kernel_support.exact_ties): the kernel keeps the
+    lower index among equal scores, when it picks inside a tile, when it evicts from its slots
+    and when it orders the k it kept, for every k."""
+    x, table, levels = exact_ties(classes, seed=classes)
+    x, table = x.to(DEVICE), table.to(DEVICE)
+    for k in sorted({1, 2, 3, 5, min(16, classes)}):
+        result = dispatch.cosine_topk(x, table, k, normalized=True, backend="triton")
+        expected = tie_rule_topk(levels, k)
+        assert torch.equal(result.indices.cpu(), expected), (
+            f"C={classes} k={k}: {result.indices.tolist()} != {expected.tolist()}")
+        assert torch.equal(result.values.cpu(), levels.gather(1, expected)), f"k={k} values"
+
+
+@pytest.mark.parametrize("classes", [13, 45])
+def test_the_step_ensemble_kernel_keeps_the_same_tie_rule(classes):
+    x, table, levels = exact_ties(classes, seed=100 + classes)
+    x, table = x.to(DEVICE), table.to(DEVICE)
+    # scale 10: level gaps of 0.25 stay far above fp32 rounding, and no probability underflows
+    probs = reference.step_ensemble_probs(lambda f, t: torch.zeros_like(f), x, table, steps=2,
+                                          ensemble_steps=(0, 2), logit_scale=10.0)
+    for k in sorted({1, 2, 3, 5, min(16, classes)}):
+        result = dispatch.step_ensemble_topk([x, x], table, k, logit_scale=10.0,
+                                             normalized=True, backend="triton")
+        expected = tie_rule_topk(levels, k)
+        assert torch.equal(result.indices.cpu(), expected), (
+            f"C={classes} k={k}: {result.indices.tolist()} != {expected.tolist()}")
+        assert_close(result.values, probs.gather(1, expected.to(DEVICE)), f"k={k} values",
+                     rtol=2e-5, atol=1e-6)

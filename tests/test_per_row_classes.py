@@ -178,3 +178,33 @@ def test_tables_from_build_without_real_dense_values_are_refused(name):
     built = fma_fast.PerRowClasses(build=lambda rows: bad, num_classes=3, dim=4)  # one batch
     with pytest.raises(ValueError, match=f"tables from build {message}"):
         fma_fast.solve(x, _field(4), 1, class_features=built)
+
+
+def test_fit_and_select_steps_see_unit_class_rows_whatever_the_tables_scale():
+    """Guards per-row tables used unnormalised outside solve: tables given or built at
+    class-dependent scales (0.25 to 4.25) must train, and choose M, exactly as the same tables
+    normalised by hand (fit's targets are each row's own class row, made unit)."""
+    generator = torch.Generator().manual_seed(6)
+    x = F.normalize(torch.randn(12, 6, generator=generator), dim=-1)
+    y = torch.randint(3, (12,), generator=generator)
+    unit = F.normalize(torch.randn(12, 3, 6, generator=generator), dim=-1)
+    raw = unit * (4 * torch.rand(12, 3, 1, generator=generator) + 0.25)
+
+    def build(x0):
+        return raw[torch.cdist(x0, x).argmin(dim=1)]
+
+    tables = {"unit": fma_fast.PerRowClasses(unit), "given": fma_fast.PerRowClasses(raw),
+              "built": fma_fast.PerRowClasses(build=build, num_classes=3, dim=6)}
+    runs = {name: fma_fast.fit(x, y, table, blocks=1, epochs=2, batch_size=4, gamma=0.1,
+                               seed=3, progress=False) for name, table in tables.items()}
+    model = runs["unit"].model
+    chosen = {name: fma_fast.select_steps(model, x, y, table, max_steps=4)
+              for name, table in tables.items()}
+    for name in ("given", "built"):
+        assert runs[name].history == pytest.approx(runs["unit"].history, rel=1e-5), name
+        for (key, got), wanted in zip(runs[name].model.named_parameters(), model.parameters()):
+            torch.testing.assert_close(got, wanted, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, n=name, k=key: f"{n} tables, {k}: {m}")
+        assert chosen[name].accuracy == chosen["unit"].accuracy, name
+        assert chosen[name].cross_entropy == pytest.approx(chosen["unit"].cross_entropy,
+                                                           rel=1e-5), name

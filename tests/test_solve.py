@@ -297,3 +297,236 @@ def test_tiled_top_k_keeps_the_lower_index_on_ties_across_tile_borders(monkeypat
             assert indices[0, :2].tolist() == [3, 11] and indices[1, :2].tolist() == [12, 17]
         else:
             assert indices[0].tolist() == [3] and indices[1].tolist() == [12]
+
+
+# ------------------------------------------------- item 9: fold only what the fold reproduces
+
+
+class _DoubledVelocity(fma_fast.VelocityNet):
+    def forward(self, x, t):
+        return 2 * super().forward(x, t)
+
+
+class _CalledTwice(fma_fast.VelocityNet):
+    def __call__(self, x, t):
+        return super().__call__(x, t) + super().__call__(x, t)
+
+
+class _RenamedOnly(fma_fast.VelocityNet):
+    """Adds a method and overrides no call: the fold reproduces it."""
+
+    def describe(self) -> str:
+        return "renamed"
+
+
+def _gelu_in_first_mlp(net):
+    net.res_blocks[0].mlp[1] = torch.nn.GELU()
+
+
+def _identity_layer_norm(net):
+    net.res_blocks[1].in_ln = torch.nn.Identity()
+
+
+def _other_eps_layer_norm(net):
+    swapped = torch.nn.LayerNorm(net.width, eps=0.5)
+    swapped.load_state_dict(net.res_blocks[0].in_ln.state_dict())
+    net.res_blocks[0].in_ln = swapped
+
+
+def _wrapped_input_projection(net):
+    net.input_proj = torch.nn.Sequential(net.input_proj, torch.nn.Tanh())
+
+
+def _instance_forward(net):
+    block = net.res_blocks[0]
+    original = block.forward
+    block.forward = lambda x, y: original(x, y) * 0.5
+
+
+def _model_hook(net):
+    net.register_forward_hook(lambda module, args, out: out * 3)
+
+
+def _submodule_pre_hook(net):
+    net.final_layer.linear.register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+
+
+def _submodule_hook(net):
+    net.res_blocks[1].mlp[0].register_forward_hook(lambda module, args, out: torch.tanh(out))
+
+
+def _in_place_silu(net):
+    net.res_blocks[0].adaLN_modulation[0] = torch.nn.SiLU(inplace=True)
+
+
+def _parametrized_weight(net):
+    torch.nn.utils.parametrize.register_parametrization(
+        net.final_layer.linear, "weight", _Halved())
+
+
+class _Halved(torch.nn.Module):
+    def forward(self, weight):
+        return weight / 2
+
+
+UNFOLDABLE = {
+    "subclass forward": (_DoubledVelocity, None),
+    "subclass __call__": (_CalledTwice, None),
+    "GELU for SiLU": (fma_fast.VelocityNet, _gelu_in_first_mlp),
+    "LayerNorm -> Identity": (fma_fast.VelocityNet, _identity_layer_norm),
+    "LayerNorm other eps": (fma_fast.VelocityNet, _other_eps_layer_norm),
+    "wrapped input_proj": (fma_fast.VelocityNet, _wrapped_input_projection),
+    "instance forward": (fma_fast.VelocityNet, _instance_forward),
+    "model forward hook": (fma_fast.VelocityNet, _model_hook),
+    "submodule pre-hook": (fma_fast.VelocityNet, _submodule_pre_hook),
+    "submodule hook": (fma_fast.VelocityNet, _submodule_hook),
+    "in-place SiLU": (fma_fast.VelocityNet, _in_place_silu),
+    "parametrized weight": (fma_fast.VelocityNet, _parametrized_weight),
+}
+
+
+def _changed_net(kind, change) -> fma_fast.VelocityNet:
+    net = kind(12, blocks=2)
+    randomize_parameters(net, scale=0.2)
+    if change is not None:
+        change(net)
+    return net
+
+
+def _assert_runs_as_given(net, x, z, steps=4):
+    with torch.no_grad():
+        expected = reference.euler_solve(net, x, steps)
+    torch.testing.assert_close(fma_fast.solve(x, net, steps), expected, rtol=1e-5, atol=1e-5)
+    result = fma_fast.solve(x, net, steps, class_features=z, topk=2)
+    assert result.path.startswith("generic-fp32+"), result.path
+    values, indices = reference.cosine_topk(expected, z, 2)
+    assert torch.equal(result.topk_indices, indices)
+    torch.testing.assert_close(result.topk_values, values, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", sorted(UNFOLDABLE))
+def test_a_velocity_net_the_fold_would_not_reproduce_runs_as_given(data, variant):
+    net = _changed_net(*UNFOLDABLE[variant])
+    x, z = data
+    with torch.no_grad():  # the change matters: the plain VelocityNet math differs
+        plain = _changed_net(fma_fast.VelocityNet, None)
+        assert not torch.allclose(reference.euler_solve(net, x, 4),
+                                  reference.euler_solve(plain, x, 4), atol=1e-3)
+    _assert_runs_as_given(net, x, z)
+    from fma_fast.plan import build_plan, fold_problem, solver_plan
+
+    assert fold_problem(net) is not None
+    with pytest.raises(ValueError, match="cannot be folded"):
+        fma_fast.solve(x, net, 4, class_features=z, backend="folded")
+    with pytest.raises(ValueError, match="cannot be folded"):
+        build_plan(net, 2)
+    with pytest.raises(ValueError, match="cannot be folded"):
+        solver_plan(net, 2)
+
+
+def test_global_forward_hooks_stop_the_fold(model, data):
+    from torch.nn.modules.module import (
+        register_module_forward_hook,
+        register_module_forward_pre_hook,
+    )
+
+    x, z = data
+    for register, hook in (
+        (register_module_forward_hook,
+         lambda module, args, out: out + 0.25 if isinstance(module, torch.nn.Linear) else None),
+        (register_module_forward_pre_hook,
+         lambda module, args: (args[0] * 1.5,) if isinstance(module, torch.nn.Linear) else None),
+    ):
+        handle = register(hook)
+        try:
+            _assert_runs_as_given(model, x, z)
+        finally:
+            handle.remove()
+    assert fma_fast.solve(x, model, 4, class_features=z).path.startswith("folded-fp32+")
+
+
+def test_a_hook_added_after_a_plan_was_cached_is_honoured(model, data):
+    x, z = data
+    assert fma_fast.solve(x, model, 4, class_features=z).path.startswith("folded-fp32+")
+    handle = model.res_blocks[0].register_forward_hook(lambda module, args, out: out * 2)
+    try:
+        _assert_runs_as_given(model, x, z)
+        with pytest.raises(ValueError, match="res_blocks.0 has forward hooks"):
+            fma_fast.runtime_torch.folded_final(model, x, 4, 0.1)
+    finally:
+        handle.remove()
+    assert fma_fast.solve(x, model, 4, class_features=z).path.startswith("folded-fp32+")
+
+
+def test_a_subclass_that_overrides_no_call_is_still_folded(data):
+    net = _changed_net(_RenamedOnly, None)
+    x, z = data
+    with torch.no_grad():
+        expected = reference.euler_solve(net, x, 4)
+    result = fma_fast.solve(x, net, 4, class_features=z)
+    assert result.path.startswith("folded-fp32+"), result.path
+    torch.testing.assert_close(fma_fast.solve(x, net, 4), expected, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------- one tie rule everywhere
+
+
+@pytest.mark.parametrize("class_tile", [8, policy.CLASS_TILE])  # across tiles; inside one
+@pytest.mark.parametrize("backend", ["auto", "reference", "folded", "triton"])
+def test_every_solve_path_gives_equal_cosines_to_the_lower_class(backend, class_tile,
+                                                                 monkeypatch):
+    """Exact ties (kernel_support.exact_ties) through solve, its step ensemble and the
+    scoring ops alone: every path ranks equal scores by ascending class, as documented."""
+    from kernel_support import exact_ties, tie_rule_topk
+
+    if backend == "triton" and not interpreter_or_cuda():
+        pytest.skip(SKIP_REASON)
+    monkeypatch.setattr(policy, "CLASS_TILE", class_tile)
+    x, z, levels = exact_ties(45, seed=7)
+    net = fma_fast.VelocityNet(x.shape[1], blocks=1)  # untrained: exactly zero velocity
+    for k in (1, 2, 3, 5, 16):
+        expected = tie_rule_topk(levels, k)
+        result = fma_fast.solve(x, net, 1, class_features=z, topk=k, backend=backend)
+        assert torch.equal(result.topk_indices, expected), (
+            f"{result.path} k={k}: {result.topk_indices.tolist()} != {expected.tolist()}")
+        ensemble = fma_fast.solve(x, net, 1, class_features=z, topk=k, backend=backend,
+                                  ensemble_steps=(0, 1), logit_scale=10.0)
+        assert torch.equal(ensemble.topk_indices, expected), (
+            f"ensemble {ensemble.path} k={k}: {ensemble.topk_indices.tolist()}")
+        if backend in ("reference", "triton"):
+            top = dispatch.cosine_topk(x, z, k, normalized=True, backend=backend)
+            assert torch.equal(top.indices, expected), f"cosine_topk {top.path} k={k}"
+        else:
+            assert torch.equal(scoring.tiled_topk(x, z, k)[1], expected), f"tiled k={k}"
+
+
+# ------------------------------------------------------- class tables partly unit-norm
+
+
+def test_a_class_table_with_only_some_unit_rows_is_normalised_everywhere(model, data):
+    """Guards the solver's shortcut for unit-norm tables (no copy when every row is unit):
+    with rows 0, 4 and 9 scaled and the rest unit, every scoring user must see cosines, as
+    with the table normalised by hand (and against the reference for the final state)."""
+    x, z = data
+    unit = torch.nn.functional.normalize(z, dim=-1)
+    mixed = unit.clone()
+    mixed[0], mixed[4], mixed[9] = 6.0 * unit[0], 0.1 * unit[4], 3.0 * unit[9]
+    assert int(((mixed.norm(dim=1) - 1).abs() <= 1e-6).sum()) == 8  # most rows are unit
+    with torch.no_grad():
+        final = reference.euler_solve(model, x, 3)
+    values, indices = reference.cosine_topk(final, unit, 3)
+    result = fma_fast.solve(x, model, 3, class_features=mixed, topk=3, zero_shot=True)
+    assert torch.equal(result.topk_indices, indices), (
+        f"rows scaled in the table changed the ranking: {result.topk_indices[:3].tolist()} "
+        f"!= {indices[:3].tolist()} (first 3 rows)")
+    torch.testing.assert_close(result.topk_values, values, rtol=1e-5, atol=1e-6)
+    assert torch.equal(result.zero_shot_pred, reference.cosine_topk(x, unit, 1)[1][:, 0])
+    ensemble = [fma_fast.solve(x, model, 3, class_features=table, topk=2, ensemble_steps=(0, 3))
+                for table in (mixed, unit)]
+    assert torch.equal(ensemble[0].topk_indices, ensemble[1].topk_indices)
+    torch.testing.assert_close(ensemble[0].topk_values, ensemble[1].topk_values)
+    labels = torch.arange(x.shape[0]) % z.shape[0]
+    selections = [fma_fast.select_steps(model, x, labels, table, max_steps=3)
+                  for table in (mixed, unit)]
+    assert selections[0].accuracy == selections[1].accuracy
+    assert selections[0].cross_entropy == pytest.approx(selections[1].cross_entropy, rel=1e-5)
