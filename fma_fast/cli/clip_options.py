@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .._io import check_output_folder, file_problem
-from ..clip.peft import CLASS_TOKEN_POSITIONS, PEFT_METHODS
+from ..clip.peft import CLASS_TOKEN_POSITIONS, PEFT_METHODS, peft_default_templates
 from ..clip.transforms import AUGMENT_SCALE, check_crop_scale
 from ..features_io import claim_folder
 from . import options
@@ -41,7 +41,8 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
                             "(the released code's)")
     group.add_argument("--template", action="append", default=None,
                        help="prompt template with {} (repeat for an ensemble, or 'imagenet7'; "
-                            "None: the dataset's CoOp template)")
+                            "None: the dataset's CoOp template, or 'a photo of a {}.' with "
+                            "--peft lora as CLIP-LoRA uses)")
     group.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
                        help="encoder autocast on CUDA; auto = fp16")
     group.add_argument("--encode-batch-size", type=int, default=256,
@@ -103,7 +104,8 @@ def prepare(args, context):
         encoder = PeftEncoder(load_peft(args.peft, args.peft_checkpoint, encoder,
                                         dataset.class_names, strict_classes=strict,
                                         class_token_position=args.class_token_position))
-    templates = resolve_templates(args.template, dataset.name)
+    templates = resolve_templates(args.template or peft_default_templates(args.peft),
+                                  dataset.name)
     if args.workers is not None:
         workers = args.workers
     else:
