@@ -406,7 +406,7 @@ def _error(argv, capsys) -> str:
     return err
 
 
-def test_clear_errors(tiny, tmp_path, capsys):
+def test_clear_errors(tiny, tmp_path, capsys, monkeypatch):
     out = ["--out", str(tmp_path / "out"), "--quiet"]
     err = _error(["extract", *data_args(tiny, root=tmp_path), *out], capsys)
     assert "dataset folder for oxford_pets not found" in err
@@ -423,8 +423,11 @@ def test_clear_errors(tiny, tmp_path, capsys):
     assert "is not a loadable checkpoint for open_clip model" in err
     err = _error([*base, "--model", "ViT-Q-99"], capsys)
     assert "unknown open_clip model 'ViT-Q-99'" in err
-    err = _error([*base, "--model", "hf-hub:org/repo"], capsys)
-    assert "fetch files at run time" in err
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network here
+    err = _error([*base, "--model", "hf-hub:org/repo", "--cache-dir", str(tmp_path)], capsys)
+    assert "model 'hf-hub:org/repo'" in err and "could not be downloaded" in err, err
+    assert "https://huggingface.co/org/repo" in err and "--checkpoint FILE" in err, err
     err = _error([*base, *model_args(tiny), "--crop-scale", "0.6", "0.5"], capsys)
     assert "crop_scale must satisfy 0 < low <= high <= 1, got (0.6, 0.5)" in err
     err = _error(["run", *data_args(tiny), "--shots", "4", "4", *out], capsys)

@@ -25,9 +25,19 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
                        help="keep class folders without images (refused otherwise)")
     group.add_argument("--allow-unnamed-classes", action="store_true",
                        help="name CSV classes without a classname column by their labels")
-    group.add_argument("--model", required=True, help="open_clip architecture, e.g. ViT-B-16")
-    group.add_argument("--checkpoint", default=None,
-                       help="local weights file for --model (None: random init, smoke runs)")
+    group.add_argument("--model", required=True,
+                       help="open_clip architecture, e.g. ViT-B-16, or hf-hub:org/repo "
+                            "(architecture and weights from that repo)")
+    weights = group.add_mutually_exclusive_group()
+    weights.add_argument("--checkpoint", default=None,
+                         help="local weights file for --model (neither this nor --pretrained: "
+                              "random init, smoke runs)")
+    weights.add_argument("--pretrained", default=None, metavar="TAG",
+                         help="open_clip pretrained tag for --model (openai, laion2b_s34b_b88k, "
+                              "...): weights from open_clip's cache, downloaded when missing")
+    group.add_argument("--cache-dir", default=None,
+                       help="open_clip's download cache for --pretrained and hf-hub: models "
+                            "(None: open_clip's default)")
     group.add_argument("--model-config", default=None,
                        help="register an open_clip architecture JSON first (its name is the stem)")
     group.add_argument("--shots", type=int, nargs="+", default=[16],
@@ -95,7 +105,8 @@ def prepare(args, context):
         raise ValueError(
             f"--model-config {args.model_config} registers {model!r}, not {args.model!r}"
         )
-    encoder = load_encoder(model, args.checkpoint, device=device, precision=args.precision)
+    encoder = load_encoder(model, args.checkpoint, pretrained=args.pretrained,
+                           cache_dir=args.cache_dir, device=device, precision=args.precision)
     if args.peft is not None:
         from ..clip.peft import PeftEncoder, load_peft
 
@@ -114,11 +125,17 @@ def prepare(args, context):
         print(
             f"dataset {dataset.name}: {len(dataset.class_names)} classes, {len(dataset.train)} "
             f"train / {len(dataset.val) if dataset.val is not None else 'no'} val / "
-            f"{len(dataset.test)} test images; model {args.model} ({encoder.checkpoint[:19]}), "
+            f"{len(dataset.test)} test images; model {args.model} ({weights_label(encoder)}), "
             f"{encoder.precision} on {device}, input {encoder.preprocessing['size']}",
             flush=True,
         )
     return dataset, encoder, templates, device, workers
+
+
+def weights_label(encoder) -> str:
+    """Where an encoder's weights came from, short: the pretrained tag, then the digest."""
+    tag, short = encoder.model_id.get("pretrained"), encoder.checkpoint[:19]
+    return f"{tag} {short}" if tag else short
 
 
 def claim_output(out: Path, dataset, encoder, templates) -> dict[str, Any]:

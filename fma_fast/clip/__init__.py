@@ -14,7 +14,13 @@ from .cache import (
 )
 from .datasets import DATASET_NAMES, Dataset, Item, few_shot, load_dataset
 from .distributed import Context, accuracy_by_steps_sharded, launch, solve_sharded
-from .encoder import ClipEncoder, MissingExtraError, load_encoder, register_model_config
+from .encoder import (
+    ClipEncoder,
+    MissingExtraError,
+    load_encoder,
+    register_model_config,
+    resolve_pretrained,
+)
 from .peft import PEFT_METHODS, PeftEncoder, PeftError, PeftSource, load_peft
 from .prompts import DATASET_TEMPLATES, ENSEMBLES, build_prompts, resolve_templates
 from .transforms import Preprocess
@@ -47,6 +53,7 @@ __all__ = [
     "load_encoder",
     "load_split",
     "register_model_config",
+    "resolve_pretrained",
     "resolve_templates",
     "solve_sharded",
 ]
