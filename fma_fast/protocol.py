@@ -80,3 +80,8 @@ def base_and_new_classes(train_labels: torch.Tensor | Sequence[int]) -> tuple[li
         raise ValueError(f"base-to-new needs at least 2 classes, got {len(labels)}")
     half = -(-len(labels) // 2)
     return labels[:half], labels[half:]
+
+
+def harmonic_mean(base: float, new: float) -> float:
+    """The base-to-new harmonic mean 2·b·n / (b + n) (0 when both are 0)."""
+    return 2 * base * new / (base + new) if base + new > 0 else 0.0
