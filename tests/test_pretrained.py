@@ -187,3 +187,28 @@ def test_extract_with_a_tag_records_the_tag_and_the_file_digest(files, cache, tm
     assert caught.value.code == 2 and "not allowed with argument" in text.getvalue()
     assert cache["attempts"] == []
 
+
+def test_a_classifier_on_a_tag_rebuilds_its_encoder_from_the_tag(files, cache, tmp_path):
+    from fma_fast import VelocityNet
+    from fma_fast.clip import FewShotClassifier
+
+    encoder = load_encoder(MODEL, pretrained="tinyhub", cache_dir=cache["folder"], device="cpu")
+    torch.manual_seed(0)
+    table = torch.nn.functional.normalize(torch.randn(3, 16), dim=-1)
+    classifier = FewShotClassifier(encoder=encoder, field=VelocityNet(16, blocks=1),
+                                   class_features=table, class_names=["a", "b", "c"],
+                                   templates=["a {}."], steps=2)
+    folder = classifier.save(tmp_path / "clf")
+    description = json.loads((folder / "classifier.json").read_text())
+    assert description["encoder"]["pretrained"] == "tinyhub"
+    loaded = FewShotClassifier.load(folder, cache_dir=cache["folder"])
+    assert loaded.encoder.pretrained == "tinyhub"
+    assert loaded.encoder.preprocessing == encoder.preprocessing
+    images = sorted((files["data"] / "star").glob("*.png"))
+    expected = classifier.predict(images, topk=3)
+    found = loaded.predict(images, topk=3)
+    assert torch.equal(found.indices, expected.indices)
+    torch.testing.assert_close(found.cosines, expected.cosines, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="pretrained 'tinyhub'.*could not be downloaded"):
+        FewShotClassifier.load(folder, cache_dir=tmp_path / "empty")
+    assert cache["attempts"] == []

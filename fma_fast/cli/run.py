@@ -10,6 +10,7 @@ job's test rows. Results are gathered in job order: 1 or N processes give the sa
 
 from __future__ import annotations
 
+import argparse
 import json
 from typing import Any
 
@@ -20,6 +21,7 @@ from . import clip_options, options
 
 RESULTS_NAME = "results.json"
 PREDICTIONS_NAME = "predictions.safetensors"
+CLASSIFIERS_NAME = "classifiers"
 
 
 def plot_name(shots: int) -> str:
@@ -122,6 +124,7 @@ def run(args) -> None:
         "dataset": dataset.name,
         "model": args.model,
         "checkpoint": encoder.checkpoint,
+        "pretrained": encoder.model_id.get("pretrained"),
         "precision": encoder.precision,
         "preprocessing": encoder.preprocessing,
         "peft": encoder.model_id.get("peft"),
@@ -138,6 +141,8 @@ def run(args) -> None:
         "summary": summaries,
         "std": "sample (n - 1) over seeds, percent",
         "skipped_images": skipped,
+        "classifiers": ([f"{CLASSIFIERS_NAME}/{job.key}" for job in outcome.jobs]
+                        if args.save_classifiers else []),
     }
     write_text(out / RESULTS_NAME, json.dumps(results, indent=2) + "\n")
     save_safetensors(out / PREDICTIONS_NAME, {key: value.contiguous() for key, value in
@@ -147,6 +152,24 @@ def run(args) -> None:
     for shots in shot_counts:
         group = [run for run in runs if run["shots"] == shots]
         print(runs_summary.plot_by_steps(out / plot_name(shots), group))
+    if args.save_classifiers:
+        _save_classifiers(args, out, outcome, encoder, templates, dataset.name, solve)
+
+
+def _save_classifiers(args, out, outcome, encoder, templates, dataset: str, solve) -> None:
+    """One classifier folder per (shots, seed), scored against every class (base-to-new: the
+    field fitted on base, M chosen on base val, applied to the whole table)."""
+    from ..clip.classifier import FewShotClassifier
+
+    for job, run, fitted in zip(outcome.jobs, outcome.runs, outcome.fitted):
+        record = {"shots": job.shots, "seed": job.seed, "views": args.views,
+                  "crop_scale": list(args.crop_scale), "dataset": dataset,
+                  "subsample": args.subsample, "classes": run.get("classes")}
+        classifier = FewShotClassifier.from_fitted(encoder, templates, outcome.test, fitted,
+                                                   solve, record)
+        classifier.save(out / CLASSIFIERS_NAME / job.key)
+    print(f"classifiers (one per shots and seed, FewShotClassifier.load): "
+          f"{out / CLASSIFIERS_NAME}/k*-seed*")
 
 
 def register(commands) -> None:
@@ -163,6 +186,10 @@ def register(commands) -> None:
     options.add_out(parser, "folder for the cache, results and plots")
     options.add_training_options(parser, seed=False)
     options.add_solve_options(parser, prefix="solve-")
+    parser.add_argument("--save-classifiers", action=argparse.BooleanOptionalAction,
+                        default=True,
+                        help="save each (shots, seed) fit as a classifier folder under "
+                             "OUT/classifiers (the field, its M, class table and encoder spec)")
     options.add_device(parser)
     options.add_quiet(parser)
     parser.set_defaults(run=run)

@@ -12,6 +12,7 @@ from .cache import (
     extract_split,
     load_split,
 )
+from .classifier import ClassifierError, FewShotClassifier, Predictions
 from .datasets import DATASET_NAMES, Dataset, Item, few_shot, load_dataset
 from .distributed import Context, accuracy_by_steps_sharded, launch, solve_sharded
 from .encoder import (
@@ -29,16 +30,19 @@ __all__ = [
     "DATASET_NAMES",
     "DATASET_TEMPLATES",
     "ENSEMBLES",
+    "ClassifierError",
     "ClipEncoder",
     "Context",
     "Dataset",
     "ExtractedFeatures",
+    "FewShotClassifier",
     "Item",
     "MissingExtraError",
     "PEFT_METHODS",
     "PeftEncoder",
     "PeftError",
     "PeftSource",
+    "Predictions",
     "Preprocess",
     "SplitFeatures",
     "accuracy_by_steps_sharded",
