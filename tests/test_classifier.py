@@ -206,3 +206,40 @@ def test_an_encoder_other_than_the_fitted_one_is_refused(tiny, tmp_path):
     with pytest.raises(ClassifierError, match="pass checkpoint_file="):
         FewShotClassifier.load(folder)
     assert FewShotClassifier.load(folder, checkpoint_file=moved).steps == 3
+
+
+def test_a_peft_classifier_reloads_its_source_and_checks_the_file(tiny, tmp_path):
+    """A classifier on CLIP-Adapter features keeps the adapter file's digest and path; load
+    rebuilds the source from it (or from peft_checkpoint= when moved) and refuses another."""
+    from fma_fast.clip import PeftEncoder, load_peft
+
+    generator = torch.Generator().manual_seed(4)
+
+    def adapter(path):
+        torch.save({"fc.0.weight": torch.randn(4, 16, generator=generator),
+                    "fc.2.weight": torch.randn(16, 4, generator=generator)}, path)
+        return path
+
+    encoder = load_encoder(MODEL, tiny["weights"], device="cpu")
+    source = load_peft("adapter", adapter(tmp_path / "adapter.pt"), encoder, CLASSES)
+    classifier = _hand_made(PeftEncoder(source), 2)
+    folder = classifier.save(tmp_path / "clf")
+    images = sorted((tiny["data"] / "circle").glob("*.png"))
+    expected = classifier.predict(images, topk=2)
+    plain = _hand_made(encoder, 2).predict(images, topk=2)
+    assert not torch.allclose(plain.cosines, expected.cosines)  # the adapter changes features
+    loaded = FewShotClassifier.load(folder)
+    assert loaded.encoder.source.method == "adapter"
+    found = loaded.predict(images, topk=2)
+    assert torch.equal(found.indices, expected.indices)
+    torch.testing.assert_close(found.cosines, expected.cosines, rtol=0, atol=0)
+    moved = tmp_path / "moved.pt"
+    (tmp_path / "adapter.pt").rename(moved)
+    with pytest.raises(ClassifierError, match="pass peft_checkpoint="):
+        FewShotClassifier.load(folder)
+    assert FewShotClassifier.load(folder, peft_checkpoint=moved).steps == 2
+    with pytest.raises(ClassifierError, match="fitted with adapter checkpoint sha256"):
+        FewShotClassifier.load(folder, peft_checkpoint=adapter(tmp_path / "other.pt"))
+    with pytest.raises(ClassifierError, match="fitted with encoder checkpoint"):
+        FewShotClassifier.load(folder, peft_checkpoint=moved,
+                               encoder=load_encoder(MODEL, device="cpu"))
