@@ -39,7 +39,7 @@ from ..solver import solve as solve_rows
 from ..training import fit as fit_field
 from .cache import extract
 from .datasets import IMAGE_SUFFIXES, Dataset, Item, load_dataset
-from .encoder import _RANDOM_INIT, HF_HUB_PREFIX, ClipEncoder, import_open_clip, load_encoder
+from .encoder import HF_HUB_PREFIX, RANDOM_INIT, ClipEncoder, import_open_clip, load_encoder
 from .experiment import Job, SolveSettings, fit_job, prepare_job
 from .peft import PeftEncoder, load_peft, peft_default_templates
 from .prompts import DEFAULT_TEMPLATE, resolve_templates
@@ -119,8 +119,10 @@ def _peft_spec(encoder) -> dict[str, Any] | None:
 
 
 def _identity(spec: dict[str, Any]) -> dict[str, Any]:
-    """What must match for an encoder to give a classifier's features (not the autocast)."""
-    return {key: spec.get(key) for key in ("model", "checkpoint", "pretrained", "preprocessing")}
+    """What must match for an encoder to give a classifier's features: the architecture's name,
+    the weights' digest and the preprocessing (not where the weights came from, nor the
+    autocast)."""
+    return {key: spec.get(key) for key in ("model", "checkpoint", "preprocessing")}
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -629,8 +631,8 @@ def _rebuild_encoder(spec, checkpoint_file, cache_dir, device, precision):
     name, provenance = spec["model"], spec.get("checkpoint", "")
     _register_architecture(name, spec.get("architecture"))
     options = {"device": device, "precision": precision}
-    if provenance.startswith(_RANDOM_INIT):
-        return load_encoder(name, init_seed=int(provenance[len(_RANDOM_INIT):]), **options)
+    if provenance.startswith(RANDOM_INIT):
+        return load_encoder(name, init_seed=int(provenance[len(RANDOM_INIT):]), **options)
     if spec.get("pretrained") and checkpoint_file is None:
         return load_encoder(name, pretrained=spec["pretrained"], cache_dir=cache_dir, **options)
     if name.startswith(HF_HUB_PREFIX) and checkpoint_file is None:

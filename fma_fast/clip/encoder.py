@@ -23,7 +23,8 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 HF_HUB_PREFIX = "hf-hub:"
 """open_clip's schema for a model whose architecture and weights live in a Hugging Face repo."""
-_RANDOM_INIT = "random-init:seed="
+RANDOM_INIT = "random-init:seed="
+"""How an encoder with seeded random weights records its "checkpoint" (the seed follows)."""
 
 
 class MissingExtraError(ImportError, ValueError):
@@ -342,7 +343,7 @@ def load_encoder(
             network = open_clip.create_model(
                 model, pretrained=None, pretrained_image=False, pretrained_text=False
             )
-        provenance = f"{_RANDOM_INIT}{init_seed}"
+        provenance = f"{RANDOM_INIT}{init_seed}"
     else:
         try:
             network = open_clip.create_model(
