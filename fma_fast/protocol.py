@@ -83,3 +83,8 @@ def base_and_new_classes(num_classes: int) -> tuple[list[int], list[int]]:
         raise ValueError(f"base-to-new needs at least 2 classes, got {count}")
     half = -(-count // 2)
     return list(range(half)), list(range(half, count))
+
+
+def harmonic_mean(base: float, new: float) -> float:
+    """The base-to-new harmonic mean 2·b·n / (b + n) (0 when both are 0)."""
+    return 2 * base * new / (base + new) if base + new > 0 else 0.0

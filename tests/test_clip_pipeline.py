@@ -29,6 +29,7 @@ from safetensors import safe_open  # noqa: E402
 
 from fma_fast.cli import main  # noqa: E402
 from fma_fast.clip import (  # noqa: E402
+    FewShotClassifier,
     extract_split,
     few_shot,
     load_dataset,
@@ -260,6 +261,26 @@ def test_run_over_several_shot_counts_gives_a_table_for_each(tiny, tmp_path, sin
     assert {"k2-seed1", "k4-seed1", "labels"} == set(predictions.keys())
 
 
+def test_run_saves_a_classifier_per_seed_that_gives_its_test_predictions(tiny, single_run):
+    """Each (shots, seed) fit is a classifier folder; loaded back, it predicts the test images
+    (from their files, and from the cached features) exactly as the run did at its M."""
+    out = single_run[0]
+    results = json.loads((out / "results.json").read_text())
+    assert results["classifiers"] == [f"classifiers/k4-seed{s}" for s in (1, 2, 3)]
+    test = load_split(out / "cache" / "test")
+    dataset = load_dataset("oxford_pets", tiny["root"])
+    paths = [str(dataset.image_root / item.path) for item in dataset.test]
+    predictions = safe_open(str(out / "predictions.safetensors"), "pt")
+    for run in results["runs"]:
+        classifier = FewShotClassifier.load(out / results["classifiers"][run["seed"] - 1])
+        assert classifier.steps == run["chosen_steps"] and classifier.class_names == CLASSES
+        assert classifier.templates == ["a photo of a {}, a type of pet."]
+        assert classifier.record["seed"] == run["seed"] and classifier.record["shots"] == 4
+        expected = predictions.get_tensor(f"k4-seed{run['seed']}")
+        assert torch.equal(classifier.predict_features(test.features).pred, expected)
+        assert torch.equal(classifier.predict(paths).pred, expected)
+
+
 def test_cached_features_equal_direct_encoding(tiny, encoder, single_run):
     out = single_run[0]
     dataset = load_dataset("oxford_pets", tiny["root"])
@@ -406,7 +427,7 @@ def _error(argv, capsys) -> str:
     return err
 
 
-def test_clear_errors(tiny, tmp_path, capsys):
+def test_clear_errors(tiny, tmp_path, capsys, monkeypatch):
     out = ["--out", str(tmp_path / "out"), "--quiet"]
     err = _error(["extract", *data_args(tiny, root=tmp_path), *out], capsys)
     assert "dataset folder for oxford_pets not found" in err
@@ -423,8 +444,11 @@ def test_clear_errors(tiny, tmp_path, capsys):
     assert "is not a loadable checkpoint for open_clip model" in err
     err = _error([*base, "--model", "ViT-Q-99"], capsys)
     assert "unknown open_clip model 'ViT-Q-99'" in err
-    err = _error([*base, "--model", "hf-hub:org/repo"], capsys)
-    assert "fetch files at run time" in err
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network here
+    err = _error([*base, "--model", "hf-hub:org/repo", "--cache-dir", str(tmp_path)], capsys)
+    assert "model 'hf-hub:org/repo'" in err and "could not be downloaded" in err, err
+    assert "https://huggingface.co/org/repo" in err and "--checkpoint FILE" in err, err
     err = _error([*base, *model_args(tiny), "--crop-scale", "0.6", "0.5"], capsys)
     assert "crop_scale must satisfy 0 < low <= high <= 1, got (0.6, 0.5)" in err
     err = _error(["run", *data_args(tiny), "--shots", "4", "4", *out], capsys)

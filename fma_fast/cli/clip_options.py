@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .._io import check_output_folder, file_problem
-from ..clip.peft import CLASS_TOKEN_POSITIONS, PEFT_METHODS
+from ..clip.peft import CLASS_TOKEN_POSITIONS, PEFT_METHODS, peft_default_templates
 from ..clip.transforms import AUGMENT_SCALE, check_crop_scale
 from ..features_io import claim_folder
 from . import options
@@ -25,9 +25,19 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
                        help="keep class folders without images (refused otherwise)")
     group.add_argument("--allow-unnamed-classes", action="store_true",
                        help="name CSV classes without a classname column by their labels")
-    group.add_argument("--model", required=True, help="open_clip architecture, e.g. ViT-B-16")
-    group.add_argument("--checkpoint", default=None,
-                       help="local weights file for --model (None: random init, smoke runs)")
+    group.add_argument("--model", required=True,
+                       help="open_clip architecture, e.g. ViT-B-16, or hf-hub:org/repo "
+                            "(architecture and weights from that repo)")
+    weights = group.add_mutually_exclusive_group()
+    weights.add_argument("--checkpoint", default=None,
+                         help="local weights file for --model (neither this nor --pretrained: "
+                              "random init, smoke runs)")
+    weights.add_argument("--pretrained", default=None, metavar="TAG",
+                         help="open_clip pretrained tag for --model (openai, laion2b_s34b_b88k, "
+                              "...): weights from open_clip's cache, downloaded when missing")
+    group.add_argument("--cache-dir", default=None,
+                       help="open_clip's download cache for --pretrained and hf-hub: models "
+                            "(None: open_clip's default)")
     group.add_argument("--model-config", default=None,
                        help="register an open_clip architecture JSON first (its name is the stem)")
     group.add_argument("--shots", type=int, nargs="+", default=[16],
@@ -41,7 +51,8 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
                             "(the released code's)")
     group.add_argument("--template", action="append", default=None,
                        help="prompt template with {} (repeat for an ensemble, or 'imagenet7'; "
-                            "None: the dataset's CoOp template)")
+                            "None: the dataset's CoOp template, or 'a photo of a {}.' with "
+                            "--peft lora as CLIP-LoRA uses)")
     group.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
                        help="encoder autocast on CUDA; auto = fp16")
     group.add_argument("--encode-batch-size", type=int, default=256,
@@ -94,7 +105,8 @@ def prepare(args, context):
         raise ValueError(
             f"--model-config {args.model_config} registers {model!r}, not {args.model!r}"
         )
-    encoder = load_encoder(model, args.checkpoint, device=device, precision=args.precision)
+    encoder = load_encoder(model, args.checkpoint, pretrained=args.pretrained,
+                           cache_dir=args.cache_dir, device=device, precision=args.precision)
     if args.peft is not None:
         from ..clip.peft import PeftEncoder, load_peft
 
@@ -103,7 +115,8 @@ def prepare(args, context):
         encoder = PeftEncoder(load_peft(args.peft, args.peft_checkpoint, encoder,
                                         dataset.class_names, strict_classes=strict,
                                         class_token_position=args.class_token_position))
-    templates = resolve_templates(args.template, dataset.name)
+    templates = resolve_templates(args.template or peft_default_templates(args.peft),
+                                  dataset.name)
     if args.workers is not None:
         workers = args.workers
     else:
@@ -112,11 +125,17 @@ def prepare(args, context):
         print(
             f"dataset {dataset.name}: {len(dataset.class_names)} classes, {len(dataset.train)} "
             f"train / {len(dataset.val) if dataset.val is not None else 'no'} val / "
-            f"{len(dataset.test)} test images; model {args.model} ({encoder.checkpoint[:19]}), "
+            f"{len(dataset.test)} test images; model {args.model} ({weights_label(encoder)}), "
             f"{encoder.precision} on {device}, input {encoder.preprocessing['size']}",
             flush=True,
         )
     return dataset, encoder, templates, device, workers
+
+
+def weights_label(encoder) -> str:
+    """Where an encoder's weights came from, short: the pretrained tag, then the digest."""
+    tag, short = encoder.model_id.get("pretrained"), encoder.checkpoint[:19]
+    return f"{tag} {short}" if tag else short
 
 
 def claim_output(out: Path, dataset, encoder, templates) -> dict[str, Any]:

@@ -10,157 +10,22 @@ job's test rows. Results are gathered in job order: 1 or N processes give the sa
 
 from __future__ import annotations
 
+import argparse
 import json
-import time
-from dataclasses import dataclass
 from typing import Any
 
 from .._io import save_safetensors, write_text
-from ..features_io import FeatureSet, check_feature_files, subsample_classes
-from ..protocol import SUBSAMPLES, base_and_new_classes
+from ..protocol import SUBSAMPLES
 from ..report import runs as runs_summary
-from ..solver import select_steps
 from . import clip_options, options
 
 RESULTS_NAME = "results.json"
 PREDICTIONS_NAME = "predictions.safetensors"
+CLASSIFIERS_NAME = "classifiers"
 
 
 def plot_name(shots: int) -> str:
     return f"accuracy_by_steps-k{shots}.png"
-
-
-@dataclass
-class _Job:
-    """One fit: its shot count and seed, and (on the rank that fits it) its train/val rows."""
-
-    shots: int
-    seed: int
-    train: FeatureSet | None = None
-    val: FeatureSet | None = None
-    base: list[int] | None = None  # base-to-new: the base and new class indices
-    new: list[int] | None = None
-    untrained: list[int] | None = None  # base classes without training images
-
-
-def _prepare_job(args, job: _Job, features) -> None:
-    train, val = features.train, features.val
-    check_feature_files({"train": train, "val": val, "test": features.test})
-    if args.subsample == "base-to-new":
-        job.base, job.new = base_and_new_classes(train.class_features.shape[0])
-        _check_halves(job, train, features.test)
-        train = subsample_classes(train, job.base, "base")
-        val = subsample_classes(val, job.base, "base")
-    job.train, job.val = train, val
-
-
-def _check_halves(job: _Job, train: FeatureSet, test: FeatureSet) -> None:
-    """Before any fit: the base half has training images and each half has test images. A
-    class without training images (``--allow-empty-classes``) stays in its half; base ones
-    are recorded (the field never trained on them, as on new classes)."""
-    trained, tested = set(train.labels.tolist()), set(test.labels.tolist())
-    job.untrained = [c for c in job.base if c not in trained]
-    if len(job.untrained) == len(job.base):
-        raise ValueError(f"base-to-new: none of the {len(job.base)} base classes (the first "
-                         "ceil(C/2)) has training images; nothing to train on")
-    for name, classes in (("base", job.base), ("new", job.new)):
-        if not tested & set(classes):
-            raise ValueError(f"base-to-new: none of the {len(classes)} {name} classes has test "
-                             "images; its accuracy would be undefined")
-
-
-def _tables(encoder, split: FeatureSet, classes: list[int] | None):
-    """What a split is scored against: its class table, or CoCoOp's per-image tables (of
-    ``classes``, the base or new half, when given)."""
-    if getattr(encoder, "per_image", False):
-        return encoder.per_image_tables(classes)
-    return split.class_features
-
-
-def _fit(args, job: _Job, device, rank: int, encoder) -> dict[str, Any]:
-    """Fit one job and choose its M on val, on this rank alone."""
-    train, val = job.train, job.val
-    start = time.perf_counter()
-    fitted = options.fit_from_args(args, train.features, train.labels,
-                                   _tables(encoder, train, job.base), seed=job.seed,
-                                   device=str(device), views=options.file_views(train, None))
-    seconds = time.perf_counter() - start
-    selection = select_steps(
-        fitted.model, val.features, val.labels, _tables(encoder, val, job.base), args.max_steps,
-        args.step_size, device=device, precision=args.solve_precision,
-        backend=args.solve_backend,
-    )
-    return {
-        "model": fitted.model.to("cpu"),
-        "history": fitted.history,
-        "config": fitted.config,
-        "seconds": seconds,
-        "selection": selection,
-        "val_rows": int(val.features.shape[0]),
-        "rank": rank,
-    }
-
-
-def _test(args, model, steps: int, test: FeatureSet, table, device, context):
-    """Accuracy per M over the test rows and the predictions at ``steps``, rows shared out."""
-    from ..clip import accuracy_by_steps_sharded, solve_sharded
-
-    solve_options = {"precision": args.solve_precision, "backend": args.solve_backend,
-                     "step_size": args.step_size, "device": device, "context": context}
-    curve = accuracy_by_steps_sharded(model, test.features, test.labels, table,
-                                      max_steps=args.max_steps, **solve_options)
-    result = solve_sharded(test.features, model, steps, class_features=table, **solve_options)
-    return curve, result
-
-
-def _test_sets(args, job: _Job, test: FeatureSet):
-    """(test split, the classes its table keeps or None) by name ("" without subsampling)."""
-    if args.subsample == "base-to-new":
-        return {"base": (subsample_classes(test, job.base, "base"), job.base),
-                "new": (subsample_classes(test, job.new, "new"), job.new)}
-    return {"": (test, None)}
-
-
-def _evaluate(args, job: _Job, fitted: dict[str, Any], test: FeatureSet, encoder, device,
-              context):
-    """The run record of one fitted job and its test predictions (name -> tensor)."""
-    model, selection = fitted["model"], fitted["selection"]
-    best, config = selection.best_steps, fitted["config"]
-    run: dict[str, Any] = {
-        "shots": job.shots,
-        "seed": job.seed,
-        "chosen_steps": best,
-        "val_accuracy": selection.accuracy,
-        "val_cross_entropy": selection.cross_entropy,
-    }
-    predictions, prefix = {}, f"k{job.shots}-seed{job.seed}"
-    for name, (split, classes) in _test_sets(args, job, test).items():
-        curve, result = _test(args, model, best, split, _tables(encoder, split, classes),
-                              device, context)
-        key = f"{name}_test" if name else "test"
-        run[f"{key}_accuracy"] = curve
-        run[f"{key}_rows"] = int(split.features.shape[0])
-        run["solve_path"] = result.path
-        predictions[f"{prefix}-{name}" if name else prefix] = result.pred
-        predictions[f"labels-{name}" if name else "labels"] = split.labels
-    if args.subsample == "base-to-new":
-        run["hm_by_steps"] = [runs_summary.harmonic_mean(b, n) for b, n in
-                              zip(run["base_test_accuracy"], run["new_test_accuracy"])]
-        run["classes"] = {"base": job.base, "new": job.new}
-        if job.untrained:
-            run["classes"]["base_without_shots"] = job.untrained
-    run.update(
-        train_rows=config["rows"],
-        train_images=config["images"],
-        views=config["views"],
-        val_rows=fitted["val_rows"],
-        optimizer_steps=config["optimizer_steps"],
-        warmup_steps=config["warmup_steps"],
-        fit_seconds=round(fitted["seconds"], 3),
-        fitted_on_rank=fitted["rank"],
-        loss_first_last=[fitted["history"][0], fitted["history"][-1]],
-    )
-    return run, predictions
 
 
 def _report_line(run: dict[str, Any]) -> str:
@@ -219,44 +84,38 @@ def _summary_lines(dataset: str, entry: dict[str, Any]) -> str:
             f"{chosen['std']:.2f}")
 
 
+def _fit_field(args):
+    """The field's training with the command's options (the run protocol's ``fit_field``)."""
+    def fit_field(train, class_features, *, seed, device):
+        return options.fit_from_args(args, train.features, train.labels, class_features,
+                                     seed=seed, device=device,
+                                     views=options.file_views(train, None))
+    return fit_field
+
+
 def run(args) -> None:
     from ..clip import launch
+    from ..clip.experiment import Job, SolveSettings, run_jobs
 
     seeds, shot_counts = args.seeds, args.shots
     with launch() as context:
         out = clip_options.check_before_work(args, seeds, context, backend=args.solve_backend)
         dataset, encoder, templates, device, workers = clip_options.prepare(args, context)
         clip_options.claim_output(out, dataset, encoder, templates)
-        jobs = [_Job(shots, seed) for shots in shot_counts for seed in seeds]
-        test, skipped = None, {}
-        for number, job in enumerate(jobs):  # every rank encodes its shards of every job
-            features = clip_options.extract_seed(args, dataset, encoder, templates, workers,
-                                                 out / "cache", job.seed, context,
-                                                 shots=job.shots)
-            test = features.test if test is None else test  # the same for every job
-            skipped[f"k{job.shots}-seed{job.seed}"] = features.skipped
-            if context.owner(number) == context.rank:
-                _prepare_job(args, job, features)
-        fitted = {}
-        for number, job in enumerate(jobs):  # each rank fits its own jobs, whole
-            if context.owner(number) == context.rank:
-                fitted[number] = _fit(args, job, device, context.rank, encoder)
-        runs, predictions = [], {}
-        for number, job in enumerate(jobs):
-            owner = context.owner(number)
-            mine = fitted.get(number)
-            shared = context.broadcast(
-                None if mine is None else {**mine, "classes": (job.base, job.new, job.untrained)},
-                src=owner,
-            )
-            job.base, job.new, job.untrained = shared.pop("classes")
-            run, preds = _evaluate(args, job, shared, test, encoder, device, context)
-            runs.append(run)
-            predictions.update(preds)
-            if context.is_main:
-                print(_report_line(run), flush=True)
+        solve = SolveSettings(args.max_steps, args.step_size, args.solve_precision,
+                              args.solve_backend)
+        outcome = run_jobs(
+            [Job(shots, seed) for shots in shot_counts for seed in seeds],
+            extract_job=lambda job: clip_options.extract_seed(
+                args, dataset, encoder, templates, workers, out / "cache", job.seed, context,
+                shots=job.shots),
+            fit_field=_fit_field(args), encoder=encoder, solve=solve,
+            subsample=args.subsample, device=device, context=context,
+            on_run=lambda run: print(_report_line(run), flush=True),
+        )
         if not context.is_main:
             return
+    runs, predictions, skipped = outcome.runs, outcome.predictions, outcome.skipped
     summaries = []
     for shots in shot_counts:
         group = [run for run in runs if run["shots"] == shots]
@@ -267,6 +126,7 @@ def run(args) -> None:
         "dataset": dataset.name,
         "model": args.model,
         "checkpoint": encoder.checkpoint,
+        "pretrained": encoder.model_id.get("pretrained"),
         "precision": encoder.precision,
         "preprocessing": encoder.preprocessing,
         "peft": encoder.model_id.get("peft"),
@@ -283,6 +143,8 @@ def run(args) -> None:
         "summary": summaries,
         "std": "sample (n - 1) over seeds, percent",
         "skipped_images": skipped,
+        "classifiers": ([f"{CLASSIFIERS_NAME}/{job.key}" for job in outcome.jobs]
+                        if args.save_classifiers else []),
     }
     write_text(out / RESULTS_NAME, json.dumps(results, indent=2) + "\n")
     save_safetensors(out / PREDICTIONS_NAME, {key: value.contiguous() for key, value in
@@ -292,6 +154,24 @@ def run(args) -> None:
     for shots in shot_counts:
         group = [run for run in runs if run["shots"] == shots]
         print(runs_summary.plot_by_steps(out / plot_name(shots), group))
+    if args.save_classifiers:
+        _save_classifiers(args, out, outcome, encoder, templates, dataset.name, solve)
+
+
+def _save_classifiers(args, out, outcome, encoder, templates, dataset: str, solve) -> None:
+    """One classifier folder per (shots, seed), scored against every class (base-to-new: the
+    field fitted on base, M chosen on base val, applied to the whole table)."""
+    from ..clip.classifier import FewShotClassifier
+
+    for job, run, fitted in zip(outcome.jobs, outcome.runs, outcome.fitted):
+        record = {"shots": job.shots, "seed": job.seed, "views": args.views,
+                  "crop_scale": list(args.crop_scale), "dataset": dataset,
+                  "subsample": args.subsample, "classes": run.get("classes")}
+        classifier = FewShotClassifier.from_fitted(encoder, templates, outcome.test, fitted,
+                                                   solve, record)
+        classifier.save(out / CLASSIFIERS_NAME / job.key)
+    print(f"classifiers (one per shots and seed, FewShotClassifier.load): "
+          f"{out / CLASSIFIERS_NAME}/k*-seed*")
 
 
 def register(commands) -> None:
@@ -308,6 +188,10 @@ def register(commands) -> None:
     options.add_out(parser, "folder for the cache, results and plots")
     options.add_training_options(parser, seed=False)
     options.add_solve_options(parser, prefix="solve-")
+    parser.add_argument("--save-classifiers", action=argparse.BooleanOptionalAction,
+                        default=True,
+                        help="save each (shots, seed) fit as a classifier folder under "
+                             "OUT/classifiers (the field, its M, class table and encoder spec)")
     options.add_device(parser)
     options.add_quiet(parser)
     parser.set_defaults(run=run)

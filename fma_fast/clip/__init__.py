@@ -12,9 +12,16 @@ from .cache import (
     extract_split,
     load_split,
 )
+from .classifier import ClassifierError, FewShotClassifier, Predictions
 from .datasets import DATASET_NAMES, Dataset, Item, few_shot, load_dataset
 from .distributed import Context, accuracy_by_steps_sharded, launch, solve_sharded
-from .encoder import ClipEncoder, MissingExtraError, load_encoder, register_model_config
+from .encoder import (
+    ClipEncoder,
+    MissingExtraError,
+    load_encoder,
+    register_model_config,
+    resolve_pretrained,
+)
 from .peft import PEFT_METHODS, PeftEncoder, PeftError, PeftSource, load_peft
 from .prompts import DATASET_TEMPLATES, ENSEMBLES, build_prompts, resolve_templates
 from .transforms import Preprocess
@@ -23,16 +30,19 @@ __all__ = [
     "DATASET_NAMES",
     "DATASET_TEMPLATES",
     "ENSEMBLES",
+    "ClassifierError",
     "ClipEncoder",
     "Context",
     "Dataset",
     "ExtractedFeatures",
+    "FewShotClassifier",
     "Item",
     "MissingExtraError",
     "PEFT_METHODS",
     "PeftEncoder",
     "PeftError",
     "PeftSource",
+    "Predictions",
     "Preprocess",
     "SplitFeatures",
     "accuracy_by_steps_sharded",
@@ -47,6 +57,7 @@ __all__ = [
     "load_encoder",
     "load_split",
     "register_model_config",
+    "resolve_pretrained",
     "resolve_templates",
     "solve_sharded",
 ]

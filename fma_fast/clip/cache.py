@@ -54,11 +54,12 @@ class SplitFeatures:
 
 @dataclass
 class ExtractedFeatures:
-    """train (V rows per image), val and test, ready for :func:`fma_fast.fit` and the solver."""
+    """train (V rows per image), val and test (None when not asked for), ready for
+    :func:`fma_fast.fit` and the solver."""
 
     train: FeatureSet
     val: FeatureSet
-    test: FeatureSet
+    test: FeatureSet | None
     skipped: dict[str, list[str]]
 
 
@@ -408,12 +409,14 @@ def extract(
     on_error: str = "skip",
     progress: bool = True,
     context: Context = SINGLE,
+    test: bool = True,
 ) -> ExtractedFeatures:
     """Few-shot train (``views`` augmented rows per image, crops of ``crop_scale`` of the
     area), val (min(K, 4) per class) and the full test split of ``dataset``, encoded into the
     cache under ``folder``.
 
-    The test split does not depend on ``seed`` or ``shots`` and is encoded once per folder.
+    The test split does not depend on ``seed`` or ``shots`` and is encoded once per folder
+    (``test=False`` leaves it out: fitting a classifier needs train and val only).
     ``folder`` serves one source (encoder, checkpoint, preprocessing, dataset, templates): a
     folder holding another's features is refused (see :func:`fma_fast.features_io.claim_folder`).
     """
@@ -461,10 +464,16 @@ def extract(
             shots=shots,
             **options,
         ),
-        "test": extract_split(encoder, dataset, dataset.test, "test", folder / "test", **options),
     }
+    if test:
+        splits["test"] = extract_split(
+            encoder, dataset, dataset.test, "test", folder / "test", **options
+        )
     names = list(dataset.class_names)
+    sets = {name: _feature_set(split, table, names, source) for name, split in splits.items()}
     return ExtractedFeatures(
-        **{name: _feature_set(split, table, names, source) for name, split in splits.items()},
+        train=sets["train"],
+        val=sets["val"],
+        test=sets.get("test"),
         skipped={name: split.skipped for name, split in splits.items()},
     )

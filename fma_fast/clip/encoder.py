@@ -1,7 +1,10 @@
-"""Frozen open_clip encoders loaded from local files only: nothing is fetched at run time."""
+"""Frozen open_clip encoders: from a local checkpoint file, from an open_clip pretrained tag or
+``hf-hub:`` name (resolved through open_clip's own cache, downloaded there only when missing),
+or seeded random weights."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Sequence
@@ -18,6 +21,10 @@ from .prompts import build_prompts
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+HF_HUB_PREFIX = "hf-hub:"
+"""open_clip's schema for a model whose architecture and weights live in a Hugging Face repo."""
+RANDOM_INIT = "random-init:seed="
+"""How an encoder with seeded random weights records its "checkpoint" (the seed follows)."""
 
 
 class MissingExtraError(ImportError, ValueError):
@@ -65,8 +72,9 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 class ClipEncoder:
     """A frozen open_clip model (both towers in eval mode) with its tokenizer and provenance.
 
-    ``model_id`` (name, checkpoint sha256, precision) and ``preprocessing`` go into every
-    cached shard so that features from another model or preprocessing are never reused.
+    ``model_id`` (name, checkpoint sha256, the pretrained tag when one was used, precision) and
+    ``preprocessing`` go into every cached shard so that features from another model or
+    preprocessing are never reused. ``spec`` says how to build the same encoder again.
     """
 
     def __init__(
@@ -78,11 +86,17 @@ class ClipEncoder:
         checkpoint: str,
         device: torch.device,
         precision: str,
+        pretrained: str | None = None,
+        weights_file: str | None = None,
+        architecture: dict[str, Any] | None = None,
     ) -> None:
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.name = name
         self.checkpoint = checkpoint
+        self.pretrained = pretrained
+        self.weights_file = weights_file
+        self.architecture = copy.deepcopy(architecture)
         self.device = device
         self.autocast_dtype = _autocast_dtype(precision, device)
         self.precision = {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[
@@ -100,7 +114,23 @@ class ClipEncoder:
 
     @property
     def model_id(self) -> dict[str, str]:
-        return {"model": self.name, "checkpoint": self.checkpoint, "precision": self.precision}
+        identity = {"model": self.name, "checkpoint": self.checkpoint, "precision": self.precision}
+        if self.pretrained is not None:
+            identity["pretrained"] = self.pretrained
+        return identity
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """JSON-able: what :func:`load_encoder` needs to build this encoder again (the
+        architecture, the weights' digest or random-init seed, the tag or file they came from)."""
+        return {
+            "model": self.name,
+            "checkpoint": self.checkpoint,
+            "pretrained": self.pretrained,
+            "weights_file": self.weights_file,
+            "architecture": copy.deepcopy(self.architecture),
+            "preprocessing": copy.deepcopy(self.preprocessing),
+        }
 
     def _autocast(self):
         return torch.autocast(
@@ -146,29 +176,136 @@ class ClipEncoder:
         return F.normalize(torch.stack(per_template).mean(dim=0), dim=-1)
 
 
+def _first_line(error: BaseException, limit: int = 200) -> str:
+    line = " ".join((str(error).splitlines() or [""])[0].split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _download_source(open_clip, cfg: dict[str, Any]) -> tuple[str, str]:
+    """(what open_clip would download for a pretrained entry, the default cache it goes to):
+    the entry's Hugging Face repo when huggingface_hub is installed, else its URL, the order
+    open_clip's ``download_pretrained`` tries them in."""
+    hub, url = cfg.get("hf_hub", ""), cfg.get("url", "")
+    if hub and open_clip.pretrained.has_hf_hub():
+        repo, filename = os.path.split(hub)
+        files = filename or "open_clip_model.safetensors or open_clip_pytorch_model.bin"
+        return f"https://huggingface.co/{repo} ({files})", "the Hugging Face cache (HF_HOME)"
+    return url or "nothing (the entry names no URL)", "~/.cache/clip"
+
+
+def resolve_pretrained(
+    model: str, tag: str, cache_dir: str | os.PathLike | None = None
+) -> tuple[str, Path]:
+    """open_clip's pretrained ``tag`` of ``model`` as (the tag as open_clip lists it, the local
+    weights file), resolved as ``open_clip.create_model(model, pretrained=tag,
+    cache_dir=cache_dir)`` resolves it: ``get_pretrained_cfg`` then ``download_pretrained``,
+    which returns the file in open_clip's cache and downloads it only when it is missing.
+
+    An unknown tag, or weights neither cached nor downloadable (no network), raise ValueError
+    in one line naming the tag, what open_clip would download, and ``--checkpoint FILE``.
+    """
+    open_clip = import_open_clip()
+    if tag.startswith(HF_HUB_PREFIX):
+        raise ValueError(
+            f"pretrained {tag!r}: hf-hub: names are open_clip model names; pass it as the model "
+            f"(--model {tag}, load_encoder({tag!r})), which takes its weights from that repo"
+        )
+    cfg = open_clip.get_pretrained_cfg(model, tag)
+    if not cfg:
+        known = open_clip.list_pretrained_tags_by_model(model)
+        listed = ", ".join(known) if known else f"no tags for {model}"
+        raise ValueError(
+            f"unknown pretrained tag {tag!r} for open_clip model {model!r} (open_clip knows "
+            f"{listed}); for weights in a local file use --checkpoint FILE (checkpoint=...)"
+        )
+    name = next(
+        (t for t in open_clip.list_pretrained_tags_by_model(model)
+         if open_clip.get_pretrained_cfg(model, t) is cfg),
+        tag,
+    )
+    cache = None if cache_dir is None else str(cache_dir)
+    try:
+        found = open_clip.pretrained.download_pretrained(cfg, cache_dir=cache)
+    except Exception as error:  # urllib, huggingface_hub and open_clip raise many types
+        source, default = _download_source(open_clip, cfg)
+        where = f"--cache-dir {cache}" if cache else default
+        raise ValueError(
+            f"pretrained {name!r} of {model}: its weights are not in {where} and could not be "
+            f"downloaded ({type(error).__name__}: {_first_line(error)}); open_clip downloads "
+            f"{source}: fetch it where there is a network into a cache folder given as "
+            "--cache-dir, or pass a local copy with --checkpoint FILE"
+        ) from None
+    if not found or not Path(found).is_file():
+        raise ValueError(f"pretrained {name!r} of {model}: open_clip resolved no file ({found!r})")
+    return name, Path(found)
+
+
+def _hub_files(open_clip, model: str, cache_dir: str | None) -> tuple[Path, dict[str, Any]]:
+    """An ``hf-hub:`` model's weights file and architecture, fetched as open_clip's
+    ``create_model`` fetches them (the repo's open_clip_config.json and default weights)."""
+    repo = model[len(HF_HUB_PREFIX):]
+    fetch = open_clip.pretrained.download_pretrained_from_hf
+    try:
+        config = json.loads(Path(fetch(repo, filename="open_clip_config.json",
+                                       cache_dir=cache_dir)).read_text())
+        weights = Path(fetch(repo, cache_dir=cache_dir))
+    except Exception as error:  # huggingface_hub raises many types (offline, missing, HTTP)
+        where = f"--cache-dir {cache_dir}" if cache_dir else "the Hugging Face cache (HF_HOME)"
+        raise ValueError(
+            f"model {model!r}: its open_clip_config.json and weights are not in {where} and "
+            f"could not be downloaded ({type(error).__name__}: {_first_line(error)}); open_clip "
+            f"downloads them from https://huggingface.co/{repo}: fetch them where there is a "
+            "network, or pass an architecture name (or --model-config FILE) and --checkpoint FILE"
+        ) from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_cfg"), dict):
+        raise ValueError(f"model {model!r}: its open_clip_config.json has no model_cfg")
+    return weights, config["model_cfg"]
+
+
 def load_encoder(
     model: str,
     checkpoint: str | os.PathLike | None = None,
     *,
+    pretrained: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     precision: str = "auto",
     init_seed: int = 0,
 ) -> ClipEncoder:
-    """Build open_clip architecture ``model`` with weights from a local ``checkpoint`` file.
+    """Build open_clip architecture ``model`` with weights from a local ``checkpoint`` file or
+    an open_clip ``pretrained`` tag (not both).
 
-    ``checkpoint=None`` gives seeded random weights (for tests and smoke runs). Names are
-    open_clip's (``ViT-B-16``, ``ViT-B-32``, ``ViT-L-14``, ``RN50``, ... or one registered with
-    :func:`register_model_config`); schemas that download (``hf-hub:``) are refused, and so are
-    towers that need Hugging Face files. ``precision`` picks fp16 ("auto"), bf16 or fp32
-    autocast on CUDA; the CPU always runs fp32.
+    Names are open_clip's (``ViT-B-16``, ``ViT-L-14``, ``RN50``, ... or one registered with
+    :func:`register_model_config`), or ``hf-hub:org/repo`` (architecture and weights from that
+    repo). ``pretrained`` takes what ``open_clip.create_model(model, pretrained=...)`` takes:
+    a tag (``"openai"``, ``"laion2b_s34b_b88k"``) or a file path; the weights come from
+    open_clip's cache (``cache_dir``, as open_clip's option) and are downloaded only when
+    missing, and the tag's preprocessing applies. The encoder records the tag and the
+    weights file's sha256. Neither ``checkpoint`` nor ``pretrained``: seeded random weights
+    (tests, smoke runs). Text towers from Hugging Face transformers are refused.
+    ``precision`` picks fp16 ("auto"), bf16 or fp32 autocast on CUDA; the CPU runs fp32.
     """
     open_clip = import_open_clip()
-    if ":" in model:
+    if checkpoint is not None and pretrained is not None:
         raise ValueError(
-            f"model {model!r}: schemas such as hf-hub: fetch files at run time; pass an "
-            "open_clip architecture name (or --model-config FILE) and a local --checkpoint"
+            "give checkpoint (a local weights file) or pretrained (an open_clip tag), not both"
         )
-    config = open_clip.get_model_config(model)
+    hub = model.startswith(HF_HUB_PREFIX)
+    if ":" in model and not hub:
+        raise ValueError(
+            f"model {model!r}: of open_clip's schemas only hf-hub: is supported; for a local "
+            "folder pass an architecture name (or --model-config FILE) and --checkpoint FILE"
+        )
+    if hub and (checkpoint is not None or pretrained is not None):
+        raise ValueError(
+            f"model {model!r} takes its weights from that repo (as open_clip's create_model "
+            "does); drop checkpoint/pretrained (--checkpoint/--pretrained)"
+        )
+    cache = None if cache_dir is None else str(cache_dir)
+    if hub:
+        weights, config = _hub_files(open_clip, model, cache)
+    else:
+        config = open_clip.get_model_config(model)
     if config is None:
         raise ValueError(
             f"unknown open_clip model {model!r}: use a name such as ViT-B-16, ViT-B-32, "
@@ -178,32 +315,45 @@ def load_encoder(
     text_cfg = config.get("text_cfg", {})
     if "hf_model_name" in text_cfg or "hf_tokenizer_name" in text_cfg:
         raise ValueError(
-            f"model {model!r} needs Hugging Face text files that would be fetched at run time; "
-            "it is not supported offline"
+            f"model {model!r} needs a Hugging Face transformers text tower or tokenizer; it is "
+            "not supported"
         )
     device = resolve_device(device)
     _autocast_dtype(precision, device)  # reject a bad precision before the slow load
-    if checkpoint is None:
+    tag = weights_file = None
+    if hub:
+        source, weights_file = None, weights
+    elif pretrained is not None:
+        if not isinstance(pretrained, str):
+            raise TypeError(f"pretrained must be a tag (str), got {type(pretrained).__name__}")
+        if not open_clip.get_pretrained_cfg(model, pretrained) and Path(pretrained).is_file():
+            source, weights_file = str(Path(pretrained).resolve()), Path(pretrained)
+        else:
+            tag, weights_file = resolve_pretrained(model, pretrained, cache)
+            source = tag
+    elif checkpoint is not None:
+        weights_file = Path(checkpoint)
+        if not weights_file.is_file():
+            raise FileNotFoundError(f"checkpoint file not found: {weights_file}")
+        # An absolute path can never be mistaken for a downloadable pretrained tag.
+        source = str(weights_file.resolve())
+    if weights_file is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
             network = open_clip.create_model(
                 model, pretrained=None, pretrained_image=False, pretrained_text=False
             )
-        provenance = f"random-init:seed={init_seed}"
+        provenance = f"{RANDOM_INIT}{init_seed}"
     else:
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint file not found: {path}")
         try:
-            # An absolute path can never be mistaken for a downloadable pretrained tag.
             network = open_clip.create_model(
                 model,
-                pretrained=str(path.resolve()),
+                pretrained=source,
+                cache_dir=cache,
                 pretrained_image=False,
                 pretrained_text=False,
             )
         except Exception as error:  # torch and open_clip raise many types for a wrong file
-            first_line = (str(error).splitlines() or [""])[0][:300]
             hint = ""
             if "TorchScript" in str(error) or "jit" in str(error).lower():
                 hint = (
@@ -211,11 +361,15 @@ def load_encoder(
                     "torch.save(torch.jit.load(f).state_dict(), 'weights.pt')"
                 )
             raise ValueError(
-                f"{path} is not a loadable checkpoint for open_clip model {model!r}: "
-                f"{type(error).__name__}: {first_line}{hint}"
+                f"{weights_file} is not a loadable checkpoint for open_clip model {model!r}: "
+                f"{type(error).__name__}: {_first_line(error, 300)}{hint}"
             ) from None
-        provenance = f"sha256:{file_sha256(path)}"
-    tokenizer = open_clip.get_tokenizer(model)
+        provenance = f"sha256:{file_sha256(weights_file)}"
+        weights_file = str(Path(weights_file).resolve())
+    try:
+        tokenizer = open_clip.get_tokenizer(model, cache_dir=cache)
+    except ImportError as error:
+        raise MissingExtraError(f"the tokenizer of {model!r} needs {error}") from None
     return ClipEncoder(
         network.to(device),
         tokenizer,
@@ -223,4 +377,7 @@ def load_encoder(
         checkpoint=provenance,
         device=device,
         precision=precision,
+        pretrained=tag,
+        weights_file=weights_file,
+        architecture=config,
     )

@@ -12,7 +12,8 @@ checks it against the encoder and the class names, and gives features in the sam
 - ``adapter``: a Dassl checkpoint of CLIP-Adapter's ``clip_adapter`` (``fc.0``, ``fc.2``); the
   residual MLP mixes into the unnormalised image feature with ratio 0.2, as released.
 - ``lora``: CLIP-LoRA's ``save_lora`` file, merged into a copy of the encoder's model with
-  W' = W + (alpha / sqrt(r)) B A (the scale CLIP-LoRA's ``LoRALayer`` uses).
+  W' = W + (alpha / sqrt(r)) B A (the scale CLIP-LoRA's ``LoRALayer`` uses); its classes are
+  prompted "a photo of a {}." unless templates are given (:func:`peft_default_templates`).
 
 Every file is read with ``torch.load(weights_only=True, map_location="cpu")``; see
 :func:`read_checkpoint` for the optimizer and scheduler objects that Dassl pickles.
@@ -67,10 +68,25 @@ _LORA_TEXT_POSITIONS = {"top1": [11], "top2": [10, 11], "top3": [9, 10, 11],
                         **_LORA_SHARED_POSITIONS}
 # ViT-B/16 (ViT-B/32 has the same lists, without top and top3)
 _LORA_VISION_POSITIONS = {"top": [11], "top3": [9, 10, 11], **_LORA_SHARED_POSITIONS}
-_LORA_VISION_POSITIONS_L14 = {  # ViT-L/14: its "all" stops at block 20 of 24
+# ViT-L/14 (24 blocks): CLIP-LoRA replaced its table on 2024-09-12 (commit e6bf706), so files
+# of both versions exist; the layer count in a file tells them apart (LoRASource).
+_LORA_VISION_POSITIONS_L14_BEFORE = {  # "all" stopped at block 20, the halves at block 11
     **{k: v for k, v in _LORA_VISION_POSITIONS.items() if k not in ("top", "top3", "all")},
     "all": list(range(21)),
 }
+_LORA_VISION_POSITIONS_L14 = {
+    "half-up": list(range(12, 24)),
+    "half-bottom": list(range(12)),
+    "all": list(range(24)),
+}
+_LORA_VISION_TABLES = {  # vision tower depth -> (name of the table version, table) readings
+    24: (("ViT-L/14 table before 2024-09-12", _LORA_VISION_POSITIONS_L14_BEFORE),
+         ("ViT-L/14 table since 2024-09-12", _LORA_VISION_POSITIONS_L14)),
+}
+_LORA_VISION_DEFAULT = (("ViT-B/16 table", _LORA_VISION_POSITIONS),)
+LORA_TEMPLATE = "a photo of a {}."
+"""The prompt CLIP-LoRA's datasets and the released FMA's LoRA extractor encode classes with."""
+_PEFT_TEMPLATES = {"lora": LORA_TEMPLATE}
 _LORA_PROJ = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "proj"}
 _LORA_METADATA = ("r", "alpha", "encoder", "params", "position")
 
@@ -676,7 +692,8 @@ class LoRASource(PeftSource):
     ascending (encoder text/both), then the selected vision blocks ascending (vision/both).
     q, k and v update the row blocks [0:d], [d:2d], [2d:3d] of ``in_proj_weight``; o updates
     ``out_proj.weight``. The merged eval weights are exact and deterministic (no LoRA
-    dropout). The caller's encoder is never modified.
+    dropout). The caller's encoder is never modified. CLIP-LoRA has two ViT-L/14 vision
+    tables (changed on 2024-09-12); the file's layer count says which one it was saved with.
     """
 
     def __init__(self, path, encoder, class_names, payload):
@@ -707,7 +724,7 @@ class LoRASource(PeftSource):
             raise PeftError(
                 f"{path}: metadata params must be a list from q, k, v, o, got {params!r}"
             )
-        blocks = _lora_blocks(path, encoder, tower, position)
+        blocks, vision_table = _lora_blocks(path, encoder, tower, position, weights)
         if not isinstance(weights, Mapping):
             raise PeftError(f"{path}: 'weights' is a {type(weights).__name__}, not a mapping")
         expected = {f"layer_{i}" for i in range(len(blocks))}
@@ -756,6 +773,7 @@ class LoRASource(PeftSource):
             "position": position,
             "text_blocks": [index for name, index, _ in blocks if name == "text"],
             "vision_blocks": [index for name, index, _ in blocks if name == "vision"],
+            "vision_table": vision_table,
             "dropout": "none: merged eval weights",
         }
         super().__init__("lora", path, encoder, class_names, settings)
@@ -794,9 +812,35 @@ def _tower_blocks(model: torch.nn.Module, tower: str):
     return getattr(parent, "resblocks", None)
 
 
-def _lora_blocks(path, encoder: ClipEncoder, tower: str, position) -> list[tuple[str, int, int]]:
-    """(tower, block index, width) of each wrapped attention, in CLIP-LoRA's layer order."""
+def _tower_selection(path, encoder: ClipEncoder, name: str, table, position):
+    """(tower, block index, width) of the blocks ``table[position]`` selects in one tower."""
     selected = []
+    for index, block in enumerate(_tower_blocks(encoder.model, name)):
+        if index not in table[position]:
+            continue
+        attn = getattr(block, "attn", None)
+        if not isinstance(attn, torch.nn.MultiheadAttention) or not getattr(
+            attn, "_qkv_same_embed_dim", False
+        ):
+            raise PeftError(
+                f"{path}: {name} block {index} of {encoder.name} has no packed "
+                "nn.MultiheadAttention to merge LoRA into"
+            )
+        selected.append((name, index, attn.embed_dim))
+    return selected
+
+
+def _lora_blocks(
+    path, encoder: ClipEncoder, tower: str, position, weights
+) -> tuple[list[tuple[str, int, int]], str | None]:
+    """(tower, block index, width) of each wrapped attention, in CLIP-LoRA's layer order, and
+    the vision table version read (None without vision LoRA).
+
+    A tower with two table versions (ViT-L/14) is read with the version whose selection has
+    as many layers as the file holds; a file that fits none, or versions that would select
+    different blocks from the same count, is refused naming every reading.
+    """
+    readings: list[tuple[str | None, list]] = [(None, [])]
     for name in ("text", "vision"):
         if tower not in (name, "both"):
             continue
@@ -805,27 +849,42 @@ def _lora_blocks(path, encoder: ClipEncoder, tower: str, position) -> list[tuple
             what = "a ViT image tower" if name == "vision" else "an open_clip CLIP text tower"
             raise PeftError(f"{path}: {name} LoRA needs {what}; {encoder.name} has none")
         if name == "text":
-            table = _LORA_TEXT_POSITIONS
+            versions = ((None, _LORA_TEXT_POSITIONS),)
         else:
-            table = _LORA_VISION_POSITIONS_L14 if len(blocks) == 24 else _LORA_VISION_POSITIONS
-        if position not in table:
+            versions = _LORA_VISION_TABLES.get(len(blocks), _LORA_VISION_DEFAULT)
+        known = [(label, table) for label, table in versions if position in table]
+        if not known:
+            names = dict.fromkeys(key for _, table in versions for key in table)
             raise PeftError(
                 f"{path}: position {position!r} is not in CLIP-LoRA's {name} table "
-                f"({', '.join(table)})"
+                f"({', '.join(names)})"
             )
-        for index, block in enumerate(blocks):
-            if index not in table[position]:
-                continue
-            attn = getattr(block, "attn", None)
-            if not isinstance(attn, torch.nn.MultiheadAttention) or not getattr(
-                attn, "_qkv_same_embed_dim", False
-            ):
-                raise PeftError(
-                    f"{path}: {name} block {index} of {encoder.name} has no packed "
-                    "nn.MultiheadAttention to merge LoRA into"
-                )
-            selected.append((name, index, attn.embed_dim))
-    return selected
+        readings = [
+            (label or first, selected + _tower_selection(path, encoder, name, table, position))
+            for first, selected in readings
+            for label, table in known
+        ]
+    if len({tuple(selected) for _, selected in readings}) == 1:
+        return readings[0][1], readings[0][0]
+    count = len(weights) if isinstance(weights, Mapping) else None
+    fitting = [(label, selected) for label, selected in readings if len(selected) == count]
+    if len({tuple(selected) for _, selected in fitting}) == 1:
+        return fitting[0][1], fitting[0][0]
+    described = " or ".join(
+        f"{len(selected)} with CLIP-LoRA's {label}" for label, selected in readings
+    )
+    raise PeftError(
+        f"{path}: {count} LoRA layers in the file, but encoder={tower} position={position} "
+        f"selects {described} (attention blocks of {encoder.name})"
+        + ("; the count fits more than one reading" if len(fitting) > 1 else "")
+    )
+
+
+def peft_default_templates(method: str | None) -> list[str] | None:
+    """The prompt templates a PEFT method's class features use when none are given (None: the
+    dataset's own template, as the plain encoder)."""
+    template = _PEFT_TEMPLATES.get(method)
+    return None if template is None else [template]
 
 
 def load_peft(

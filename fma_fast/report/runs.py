@@ -16,11 +16,6 @@ def percent(values: list[float]) -> tuple[float, float]:
     return 100 * mean, 100 * std
 
 
-def harmonic_mean(base: float, new: float) -> float:
-    """The base-to-new harmonic mean 2·b·n / (b + n) (0 when both are 0)."""
-    return 2 * base * new / (base + new) if base + new > 0 else 0.0
-
-
 def by_steps(runs: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
     """Per M, the mean and std (percent) of the runs' ``key`` curve."""
     return [percent(list(column)) for column in zip(*(run[key] for run in runs))]
