@@ -11,6 +11,9 @@ Internal module: the public functions take ``backend`` and ``precision`` strings
 
 from __future__ import annotations
 
+import functools
+import os
+import platform
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +36,33 @@ NETWORK_COMPILED = "folded-compiled"
 NETWORK_FALLBACK = "folded-fallback"
 """The fused kernels cannot run on this GPU, so the folded plan's torch GEMM chain runs."""
 SCORING_TILED = "torch-tiled"
+
+BF16_CPU_REFUSAL = ("needs a CPU with BF16 units (AVX512_BF16 or AMX) or a CUDA device: without "
+                    "them bf16 GEMMs are emulated, slower than fp32 (30x with AVX2 alone)")
+ISA_MASKS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+"""Environment variables that cap the ISA oneDNN and ATen use (read once, at start-up)."""
+
+
+def cpu_isa() -> str:
+    """The CPU ISA in effect for messages: ATen's capability and any ISA mask set."""
+    masks = [f"{name}={os.environ[name]}" for name in ISA_MASKS if os.environ.get(name)]
+    return " ".join([torch.backends.cpu.get_cpu_capability(), *masks])
+
+
+@functools.cache
+def cpu_bf16_units() -> bool:
+    """Whether bf16 GEMMs run on BF16 units here: the CPU has them (AVX512_BF16 or AMX; on
+    x86, where torch can tell) and oneDNN's ISA in effect has a bf16 path (this honours
+    ``ONEDNN_MAX_CPU_ISA``: masked to AVX2 there is none). The one rule for ``solve``'s bf16
+    and compiled paths on the CPU and for ``fit(amp="bf16")``; measurements in
+    ``benchmarks/results/cpu-bf16-by-isa.md``. A mask that keeps AVX-512 but drops only its
+    BF16 instructions (``AVX512_CORE``) is not seen: oneDNN then emulates bf16."""
+    if not (torch.backends.mkldnn.is_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return False
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return True  # oneDNN's check is the units' check there (e.g. Arm's BF16 extension)
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 @dataclass(frozen=True)
@@ -108,7 +138,9 @@ def _model_device(model) -> torch.device | None:
 
 def _network(model, device: torch.device, precision: str, backend: str) -> str:
     """auto: a VelocityNet runs folded (docs/method.md §3), through the fused Triton kernels on
-    CUDA and as a torch GEMM chain elsewhere; any other velocity module runs as given."""
+    CUDA and as a torch GEMM chain elsewhere; any other velocity module runs as given. Half
+    precision on the CPU is refused where it would run slower than fp32 (fp16 everywhere, bf16
+    without BF16 units: :func:`cpu_bf16_units`)."""
     if backend == "reference":
         return NETWORK_REFERENCE
     if precision == "fp16" and device.type != "cuda":
@@ -116,6 +148,9 @@ def _network(model, device: torch.device, precision: str, backend: str) -> str:
             "precision='fp16' needs a CUDA device (CPUs have no fast fp16 GEMM); "
             "use 'bf16' or 'fp32'"
         )
+    if precision == "bf16" and device.type == "cpu" and not cpu_bf16_units():
+        raise ValueError(f"precision='bf16' (and backend='compiled') {BF16_CPU_REFUSAL}; "
+                         f"none in effect here (ISA {cpu_isa()}); use precision='fp32'")
     if not isinstance(model, VelocityNet):
         if backend in ("folded", "triton", "compiled"):
             raise ValueError(f"backend={backend!r} needs a VelocityNet, got {type(model).__name__}")
