@@ -49,16 +49,22 @@ def cpu_isa() -> str:
     return " ".join([torch.backends.cpu.get_cpu_capability(), *masks])
 
 
+EMULATED_BF16_ISAS = ("AVX512_CORE", "AVX512_CORE_VNNI")
+"""``ONEDNN_MAX_CPU_ISA`` values that leave oneDNN a bf16 path without BF16 units (AVX-512 of
+Skylake/Cascade Lake: emulated, slower than fp32); below them oneDNN has no bf16 path at all."""
+
+
 @functools.cache
 def cpu_bf16_units() -> bool:
-    """Whether bf16 GEMMs run on BF16 units here: the CPU has them (AVX512_BF16 or AMX; on
-    x86, where torch can tell) and oneDNN's ISA in effect has a bf16 path (this honours
-    ``ONEDNN_MAX_CPU_ISA``: masked to AVX2 there is none). The one rule for ``solve``'s bf16
-    and compiled paths on the CPU and for ``fit(amp="bf16")``; measurements in
-    ``benchmarks/results/cpu-bf16-by-isa.md``. A mask that keeps AVX-512 but drops only its
-    BF16 instructions (``AVX512_CORE``) is not seen: oneDNN then emulates bf16."""
+    """Whether bf16 GEMMs run on BF16 units here: the CPU has them (AVX512_BF16 or AMX; on x86,
+    where torch can tell) and the ISA oneDNN may use includes them (``ONEDNN_MAX_CPU_ISA``:
+    masked to AVX2 oneDNN has no bf16 path, to ``AVX512_CORE`` an emulated one). The one rule
+    for ``solve``'s bf16 and compiled paths on the CPU and for ``fit(amp="bf16")``; the
+    measurements behind it are in ``benchmarks/results/cpu-bf16-by-isa.md``."""
     if not (torch.backends.mkldnn.is_available()
             and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return False
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in EMULATED_BF16_ISAS:
         return False
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return True  # oneDNN's check is the units' check there (e.g. Arm's BF16 extension)
