@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import fma_fast
-from fma_fast import dispatch, reference, training
+from fma_fast import dispatch, reference, routing
 
 GRIDS = {"full": (512, 12), "quick": (256, 4)}  # (D, blocks)
 BATCHES = (32, 256)
@@ -96,7 +96,7 @@ def _training_step(dim: int, blocks: int, batch: int, path: str) -> Callable[[],
 @pytest.mark.parametrize("grid", sorted(GRIDS))
 def test_training_step(benchmark, grid: str, batch: int, path: str) -> None:
     dim, blocks = GRIDS[grid]
-    if path.endswith("-bf16") and DEVICE.type == "cpu" and not training.cpu_has_bf16():
+    if path.endswith("-bf16") and DEVICE.type == "cpu" and not routing.cpu_bf16_units():
         pytest.skip("this CPU has no BF16 units")
     step = _training_step(dim, blocks, batch, path)
     for _ in range(WARMUP_STEPS):

@@ -102,6 +102,53 @@ def routes(device: torch.device) -> dict:
             "fallbacks": {"/".join(key): reason for key, reason in _common.FALLBACKS.items()}}
 
 
+def cpu() -> dict:
+    """What this CPU has and what a CPU ``solve`` runs here per precision: the ISA in effect
+    (ATen's, and whether oneDNN has a bf16 path; both honour the masks), the units the
+    hardware has (as cpuinfo reports them, whatever the masks), and whether bf16 runs on BF16
+    units, the rule ``solve`` and ``fit`` follow (``routing.cpu_bf16_units``)."""
+    name = getattr(torch._C._cpu, "_get_cpu_capability", dict)().get("cpu_name")
+    options = {"fp32": routing.SolveOptions(), "bf16": routing.SolveOptions(precision="bf16"),
+               "bf16 compiled": routing.SolveOptions(precision="bf16", backend="compiled"),
+               "fp16": routing.SolveOptions(precision="fp16")}
+    solve = {}
+    for label, option in options.items():
+        try:
+            solve[label] = routing.resolve(VelocityNet(8, 1), option, 1,
+                                           torch.device("cpu")).path()
+        except ValueError as error:
+            solve[label] = f"refused: {error}"
+    return {
+        "name": name or platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "isa_in_effect": torch.backends.cpu.get_cpu_capability(),
+        "onednn_bf16": bool(torch.backends.mkldnn.is_available()
+                            and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        "hardware": {"avx512": torch.cpu._is_avx512_supported(),
+                     "avx512_bf16": torch.cpu._is_avx512_bf16_supported(),
+                     "amx": torch.cpu._is_amx_tile_supported()},
+        "mask": {name: os.environ[name] for name in routing.ISA_MASKS if os.environ.get(name)},
+        "bf16_units": routing.cpu_bf16_units(),
+        "solve": solve,
+    }
+
+
+def _render_cpu(facts: dict) -> list[str]:
+    def yes(flag: bool) -> str:
+        return "yes" if flag else "no"
+
+    hardware = facts["hardware"]
+    mask = " ".join(f"{k}={v}" for k, v in facts["mask"].items()) or "none"
+    return [
+        f"CPU: {facts['name']}, {facts['threads']} threads; ISA in effect: "
+        f"{facts['isa_in_effect']}, oneDNN bf16 path: {yes(facts['onednn_bf16'])}; hardware: "
+        f"AVX-512 {yes(hardware['avx512'])}, AVX512_BF16 {yes(hardware['avx512_bf16'])}, "
+        f"AMX {yes(hardware['amx'])}; ISA mask: {mask}; bf16 on BF16 units: "
+        f"{yes(facts['bf16_units'])}",
+        "CPU solve -> " + "; ".join(f"{p}: {r}" for p, r in facts["solve"].items()),
+    ]
+
+
 def _timed(run: Callable[[], object], device: torch.device) -> tuple[object, float]:
     start = time.perf_counter()
     result = run()
@@ -251,7 +298,7 @@ def report(device: str | None, *, kernels: bool = True) -> dict:
     """Everything the doctor prints, as one JSON-ready dict."""
     resolved = check.resolve_device(device)
     checks = kernel_checks(resolved) if kernels else []
-    return {"environment": environment(), "routes": routes(resolved),
+    return {"environment": environment(), "cpu": cpu(), "routes": routes(resolved),
             "checks": [asdict(result) for result in checks],
             "failed": [result.name for result in checks if result.status == "fail"]}
 
@@ -271,6 +318,7 @@ def render(result: dict) -> str:
                      f"{env['cpu_threads']} CPU threads")
     lines.append(f"TRITON_INTERPRET={env['TRITON_INTERPRET'] or '(unset)'}, "
                  f"FMA_FAST_AUTOTUNE={env['FMA_FAST_AUTOTUNE'] or '(unset)'}")
+    lines.extend(_render_cpu(result["cpu"]))
     lines.append(f"paths on {routes_['device']}: "
                  + ", ".join(f"{op} -> {path}" for op, path in routes_["ops"].items()))
     lines.append("solve -> " + ", ".join(f"{p}: {r}" for p, r in routes_["solve"].items())

@@ -12,6 +12,9 @@ Internal module: the public functions take ``backend`` and ``precision`` strings
 
 from __future__ import annotations
 
+import functools
+import os
+import platform
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +36,39 @@ NETWORK_COMPILED = "folded-compiled"
 NETWORK_FALLBACK = "folded-fallback"
 """The fused kernels cannot run on this GPU, so the folded plan's torch GEMM chain runs."""
 SCORING_TILED = "torch-tiled"
+
+BF16_CPU_REFUSAL = ("needs a CPU with BF16 units (AVX512_BF16 or AMX) or a CUDA device: without "
+                    "them bf16 GEMMs are emulated, slower than fp32 (30x with AVX2 alone)")
+ISA_MASKS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+"""Environment variables that cap the ISA oneDNN and ATen use (read once, at start-up)."""
+
+
+def cpu_isa() -> str:
+    """The CPU ISA in effect for messages: ATen's capability and any ISA mask set."""
+    masks = [f"{name}={os.environ[name]}" for name in ISA_MASKS if os.environ.get(name)]
+    return " ".join([torch.backends.cpu.get_cpu_capability(), *masks])
+
+
+EMULATED_BF16_ISAS = ("AVX512_CORE", "AVX512_CORE_VNNI")
+"""``ONEDNN_MAX_CPU_ISA`` values that leave oneDNN a bf16 path without BF16 units (AVX-512 of
+Skylake/Cascade Lake: emulated, slower than fp32); below them oneDNN has no bf16 path at all."""
+
+
+@functools.cache
+def cpu_bf16_units() -> bool:
+    """Whether bf16 GEMMs run on BF16 units here: the CPU has them (AVX512_BF16 or AMX; on x86,
+    where torch can tell) and the ISA oneDNN may use includes them (``ONEDNN_MAX_CPU_ISA``:
+    masked to AVX2 oneDNN has no bf16 path, to ``AVX512_CORE`` an emulated one). The one rule
+    for ``solve``'s bf16 and compiled paths on the CPU and for ``fit(amp="bf16")``; the
+    measurements behind it are in ``benchmarks/results/cpu-bf16-by-isa.md``."""
+    if not (torch.backends.mkldnn.is_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return False
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in EMULATED_BF16_ISAS:
+        return False
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return True  # oneDNN's check is the units' check there (e.g. Arm's BF16 extension)
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 @dataclass(frozen=True)
@@ -110,7 +146,8 @@ def _network(model, device: torch.device, precision: str, backend: str) -> str:
     """auto: a VelocityNet runs folded (docs/method.md §3), through the fused Triton kernels on
     CUDA and as a torch GEMM chain elsewhere; any other velocity module, and a VelocityNet whose
     call the fold would not reproduce (an overridden forward, hooks, replaced submodules),
-    runs as given."""
+    runs as given. Half precision on the CPU is refused where it would run slower than fp32
+    (fp16 everywhere, bf16 without BF16 units: :func:`cpu_bf16_units`)."""
     if backend == "reference":
         return NETWORK_REFERENCE
     if precision == "fp16" and device.type != "cuda":
@@ -118,6 +155,9 @@ def _network(model, device: torch.device, precision: str, backend: str) -> str:
             "precision='fp16' needs a CUDA device (CPUs have no fast fp16 GEMM); "
             "use 'bf16' or 'fp32'"
         )
+    if precision == "bf16" and device.type == "cpu" and not cpu_bf16_units():
+        raise ValueError(f"precision='bf16' (and backend='compiled') {BF16_CPU_REFUSAL}; "
+                         f"none in effect here (ISA {cpu_isa()}); use precision='fp32'")
     problem = fold_problem(model)
     if problem:
         if backend in ("folded", "triton", "compiled"):

@@ -77,15 +77,11 @@ def _prepare(
 
 
 def _compiled_steps(plan: SolverPlan, chunk: int, compiled: bool) -> list | None:
-    """The plan's compiled steps, compiled for ``chunk`` rows (every chunk is padded to it,
-    so one shape serves a whole solve), or None for the eager chain. They run on one thread
-    with torch's intra-op threads, which inductor's CPU kernels bake in when they compile."""
-    if not compiled:
-        return None
-    steps = cpu_compiled.compiled_steps(plan)
-    if plan.steps:
-        cpu_compiled.warm(steps, torch.zeros(chunk, plan.dim))
-    return steps
+    """The plan's compiled steps, compiled and checked for ``chunk`` rows (every chunk is
+    padded to it, so one shape serves a whole solve), or None for the eager chain. They run on
+    one thread with torch's intra-op threads, which inductor's CPU kernels bake in when they
+    compile."""
+    return cpu_compiled.compiled_steps(plan, chunk) if compiled else None
 
 
 def _row_chunks(rows: int, chunk: int, workers: int) -> list[slice]:

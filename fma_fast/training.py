@@ -10,12 +10,12 @@ import torch
 from tqdm.auto import tqdm
 
 from . import _validation as check
-from . import dispatch
+from . import dispatch, routing
 from .class_tables import PerRowClasses
 from .model import VelocityNet
 from .policy import OP_BACKENDS
 from .reference import DEFAULT_TIME_EPS, NOISE_FORMS
-from .routing import op_backend
+from .routing import BF16_CPU_REFUSAL, op_backend
 
 AMP_CHOICES = ("auto", "fp16", "bf16", "off")
 
@@ -103,12 +103,6 @@ def _check_views(views, labels: torch.Tensor) -> int:
     return views
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU has BF16 units (AVX-512 BF16 or AMX) for oneDNN's bf16 GEMMs."""
-    return bool(torch.backends.mkldnn.is_available()
-                and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
 def _autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of ``amp`` on ``device``: fp16 ("auto") or bf16 on CUDA; on the CPU
     bf16 only when asked and only with BF16 units ("auto" stays fp32 there)."""
@@ -122,9 +116,9 @@ def _autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
         raise ValueError("amp='fp16' needs a CUDA device (CPUs have no fast fp16 GEMM); use "
                          "'bf16' or 'off'")
     if amp == "bf16":
-        if device.type != "cpu" or not cpu_has_bf16():
-            raise ValueError(f"amp='bf16' needs a CPU with BF16 units (AVX-512 BF16 or AMX) or "
-                             f"a CUDA device; this {device.type} has none")
+        if device.type != "cpu" or not routing.cpu_bf16_units():
+            raise ValueError(f"amp='bf16' {BF16_CPU_REFUSAL}; none in effect here (ISA "
+                             f"{routing.cpu_isa()})")
         return torch.bfloat16
     return None
 

@@ -11,6 +11,17 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+
+def pytest_report_header(config) -> str:
+    """Which CPU code paths this run takes: CI runs the CPU-dependent tests twice, the second
+    time with AVX-512/AMX masked (.ci/run)."""
+    from fma_fast import routing
+
+    return (f"CPU ISA in effect: {routing.cpu_isa()}; bf16 on BF16 units: "
+            f"{routing.cpu_bf16_units()}")
+
+
 OFFICIAL_FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official_fma"
 
 

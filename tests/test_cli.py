@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from fma_fast import routing
 from fma_fast.cli import main
 
 TINY = [
@@ -86,6 +87,10 @@ def test_synth_train_eval_round_trip(tmp_path, capsys):
                                      ("fp32", "reference", "reference")):
         command = ["eval", str(data / "test.safetensors"), "--model", str(run),
                    "--precision", precision, "--backend", backend]
+        if precision == "bf16" and not routing.cpu_bf16_units():  # refused, one line
+            assert main(command) == 2
+            assert "needs a CPU with BF16 units" in capsys.readouterr().err
+            continue
         assert main(command) == 0
         assert json.loads(capsys.readouterr().out)["path"].startswith(path), (precision, backend)
 

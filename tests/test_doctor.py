@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from fma_fast import doctor
+from fma_fast import doctor, routing
 from fma_fast.cli import main
 from fma_fast.kernels._common import HAS_TRITON, interpreter_active
 
@@ -74,6 +75,73 @@ def test_routes_name_the_solve_path_of_each_precision():
     routes = doctor.routes(torch.device("cpu"))
     assert routes["solve"]["fp32"] == "folded-fp32"
     assert routes["solve"]["fp16"].startswith("unavailable: precision='fp16' needs a CUDA")
+
+
+def test_the_cpu_section_says_what_the_cpu_has_and_what_solve_runs(monkeypatch):
+    """The ISA in effect, the units, and per precision the path a CPU solve takes or why it
+    is refused, from the one rule (``routing.cpu_bf16_units``)."""
+    import torch
+
+    facts = doctor.cpu()
+    assert facts["isa_in_effect"] == torch.backends.cpu.get_cpu_capability()
+    assert facts["solve"]["fp32"] == "folded-fp32"
+    if routing.cpu_bf16_units():
+        assert facts["solve"]["bf16"] == "folded-bf16"
+        assert facts["solve"]["bf16 compiled"] == "folded-compiled-bf16"
+    monkeypatch.setattr(routing, "cpu_bf16_units", lambda: False)
+    refused = doctor.cpu()
+    assert not refused["bf16_units"] and refused["solve"]["fp32"] == "folded-fp32"
+    for label in ("bf16", "bf16 compiled"):
+        assert refused["solve"][label].startswith("refused: precision='bf16'"), refused["solve"]
+        assert "needs a CPU with BF16 units" in refused["solve"][label]
+    head, solve = doctor._render_cpu(refused)
+    assert f"ISA in effect: {facts['isa_in_effect']}" in head, head
+    assert "bf16 on BF16 units: no" in head and "bf16: refused: " in solve, (head, solve)
+
+
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+@pytest.mark.skipif(not X86, reason="SKIPPED, not passed: the ISA masks are x86's")
+@pytest.mark.parametrize("mask", [{"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
+                                  {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}], ids=["AVX2", "AVX512"])
+def test_the_isa_mask_is_honoured_by_the_bf16_rule_and_the_doctor(mask):
+    """A CPU with BF16 units masked to AVX2 has no bf16 path for oneDNN (~30x slower than
+    fp32), masked to AVX-512 without BF16 an emulated one (slower than fp32): the rule must
+    see the mask, not the hardware flags."""
+    env = {**{k: v for k, v in os.environ.items() if k not in routing.ISA_MASKS}, **mask}
+    code = "import json; from fma_fast import doctor; print(json.dumps(doctor.cpu()))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    facts = json.loads(done.stdout.splitlines()[-1])
+    if "ATEN_CPU_CAPABILITY" in mask:
+        assert facts["isa_in_effect"] == "AVX2" and not facts["onednn_bf16"], facts
+    assert facts["mask"] == mask, facts
+    assert not facts["bf16_units"] and facts["solve"]["bf16"].startswith("refused"), facts
+
+
+@pytest.mark.skipif(not X86, reason="SKIPPED, not passed: the ISA masks are x86's")
+def test_ci_isa_mask_check_fails_without_the_mask_and_passes_with_it():
+    """.ci/check_isa_mask.py guards CI's masked pass: it must fail where AVX-512 is in
+    effect (unmasked, on an AVX-512 CPU) and pass under the mask."""
+    script = [sys.executable, str(REPO / ".ci" / "check_isa_mask.py")]
+    base = {k: v for k, v in os.environ.items() if k not in routing.ISA_MASKS}
+    masked = subprocess.run(script, capture_output=True, text=True, timeout=600,
+                            env={**base, "ONEDNN_MAX_CPU_ISA": "AVX2",
+                                 "ATEN_CPU_CAPABILITY": "avx2"})
+    assert masked.returncode == 0, masked.stderr[-2000:]
+    assert "ISA mask in effect" in masked.stdout
+    import torch
+
+    if not torch.cpu._is_avx512_supported():
+        return  # unmasked is AVX2 already: nothing for the check to catch here
+    partial = subprocess.run(script, capture_output=True, text=True, timeout=600,
+                             env={**base, "ONEDNN_MAX_CPU_ISA": "AVX2"})
+    assert partial.returncode == 1, partial.stdout
+    assert "ATen's CPU capability is AVX512" in partial.stderr, partial.stderr
+    unmasked = subprocess.run(script, capture_output=True, text=True, timeout=600, env=base)
+    assert unmasked.returncode == 1 and "avx512" in unmasked.stderr, unmasked.stderr
 
 
 @pytest.mark.skipif(os.name != "posix", reason="SKIPPED, not passed: needs bash")

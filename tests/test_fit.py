@@ -9,7 +9,7 @@ import torch
 from kernel_support import SKIP_REASON, kernel_device
 
 import fma_fast
-from fma_fast import dispatch, reference, synthetic, training
+from fma_fast import dispatch, reference, routing, synthetic, training
 from fma_fast.training import lr_factor
 
 
@@ -327,7 +327,7 @@ def test_rows_that_are_not_unit_norm_get_one_warning_naming_the_argument():
 def test_bf16_autocast_on_a_cpu_with_bf16_units():
     """Guards amp being ignored on the CPU: with amp="bf16" the network runs under bf16
     autocast (its output reaches the loss in bf16), the loss still falls; "fp16" is refused."""
-    if not training.cpu_has_bf16():
+    if not routing.cpu_bf16_units():
         pytest.skip("SKIPPED, not passed: this CPU has no BF16 units")
     x, y, z = _tiny_task()
     seen = []
@@ -397,3 +397,13 @@ def test_the_loss_uses_the_pairs_noise_at_every_optimizer_step(backend, noise, m
         for j in range(i):
             assert not torch.allclose(noises[i], noises[j], atol=1e-3), (
                 f"steps {j + 1} and {i + 1} drew the same noise")
+
+
+def test_amp_bf16_without_bf16_units_is_refused_with_the_reason(monkeypatch):
+    """The one CPU bf16 rule (``routing.cpu_bf16_units``) also decides fit's autocast: without
+    BF16 units bf16 GEMMs are emulated, slower than fp32."""
+    x, y, z = _tiny_task()
+    monkeypatch.setattr(routing, "cpu_bf16_units", lambda: False)
+    refusal = r"amp='bf16' needs a CPU with BF16 units .*none in effect here"
+    with pytest.raises(ValueError, match=refusal):
+        fma_fast.fit(x, y, z, blocks=1, epochs=1, amp="bf16", device="cpu", progress=False)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import randomize_parameters
 
 import fma_fast
-from fma_fast import VelocityNet, policy, reference, synthetic
+from fma_fast import VelocityNet, policy, reference, routing, synthetic
 from fma_fast import runtime_torch as runtime_module
 from fma_fast.plan import SolverPlan, build_plan, clear_plan_cache, solver_plan, step_times
 from fma_fast.policy import PRECISIONS
@@ -254,6 +254,8 @@ WEIGHT_CHANGES = {
 def test_every_change_of_the_weights_reaches_the_solve(change, precision):
     """solve after a weight change equals a plain Euler loop on the new weights, whatever
     changed them; fused optimizers and ``.data`` writes do not bump the version counters."""
+    if precision == "bf16" and not routing.cpu_bf16_units():
+        pytest.skip("SKIPPED, not passed: solve refuses bf16 here (no BF16 units in effect)")
     net = random_net(24, 2)
     x = unit_rows(6, 24)
     stale = fma_fast.solve(x, net, 5, precision=precision)

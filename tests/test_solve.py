@@ -10,7 +10,7 @@ from kernel_support import SKIP_REASON, kernel_device
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fma_fast
-from fma_fast import dispatch, policy, reference, scoring
+from fma_fast import dispatch, policy, reference, routing, scoring
 
 
 def seeded(seed: int) -> torch.Generator:
@@ -156,10 +156,28 @@ def test_precision_options(model, data):
         fma_fast.solve(x, model, 2, precision="int8")
     with pytest.raises(ValueError, match="backend='folded' needs a VelocityNet"):
         fma_fast.solve(x, lambda f, t: f, 2, backend="folded")
+    if not routing.cpu_bf16_units():
+        with pytest.raises(ValueError, match="precision='bf16'.* needs a CPU with BF16 units"):
+            fma_fast.solve(x, model, 3, precision="bf16")
+        return
     low = fma_fast.solve(x, model, 3, precision="bf16")
     exact = fma_fast.solve(x, model, 3)
     error = float((low - exact).norm() / exact.norm())
     assert error < 2e-2, f"bf16 solve is {error:.2e} away from fp32"
+
+
+@pytest.mark.parametrize("backend", ["auto", "folded", "compiled"])
+def test_bf16_on_a_cpu_without_bf16_units_is_refused_with_the_reason(model, data, monkeypatch,
+                                                                     backend):
+    """Never a silent 30x slowdown: without BF16 units (AVX2 CPUs) bf16 GEMMs are emulated,
+    slower than fp32, so solve refuses bf16 and the compiled path and says what to use."""
+    x, z = data
+    monkeypatch.setattr(routing, "cpu_bf16_units", lambda: False)
+    with pytest.raises(ValueError, match=r"precision='bf16' \(and backend='compiled'\) needs a "
+                                         r"CPU with BF16 units .*use precision='fp32'"):
+        fma_fast.solve(x, model, 2, class_features=z, precision="bf16", backend=backend)
+    assert fma_fast.solve(x, model, 2, class_features=z, backend=backend if backend != "compiled"
+                          else "auto").path.startswith("folded-fp32")
 
 
 # --------------------------------------------------- class tiles: top-k and cross-entropy
