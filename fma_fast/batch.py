@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import queue
+import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -315,20 +316,20 @@ def _part_prefix(shard: Shard) -> str:
     return f"{shard.path.stem}-{tag}.part"
 
 
+_PART_FILE = re.compile(r"^(?P<prefix>.+\.part)(?P<number>\d{5})\.")
+
+
 def _remove_stale_parts(out: Path, by_shard: list[list[_Part]]) -> None:
     """Remove the parts an input no longer has (it shrank since an earlier run): their
     record first, so that a kill in between leaves files no record vouches for."""
     counts = {_part_prefix(parts[0].shard): len(parts) for parts in by_shard}
-    stale: dict[tuple[str, int], list[Path]] = {}
+    stale = []
     for path in out.iterdir():
-        for prefix, count in counts.items():
-            number = path.name[len(prefix):len(prefix) + 5]
-            if path.name.startswith(prefix) and number.isdigit() and int(number) >= count \
-                    and path.name[len(prefix) + 5:].startswith("."):
-                stale.setdefault((prefix, int(number)), []).append(path)
-    for paths in stale.values():
-        for path in sorted(paths, key=lambda p: not p.name.endswith(".done.json")):
-            path.unlink(missing_ok=True)
+        found = _PART_FILE.match(path.name)
+        if found and int(found["number"]) >= counts.get(found["prefix"], 1 << 30):
+            stale.append(path)
+    for path in sorted(stale, key=lambda p: not p.name.endswith(".done.json")):
+        path.unlink(missing_ok=True)
 
 
 def _record_path(out: Path, part: _Part) -> Path:
@@ -373,6 +374,7 @@ def _already_done(out: Path, parts: list[_Part], job: str, chunk: int) -> set[in
                 if reader is not None:
                     reader.close()
                 reader = part.shard.open()
+                buffer = bytearray(chunk * part.shard.features.row_bytes)
             digest = PartDigest(part.shard)
             for start in range(part.start, part.stop, chunk):
                 reader.read(start, min(start + chunk, part.stop), buffer, digest)

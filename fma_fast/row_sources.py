@@ -72,7 +72,8 @@ class Column:
         return int(np.prod(self.shape[1:], dtype=np.int64)) * _itemsize(self.dtype)
 
     def describe(self) -> list:
-        return [self.offset, str(self.dtype), list(self.shape)]
+        """How a row's bytes are read (dtype, row shape); not where, nor how many rows."""
+        return [str(self.dtype), list(self.shape[1:])]
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,8 @@ class Shard:
                 "mtime_ns": self.identity.mtime_ns}
 
     def layout(self) -> str:
-        """What the header said of the bytes read (part of every part's digest)."""
+        """How the bytes a part reads are read (part of every part's digest): the same rows
+        read the same way give the same outputs, wherever the file holds them."""
         columns = [None if c is None else c.describe()
                    for c in (self.features, self.labels, self.row_ids)]
         return json.dumps([columns, self.per_image])
