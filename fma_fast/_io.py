@@ -15,11 +15,13 @@ import os
 import re
 import secrets
 import socket
+import stat
 import struct
 import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -120,6 +122,44 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     return path
 
 
+def is_temporary(name: str) -> bool:
+    """Whether ``name`` is a temporary file of :func:`atomic_write` (of any process)."""
+    return bool(_TEMP.match(name) or _LEGACY_TEMP.match(name))
+
+
+def create_exclusive(path: str | os.PathLike, text: str) -> bool:
+    """Create ``path`` holding ``text`` unless it already exists (then False): the file appears
+    whole (written to a temporary file, then hard-linked into place), and of writers racing
+    for one name exactly one wins. Where the file system has no hard links, it is created with
+    O_EXCL and then written."""
+    path = Path(path)
+    temp = path.parent / f".{path.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        with open(temp, "x") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(temp, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as error:
+            if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK,
+                                   errno.ENOSYS):
+                raise
+    finally:
+        temp.unlink(missing_ok=True)
+    try:
+        with open(path, "x") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except FileExistsError:
+        return False
+    return True
+
+
 def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 24) -> str:
     """Hex sha256 of a file, read in chunks (checkpoints can be gigabytes)."""
     digest = hashlib.sha256()
@@ -129,12 +169,63 @@ def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 24) -> str:
     return digest.hexdigest()
 
 
+JSON_MAX_DEPTH = 64
+"""Deepest nesting of a JSON document fma_fast reads (its own nest a few levels): Python's
+parser recurses once per level, so a hostile file of 100,000 brackets raises RecursionError."""
+JSON_MAX_BYTES = 256 * 2**20
+"""Largest JSON file read (a model's config with 200,000 class names is a few MiB)."""
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
+class JsonError(ValueError):
+    """A JSON document that is unreadable, too large or nested too deep."""
+
+
+def loads_json(text: str | bytes, what: str) -> Any:
+    """Parse JSON (``what`` names it in errors), refusing nesting deeper than
+    :data:`JSON_MAX_DEPTH` before the parser sees it: the one JSON reader of fma_fast's files,
+    records, headers and stamps."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode()
+        except UnicodeDecodeError:
+            raise JsonError(f"{what} is not UTF-8 text") from None
+    depth = deepest = 0
+    for char in _NOT_BRACKET.sub("", _JSON_STRING.sub("", text)):
+        depth += 1 if char in "[{" else -1
+        deepest = max(deepest, depth)
+    if deepest > JSON_MAX_DEPTH:
+        raise JsonError(f"{what} nests JSON {deepest} levels deep (at most {JSON_MAX_DEPTH})")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise JsonError(f"{what} is not valid JSON ({error})") from None
+
+
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """The JSON document in file ``path`` (a regular file of at most :data:`JSON_MAX_BYTES`);
+    :class:`JsonError` naming ``what`` and the path otherwise."""
+    problem = file_problem(path)
+    if problem:
+        raise JsonError(f"cannot read {what} {path}: {problem}")
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(JSON_MAX_BYTES + 1)
+    except OSError as error:
+        raise JsonError(f"cannot read {what} {path}: {(error.strerror or str(error)).lower()}"
+                        ) from None
+    if len(data) > JSON_MAX_BYTES:
+        raise JsonError(f"{what} {path} is larger than {JSON_MAX_BYTES // 2**20} MiB")
+    return loads_json(data, f"{what} {path}")
+
+
 def read_json_record(path: Path) -> dict | None:
     """A JSON object written by fma_fast (a record beside outputs), or None when it is not
     readable as one."""
     try:
-        found = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        found = read_json(path, "record")
+    except JsonError:
         return None
     return found if isinstance(found, dict) else None
 
@@ -191,19 +282,32 @@ def save_safetensors(
 
 
 def file_problem(path: str | os.PathLike) -> str | None:
-    """Why ``path`` cannot be read as a file ("no such file", "permission denied", ...), or
-    None when it can."""
+    """Why ``path`` cannot be read as a file ("no such file", "permission denied", "a FIFO,
+    not a regular file", ...), or None when it can. The type is checked before any open: opening
+    a FIFO for reading blocks until a writer comes."""
     try:
-        with open(path, "rb"):
-            return None
+        mode = os.stat(path).st_mode
     except FileNotFoundError:
         return "no such file"
     except PermissionError:
         return "permission denied"
-    except IsADirectoryError:
-        return "is a directory, not a file"
     except OSError as error:
         return (error.strerror or str(error)).lower()
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a file"
+    if not stat.S_ISREG(mode):
+        return f"{_KINDS.get(stat.S_IFMT(mode), 'special file')}, not a regular file"
+    try:
+        with open(path, "rb"):
+            return None
+    except PermissionError:
+        return "permission denied"
+    except OSError as error:
+        return (error.strerror or str(error)).lower()
+
+
+_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+          stat.S_IFBLK: "a block device"}
 
 
 def _writable_problem(folder: Path) -> str | None:

@@ -1,23 +1,33 @@
 """Batch scoring of test sets of any size: :func:`score` streams the rows of its inputs from
 disk a chunk at a time, solves them, and writes top-k outputs per input shard.
 
-Work is cut into parts (an input shard's rows, at most ``policy.SCORE_PART_ROWS`` at a time).
-A part's outputs are written atomically and then its record (``*.done.json``: the job, the
-input's size and mtime, the output files' sha256); a rerun skips exactly the parts whose
-record matches, so a job killed at any moment and run again scores every row once. The
-folder's ``job.json`` ties it to one job's settings: another job there is refused. A reader
-thread prefetches the next chunk while the current one is solved; memory stays a few chunks
-and one part's outputs whatever N is. Under ``torchrun`` each rank takes whole input shards
-and writes its own outputs; rank 0 writes ``manifest.json`` from the part records.
+Work is cut into parts (an input shard's rows, at most ``policy.SCORE_PART_ROWS`` at a time,
+fewer with a large top-k: ``policy.SCORE_PART_BYTES``). A part's outputs are written
+atomically and then its record (``*.done.json``: the job, the input, a sha256 of the bytes the
+part read, fed as they were read, and the output files' sha256). Each input is read through
+one open handle, checked before and after every part to be the file that was planned (device,
+inode, size, modification and change times): a file rewritten or replaced while it is read
+stops the job, and its part is not recorded. A rerun skips exactly the parts whose record
+matches, the input's bytes hashed again (a read, no solve), so a job killed at any moment and
+run again scores every row once, and an input replaced by other bytes of the same size and
+mtime (``cp -p``, ``rsync -a``) is scored again. The folder's ``job.json``, created
+atomically after every option was resolved, ties it to one job's settings: another job there
+is refused. A reader thread prefetches the next chunk while the current one is solved; memory
+stays a few chunks and one part's outputs whatever N is. Under ``torchrun`` each rank takes
+whole input shards and writes its own outputs; rank 0 writes ``manifest.json`` from the part
+records.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
 import platform
 import queue
+import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -32,26 +42,42 @@ from tqdm.auto import tqdm
 from . import _validation as check
 from . import checkpoint
 from ._io import (
+    JsonError,
     atomic_write,
     check_output_folder,
+    create_exclusive,
     file_problem,
     file_sha256,
+    is_temporary,
+    read_json,
     read_json_record,
+    remove_orphaned_temporaries,
     save_safetensors,
     write_text,
 )
 from ._version import __version__
 from .distributed import SINGLE, Context
-from .features_io import FeatureFileError, class_table_sha256, differences, load_features
-from .model import VelocityNet
+from .features_io import (
+    FeatureFileError,
+    class_table_difference,
+    class_table_sha256,
+    differences,
+    load_features,
+    table_mismatch,
+    unit_rows,
+)
+from .model import VelocityNet, normalizes, solve_settings
+from .plan import check_plan_fits
 from .policy import (
     PRECISIONS,
+    SCORE_PART_BYTES,
     SCORE_PART_ROWS,
     SCORE_TEXT_ENTRIES,
     SOLVE_BACKENDS,
     SOLVE_BATCH_ROWS,
 )
-from .row_sources import InputError, Shard, find_shards
+from .routing import NETWORK_REFERENCE, SolveOptions, resolve
+from .row_sources import InputError, PartDigest, Shard, ShardReader, find_shards
 from .solver import solve
 
 FORMATS = ("safetensors", "npy", "csv", "jsonl")
@@ -60,7 +86,8 @@ class names (CSV, JSON lines) for small outputs (``policy.SCORE_TEXT_ENTRIES``).
 JOB_NAME = "job.json"
 MANIFEST_NAME = "manifest.json"
 JOB_FORMAT = "fma_fast/score-job/1"
-PART_FORMAT = "fma_fast/score-part/1"
+PART_FORMAT = "fma_fast/score-part/2"
+"""Version 2 records a digest of the part's input bytes (version 1 records are scored again)."""
 MANIFEST_FORMAT = "fma_fast/score-manifest/1"
 
 
@@ -116,30 +143,24 @@ def weights_sha256(model: VelocityNet) -> str:
     return checkpoint.state_digest(state, json.dumps(model.config, sort_keys=True))
 
 
-def _resolve_model(model, steps, step_size):
-    """The network, M, h and the class-table digest it was trained with (None if unknown)."""
-    trained_on = None
+def _resolve_model(model, steps, step_size, normalize):
+    """The network, M, h, whether rows are normalised, and a name for messages. A folder is
+    loaded (:func:`fma_fast.load` sets what it carries), so a folder and the network loaded
+    from it score alike; arguments win over what the network carries
+    (:func:`~fma_fast.model.solve_settings`, :func:`~fma_fast.model.normalizes`)."""
+    name = "the model"
     if isinstance(model, (str, os.PathLike)):
-        folder = model
-        config = checkpoint.load_config(folder)
-        data = config.get("data")
-        if isinstance(data, dict) and isinstance(data.get("class_table_sha256"), str):
-            trained_on = (folder, data["class_table_sha256"], data.get("classes"))
-        model = checkpoint.load(folder)
-        if steps is None:
-            steps = config.get("steps")
-            if steps is None:
-                raise ValueError(f"{folder} has no M chosen on val; pass steps")
-        if step_size is None:
-            step_size = config.get("step_size", 0.1)
+        name = str(model)
+        model = checkpoint.load(model)
     if not isinstance(model, VelocityNet):
         raise TypeError(f"model must be a VelocityNet or a folder written by fma_fast.save, got "
                         f"{type(model).__name__}")
+    steps, step_size = solve_settings(model, steps, step_size)
     if steps is None:
-        raise ValueError("steps is required with a model object (a saved folder may carry it)")
-    step_size = 0.1 if step_size is None else step_size
+        raise ValueError(f"{name} has no M chosen on val (model.steps); pass steps")
     steps = check.check_int("steps", steps)
-    return model, steps, check.check_positive_float("step_size", step_size), trained_on
+    step_size = check.check_positive_float("step_size", step_size)
+    return model, steps, step_size, normalizes(model, normalize), name
 
 
 def _resolve_classes(classes, class_names):
@@ -153,15 +174,15 @@ def _resolve_classes(classes, class_names):
         if path.suffix == ".npy":
             try:
                 table = torch.from_numpy(np.load(path)).float()
-            except (OSError, ValueError) as error:
+            except (OSError, ValueError, SyntaxError, RecursionError, MemoryError) as error:
                 raise InputError(f"cannot read --classes {path}: {error}") from None
         else:
             try:
                 data = load_features(path)
                 table, names = data.class_features, data.class_names
                 class_names = names if class_names is None else class_names
-            except FeatureFileError:
-                table = _single_table(path)
+            except FeatureFileError as error:
+                table = _single_table(path, error)
     else:
         table = check.as_tensor("class_features", classes)
     table = check.check_matrix("class_features", table).float()
@@ -171,7 +192,22 @@ def _resolve_classes(classes, class_names):
     return table, None if class_names is None else list(class_names)
 
 
-def _single_table(path: Path) -> torch.Tensor:
+def _check_trained_on(model: VelocityNet, name: str, table: torch.Tensor, names) -> None:
+    """The classes given must be the table the model was trained with (names exactly, values
+    within fp32 rounding: :func:`~fma_fast.features_io.table_mismatch`)."""
+    if not isinstance(model.trained_on, dict):
+        return
+    given = {"classes": int(table.shape[0]), "class_names": names, "class_table": table,
+             "class_table_sha256": class_table_sha256(table)}
+    mismatch = table_mismatch(model.trained_on, given)
+    if mismatch:
+        raise InputError(f"the classes given ({table.shape[0]}) are not the class table {name} "
+                         f"was trained with ({model.trained_on.get('classes')} classes): "
+                         f"{mismatch}")
+
+
+def _single_table(path: Path, why: FeatureFileError) -> torch.Tensor:
+    """The one 2-D tensor of a safetensors file that is not a feature file (``why``)."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -183,16 +219,17 @@ def _single_table(path: Path) -> torch.Tensor:
         raise InputError(f"cannot read --classes {path}: {error}") from None
     if len(tensors) != 1:
         raise InputError(f"--classes {path}: expected a feature file or one (C, D) tensor, "
-                         f"found {names}")
+                         f"found {names} (as a feature file: {why})")
     return tensors[0]
 
 
-def _settings(model, steps, step_size, topk, table, table_digest, precision, backend,
-              output_format, batch_size) -> dict[str, Any]:
+def _settings(model, steps, step_size, normalize, topk, table, table_digest, precision,
+              backend, output_format, batch_size, part_rows) -> dict[str, Any]:
     return {
         "model_sha256": weights_sha256(model),
         "steps": steps,
         "step_size": step_size,
+        "normalize": normalize,
         "topk": topk,
         "classes": int(table.shape[0]),
         "class_table_sha256": table_digest,
@@ -200,75 +237,170 @@ def _settings(model, steps, step_size, topk, table, table_digest, precision, bac
         "backend": backend,
         "format": output_format,
         "batch_rows": batch_size,
-        "part_rows": SCORE_PART_ROWS,
+        "part_rows": part_rows,
     }
 
 
+def _part_rows(topk: int) -> int:
+    """Rows per part: ``SCORE_PART_ROWS``, fewer when the top-k outputs (12 bytes an entry)
+    would pass ``SCORE_PART_BYTES``."""
+    return max(1, min(SCORE_PART_ROWS, SCORE_PART_BYTES // (12 * topk)))
+
+
+def _check_route(model, steps, step_size, precision, backend, batch_size, device) -> None:
+    """Every option resolved as the solve will resolve it, before the folder is claimed: an
+    option refused late would leave job.json claiming the folder for a job that cannot run."""
+    options = SolveOptions(step_size=step_size, precision=precision, backend=backend,
+                           batch_size=batch_size, device=device)
+    route = resolve(model, options, steps, torch.device("cpu"))
+    if route.network != NETWORK_REFERENCE:
+        check_plan_fits(model, steps, PRECISIONS[precision], route.device)
+
+
 def _claim_folder(out: Path, settings: dict[str, Any], context: Context) -> str:
-    """Tie ``out`` to this job (``job.json``); another job's folder is refused."""
+    """Tie ``out`` to this job (``job.json``, created atomically: of two jobs racing for one
+    folder one wins); another job's folder is refused. Temporary files of killed writers are
+    removed first, and those of live writers do not make a folder "not empty"."""
     digest = _digest(settings)
     record = out / JOB_NAME
+    text = json.dumps({"format": JOB_FORMAT, "digest": digest, "settings": settings},
+                      indent=1, sort_keys=True) + "\n"
+    problem = None
     if context.is_main:
-        if record.exists():
-            found = read_json_record(record)
-            if found is None or found.get("format") != JOB_FORMAT:
-                raise InputError(f"--out {out}: {record} is not a scoring job record")
-            if found.get("digest") != digest:
-                shown = differences(found.get("settings") or {}, settings)
-                raise InputError(f"--out {out} holds the outputs of another scoring job "
-                                 f"({shown}); use another folder")
-        else:
-            if out.exists() and any(out.iterdir()):
-                raise InputError(f"--out {out} is not empty and holds no scoring job; use an "
-                                 "empty or new folder")
-            out.mkdir(parents=False, exist_ok=True)
-            text = json.dumps({"format": JOB_FORMAT, "digest": digest, "settings": settings},
-                              indent=1, sort_keys=True)
-            write_text(record, text + "\n")
-    context.barrier()
+        try:
+            problem = _claim(out, record, text, digest, settings)
+        except InputError as error:
+            problem = str(error)
+    problem = context.broadcast(problem)
+    if problem:
+        raise InputError(problem)
     return digest
 
 
-def _parts(shards: Sequence[Shard]) -> list[list[_Part]]:
+def _claim(out: Path, record: Path, text: str, digest: str, settings) -> str | None:
+    if out.is_dir():
+        remove_orphaned_temporaries(out)
+    if not record.exists():
+        if out.exists() and any(not is_temporary(p.name) for p in out.iterdir()):
+            return (f"--out {out} is not empty and holds no scoring job; use an empty or new "
+                    "folder")
+        out.mkdir(parents=False, exist_ok=True)
+        if create_exclusive(record, text):
+            return None
+    try:
+        found = read_json(record, "scoring job record")
+    except JsonError as error:
+        return f"--out {out}: {error}"
+    if not isinstance(found, dict) or found.get("format") != JOB_FORMAT:
+        return f"--out {out}: {record} is not a scoring job record"
+    if found.get("digest") != digest:
+        shown = differences(found.get("settings") or {}, settings)
+        return (f"--out {out} holds the outputs of another scoring job ({shown}); use another "
+                "folder")
+    return None
+
+
+def _parts(shards: Sequence[Shard], part_rows: int) -> list[list[_Part]]:
     out = []
     for shard in shards:
-        tag = hashlib.sha256(str(shard.path.resolve()).encode()).hexdigest()[:8]
-        stops = list(range(0, shard.rows, SCORE_PART_ROWS))[1:] + [shard.rows]
+        stops = list(range(0, shard.rows, part_rows))[1:] + [shard.rows]
         starts = [0] + stops[:-1]
-        out.append([_Part(shard, i, a, b, f"{shard.path.stem}-{tag}.part{i:05d}")
+        prefix = _part_prefix(shard)
+        out.append([_Part(shard, i, a, b, f"{prefix}{i:05d}")
                     for i, (a, b) in enumerate(zip(starts, stops))])
     return out
+
+
+def _part_prefix(shard: Shard) -> str:
+    tag = hashlib.sha256(str(shard.path.resolve()).encode()).hexdigest()[:8]
+    return f"{shard.path.stem}-{tag}.part"
+
+
+_PART_FILE = re.compile(r"^(?P<prefix>.+\.part)(?P<number>\d{5})\.")
+
+
+def _remove_stale_parts(out: Path, by_shard: list[list[_Part]]) -> None:
+    """Remove the parts an input no longer has (it shrank since an earlier run): their
+    record first, so that a kill in between leaves files no record vouches for."""
+    counts = {_part_prefix(parts[0].shard): len(parts) for parts in by_shard}
+    stale = []
+    for path in out.iterdir():
+        found = _PART_FILE.match(path.name)
+        if found and int(found["number"]) >= counts.get(found["prefix"], 1 << 30):
+            stale.append(path)
+    for path in sorted(stale, key=lambda p: not p.name.endswith(".done.json")):
+        path.unlink(missing_ok=True)
 
 
 def _record_path(out: Path, part: _Part) -> Path:
     return out / f"{part.stem}.done.json"
 
 
-def _done(out: Path, part: _Part, job: str) -> dict[str, Any] | None:
-    """The part's record when its outputs exist for this job and this input, else None."""
+def _record(out: Path, part: _Part, job: str) -> dict[str, Any] | None:
+    """The part's record when it is of this job, these rows of this input and its outputs are
+    there with the digests it lists; else None. The input's bytes are not read here."""
     record = read_json_record(_record_path(out, part))
-    if record is None or record.get("job") != job:
+    if record is None or record.get("format") != PART_FORMAT or record.get("job") != job:
         return None
-    if record.get("input") != part.shard.identity() or record.get("rows") != [part.start,
-                                                                              part.stop]:
+    found = record.get("input")
+    if not isinstance(found, dict) or found.get("path") != part.shard.record()["path"] or \
+            not isinstance(found.get("sha256"), str) or \
+            record.get("rows") != [part.start, part.stop]:
         return None
-    for name, digest in (record.get("files") or {}).items():
+    files = record.get("files")
+    if not isinstance(files, dict) or not files:
+        return None
+    for name, digest in files.items():
         path = out / name
-        if not path.is_file() or file_sha256(path) != digest:
+        if not isinstance(name, str) or "/" in name or not path.is_file() or \
+                file_sha256(path) != digest:
             return None
     return record
+
+
+def _already_done(out: Path, parts: list[_Part], job: str, chunk: int) -> set[int]:
+    """Which of ``parts`` (by position) a record vouches for and whose input bytes still hash
+    to the record's digest (read again, not solved): a same-size replacement with its mtime
+    kept is scored again."""
+    done = set()
+    reader: ShardReader | None = None
+    buffer = bytearray()
+    try:
+        for number, part in enumerate(parts):
+            record = _record(out, part, job)
+            if record is None:
+                continue
+            if reader is None or reader.shard is not part.shard:
+                if reader is not None:
+                    reader.close()
+                reader = part.shard.open()
+                buffer = bytearray(chunk * part.shard.features.row_bytes)
+            digest = PartDigest(part.shard)
+            for start in range(part.start, part.stop, chunk):
+                reader.read(start, min(start + chunk, part.stop), buffer, digest)
+            reader.check_unchanged()
+            if digest.hexdigest() == record["input"]["sha256"]:
+                done.add(number)
+    finally:
+        if reader is not None:
+            reader.close()
+    return done
 
 
 PREFETCH_DEPTH = 2
 """Chunks read ahead of the one being solved."""
 
 
-def _prefetch(parts: list[_Part], chunk: int, pin: bool) -> Iterator[tuple[_Part, tuple]]:
-    """(part, (features, labels, ids)) chunk by chunk, read ahead in a thread.
+def _prefetch(parts: list[_Part], chunk: int, pin: bool
+              ) -> Iterator[tuple[_Part, tuple, str | None]]:
+    """(part, (features, labels, ids), digest) chunk by chunk, read ahead in a thread; the
+    digest of the part's input bytes comes with its last chunk (None before), after the file
+    was checked to be unchanged since it was planned.
 
-    The rows land in a ring of ``PREFETCH_DEPTH + 2`` reused buffers (queued, being solved,
-    being read): a fresh buffer per chunk would let the heap fragment and grow with N. A
-    chunk's features are only valid until the consumer asks for the chunk after next.
+    One handle per input shard. The rows land in a ring of ``PREFETCH_DEPTH + 2`` reused
+    buffers (queued, being solved, being read): a fresh buffer per chunk would let the heap
+    fragment and grow with N. A chunk's features are only valid until the consumer asks for
+    the chunk after next.
     """
     items: queue.Queue = queue.Queue(maxsize=PREFETCH_DEPTH)
     stop = threading.Event()
@@ -286,20 +418,34 @@ def _prefetch(parts: list[_Part], chunk: int, pin: bool) -> Iterator[tuple[_Part
         return False
 
     def read() -> None:
+        reader: ShardReader | None = None
         try:
             number = 0
             for part in parts:
+                if reader is None or reader.shard is not part.shard:
+                    if reader is not None:
+                        reader.close()
+                    reader = part.shard.open()
+                digest = PartDigest(part.shard)
                 for start in range(part.start, part.stop, chunk):
                     buffer = ring[number % len(ring)]
                     number += 1
-                    rows = part.shard.read(start, min(start + chunk, part.stop), buffer)
+                    end = min(start + chunk, part.stop)
+                    rows = reader.read(start, end, buffer, digest)
                     if pin:
                         rows = (rows[0].pin_memory(), *rows[1:])
-                    if not put((part, rows)):
+                    finished = None
+                    if end == part.stop:
+                        reader.check_unchanged()
+                        finished = digest.hexdigest()
+                    if not put((part, rows, finished)):
                         return
             put(None)
         except BaseException as error:  # handed to the consumer, raised there
             put(error)
+        finally:
+            if reader is not None:
+                reader.close()
 
     reader = threading.Thread(target=read, name="fma-fast-score-reader", daemon=True)
     reader.start()
@@ -353,27 +499,27 @@ def _write_part(out: Path, part: _Part, arrays: dict[str, torch.Tensor], output_
     k = arrays["topk_indices"].shape[1]
     header = ["row"] + (["label"] if "labels" in arrays else [])
     header += [f"{field}_{r + 1}" for r in range(k) for field in ("class", "name", "cosine")]
-    lines = [",".join(header)]
+    text = io.StringIO()
+    writer = csv.writer(text)  # RFC 4180: CRLF rows, fields with , " CR or LF quoted
+    writer.writerow(header)
     for entry in rows:
-        cells = [str(entry["row"])] + ([str(entry["label"])] if "label" in entry else [])
+        cells = [entry["row"]] + ([entry["label"]] if "label" in entry else [])
         for c, name, v in entry["topk"]:
-            cells += [str(c), "" if name is None else _csv_cell(name), f"{v:.6f}"]
-        lines.append(",".join(cells))
-    return [write_text(f"{stem}.csv", "\n".join(lines) + "\n")]
-
-
-def _csv_cell(text: str) -> str:
-    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n') else text
+            cells += [c, "" if name is None else name, f"{v:.6f}"]
+        writer.writerow(cells)
+    return [atomic_write(f"{stem}.csv", lambda temp: temp.write_text(text.getvalue(),
+                                                                    newline=""))]
 
 
 def score(
     model,
-    inputs: Sequence[str | os.PathLike],
+    inputs: Sequence[str | os.PathLike] | str | os.PathLike,
     classes,
     out: str | os.PathLike,
     *,
     steps: int | None = None,
     step_size: float | None = None,
+    normalize: bool | None = None,
     topk: int = 1,
     output_format: str = "safetensors",
     class_names: Sequence[str] | None = None,
@@ -386,16 +532,21 @@ def score(
 ) -> ScoreSummary:
     """Score every row of ``inputs`` with ``model`` and write top-``topk`` outputs under ``out``.
 
-    ``model``: a :class:`VelocityNet` or a folder written by :func:`fma_fast.save` (its chosen
-    M and step size are the defaults). ``inputs``: safetensors feature files, folders of shards
-    (an extraction cache split included) or ``.npy`` arrays, read a chunk at a time. ``classes``:
-    a (C, D) table (tensor, ``.npy`` or safetensors) or a feature file (its table and names).
-    Per part of each input: ``topk_indices``, ``topk_values`` (cosines), ``row_ids`` (and
-    ``labels``) as ``output_format``; ``manifest.json`` sums the job up. Labelled inputs give the
-    accuracy at M and at M=0 from the same pass. Resumable: see the module docstring.
+    ``model``: a :class:`VelocityNet` or a folder written by :func:`fma_fast.save`, which
+    score alike: M, h and whether rows are L2-normalised come from the arguments, else from
+    what the model carries (a loaded folder's config.json), else h=0.1 and normalised
+    (:func:`~fma_fast.model.solve_settings`); the class table must be the one the model was
+    trained with, when it says. ``inputs``: safetensors feature files, folders of shards (an
+    extraction cache split included) or ``.npy`` arrays, or one such path, read a chunk at a
+    time. ``classes``: a (C, D) table (tensor, ``.npy`` or safetensors) or a feature file (its
+    table and names). Per part of each input: ``topk_indices``, ``topk_values`` (cosines),
+    ``row_ids`` (and ``labels``) as ``output_format``; ``manifest.json`` sums the job up.
+    Labelled inputs give the accuracy at M and at M=0 from the same pass. Resumable: see the
+    module docstring.
     """
     started = time.perf_counter()
-    model, steps, step_size, trained_on = _resolve_model(model, steps, step_size)
+    model, steps, step_size, normalize, model_name = _resolve_model(model, steps, step_size,
+                                                                    normalize)
     if output_format not in FORMATS:
         raise ValueError(f"output_format must be one of {FORMATS}, got {output_format!r}")
     if precision not in PRECISIONS:
@@ -404,50 +555,69 @@ def score(
         raise ValueError(f"backend must be one of {SOLVE_BACKENDS}, got {backend!r}")
     topk = check.check_int("topk", topk, minimum=1)
     table, names = _resolve_classes(classes, class_names)
+    if normalize:  # as eval normalises a file's rows and class table
+        table = unit_rows(table)[0]
     if table.shape[1] != model.dim:
         raise ValueError(f"the class table has dim {table.shape[1]} but the model expects "
                          f"{model.dim}")
     if topk > table.shape[0]:
         raise ValueError(f"topk must be <= the number of classes {table.shape[0]}, got {topk}")
+    _check_trained_on(model, model_name, table, names)
     digest = class_table_sha256(table)
-    if trained_on is not None and trained_on[1] != digest:
-        raise InputError(f"the classes given ({table.shape[0]}) are not the class table "
-                         f"{trained_on[0]} was trained with ({trained_on[2]} classes)")
     device = context.device(device)
+    part_rows = _part_rows(topk)
     batch_size = check.check_int("batch_size", batch_size if batch_size is not None
                                  else SOLVE_BATCH_ROWS.get(device.type, 4096), minimum=1)
+    batch_size = min(batch_size, part_rows)
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
     shards = find_shards(list(inputs))
+    classes_count = int(table.shape[0])
     for shard in shards:
         if shard.dim != model.dim:
             raise InputError(f"{shard.path}: rows have dim {shard.dim} but the model expects "
                              f"{model.dim}")
         own = shard.read_class_table()
-        if own is not None and class_table_sha256(own) != digest:
+        if own is not None and normalize:
+            own = unit_rows(own)[0]
+        difference = None if own is None else class_table_difference(own, table)
+        if difference:
             raise InputError(f"{shard.path} carries another class table than the classes given "
-                             f"({own.shape[0]} vs {table.shape[0]} classes, other values)")
+                             f"({own.shape[0]} vs {table.shape[0]} classes: {difference})")
+        found = shard.label_range()
+        if found is not None and (found[0] < 0 or found[1] >= classes_count):
+            raise InputError(f"{shard.path}: labels must lie in [0, {classes_count}) for the "
+                             f"{classes_count} classes given, got values in [{found[0]}, "
+                             f"{found[1]}]")
     total = sum(shard.rows for shard in shards)
     if output_format in ("csv", "jsonl") and total * topk > SCORE_TEXT_ENTRIES:
         raise ValueError(f"{output_format} output is for small jobs (rows x topk <= "
                          f"{SCORE_TEXT_ENTRIES:,}); {total:,} rows x {topk} is more: use "
                          "safetensors or npy")
     out = check_output_folder(Path(out), "--out")
-    settings = _settings(model, steps, step_size, topk, table, digest, precision, backend,
-                         output_format, batch_size)
+    model = model.to(device).eval()
+    _check_route(model, steps, step_size, precision, backend, batch_size, device)
+    settings = _settings(model, steps, step_size, normalize, topk, table, digest, precision,
+                         backend, output_format, batch_size, part_rows)
     job = _claim_folder(out, settings, context)
 
-    by_shard = _parts(shards)
-    mine = [part for number, parts in enumerate(by_shard)
-            if context.owner(number) == context.rank for part in parts]
-    pending = [part for part in mine if _done(out, part, job) is None]
-    model = model.to(device).eval()
+    by_shard = _parts(shards, part_rows)
+    mine_by_shard = [parts for number, parts in enumerate(by_shard)
+                     if context.owner(number) == context.rank]
+    _remove_stale_parts(out, mine_by_shard)
+    mine = [part for parts in mine_by_shard for part in parts]
+    done = _already_done(out, mine, job, batch_size)
+    pending = [part for number, part in enumerate(mine) if number not in done]
     table_device = table.to(device)
     bar = tqdm(total=sum(p.stop - p.start for p in pending), unit="rows", unit_scale=True,
                desc="score", disable=None if progress else True, leave=False)
     path = None
     collected: dict[str, list[torch.Tensor]] = {}
     counts = [0, 0]
-    for part, (features, labels, ids) in _prefetch(pending, batch_size,
-                                                   pin=device.type == "cuda"):
+    for part, (features, labels, ids), input_digest in _prefetch(pending, batch_size,
+                                                                 pin=device.type == "cuda"):
+        if normalize:
+            features = unit_rows(features)[0]
         result = solve(features.to(device, non_blocking=True), model, steps,
                        step_size=step_size, class_features=table_device, topk=topk,
                        batch_size=batch_size, device=device, precision=precision,
@@ -462,11 +632,11 @@ def score(
         for name, value in chunk.items():
             collected.setdefault(name, []).append(value)
         bar.update(features.shape[0])
-        if int(ids.shape[0]) and sum(v.shape[0] for v in collected["row_ids"]) == \
-                part.stop - part.start:
+        if input_digest is not None:
             arrays = {name: torch.cat(values) for name, values in collected.items()}
             files = _write_part(out, part, arrays, output_format, names, job)
-            record = {"format": PART_FORMAT, "job": job, "input": part.shard.identity(),
+            record = {"format": PART_FORMAT, "job": job,
+                      "input": {**part.shard.record(), "sha256": input_digest},
                       "rows": [part.start, part.stop], "labelled": "labels" in arrays,
                       "correct": counts[0], "correct_m0": counts[1], "path": path,
                       "files": {f.name: file_sha256(f) for f in files}}
@@ -486,9 +656,10 @@ def _manifest(out, by_shard, job, settings, context, work, seconds, path) -> Sco
     records = []
     for parts in by_shard:
         for part in parts:
-            record = _done(out, part, job)
+            record = _record(out, part, job)
             if record is None:
-                raise RuntimeError(f"part {part.stem} has no outputs after the job; rerun it")
+                raise InputError(f"part {part.stem} has no outputs after the job (removed or "
+                                 f"changed in {out} while the job ran?); run the job again")
             records.append((part, record))
     rows = sum(p.stop - p.start for p, _ in records)
     labelled = [(p, r) for p, r in records if r["labelled"]]
@@ -510,8 +681,9 @@ def _manifest(out, by_shard, job, settings, context, work, seconds, path) -> Sco
         shards = []
         for parts in by_shard:
             entries = [r for p, r in records if p.shard is parts[0].shard]
-            shards.append({"input": parts[0].shard.identity(), "rows": parts[0].shard.rows,
-                           "parts": [{"rows": r["rows"], "files": r["files"]} for r in entries]})
+            shards.append({"input": parts[0].shard.record(), "rows": parts[0].shard.rows,
+                           "parts": [{"rows": r["rows"], "input_sha256": r["input"]["sha256"],
+                                      "files": r["files"]} for r in entries]})
         manifest = {
             "format": MANIFEST_FORMAT, "job": job, "settings": settings, "rows": rows,
             "labelled_rows": labelled_rows, "accuracy": accuracy, "accuracy_at_m0": m0,
@@ -526,5 +698,3 @@ def _manifest(out, by_shard, job, settings, context, work, seconds, path) -> Sco
         write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     context.barrier()
     return summary
-
-

@@ -15,9 +15,10 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ._io import atomic_write, file_problem, save_safetensors
+from ._io import JsonError, atomic_write, file_problem, loads_json, read_json, save_safetensors
 from ._validation import check_dense_float, resolve_device
 from .model import VelocityNet
+from .policy import DEFAULT_STEP_SIZE
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -28,7 +29,12 @@ LEGACY_FORMAT_TAG = "fma_fast/velocity-net/1"
 METADATA_KEY = "fma_fast"
 RESERVED_KEYS = ("format", "dim", "blocks", "width", "save_id")
 """config.json keys that ``save`` writes itself; ``extra`` may not set them."""
-DEFAULT_STEP_SIZE = 0.1
+CLASS_TABLE_KEY = "trained_on.class_table"
+"""The tensor of model.safetensors that holds the class table the model was trained with
+(no VelocityNet key starts with "trained_on")."""
+CARRIED = ("steps", "step_size", "normalize")
+"""VelocityNet attributes that config.json stores under the same names (and ``trained_on``
+under "data")."""
 _BLOCK_KEY = re.compile(r"^res_blocks\.(\d+)\.")
 
 
@@ -149,9 +155,9 @@ def load_official(path: str | os.PathLike) -> VelocityNet:
 def _read_json(path: Path) -> dict[str, Any]:
     _readable(path, "config")
     try:
-        value = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path} is not valid JSON: {error}") from None
+        value = read_json(path, "config")
+    except JsonError as error:
+        raise CheckpointError(str(error)) from None
     if not isinstance(value, dict):
         raise CheckpointError(f"{path} must hold a JSON object, got {type(value).__name__}")
     return value
@@ -178,6 +184,12 @@ def _check_known_keys(config: dict[str, Any], source: str) -> None:
         not isinstance(names, list) or not all(isinstance(n, str) for n in names)
     ):
         raise ValueError(f"{source}: class_names must be a list of strings")
+    normalize = config.get("normalize")
+    if normalize is not None and not isinstance(normalize, bool):
+        raise ValueError(f"{source}: normalize must be true or false, got {_describe(normalize)}")
+    data = config.get("data")
+    if data is not None and not isinstance(data, dict):
+        raise ValueError(f"{source}: data must be a JSON object, got {_describe(data)}")
 
 
 def state_digest(state: dict[str, torch.Tensor], text: str) -> str:
@@ -197,15 +209,29 @@ def _save_id(state: dict[str, torch.Tensor], config_text: str) -> str:
     return state_digest(state, config_text)[:32]
 
 
+def _class_table(data: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor | None]:
+    """A data record without its class table values, and those values (None if absent)."""
+    if "class_table" not in data:
+        return data, None
+    data = dict(data)
+    table = data.pop("class_table")
+    if not isinstance(table, torch.Tensor) or table.dim() != 2 or not table.is_floating_point():
+        raise TypeError("data['class_table'] must be a 2-D floating tensor (the class table)")
+    return data, table.detach().to("cpu", torch.float32).contiguous()
+
+
 def save(model, path: str | os.PathLike, *, extra: dict[str, Any] | None = None) -> Path:
     """Save a VelocityNet (or a fit result) to folder ``path``: model.safetensors + config.json.
 
     Both files are written atomically and carry the same save id, so a weights file and a
     config from different saves (or from a save killed between its two renames) are refused
-    on load. ``extra`` (JSON) is stored in config.json, e.g. the chosen ``steps``;
-    ``step_size`` is recorded too (default 0.1, the solver's). ``extra`` may not set the keys
-    ``save`` writes itself (:data:`RESERVED_KEYS`), and ``steps``, ``step_size`` and
-    ``class_names`` are checked as ``load`` checks them.
+    on load. config.json holds what the model carries (``steps``, ``step_size``, ``normalize``,
+    ``trained_on`` as "data"), then ``extra`` (JSON; it wins), e.g. the chosen ``steps``;
+    ``step_size`` is recorded in any case (default 0.1, the solver's). A data record's
+    ``class_table`` values (:func:`fma_fast.features_io.data_record`) go into the weights file.
+    ``extra`` may not set the keys ``save`` writes itself (:data:`RESERVED_KEYS`), and
+    ``steps``, ``step_size``, ``normalize`` and ``class_names`` are checked as ``load`` checks
+    them.
     """
     config_extra = dict(getattr(model, "config_extra", None) or {})
     model = getattr(model, "model", model)
@@ -221,8 +247,14 @@ def save(model, path: str | os.PathLike, *, extra: dict[str, Any] | None = None)
             raise ValueError(
                 f"extra may not set {key!r}: save writes it itself ({', '.join(RESERVED_KEYS)})"
             )
-    config_extra.update(extra)
+    carried = {key: getattr(model, key, None) for key in CARRIED}
+    carried["data"] = getattr(model, "trained_on", None)
+    config_extra = {**{k: v for k, v in carried.items() if v is not None}, **config_extra,
+                    **extra}
     config_extra.setdefault("step_size", DEFAULT_STEP_SIZE)
+    table = None
+    if isinstance(config_extra.get("data"), dict):
+        config_extra["data"], table = _class_table(config_extra["data"])
     _check_known_keys(config_extra, "extra")
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -237,6 +269,8 @@ def save(model, path: str | os.PathLike, *, extra: dict[str, Any] | None = None)
     state = {
         k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()
     }
+    if table is not None:
+        state[CLASS_TABLE_KEY] = table
     save_id = _save_id(state, config_text)
     config_text = json.dumps({**config, "save_id": save_id}, indent=2, sort_keys=True)
     stamp = {"format": FORMAT_TAG, "architecture": architecture, "save_id": save_id}
@@ -248,8 +282,8 @@ def save(model, path: str | os.PathLike, *, extra: dict[str, Any] | None = None)
 
 def _is_model_config(path: Path) -> bool:
     try:
-        value = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        value = read_json(path, "config")
+    except JsonError:
         return False
     return isinstance(value, dict) and value.get("format") in (FORMAT_TAG, LEGACY_FORMAT_TAG)
 
@@ -307,7 +341,11 @@ def _mixed_pair(weights_path: Path, config_path: Path, weights_id, config_id) ->
 
 
 def load(path: str | os.PathLike, *, device: str | torch.device | None = None) -> VelocityNet:
-    """Load a folder written by :func:`save`, refusing weights and configs that do not match."""
+    """Load a folder written by :func:`save`, refusing weights and configs that do not match.
+
+    The network carries what the folder says it is used with: ``steps`` (M chosen on val),
+    ``step_size``, ``normalize`` and ``trained_on`` (the data record, with the class table
+    values when saved), so ``solve(x, fma_fast.load(folder))`` solves as ``eval`` does."""
     path = Path(path)
     weights_path, config_path = path / WEIGHTS_NAME, path / CONFIG_NAME
     if path.exists() and not path.is_dir():
@@ -331,7 +369,7 @@ def load(path: str | os.PathLike, *, device: str | torch.device | None = None) -
             f"{weights_path} is not a readable safetensors file: {error}"
         ) from None
     architecture = {key: config.get(key) for key in ("dim", "blocks", "width")}
-    stored = _weights_stamp(metadata)
+    stored = _weights_stamp(metadata, weights_path)
     if tag == LEGACY_FORMAT_TAG:
         warnings.warn(
             f"{path} was saved by fma_fast 0.1, whose files carry no save id: a weights file "
@@ -345,16 +383,23 @@ def load(path: str | os.PathLike, *, device: str | torch.device | None = None) -
             f"{config_path} describes {architecture} but {weights_path} was saved for "
             f"{stored.get('architecture')}"
         )
+    table = state.pop(CLASS_TABLE_KEY, None)
     model = _build_and_load(state, architecture, str(weights_path))
+    for key in CARRIED:
+        setattr(model, key, config.get(key))
+    data = config.get("data")
+    if isinstance(data, dict):
+        model.trained_on = dict(data) if table is None else {**data, "class_table": table.float()}
     return model if device is None else model.to(resolve_device(device))
 
 
-def _weights_stamp(metadata: dict[str, str]) -> dict[str, Any]:
+def _weights_stamp(metadata: dict[str, str], path: Path) -> dict[str, Any]:
     """What a weights file says of itself: this format's one metadata key, or 0.1's two."""
     try:
         if METADATA_KEY in metadata:
-            stamp = json.loads(metadata[METADATA_KEY])
+            stamp = loads_json(metadata[METADATA_KEY], f"{path}'s stamp")
             return stamp if isinstance(stamp, dict) else {}
-        return {"architecture": json.loads(metadata.get("architecture", "null"))}
-    except json.JSONDecodeError:
-        return {}
+        return {"architecture": loads_json(metadata.get("architecture", "null"),
+                                           f"{path}'s architecture")}
+    except JsonError as error:
+        raise CheckpointError(str(error)) from None

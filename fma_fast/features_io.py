@@ -15,7 +15,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from . import _validation as check
-from ._io import file_problem, read_json_record, save_safetensors, write_text
+from ._io import JsonError, file_problem, loads_json, read_json_record, save_safetensors, write_text
+from .policy import CLASS_TABLE_TOLERANCE
 
 CLASS_NAMES_KEY = "class_names"
 PROVENANCE_KEY = "provenance"
@@ -82,9 +83,9 @@ def _json_metadata(path: Path, metadata: dict[str, str], key: str, kind: type):
     if key not in metadata:
         return None
     try:
-        value = json.loads(metadata[key])
-    except json.JSONDecodeError:
-        raise FeatureFileError(f"{path}: {key} metadata is not valid JSON") from None
+        value = loads_json(metadata[key], f"{path}: {key} metadata")
+    except JsonError as error:
+        raise FeatureFileError(str(error)) from None
     if not isinstance(value, kind):
         raise FeatureFileError(f"{path}: {key} metadata must be a JSON {kind.__name__}")
     return value
@@ -132,25 +133,30 @@ def load_features(path: str | os.PathLike, *, require_labels: bool = False) -> F
     )
 
 
+UNIT_ROW_TOLERANCE = 1e-6
+"""Rows whose L2 norm is within this of 1 are left as they are (bit for bit) by the row
+normalisation of ``eval``, ``train`` and ``score``."""
+
+
+def unit_rows(rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``rows`` L2-normalised, and how many changed: rows already unit-norm (within
+    :data:`UNIT_ROW_TOLERANCE`) keep their bits, so data written normalised gives the same
+    values and class-table digest before and after. The one row rule of every command."""
+    norms = torch.linalg.vector_norm(rows.float(), dim=-1, keepdim=True)
+    off = (norms - 1).abs().squeeze(-1) > UNIT_ROW_TOLERANCE
+    if not bool(off.any()):
+        return rows, 0
+    fixed = rows.float().clone()
+    fixed[off] = fixed[off] / norms[off].clamp_min(1e-12)
+    return fixed.to(rows.dtype), int(off.sum())
+
+
 def normalized(data: FeatureSet) -> tuple[FeatureSet, int]:
-    """``data`` with every feature and class row L2-normalised, and how many rows changed.
-    Rows already unit-norm (within 1e-6) keep their bits, so files written normalised give the
-    same class-table digest before and after."""
-    changed = 0
-
-    def unit(rows: torch.Tensor) -> torch.Tensor:
-        nonlocal changed
-        norms = torch.linalg.vector_norm(rows.float(), dim=-1, keepdim=True)
-        off = (norms - 1).abs().squeeze(-1) > 1e-6
-        if not bool(off.any()):
-            return rows
-        changed += int(off.sum())
-        fixed = rows.float().clone()
-        fixed[off] = fixed[off] / norms[off].clamp_min(1e-12)
-        return fixed.to(rows.dtype)
-
-    features, table = unit(data.features), unit(data.class_features)
-    return replace(data, features=features, class_features=table), changed
+    """``data`` with every feature and class row L2-normalised (:func:`unit_rows`), and how
+    many rows changed."""
+    features, changed = unit_rows(data.features)
+    table, changed_table = unit_rows(data.class_features)
+    return replace(data, features=features, class_features=table), changed + changed_table
 
 
 def subsample_classes(data: FeatureSet, classes: list[int], name: str) -> FeatureSet:
@@ -182,15 +188,61 @@ def class_table_sha256(class_features: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
+def class_table_difference(first: torch.Tensor, second: torch.Tensor) -> str | None:
+    """None when two class tables are one table up to the rounding of its computation (every
+    row within :data:`~fma_fast.policy.CLASS_TABLE_TOLERANCE` of its norm, in L2), else what
+    differs. Compared in float64, so the comparison adds no rounding of its own."""
+    a = first.detach().to("cpu", torch.float64)
+    b = second.detach().to("cpu", torch.float64)
+    if a.shape != b.shape:
+        return f"shape {tuple(a.shape)} vs {tuple(b.shape)}"
+    if not a.numel():
+        return None
+    scale = torch.maximum(torch.linalg.vector_norm(a, dim=1), torch.linalg.vector_norm(b, dim=1))
+    distance = torch.linalg.vector_norm(a - b, dim=1)
+    relative = torch.where(distance == 0, 0.0, distance / scale)
+    relative = torch.where(torch.isfinite(relative), relative, torch.inf)
+    worst = int(relative.argmax())
+    if float(relative[worst]) <= CLASS_TABLE_TOLERANCE:
+        return None
+    return (f"class {worst} differs by {float(relative[worst]):.3g} of its norm, more than the "
+            f"{CLASS_TABLE_TOLERANCE:g} of fp32 rounding")
+
+
 def data_record(data: FeatureSet) -> dict[str, Any]:
     """What a model trained on ``data`` keeps of it, so that later inputs can be checked
-    against it: the features' source and the class table (digest and names)."""
+    against it: the features' source and the class table (its names, its digest and, under
+    ``"class_table"``, its values: :func:`fma_fast.save` stores them beside the weights)."""
     return {
         "source": data.source,
         "classes": int(data.class_features.shape[0]),
         "class_table_sha256": class_table_sha256(data.class_features),
         "class_names": data.class_names,
+        "class_table": data.class_features.detach().to("cpu", torch.float32).contiguous(),
     }
+
+
+def table_mismatch(first: dict[str, Any], second: dict[str, Any]) -> str | None:
+    """How the class tables of two data records differ ("different class names (class 1:
+    ...)"): count, names, then values within the tolerance where both records hold them, else
+    their digests. None when they are one table."""
+    if first.get("classes") != second.get("classes"):
+        return (f"different class tables: {first.get('classes')} vs {second.get('classes')} "
+                "classes")
+    names = first.get("class_names"), second.get("class_names")
+    if None not in names and names[0] != names[1]:
+        index = next((i for i, (a, b) in enumerate(zip(*names)) if a != b), 0)
+        return f"different class names (class {index}: {names[0][index]!r} vs {names[1][index]!r})"
+    tables = first.get("class_table"), second.get("class_table")
+    if None not in tables:
+        difference = class_table_difference(*tables)
+        return None if difference is None else \
+            f"different class tables (same size, other values: {difference})"
+    if first.get("class_table_sha256") != second.get("class_table_sha256"):
+        return ("different class tables (same size, other values; a model saved without its "
+                "class table is compared by digest, exactly: save it again to compare within "
+                "fp32 rounding)")
+    return None
 
 
 def differences(first: Mapping[str, Any], second: Mapping[str, Any]) -> str:
@@ -211,8 +263,9 @@ def _short(value: Any) -> str:
 
 def check_same_origin(records: Mapping[str, Mapping[str, Any]]) -> None:
     """Refuse inputs that must go together but do not: a different source (when both say),
-    a different class count, class table or class names. ``records`` maps a name for each
-    input (a file name, "the model") to its :func:`data_record`."""
+    or a different class table (:func:`table_mismatch`: count, names, values beyond fp32
+    rounding). ``records`` maps a name for each input (a file name, "the model") to its
+    :func:`data_record`."""
     (first_name, first), *rest = records.items()
     for name, record in rest:
         pair = f"{first_name} and {name}"
@@ -221,23 +274,9 @@ def check_same_origin(records: Mapping[str, Mapping[str, Any]]) -> None:
             raise FeatureFileError(
                 f"{pair} come from different sources ({differences(*sources)})"
             )
-        if first["classes"] != record["classes"]:
-            raise FeatureFileError(
-                f"{pair} have different class tables: {first['classes']} vs "
-                f"{record['classes']} classes"
-            )
-        names = first.get("class_names"), record.get("class_names")
-        if None not in names and names[0] != names[1]:
-            index = next(i for i, (a, b) in enumerate(zip(*names)) if a != b)
-            raise FeatureFileError(
-                f"{pair} have different class names (class {index}: "
-                f"{names[0][index]!r} vs {names[1][index]!r})"
-            )
-        if first["class_table_sha256"] != record["class_table_sha256"]:
-            raise FeatureFileError(
-                f"{pair} have different class tables (same size, other values): the splits "
-                "were encoded with other text features"
-            )
+        mismatch = table_mismatch(first, record)
+        if mismatch:
+            raise FeatureFileError(f"{pair} have {mismatch}")
 
 
 def check_feature_files(files: Mapping[str, FeatureSet]) -> None:

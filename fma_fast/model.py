@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
+
+from .policy import DEFAULT_STEP_SIZE
 
 TIME_FREQUENCY_DIM = 256
 TIME_SCALE = 1000.0
@@ -67,6 +70,12 @@ class VelocityNet(nn.Module):
     ``dim`` is the feature dimension D, ``blocks`` the number of residual blocks and ``width``
     the hidden width (``dim`` when None, as in the released code). An untrained network outputs
     exactly zero, so solving with it leaves features unchanged.
+
+    What a model is used with travels with it (:func:`fma_fast.load` sets these from the
+    saved folder, :func:`fma_fast.save` writes them; None: not known): ``steps`` (M chosen on
+    val), ``step_size`` (h), ``normalize`` (whether rows are L2-normalised before solving) and
+    ``trained_on`` (the training data's record: source, class names, class table). How they
+    combine with arguments: :func:`solve_settings`, :func:`normalizes`.
     """
 
     def __init__(self, dim: int, blocks: int = 12, width: int | None = None):
@@ -83,6 +92,10 @@ class VelocityNet(nn.Module):
         self.input_proj = nn.Linear(dim, width)
         self.res_blocks = nn.ModuleList(ResBlock(width) for _ in range(blocks))
         self.final_layer = FinalLayer(width, dim)
+        self.steps: int | None = None
+        self.step_size: float | None = None
+        self.normalize: bool | None = None
+        self.trained_on: dict[str, Any] | None = None
         self.reset_parameters()
 
     @property
@@ -113,3 +126,25 @@ class VelocityNet(nn.Module):
         for block in self.res_blocks:
             h = block(h, y)
         return self.final_layer(h, y)
+
+
+def solve_settings(model, steps: int | None, step_size: float | None
+                   ) -> tuple[int | None, float]:
+    """M and h of a solve, the one precedence rule of ``solve``, ``select_steps``, ``score`` and
+    ``eval``: an argument given wins, then what the model carries (``model.steps``,
+    ``model.step_size``: set by :func:`fma_fast.load` from the saved folder, or by hand), then
+    the default h (:data:`~fma_fast.policy.DEFAULT_STEP_SIZE`); M has no default (None)."""
+    if steps is None:
+        steps = getattr(model, "steps", None)
+    if step_size is None:
+        step_size = getattr(model, "step_size", None)
+    return steps, DEFAULT_STEP_SIZE if step_size is None else step_size
+
+
+def normalizes(model, normalize: bool | None) -> bool:
+    """Whether rows are L2-normalised before a saved model solves them (``eval``, ``score``):
+    ``normalize`` when given, then the model's (as it was trained), else True (models of
+    fma_fast 0.1 were trained on normalised rows)."""
+    if normalize is None:
+        normalize = getattr(model, "normalize", None)
+    return True if normalize is None else bool(normalize)

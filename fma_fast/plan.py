@@ -9,6 +9,7 @@ runtimes that run a plan are :mod:`fma_fast.runtime_cpu` and :mod:`fma_fast.runt
 
 from __future__ import annotations
 
+import os
 import weakref
 from dataclasses import dataclass
 
@@ -220,6 +221,24 @@ def step_times(steps: int, step_size: float) -> torch.Tensor:
     return torch.stack(times) if times else torch.zeros(0, dtype=torch.float32)
 
 
+def check_plan_fits(model: VelocityNet, steps: int, dtype: torch.dtype, device) -> None:
+    """Refuse, before any work, a plan larger than the memory of the device it is built on:
+    M in the millions would otherwise fail to allocate, or loop for minutes first."""
+    width, dim = model.width, model.dim
+    per_step = 2 * model.blocks * width * (width + 1) + width * (width + dim) + dim
+    need = steps * per_step * torch.empty(0, dtype=dtype).element_size()
+    device = torch.device(device)
+    try:
+        total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+                 else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # no such sysconf name here
+        return
+    if need > total:
+        raise ValueError(f"steps={steps}: the folded plan of {steps} steps needs "
+                         f"{need / 2**30:,.1f} GiB, more than the {total / 2**30:,.1f} GiB of "
+                         f"{device}; use fewer steps")
+
+
 def _centred(weight: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """Subtract the mean over outputs (dim 0 of a Linear weight, the last dim of a bias)."""
     return weight - weight.mean(dim=dim, keepdim=True)
@@ -248,6 +267,7 @@ def build_plan(
         raise ValueError(f"dtype must be one of {list(PRECISIONS.values())}, got {dtype}")
     source = next(model.parameters()).device
     device = source if device is None else torch.device(device)
+    check_plan_fits(model, steps, dtype, device)
 
     def f64(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.detach().to(source, torch.float64)

@@ -25,6 +25,9 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 """Solve precisions: the dtype of the folded weights and GEMM inputs (accumulation, residual
 stream and LayerNorm statistics stay fp32). fp16 is for CUDA: CPUs have no fast fp16 GEMM."""
 
+DEFAULT_STEP_SIZE = 0.1
+"""The Euler step size h when neither the call nor the model says (the released code's)."""
+
 SOLVE_BATCH_ROWS = {"cpu": 4096, "cuda": 65536}
 """Rows moved to the compute device and solved at once (``solve``'s default ``batch_size``)."""
 
@@ -38,6 +41,11 @@ MIN_WORKER_ROWS = 128
 SCORE_PART_ROWS = 262144
 """Most rows of one output part of ``fma_fast.score``: the unit written atomically, skipped
 when a job resumes, and the most outputs held in memory at once."""
+
+SCORE_PART_BYTES = 256 * 2**20
+"""Most bytes of top-k outputs (an int64 class and an fp32 cosine per entry) one part of
+``fma_fast.score`` holds, and one solve batch: with a large top-k, parts and batches get fewer
+than ``SCORE_PART_ROWS`` rows instead of asking for gigabytes at once."""
 
 SCORE_TEXT_ENTRIES = 1_000_000
 """Largest rows × topk written as CSV or JSON lines (with class names): beyond that, text is
@@ -58,6 +66,16 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
 """(rtol, atol) of a kernel against its reference per I/O dtype, element-wise
 (``|a − e| ≤ atol + rtol·|e|``): fp32 1e-5 relative (atol for values near 0); halves about two
 units of their last place (2⁻¹⁰, 2⁻⁷) relative. The kernel tests and ``fma-fast doctor``."""
+
+CLASS_TABLE_TOLERANCE = 1e-5
+"""Two class tables are one table when every row differs by at most this fraction of its L2
+norm (in L2): train/val/test files, a model and the tables it is used with, PEFT sources.
+A table computed twice in fp32 differs by rounding only: n ulps per element move a row by at
+most n·2⁻²³ ≈ n·1.2e-7 of its norm, and a K-term fp32 dot product summed in another order or
+memory alignment (another BLAS kernel or CPU) moves by about √K·2⁻²⁴ of its terms' scale
+(3.8e-6 at K = 4096, the widest CLIP text width). 1e-5 holds both; the nearest real difference
+stays far above it (a bf16 copy of a table ≈ 1e-3, other templates or checkpoints ≥ 1e-2,
+swapped or other classes ≈ 1), and within it no cosine moves by more than 2e-5."""
 
 UNIT_NORM_TOLERANCE = 1e-3
 """Rows whose L2 norm is further than this from 1 are "not unit-norm": every released CLIP

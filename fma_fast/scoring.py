@@ -47,14 +47,15 @@ def tiled_scores(
     unit = F.normalize(x.float(), dim=-1)
     z = class_features.to(unit.dtype)
     rows, classes = unit.shape[0], z.shape[0]
-    tile = torch.empty(rows, min(policy.CLASS_TILE, classes), dtype=unit.dtype, device=unit.device)
+    width = max(policy.CLASS_TILE, k)  # a tile no narrower than the top-k: few merges of k
+    tile = torch.empty(rows, min(width, classes), dtype=unit.dtype, device=unit.device)
     best = None
     running_max = running_sum = None
     if with_lse:
         running_max = torch.full((rows, 1), -torch.inf, dtype=unit.dtype, device=unit.device)
         running_sum = torch.zeros(rows, 1, dtype=unit.dtype, device=unit.device)
-    for start in range(0, classes, policy.CLASS_TILE):
-        stop = min(start + policy.CLASS_TILE, classes)
+    for start in range(0, classes, width):
+        stop = min(start + width, classes)
         cosines = torch.mm(unit, z[start:stop].T, out=tile[:, : stop - start])
         values, indices = reference.topk(cosines, min(k, stop - start))
         best = merge_topk(best, values, indices + start, k)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from . import _validation as check
 from . import class_tables, dispatch, reference, runtime_torch, runtime_triton, scoring
 from .class_tables import PER_ROW_SCORING, PerRowClasses
+from .model import solve_settings
 from .plan import solver_plan
 from .policy import LOGIT_SCALE, best_on_val
 from .routing import (
@@ -90,6 +91,19 @@ def _check_steps(steps, step_size, name: str = "steps") -> int:
             "beyond the time range the field was trained on"
         )
     return steps
+
+
+def _settings(model, steps, step_size, name: str = "steps") -> tuple[int, float]:
+    """M and h by the one precedence rule (:func:`fma_fast.model.solve_settings`); a
+    ``max_steps`` nobody gave is the M that reaches t=1 (never the model's chosen M)."""
+    chosen, step_size = solve_settings(model, None if name == "max_steps" else steps, step_size)
+    step_size = check.check_positive_float("step_size", step_size)
+    if name == "max_steps":
+        chosen = int(1 / step_size + 1e-9) if steps is None else steps
+    if chosen is None:
+        raise ValueError("steps is required: pass steps (M), or load a model whose M was chosen "
+                         "on val (fma_fast.load sets model.steps)")
+    return _check_steps(chosen, step_size, name), step_size
 
 
 def _inputs(features, model, class_features, *, labels=None, require_classes=False):
@@ -295,9 +309,9 @@ def _options(step_size, precision, backend, batch_size, device) -> SolveOptions:
 def solve(
     features,
     model,
-    steps: int,
+    steps: int | None = None,
     *,
-    step_size: float = 0.1,
+    step_size: float | None = None,
     class_features=None,
     topk: int | None = None,
     batch_size: int | None = None,
@@ -308,7 +322,9 @@ def solve(
     logit_scale: float = LOGIT_SCALE,
     zero_shot: bool = False,
 ) -> torch.Tensor | SolveResult:
-    """Transport ``features`` (N, D) with M=``steps`` Euler steps of size ``step_size``.
+    """Transport ``features`` (N, D) with M=``steps`` Euler steps of size ``step_size`` (None:
+    the model's, as :func:`fma_fast.load` sets them, else h=0.1; see
+    :func:`~fma_fast.model.solve_settings`).
 
     Without ``class_features`` returns the transported features (N, D). With a class table (C, D)
     returns a :class:`SolveResult` with the top-``topk`` (default 1) cosine classes per row; no
@@ -329,7 +345,7 @@ def solve(
     before the first step (M=0, the backbone's own prediction) in the same pass:
     ``.zero_shot_pred``. A NaN/Inf state (a non-finite field) raises ValueError.
     """
-    steps = _check_steps(steps, step_size)
+    steps, step_size = _settings(model, steps, step_size)
     logit_scale = check.check_positive_float("logit_scale", logit_scale)
     options = _options(step_size, precision, backend, batch_size, device)
     x, z, _ = _inputs(features, model, class_features)
@@ -392,11 +408,11 @@ def trajectory_scores(
     features,
     class_features,
     *,
-    max_steps: int = 10,
+    max_steps: int | None = None,
     labels=None,
     k: int = 1,
     with_lse: bool = False,
-    step_size: float = 0.1,
+    step_size: float | None = None,
     batch_size: int | None = None,
     device: str | torch.device | None = None,
     precision: str = "fp32",
@@ -406,8 +422,9 @@ def trajectory_scores(
     ``(rows, m, StateScores)`` per batch and step, with the top-``k`` classes and, with
     ``with_lse``, the log-sum-exp at logit scale 100 (and each row's own-label cosine when
     ``labels`` are given). Memory stays one batch's state and class tile whatever N, C or M.
-    Arguments are checked when called, before the first state."""
-    max_steps = _check_steps(max_steps, step_size, name="max_steps")
+    ``step_size`` None: the model's (:func:`~fma_fast.model.solve_settings`); ``max_steps``
+    None: the M that reaches t=1. Arguments are checked when called, before the first state."""
+    max_steps, step_size = _settings(model, max_steps, step_size, name="max_steps")
     options = _options(step_size, precision, backend, batch_size, device)
     x, z, y = _inputs(features, model, class_features, labels=labels, require_classes=True)
     k = check.check_int("k", k, minimum=1)
@@ -455,8 +472,8 @@ def accuracy_by_steps(
     labels,
     class_features,
     *,
-    max_steps: int = 10,
-    step_size: float = 0.1,
+    max_steps: int | None = None,
+    step_size: float | None = None,
     batch_size: int | None = None,
     device: str | torch.device | None = None,
     precision: str = "fp32",
@@ -475,8 +492,8 @@ def select_steps(
     val_features,
     val_labels,
     class_features,
-    max_steps: int = 10,
-    step_size: float = 0.1,
+    max_steps: int | None = None,
+    step_size: float | None = None,
     *,
     batch_size: int | None = None,
     device: str | torch.device | None = None,
@@ -485,7 +502,8 @@ def select_steps(
 ) -> StepSelection:
     """Choose M on a validation split (the released code chose it on the test split, which
     leaks): the best accuracy over M in 0..max_steps, ties broken by the lower cross-entropy
-    of softmax(100·cos) and then by fewer steps (:func:`fma_fast.policy.best_on_val`)."""
+    of softmax(100·cos) and then by fewer steps (:func:`fma_fast.policy.best_on_val`).
+    ``step_size`` None: the model's, else 0.1; ``max_steps`` None: the M that reaches t=1."""
     accuracy, cross_entropy = _accuracy_and_loss(
         model, val_features, val_labels, class_features, with_loss=True, max_steps=max_steps,
         step_size=step_size, batch_size=batch_size, device=device, precision=precision,

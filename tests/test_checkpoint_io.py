@@ -146,6 +146,33 @@ def test_save_records_the_step_size(model, tmp_path):
     assert fma_fast.load_config(tmp_path / "given")["step_size"] == 0.05
 
 
+def test_what_a_model_carries_is_saved_and_loaded(model, tmp_path):
+    """Guards a loaded network that forgets what its folder says (issue 22, 12): M, h,
+    normalize and the training data's record, with the class table's values beside the
+    weights (bit for bit), come back as attributes; ``extra`` wins over the attributes; a
+    record without values (older saves) still loads."""
+    from fma_fast.features_io import FeatureSet, data_record
+
+    table = torch.nn.functional.normalize(torch.randn(5, 24), dim=-1)
+    model.steps, model.step_size, model.normalize = 4, 0.125, False
+    model.trained_on = data_record(FeatureSet(torch.randn(2, 24), None, table, list("abcde")))
+    fma_fast.save(model, tmp_path / "run")
+    loaded = fma_fast.load(tmp_path / "run")
+    assert (loaded.steps, loaded.step_size, loaded.normalize) == (4, 0.125, False)
+    assert loaded.trained_on["class_names"] == list("abcde")
+    assert torch.equal(loaded.trained_on["class_table"], table)
+    config = fma_fast.load_config(tmp_path / "run")
+    assert "class_table" not in config["data"] and config["data"]["classes"] == 5
+    fma_fast.save(loaded, tmp_path / "given", extra={"steps": 2})
+    assert fma_fast.load(tmp_path / "given").steps == 2
+    record = {k: v for k, v in model.trained_on.items() if k != "class_table"}
+    fma_fast.save(fma_fast.VelocityNet(24, blocks=3, width=40), tmp_path / "old",
+                  extra={"data": record})
+    assert "class_table" not in fma_fast.load(tmp_path / "old").trained_on
+    with pytest.raises(ValueError, match="normalize must be true or false"):
+        fma_fast.save(model, tmp_path / "bad", extra={"normalize": "yes"})
+
+
 def test_identical_saves_write_identical_bytes(tmp_path):
     """Run in fresh processes: safetensors' own writer orders metadata keys at random per
     process, so two saves in one process could agree by chance (three processes catch two

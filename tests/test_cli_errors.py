@@ -236,6 +236,32 @@ def test_unreadable_files_say_permission_denied(work, capsys, what):
     assert "permission denied" in err and "no such file" not in err, err
 
 
+@pytest.mark.parametrize("what", ["features", "model weights", "model config"])
+def test_fifos_are_refused_without_blocking(work, capsys, tmp_path, what):
+    """Guards blocking for ever on a FIFO in place of a file (opening one for reading waits
+    for a writer): the file type is checked first; exit 2, one line."""
+    import threading
+
+    data = data_files(work)
+    model = tmp_path / "model"
+    shutil.copytree(work / "model", model)
+    fifo = {"features": tmp_path / "test.safetensors",
+            "model weights": model / "model.safetensors",
+            "model config": model / "config.json"}[what]
+    fifo.unlink(missing_ok=True)
+    os.mkfifo(fifo)
+    features = str(fifo) if what == "features" else data["test"]
+    outcome = {}
+    worker = threading.Thread(target=lambda: outcome.setdefault(
+        "code", main(["eval", features, "--model", str(model)])), daemon=True)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), f"eval blocked on a FIFO as the {what}"
+    err = capsys.readouterr().err.strip()
+    assert outcome["code"] == 2 and len(err.splitlines()) == 1, err
+    assert "a FIFO, not a regular file" in err, err
+
+
 def test_unwritable_output_folders_are_refused_before_training(work, capsys):
     locked = work / "locked"
     locked.mkdir(exist_ok=True)
@@ -337,7 +363,7 @@ def test_eval_refuses_test_files_of_another_source_or_class_table(two_tasks, wor
                   test.class_names)
     err = one_line_error(capsys, ["eval", str(bare / "values.safetensors"),
                                   "--model", str(model), "--steps", "1"])
-    assert "different class tables (same size, other values)" in err, err
+    assert "different class tables (same size, other values: class 2 differs by" in err, err
     names = list(test.class_names)
     names[1], names[3] = names[3], names[1]
     save_features(bare / "names.safetensors", test.features, test.class_features, test.labels,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 import fma_fast
-from fma_fast import batch, synthetic
+from fma_fast import batch, row_sources, synthetic
 from fma_fast._io import save_safetensors
 from fma_fast.cli import main
 from fma_fast.features_io import data_record, load_features, save_features
@@ -232,7 +233,7 @@ def test_bad_inputs_are_one_line_and_exit_2(job, tmp_path, capsys):
     data = (root / "test.safetensors").read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
     err = _error(capsys, [*base, str(tmp_path / "o4"), str(tmp_path / "cut.safetensors")])
-    assert "shorter than its header says" in err or "not a safetensors file" in err
+    assert "ends at byte" in err and "(truncated?)" in err
     err = _error(capsys, [*base, str(tmp_path / "o5"), str(tmp_path / "nothing.npy")])
     assert "cannot read input" in err and "no such file" in err
     other = tmp_path / "other.safetensors"
@@ -353,3 +354,505 @@ def test_a_failing_solve_raises_instead_of_hanging(job, tmp_path, monkeypatch):
     worker.join(60)
     assert not worker.is_alive(), "score hung after its solve failed"
     assert outcome == {"error": "solve failed"}
+
+
+# --------------------------------------------------------------- inputs that change (issue 22)
+
+
+def _model_folder_and_classes(job) -> tuple[Path, Path]:
+    return job["root"] / "model", job["root"] / "test.safetensors"
+
+
+def _rows(seed: int) -> np.ndarray:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(60, DIM, generator=generator),
+                                         dim=-1).numpy()
+
+
+def _write_in_place(path: Path, rows: np.ndarray) -> None:
+    """The same bytes layout, other rows, written into the same inode."""
+    with open(path, "r+b") as handle:
+        handle.seek(path.stat().st_size - rows.nbytes)
+        handle.write(rows.astype(np.float32).tobytes())
+
+
+def _replace_atomically(path: Path, rows: np.ndarray) -> None:
+    """Another file renamed over the path, its .npy header longer (rows start elsewhere)."""
+    temp = path.with_name("incoming.tmp.npy")
+    with open(temp, "wb") as handle:
+        np.lib.format.write_array(handle, rows.astype(np.float32), version=(2, 0))
+    os.replace(temp, path)
+
+
+def _replace_keeping_time(path: Path, rows: np.ndarray) -> None:
+    """``cp -p`` / ``touch -r``: other rows of the same size, the old mtime set back."""
+    before = path.stat()
+    _write_in_place(path, rows)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size
+    assert path.stat().st_mtime_ns == before.st_mtime_ns
+
+
+CHANGES = {"rewrite": _write_in_place, "atomic replace": _replace_atomically,
+           "touch -r": _replace_keeping_time}
+
+
+@pytest.mark.parametrize("change", sorted(CHANGES))
+@pytest.mark.parametrize("when", ["between chunks", "between parts"])
+def test_an_input_changed_while_it_is_read_is_not_recorded(job, tmp_path, monkeypatch, change,
+                                                           when):
+    """Guards rows scored from two versions of a file and recorded as done: the input is
+    rewritten in place, replaced atomically (longer header) or replaced with its mtime set
+    back, between two chunks of one part or between two parts. The run stops naming the
+    file; the rerun ends with the outputs of a fresh job on the final file, byte for byte."""
+    monkeypatch.setattr(batch, "SCORE_PART_ROWS", 20)
+    model, classes = _model_folder_and_classes(job)
+    data = tmp_path / "in.npy"
+    np.save(data, _rows(1))
+    reads = {"count": 0}
+    trigger = 2 if when == "between chunks" else 3  # chunks of 10 rows, parts of 20
+    real = row_sources._read_rows
+
+    def read_then_change(handle, column, start, stop, buffer=None):
+        if column.shape[1:] == (DIM,) and column.shape[0] == 60:  # the input's rows only
+            reads["count"] += 1
+            if reads["count"] == trigger:
+                CHANGES[change](data, _rows(2))
+        return real(handle, column, start, stop, buffer)
+
+    monkeypatch.setattr(row_sources, "_read_rows", read_then_change)
+    with pytest.raises(ValueError, match=r"in\.npy changed while it was read"):
+        fma_fast.score(model, [data], classes, tmp_path / "out", batch_size=10, progress=False)
+    monkeypatch.setattr(row_sources, "_read_rows", real)
+    summary = fma_fast.score(model, [data], classes, tmp_path / "out", batch_size=10,
+                             progress=False)
+    assert summary.rows == 60
+    fma_fast.score(model, [data], classes, tmp_path / "fresh", batch_size=10, progress=False)
+    ours = _joined(_read_outputs(tmp_path / "out"), "in-")
+    want = _joined(_read_outputs(tmp_path / "fresh"), "in-")
+    for key in want:
+        assert torch.equal(ours[key], want[key]), key
+
+
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_an_input_changed_between_runs_is_scored_again(job, tmp_path, monkeypatch, change):
+    """Guards reused outputs of old bytes: after a finished job the input is rewritten in
+    place, replaced atomically, or replaced by other rows of the same size with its mtime
+    kept (what cp -p, rsync -a and tar x do); the rerun scores the changed parts again and
+    its outputs are those of a fresh job on the new bytes."""
+    monkeypatch.setattr(batch, "SCORE_PART_ROWS", 20)
+    model, classes = _model_folder_and_classes(job)
+    data = tmp_path / "in.npy"
+    np.save(data, _rows(1))
+    args = (model, [data], classes, tmp_path / "out")
+    fma_fast.score(*args, batch_size=10, progress=False)
+    assert fma_fast.score(*args, batch_size=10, progress=False).rows_scored == 0
+    CHANGES[change](data, _rows(2))
+    assert fma_fast.score(*args, batch_size=10, progress=False).rows_scored == 60
+    want = fma_fast.solve(torch.from_numpy(_rows(2)), job["model"], STEPS,
+                          class_features=job["table"])
+    got = _joined(_read_outputs(tmp_path / "out"), "in-")
+    assert torch.equal(got["topk_indices"][:, 0], want.pred)
+    assert fma_fast.score(*args, batch_size=10, progress=False).rows_scored == 0
+
+
+# ----------------------------------------------------- silent wrong answers removed (issue 22)
+
+
+def test_labels_are_checked_before_any_work(job, tmp_path, capsys):
+    """Guards "accuracy 800%" from (N, 1) labels and a silent 0% from labels outside the
+    class table: the same rules as load_features (1-D, in [0, C)), refused before the output
+    folder is even created."""
+    model, classes = _model_folder_and_classes(job)
+    x, y = job["x"][:40], job["y"][:40]
+    cases = {"column": (y[:, None], "labels must be 1-D (rows,), got shape [40, 1]"),
+             "too large": (y + CLASSES, f"labels must lie in [0, {CLASSES}) for the {CLASSES} "
+                                        f"classes given, got values in [{CLASSES}, "),
+             "negative": (y - 1, f"labels must lie in [0, {CLASSES}) for the {CLASSES} classes "
+                                 "given, got values in [-1, ")}
+    for name, (labels, message) in cases.items():
+        path = tmp_path / f"{name.replace(' ', '_')}.safetensors"
+        save_safetensors(path, {"features": x, "labels": labels})
+        err = _error(capsys, ["score", str(model), str(path), "--classes", str(classes),
+                              "--out", str(tmp_path / name)])
+        assert message in err, err
+        assert not (tmp_path / name).exists()
+
+
+def _cache_shard(folder: Path, number: int, of: int, common: dict, rows: torch.Tensor) -> None:
+    save_safetensors(folder / f"shard-{number:05d}-of-{of:05d}.safetensors",
+                     {"features": rows, "labels": torch.arange(rows.shape[0]) % CLASSES,
+                      "image_index": torch.arange(rows.shape[0]) + 100 * number},
+                     {"fma_fast_cache": json.dumps({"common": common, "shard": number})})
+
+
+def test_a_cache_folder_mixing_two_extractions_is_refused(job, tmp_path):
+    """Guards scoring shards of two extractions copied into one folder as one split: the shard
+    stamps' common sections must agree (and each stamp name its own shard number)."""
+    model, classes = _model_folder_and_classes(job)
+    rows = job["x"][:20]
+    common = {"views": 1, "model": "ViT-B-32", "seed": 1, "images": 20, "shard_size": 10}
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    _cache_shard(mixed, 0, 2, common, rows[:10])
+    _cache_shard(mixed, 1, 2, {**common, "seed": 2}, rows[10:])
+    with pytest.raises(ValueError, match="mixes shards of different extractions: "
+                                         r"shard-00000-of-00002\.safetensors and "
+                                         r"shard-00001-of-00002\.safetensors differ in seed"):
+        fma_fast.score(model, [mixed], classes, tmp_path / "out", progress=False)
+    _cache_shard(mixed, 1, 2, common, rows[10:])
+    summary = fma_fast.score(model, [mixed], classes, tmp_path / "out", progress=False)
+    assert summary.rows == 20
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    _cache_shard(renamed, 0, 2, common, rows[:10])
+    _cache_shard(renamed, 0, 2, common, rows[10:])
+    os.replace(renamed / "shard-00000-of-00002.safetensors",
+               renamed / "shard-00001-of-00002.safetensors")
+    _cache_shard(renamed, 0, 2, common, rows[:10])
+    with pytest.raises(ValueError, match="is stamped as shard 0"):
+        fma_fast.score(model, [renamed], classes, tmp_path / "out2", progress=False)
+
+
+def test_parts_of_an_input_that_shrank_are_removed(job, tmp_path, monkeypatch):
+    """Guards stale outputs under a current input's name: an input of 3 parts shrinks to 2;
+    after the rerun the folder holds exactly the files of a fresh job on the shrunk input
+    (the part whose bytes did not change is kept, not scored again)."""
+    monkeypatch.setattr(batch, "SCORE_PART_ROWS", 20)
+    model, classes = _model_folder_and_classes(job)
+    data = tmp_path / "in.npy"
+    np.save(data, _rows(1))
+    fma_fast.score(model, [data], classes, tmp_path / "out", progress=False)
+    assert len(list((tmp_path / "out").glob("in-*.part*.safetensors"))) == 3
+    np.save(data, _rows(1)[:35])
+    rerun = fma_fast.score(model, [data], classes, tmp_path / "out", progress=False)
+    assert rerun.rows_scored == 15  # part 0 holds the same bytes: kept
+    fma_fast.score(model, [data], classes, tmp_path / "fresh", progress=False)
+    names = sorted(p.name for p in (tmp_path / "fresh").iterdir())
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == names
+    for name in names:
+        ours, fresh = (tmp_path / "out" / name).read_bytes(), \
+            (tmp_path / "fresh" / name).read_bytes()
+        if name.endswith(".done.json"):  # the file's size and mtime then and now aside
+            ours, fresh = json.loads(ours), json.loads(fresh)
+            for record in (ours, fresh):
+                del record["input"]["size"], record["input"]["mtime_ns"]
+        if name != "manifest.json":
+            assert ours == fresh, name
+
+
+def test_csv_output_reads_back_by_the_csv_rules(job, tmp_path):
+    """Guards a CSV that reads back as more rows than were scored: class names holding CR,
+    LF, commas and quotes are quoted as the csv module (RFC 4180) reads them."""
+    import csv
+    import io
+
+    names = ["a\rb", "c\nd", "e,f", 'g"h', "plain", " lead", "i\r\nj", "k", "l"]
+    features = tmp_path / "names.safetensors"
+    save_features(features, job["x"][:50], job["table"], job["y"][:50], names)
+    model, _ = _model_folder_and_classes(job)
+    fma_fast.score(model, [features], features, tmp_path / "out", topk=3, output_format="csv",
+                   progress=False)
+    with open(next((tmp_path / "out").glob("*.csv")), newline="") as handle:
+        rows = list(csv.reader(io.StringIO(handle.read(), newline="")))
+    assert len(rows) == 1 + 50
+    want = fma_fast.solve(job["x"][:50], job["model"], STEPS, class_features=job["table"],
+                          topk=3)
+    for row, indices in zip(rows[1:], want.topk_indices.tolist()):
+        assert [row[3 + 3 * r] for r in range(3)] == [names[c] for c in indices]
+
+
+def test_score_normalizes_rows_as_eval_does(job, tmp_path, capsys):
+    """Guards two answers from one folder: a model trained on normalised rows (normalize:
+    true in its config) scores raw rows as eval does (rows normalised), from a folder and from
+    the network loaded from it alike; --no-normalize keeps them raw."""
+    raw = job["x"][:80] * (0.3 + 3 * torch.rand(80, 1, generator=torch.Generator()
+                                                .manual_seed(8)))
+    features = tmp_path / "raw.safetensors"
+    save_features(features, raw, job["table"], job["y"][:80])
+    fma_fast.save(job["model"], tmp_path / "model", extra={"steps": STEPS, "normalize": True})
+    assert main(["eval", str(features), "--model", str(tmp_path / "model"), "--out",
+                 str(tmp_path / "eval.json")]) == 0
+    eval_pred = torch.tensor(json.loads((tmp_path / "eval.json").read_text())["pred"])
+    unit = torch.nn.functional.normalize(raw, dim=-1)
+    want = fma_fast.solve(unit, job["model"], STEPS, class_features=job["table"]).pred
+    assert torch.equal(eval_pred, want)
+    as_raw = fma_fast.solve(raw, job["model"], STEPS, class_features=job["table"]).pred
+    assert not torch.equal(as_raw, want)  # the rule matters for these rows
+    for name, model in (("folder", tmp_path / "model"),
+                        ("object", fma_fast.load(tmp_path / "model"))):
+        fma_fast.score(model, [features], features, tmp_path / name, progress=False)
+        got = _joined(_read_outputs(tmp_path / name), "raw-")["topk_indices"][:, 0]
+        assert torch.equal(got, want), name
+    fma_fast.score(tmp_path / "model", [features], features, tmp_path / "kept", normalize=False,
+                   progress=False)
+    assert torch.equal(_joined(_read_outputs(tmp_path / "kept"), "raw-")["topk_indices"][:, 0],
+                       as_raw)
+    capsys.readouterr()
+
+
+def test_a_loaded_model_carries_its_step_size_and_m(job, tmp_path):
+    """Guards other predictions in Python than from eval/score for one folder: a model saved
+    with h=0.2 and M=3 loads carrying both; solve, select_steps and score use them unless told
+    otherwise (arguments win), and score(network) writes the bytes score(folder) writes."""
+    x, table = job["x"][:200], job["table"]
+    fma_fast.save(job["model"], tmp_path / "model", extra={"steps": 3, "step_size": 0.2})
+    loaded = fma_fast.load(tmp_path / "model")
+    assert (loaded.steps, loaded.step_size) == (3, 0.2)
+    want = fma_fast.solve(x, job["model"], 3, step_size=0.2, class_features=table).topk_indices
+    default_h = fma_fast.solve(x, job["model"], 3, class_features=table).topk_indices
+    assert not torch.equal(want, default_h)  # h matters for these rows
+    assert torch.equal(fma_fast.solve(x, loaded, class_features=table).topk_indices, want)
+    assert torch.equal(fma_fast.solve(x, loaded, 3, step_size=0.1, class_features=table)
+                       .topk_indices, default_h)
+    chosen = fma_fast.select_steps(loaded, x, job["y"][:200], table)
+    assert len(chosen.accuracy) == 6  # M in 0..5: h=0.2 reaches t=1 in 5 steps
+    assert chosen.accuracy == fma_fast.select_steps(job["model"], x, job["y"][:200], table,
+                                                    max_steps=5, step_size=0.2).accuracy
+    inputs = [job["root"] / "test.safetensors"]
+    fma_fast.score(tmp_path / "model", inputs, table, tmp_path / "folder", progress=False)
+    fma_fast.score(loaded, inputs, table, tmp_path / "object", progress=False)
+    for name in sorted(p.name for p in (tmp_path / "folder").iterdir()):
+        if name != "manifest.json":
+            assert (tmp_path / "object" / name).read_bytes() == \
+                (tmp_path / "folder" / name).read_bytes(), name
+    settings = json.loads((tmp_path / "object" / "manifest.json").read_text())["settings"]
+    assert (settings["steps"], settings["step_size"]) == (3, 0.2)
+    fma_fast.save(loaded, tmp_path / "again")  # what it carries is saved with it
+    assert fma_fast.load_config(tmp_path / "again")["step_size"] == 0.2
+    assert fma_fast.load(tmp_path / "again").steps == 3
+
+
+def test_the_class_table_a_model_was_trained_with_is_checked_within_fp32_rounding(job,
+                                                                                   tmp_path):
+    """Guards refusing a class table recomputed on another machine, and accepting another
+    table: a model saved with its training data's record accepts the table 1 ulp off and
+    refuses it with two rows swapped or other names."""
+    from fma_fast.features_io import FeatureSet, data_record
+
+    table = job["table"]
+    names = [f"class {c}" for c in range(CLASSES)]
+    record = data_record(FeatureSet(job["x"][:5], None, table, names))
+    fma_fast.save(job["model"], tmp_path / "model", extra={"steps": STEPS, "data": record})
+    off = torch.nextafter(table, torch.full_like(table, torch.inf))
+    inputs = [job["root"] / "extra.npy"]
+    fma_fast.score(tmp_path / "model", inputs, off, tmp_path / "ulp", class_names=names,
+                   progress=False)
+    swapped = table[[1, 0, *range(2, CLASSES)]]
+    with pytest.raises(ValueError, match="class table .* was trained with .*class 0 differs"):
+        fma_fast.score(tmp_path / "model", inputs, swapped, tmp_path / "swapped",
+                       progress=False)
+    with pytest.raises(ValueError, match="different class names"):
+        fma_fast.score(tmp_path / "model", inputs, table, tmp_path / "names",
+                       class_names=[f"other {c}" for c in range(CLASSES)], progress=False)
+
+
+# ------------------------------------------------------------- hangs and tracebacks (issue 22)
+
+
+def _error_within(capsys, argv, seconds: float = 60) -> str:
+    """``_error`` in a thread: a command that blocks fails the test instead of hanging it."""
+    import threading
+
+    outcome = {}
+    worker = threading.Thread(target=lambda: outcome.setdefault("code", main(argv)),
+                              daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"{argv[:2]} still runs after {seconds} s"
+    err = capsys.readouterr().err.strip()
+    assert outcome.get("code") == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def _raw_safetensors(path: Path, header, data: bytes = b"") -> Path:
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    return path
+
+
+def test_files_that_would_block_or_run_for_ever_are_refused_at_once(job, tmp_path, capsys):
+    """Guards blocking on a FIFO given as an input or --classes (the type is checked before
+    any open) and planning 4 M parts from a 25 KB file whose header claims 2^40 rows (every
+    header's offsets are checked against the file's size up front)."""
+    model, classes = _model_folder_and_classes(job)
+    base = ["score", str(model), "--out", str(tmp_path / "out")]
+    os.mkfifo(tmp_path / "fifo.npy")
+    err = _error_within(capsys, [*base, str(tmp_path / "fifo.npy"), "--classes", str(classes)])
+    assert "fifo.npy: a FIFO, not a regular file" in err, err
+    err = _error_within(capsys, [*base, str(job["root"] / "extra.npy"), "--classes",
+                                 str(tmp_path / "fifo.npy")])
+    assert "cannot read --classes" in err and "a FIFO, not a regular file" in err, err
+    rows = 2**40
+    huge = _raw_safetensors(tmp_path / "huge.safetensors", {"features": {
+        "dtype": "F32", "shape": [rows, DIM], "data_offsets": [0, rows * DIM * 4]}},
+        b"\0" * 25000)
+    err = _error_within(capsys, [*base, str(huge), "--classes", str(classes)])
+    size = huge.stat().st_size
+    assert f"tensor 'features' ends at byte {size - 25000 + rows * DIM * 4} but the file has " \
+           f"{size} bytes (truncated?)" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def test_malformed_headers_and_deep_json_are_one_line(job, tmp_path, capsys):
+    """Guards AttributeError/KeyError from malformed safetensors headers and RecursionError
+    from deeply nested JSON in every file score reads (job.json, *.done.json, config.json, the
+    weights' stamp, cache stamps, feature file metadata): exit 2, one line, or, for a part's
+    record, the part scored again."""
+    model, classes = _model_folder_and_classes(job)
+    rows = job["x"][:4].numpy().tobytes()
+    entry = {"dtype": "F32", "shape": [4, DIM], "data_offsets": [0, len(rows)]}
+    headers = {
+        "features a list": ({"features": [1, 2]}, "header entry 'features' is not a JSON "
+                                                  "object"),
+        "metadata a list": ({"features": entry, "__metadata__": [1]},
+                            "__metadata__ must map names to strings"),
+        "no data_offsets": ({"features": {"dtype": "F32", "shape": [4, DIM]}},
+                            "has data_offsets None, not [begin, end] byte offsets"),
+        "shape not sizes": ({"features": {**entry, "shape": [4, "x"]}}, "not a list of sizes"),
+        "deep header": (json.loads("[" * 50 + "]" * 50), "not a safetensors file"),
+    }
+    for number, (name, (header, message)) in enumerate(headers.items()):
+        path = _raw_safetensors(tmp_path / f"h{number}.safetensors", header, rows)
+        err = _error(capsys, ["score", str(model), str(path), "--classes", str(classes),
+                              "--out", str(tmp_path / f"o{number}")])
+        assert message in err, (name, err)
+    base = ["score", str(model), str(job["root"] / "extra.npy"), "--classes", str(classes)]
+    deep_job = tmp_path / "deep_job"
+    deep_job.mkdir()
+    (deep_job / "job.json").write_text(DEEP)
+    assert "nests JSON 100000 levels deep (at most 64)" in _error(capsys, [*base, "--out",
+                                                                          str(deep_job)])
+    done = tmp_path / "deep_done"
+    assert main([*base, "--out", str(done), "--quiet"]) == 0
+    for record in done.glob("*.done.json"):
+        record.write_text(DEEP)
+    assert main([*base, "--out", str(done), "--quiet"]) == 0  # the part is scored again
+    assert all(json.loads(p.read_text())["format"] for p in done.glob("*.done.json"))
+    capsys.readouterr()
+    for name, damage in (("config", lambda m: (m / "config.json").write_text(DEEP)),
+                         ("stamp", lambda m: save_safetensors(
+                             m / "model.safetensors",
+                             dict(job["model"].state_dict()), {"fma_fast": DEEP}))):
+        broken = tmp_path / f"model_{name}"
+        fma_fast.save(job["model"], broken, extra={"steps": STEPS})
+        damage(broken)
+        err = _error(capsys, ["score", str(broken), *base[2:], "--out", str(tmp_path / name)])
+        assert "nests JSON 100000 levels deep" in err, (name, err)
+    cache = tmp_path / "deep_cache"
+    cache.mkdir()
+    save_safetensors(cache / "shard-00000-of-00001.safetensors",
+                     {"features": job["x"][:4], "labels": job["y"][:4],
+                      "image_index": torch.arange(4)}, {"fma_fast_cache": DEEP})
+    err = _error(capsys, ["score", str(model), str(cache), "--classes", str(classes), "--out",
+                          str(tmp_path / "o_cache")])
+    assert "extraction cache stamp nests JSON 100000 levels deep" in err, err
+    meta = tmp_path / "deep_meta.safetensors"
+    save_safetensors(meta, {"features": job["x"][:4], "class_features": job["table"]},
+                     {"class_names": DEEP})
+    err = _error(capsys, [*base[:3], "--classes", str(meta), "--out", str(tmp_path / "o_m")])
+    assert "class_names metadata nests JSON 100000 levels deep" in err, err
+
+
+def test_outputs_gone_after_the_job_are_one_line(job, tmp_path, capsys, monkeypatch):
+    """Guards a RuntimeError traceback when a part's outputs are removed while the job runs:
+    the CLI says which part and that a rerun scores it."""
+    real = batch._manifest
+
+    def remove_one_output(out, *args, **kwargs):
+        next(out.glob("*.part*.safetensors")).unlink()
+        return real(out, *args, **kwargs)
+
+    monkeypatch.setattr(batch, "_manifest", remove_one_output)
+    model, classes = _model_folder_and_classes(job)
+    err = _error(capsys, ["score", str(model), str(job["root"] / "extra.npy"), "--classes",
+                          str(classes), "--out", str(tmp_path / "out")])
+    assert "has no outputs after the job" in err and "run the job again" in err, err
+
+
+def test_work_too_large_for_memory_is_bounded_or_one_line(job, tmp_path, capsys,
+                                                           monkeypatch):
+    """Guards torch's allocator tracebacks (and minutes of planning first): M = 10^9 steps is
+    refused before any work, naming the plan's size; a large top-k gets parts of fewer rows
+    (policy.SCORE_PART_BYTES) and the in-memory answer; any other failed CPU allocation is one
+    line."""
+    model, classes = _model_folder_and_classes(job)
+    base = ["score", str(model), str(job["root"] / "extra.npy"), "--classes", str(classes)]
+    err = _error_within(capsys, [*base, "--out", str(tmp_path / "steps"), "--steps",
+                                 "1000000000", "--step-size", "1e-9"])
+    assert "steps=1000000000: the folded plan of 1000000000 steps needs" in err, err
+    assert not (tmp_path / "steps").exists()
+    monkeypatch.setattr(batch, "SCORE_PART_BYTES", 12 * CLASSES * 5)  # 5 rows a part at k=C
+    summary = fma_fast.score(model, [job["root"] / "extra.npy"], classes, tmp_path / "topk",
+                             topk=CLASSES, progress=False)
+    extra = job["extra"]
+    assert summary.parts == -(-extra.shape[0] // 5)
+    want = fma_fast.solve(extra, job["model"], STEPS, class_features=job["table"], topk=CLASSES)
+    assert torch.equal(_joined(_read_outputs(tmp_path / "topk"), "extra-")["topk_indices"],
+                       want.topk_indices)
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
+                           "can't allocate memory: you tried to allocate 2400000000000 bytes. "
+                           "Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(batch, "solve", no_memory)
+    err = _error(capsys, [*base, "--out", str(tmp_path / "oom")])
+    assert "out of CPU memory (can't allocate memory: you tried to allocate 2400000000000 " \
+           "bytes" in err, err
+
+
+def test_the_folder_is_claimed_atomically_once_every_option_resolved(job, tmp_path,
+                                                                     monkeypatch):
+    """Guards folders made unusable: a temporary job.json of a killed writer is removed before
+    the emptiness check; options refused late (fp16 on a CPU, compiled with fp32) leave no
+    job.json; and of two jobs with other settings racing for one folder, the second refuses
+    instead of overwriting the first one's job.json."""
+    import socket
+
+    model, classes = _model_folder_and_classes(job)
+    inputs = [job["root"] / "extra.npy"]
+    host = "".join(c if c.isalnum() or c == "-" else "-" for c in socket.gethostname())
+    orphaned = tmp_path / "orphaned"
+    orphaned.mkdir()
+    (orphaned / f".job.json.{host}.999999999.0123abcd.tmp").write_text('{"format"')
+    assert fma_fast.score(model, inputs, classes, orphaned, progress=False).rows > 0
+    assert not list(orphaned.glob(".*.tmp"))
+    for option, message in ((("precision", "fp16"), "precision='fp16' needs a CUDA device"),
+                            (("backend", "compiled"), "backend='compiled' is for")):
+        with pytest.raises(ValueError, match=message):
+            fma_fast.score(model, inputs, classes, tmp_path / option[1], device="cpu",
+                           progress=False, **dict([option]))
+        assert not (tmp_path / option[1]).exists(), option
+    fma_fast.score(model, inputs, classes, tmp_path / "first", topk=2, progress=False)
+    rival = (tmp_path / "first" / "job.json").read_text()
+    raced = tmp_path / "raced"
+    real_mkdir = Path.mkdir
+
+    def rival_claims_first(self, *args, **kwargs):  # the rival wins between check and write
+        real_mkdir(self, *args, **kwargs)
+        if self == raced:
+            (raced / "job.json").write_text(rival)
+
+    monkeypatch.setattr(Path, "mkdir", rival_claims_first)
+    with pytest.raises(ValueError, match=r"another scoring job \(topk 2 vs 3\)"):
+        fma_fast.score(model, inputs, classes, raced, topk=3, progress=False)
+    assert (raced / "job.json").read_text() == rival
+    assert not list(raced.glob("*.part*"))
+
+
+def test_one_path_and_hard_links(job, tmp_path):
+    """Guards iterating over a path's characters, and a hard-linked copy scored twice: one
+    path is one input; the same file under two names is refused."""
+    model, classes = _model_folder_and_classes(job)
+    data = job["root"] / "extra.npy"
+    summary = fma_fast.score(model, str(data), classes, tmp_path / "one", progress=False)
+    assert summary.rows == job["extra"].shape[0]
+    os.link(data, tmp_path / "linked.npy")
+    with pytest.raises(ValueError, match=r"linked\.npy is given twice \(the same file as "):
+        fma_fast.score(model, [data, tmp_path / "linked.npy"], classes, tmp_path / "two",
+                       progress=False)

@@ -184,7 +184,7 @@ def test_bf16_on_a_cpu_without_bf16_units_is_refused_with_the_reason(model, data
 
 
 @pytest.mark.parametrize("classes", [1, 7, 8, 9, 29])
-@pytest.mark.parametrize("topk", [1, 3])
+@pytest.mark.parametrize("topk", [1, 3, 11])  # 11: wider than a tile of 8
 def test_class_tiles_equal_the_untiled_reference(model, data, monkeypatch, classes, topk):
     """With tiles of 8 classes, C spans zero to three tile boundaries; indices past the first
     tile carry the tile's offset, and the online log-sum-exp equals the plain softmax."""

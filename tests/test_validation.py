@@ -230,3 +230,92 @@ def test_read_only_memmaps_are_accepted_without_a_warning(setup, tmp_path):
         result = fma_fast.solve(features, model, 2, class_features=table)
         fma_fast.select_steps(model, features, labels.numpy(), table, max_steps=2)
     assert torch.equal(result.pred, fma_fast.solve(x, model, 2, class_features=z).pred)
+
+
+# ------------------------------------------------- class tables across machines (issue 21, 3)
+
+
+def _recomputed_tables() -> dict[str, torch.Tensor]:
+    """One table, text features times a projection, computed as three machines would: in
+    float64 rounded once, and in fp32 summed over K=64 in one order and in the reverse order
+    (element-wise IEEE products and sums: the same bits on every CPU)."""
+    generator = torch.Generator().manual_seed(3)
+    text = torch.nn.functional.normalize(
+        torch.randn(40, 64, generator=generator, dtype=torch.float64), dim=-1)
+    projection = torch.randn(64, 32, generator=generator, dtype=torch.float64) / 8
+    text32, projection32 = text.float(), projection.float()
+    forward, backward = torch.zeros(40, 32), torch.zeros(40, 32)
+    for k in range(64):
+        forward = forward + text32[:, k:k + 1] * projection32[k]
+        backward = backward + text32[:, 63 - k:64 - k] * projection32[63 - k]
+    return {"float64": (text @ projection).float(), "forward": forward, "backward": backward}
+
+
+def _ulps(first: torch.Tensor, second: torch.Tensor) -> int:
+    """Largest distance in units of the last place between two fp32 tables."""
+    def ordered(t):
+        bits = t.view(torch.int32).long()
+        return torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits)
+    return int((ordered(first) - ordered(second)).abs().max())
+
+
+def test_a_class_table_recomputed_within_fp32_rounding_is_the_same_table():
+    """Guards refusing the same table computed on another machine (MKL's result depends on
+    memory alignment on some CPUs): 1-ulp differences in half the elements, and the table
+    recomputed in other summation orders (a few ulps, computed here, never zero) pass, through
+    the record check every command uses."""
+    from fma_fast.features_io import check_same_origin, class_table_difference
+
+    tables = _recomputed_tables()
+    base = tables["float64"]
+    up = torch.nextafter(base, torch.full_like(base, torch.inf))
+    one_ulp = torch.where(torch.rand(base.shape, generator=torch.Generator().manual_seed(4))
+                          < 0.5, up, base)
+    assert _ulps(base, one_ulp) == 1
+    for name in ("forward", "backward"):  # really recomputed: a few ulps of the row's norm
+        moved = (tables[name].double() - base.double()).norm(dim=1) / base.double().norm(dim=1)
+        assert 0 < float(moved.max()) <= 8 * 2**-23, name
+    for other in (one_ulp, tables["forward"], tables["backward"]):
+        assert class_table_difference(base, other) is None
+        check_same_origin({"train": _record(base), "test": _record(other)})
+
+
+def _record(table: torch.Tensor, names: list[str] | None = None) -> dict:
+    from fma_fast.features_io import FeatureSet, data_record
+
+    return data_record(FeatureSet(table[:1], None, table, names or [f"c{i}" for i in
+                                                                    range(table.shape[0])]))
+
+
+def _perturbed(table: torch.Tensor, row: int, fraction: float) -> torch.Tensor:
+    """``table`` with ``row`` moved by ``fraction`` of its norm (in L2), in a random direction."""
+    direction = torch.randn(table.shape[1], generator=torch.Generator().manual_seed(5))
+    moved = table.clone()
+    moved[row] += fraction * float(table[row].norm()) * direction / direction.norm()
+    return moved
+
+
+def test_another_class_table_is_refused():
+    """Guards a tolerance that lets a different table through: another class, swapped rows,
+    a row moved by twice the tolerance (half of it passes: the bound is the stated one) and
+    other names are refused, each naming what differs."""
+    from fma_fast.features_io import FeatureFileError, check_same_origin
+    from fma_fast.policy import CLASS_TABLE_TOLERANCE
+
+    base = _recomputed_tables()["float64"]
+    other_class = base.clone()
+    other_class[7] = torch.randn(32, generator=torch.Generator().manual_seed(6))
+    swapped = base[[0, 2, 1, *range(3, 40)]]
+    cases = {
+        "another class": (other_class, None, "class 7 differs by"),
+        "swapped rows": (swapped, None, "class 1 differs by"),
+        "perturbed": (_perturbed(base, 11, 2 * CLASS_TABLE_TOLERANCE), None,
+                      "class 11 differs by 2e-05 of its norm"),
+        "other names": (base, [f"c{i}" for i in range(39)] + ["cat"], "class 39: 'c39' vs "),
+        "fewer classes": (base[:39], None, "40 vs 39 classes"),
+    }
+    for table, names, message in cases.values():
+        with pytest.raises(FeatureFileError, match=message):
+            check_same_origin({"train": _record(base), "test": _record(table, names)})
+    check_same_origin({"train": _record(base),
+                       "test": _record(_perturbed(base, 11, CLASS_TABLE_TOLERANCE / 2))})

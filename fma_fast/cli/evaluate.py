@@ -9,6 +9,7 @@ from pathlib import Path
 from .. import checkpoint
 from .._io import write_text
 from ..features_io import check_same_origin, data_record
+from ..model import normalizes, solve_settings
 from ..solver import solve
 from . import options
 
@@ -19,17 +20,15 @@ def run(args) -> None:
     out = getattr(args, "out", None)
     if out is not None:
         options.check_predictions_output(Path(out), "--out")
-    model = checkpoint.load(args.model)
-    config = checkpoint.load_config(args.model)
-    steps = args.steps if args.steps is not None else config.get("steps")
+    model = checkpoint.load(args.model)  # carries M, h and normalize: the rules of score
+    steps, step_size = solve_settings(model, args.steps, args.step_size)
     if steps is None:
         raise ValueError(f"{args.model} has no M chosen on val; pass --steps")
-    step_size = args.step_size if args.step_size is not None else config.get("step_size", 0.1)
-    normalize = args.normalize if args.normalize is not None else config.get("normalize", True)
-    data, normalized_rows = options.read_features(args.features, normalize=bool(normalize))
-    if isinstance(config.get("data"), dict):
+    data, normalized_rows = options.read_features(args.features,
+                                                  normalize=normalizes(model, args.normalize))
+    if isinstance(model.trained_on, dict):
         check_same_origin(
-            {f"the data model {args.model} was trained on": config["data"],
+            {f"the data model {args.model} was trained on": model.trained_on,
              Path(args.features).name: data_record(data)}
         )
     solve_options = {"step_size": step_size, "class_features": data.class_features,

@@ -45,12 +45,25 @@ def _one_line(error: BaseException) -> str:
     return " ".join(text.split()) or type(error).__name__
 
 
+def _out_of_memory(error: BaseException) -> bool:
+    """A failed CPU allocation (torch's allocator raises a RuntimeError; numpy MemoryError)."""
+    return isinstance(error, MemoryError) or (
+        isinstance(error, RuntimeError) and "DefaultCPUAllocator" in str(error))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code = args.run(args)
     except INPUT_ERRORS as error:
         print(f"fma-fast {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as error:
+        if not _out_of_memory(error):
+            raise
+        found = str(error).partition("DefaultCPUAllocator: ")[2] or "out of memory"
+        print(f"fma-fast {args.command}: error: out of CPU memory ({_one_line(found)}); use "
+              "fewer rows, classes, top-k or steps at once", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fma-fast: interrupted", file=sys.stderr)

@@ -17,7 +17,8 @@ def run(args) -> None:
         options.check_backend(args.backend, device)
         summary = score(
             args.model, args.inputs, args.classes, options.require_out(args), steps=args.steps,
-            step_size=args.step_size, topk=args.topk, output_format=args.format,
+            step_size=args.step_size, normalize=args.normalize, topk=args.topk,
+            output_format=args.format,
             device=device, precision=args.precision, backend=args.backend,
             batch_size=args.batch_size, progress=not args.quiet, context=context,
         )
@@ -40,6 +41,8 @@ def register(commands) -> None:
     parser.add_argument("--steps", type=int, default=None, help="M (None: chosen on val)")
     parser.add_argument("--step-size", type=float, default=None, help="h (None: as trained)")
     parser.add_argument("--topk", type=int, default=1, help="classes kept per row")
+    options.add_normalize(parser, None, "L2-normalise the rows and the class table (None: as "
+                                        "the model was trained, as eval does)")
     parser.add_argument("--format", choices=FORMATS, default="safetensors",
                         help="output format (csv/jsonl, with class names, for small jobs)")
     parser.add_argument("--batch-size", type=int, default=None,

@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from .._io import save_safetensors
+from .._io import loads_json, save_safetensors
 from ..features_io import FeatureSet, claim_folder
 from .datasets import Dataset, Item, few_shot
 from .distributed import SINGLE, Context
@@ -97,8 +97,8 @@ def extraction_source(
 def _read_stamp(path: Path) -> dict[str, Any] | None:
     try:
         with safe_open(str(path), framework="pt") as handle:
-            stamp = json.loads((handle.metadata() or {})[_STAMP_KEY])
-    except (SafetensorError, OSError, ValueError, KeyError):
+            stamp = loads_json((handle.metadata() or {})[_STAMP_KEY], f"{path}'s stamp")
+    except (SafetensorError, OSError, ValueError, KeyError):  # JsonError is a ValueError
         return None
     return stamp if isinstance(stamp, dict) else None
 
