@@ -31,9 +31,9 @@ from released_loop import released_solve
 
 import fma_fast
 from fma_fast import reference, synthetic
-from fma_fast.plan import build_plan, solver_plan
-from fma_fast.policy import PRECISIONS
-from fma_fast.runtime_torch import folded_solve
+from fma_fast.core.policy import PRECISIONS
+from fma_fast.solver.cpu import folded_solve
+from fma_fast.solver.plan import build_plan, solver_plan
 
 STEPS, STEP_SIZE = 10, 0.1
 ROUNDS = 3

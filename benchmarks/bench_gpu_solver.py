@@ -46,7 +46,7 @@ from released_loop import released_solve
 import fma_fast
 from fma_fast import reference, synthetic
 from fma_fast.kernels._common import HAS_TRITON
-from fma_fast.plan import solver_plan
+from fma_fast.solver.plan import solver_plan
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(),
@@ -230,7 +230,7 @@ def test_whole_solve(benchmark, request, case: Case, classes: int, path: str) ->
 @pytest.mark.parametrize("grid", sorted(SMALL_BATCHES))
 def test_small_batch(benchmark, field: Field, grid: str, path: str) -> None:
     """Latency of M=10 steps on one small batch (network only): launch overhead dominates."""
-    from fma_fast.runtime_triton import fused_final
+    from fma_fast.solver.fused import fused_final
 
     rows = SMALL_BATCHES[grid]
     x = _jitter(field.test_features, rows, 0.3, seed=7)

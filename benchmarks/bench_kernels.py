@@ -4,7 +4,7 @@ NOT RUN YET: written in a session without a GPU; no number here has been measure
 on the CPU the kernels run in Triton's numpy interpreter, a correctness tool whose timings mean
 nothing, so the file skips there.
 
-Paths per op: reference (baseline: the eager ``fma_fast.reference`` op, or ``dispatch`` with
+Paths per op: reference (baseline: the eager ``fma_fast.core.reference`` op, or ``dispatch`` with
 backend="reference"), compiled (``torch.compile`` of that same callable, default mode; its
 compile time is compile_s; full grid only, ``FMA_BENCH_COMPILE=0`` skips it), triton
 (``dispatch`` with backend="triton", or the folded-step launcher) and, for the folded-step
@@ -32,8 +32,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fma_fast import dispatch, reference
+from fma_fast import reference
 from fma_fast.kernels._common import HAS_TRITON
+from fma_fast.ops import dispatch
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(),

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import fma_fast
-from fma_fast import row_sources
+from fma_fast.io import row_sources
 
 STEPS, ROUNDS, SHARDS, TOPK = 10, 7, 4, 5
 GRIDS = {

@@ -26,7 +26,9 @@ import pytest
 import torch
 
 import fma_fast
-from fma_fast import dispatch, reference, routing
+from fma_fast import reference
+from fma_fast.ops import dispatch
+from fma_fast.solver import routing
 
 GRIDS = {"full": (512, 12), "quick": (256, 4)}  # (D, blocks)
 BATCHES = (32, 256)

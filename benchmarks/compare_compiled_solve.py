@@ -7,7 +7,7 @@ the released loop and the GEMM-only chain (``gemm_chain.py``), so host drift hit
 - ``eager-bf16``: ``folded_solve(precision="bf16")``, what ``solve`` runs.
 - ``compiled``: ``folded_solve(precision="bf16", compiled=True)``, what
   ``solve(backend="compiled")`` runs: one frozen, max-autotuned module per step
-  (``fma_fast.cpu_compiled`` says which inductor settings and why). M graphs.
+  (``fma_fast.solver.compiled`` says which inductor settings and why). M graphs.
 - ``compiled-elementwise``: the eager chain's GEMMs (``cpu_fused.linear``, bias in the
   epilogue) and SiLU, with one compiled kernel in place of its three passes per block
   (residual add, LayerNorm statistics, scale-and-cast). The weights are inputs, so one graph
@@ -35,15 +35,15 @@ from gemm_chain import gemm_only_solve
 from released_loop import released_solve
 
 import fma_fast
-from fma_fast.cpu_fused import linear as fused_linear
-from fma_fast.plan import SolverPlan, solver_plan
-from fma_fast.runtime_torch import (
+from fma_fast.solver.cpu import (
     _advance,
     _Buffers,
     _prepare,
     _single_threaded_ops,
     folded_solve,
 )
+from fma_fast.solver.cpu_ops import linear as fused_linear
+from fma_fast.solver.plan import SolverPlan, solver_plan
 
 STEPS, STEP_SIZE, DIM, BLOCKS, CLASSES = 10, 0.1, 512, 12, 1000
 VARIANTS = ("compiled", "compiled-elementwise")

@@ -1,9 +1,9 @@
 """bf16 against fp32 on this CPU: rows/s of the folded CPU chain, 1 and 2 threads, interleaved.
 
-Does bf16 pay on this CPU, and does the rule in ``fma_fast.routing`` (bf16 only where oneDNN has
-BF16 units in effect) match what runs? The runtime is called directly (``folded_solve``), so bf16
-is timed even where ``solve`` refuses it. Run it once per ISA mask, each in its own process
-(the mask is read at start-up):
+Does bf16 pay on this CPU, and does the rule in ``fma_fast.solver.routing`` (bf16 only where
+oneDNN has BF16 units in effect) match what runs? The runtime is called directly
+(``folded_solve``), so bf16 is timed even where ``solve`` refuses it. Run it once per ISA
+mask, each in its own process (the mask is read at start-up):
 
     python benchmarks/compare_cpu_precisions.py
     ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python benchmarks/compare_cpu_precisions.py
@@ -25,8 +25,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fma_fast import VelocityNet, routing
-from fma_fast.runtime_torch import folded_solve
+from fma_fast import VelocityNet
+from fma_fast.solver import routing
+from fma_fast.solver.cpu import folded_solve
 
 STEPS, DIM, BLOCKS = 10, 512, 12
 

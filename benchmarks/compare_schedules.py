@@ -22,7 +22,7 @@ import time
 import torch
 
 import fma_fast
-from fma_fast.synthetic import make_task
+from fma_fast.experiments.synthetic import make_task
 
 VARIANTS = {"schedule": ("released", "warmup-cosine"), "amp": ("off", "bf16")}
 """The fit option compared and its two settings (the first is the difference's minuend)."""

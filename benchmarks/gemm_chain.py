@@ -1,7 +1,7 @@
 """Baseline: the folded CPU runtime's GEMMs alone, as the speed ceiling of its torch chain.
 
 Same plan weights, same GEMM shapes and dtypes, same row chunks and worker threads as
-``fma_fast.runtime_torch`` (it runs through the runtime's own chunk scheduler), and nothing
+``fma_fast.solver.cpu`` (it runs through the runtime's own chunk scheduler), and nothing
 else: no LayerNorm statistics, SiLU, bias or residual passes, no casts. Its operands are fixed
 random rows, so the values stay bounded (no denormals) whatever the weights do. The fp32 plan
 runs the final-state path's GEMMs (25 per step), bf16 the states path's (26 per step), as
@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 
 from fma_fast import VelocityNet
-from fma_fast.plan import SolverPlan
-from fma_fast.runtime_torch import _advance, _Buffers, _prepare
+from fma_fast.solver.cpu import _advance, _Buffers, _prepare
+from fma_fast.solver.plan import SolverPlan
 
 
 class _Operands:

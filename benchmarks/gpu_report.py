@@ -16,7 +16,7 @@ from typing import Any
 
 from run import device_info, git_info, outcomes, render_markdown, versions
 
-from fma_fast._io import write_text
+from fma_fast.io.files import write_text
 
 BENCHMARK_STAGES = ("solver", "kernels")
 

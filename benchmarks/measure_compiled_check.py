@@ -1,6 +1,6 @@
 """What the compiled path's self-check costs: seconds per step against the step's compile.
 
-``cpu_compiled.compiled_steps`` compiles each step and then compares it with its eager step on
+``compiled.compiled_steps`` compiles each step and then compares it with its eager step on
 a probe batch of the compiled shape. This times both for a D=512, 12-block plan of random
 weights: first the compile and check of every step together, then the check alone on the same,
 already compiled steps (its probe through the compiled and the eager step, and the compare).
@@ -17,8 +17,9 @@ import time
 
 import torch
 
-from fma_fast import VelocityNet, cpu_compiled, routing
-from fma_fast.plan import solver_plan
+from fma_fast import VelocityNet
+from fma_fast.solver import compiled, routing
+from fma_fast.solver.plan import solver_plan
 
 DIM, BLOCKS = 512, 12
 
@@ -37,14 +38,14 @@ def main() -> None:
     plan = solver_plan(net, args.steps, 0.1, dtype=torch.bfloat16)
     load = os.getloadavg()
     start = time.perf_counter()
-    cpu_compiled.compiled_steps(plan, args.rows)
+    compiled.compiled_steps(plan, args.rows)
     compile_and_check = time.perf_counter() - start
-    steps = cpu_compiled._full_plan_steps(plan)
+    steps = compiled._full_plan_steps(plan)
     checks = []
     for i, step in enumerate(steps[:args.steps]):
         for _ in range(args.repeats):
             start = time.perf_counter()
-            cpu_compiled._compile_and_check(i, step, args.rows, DIM)
+            compiled._compile_and_check(i, step, args.rows, DIM)
             checks.append(time.perf_counter() - start)
     check = statistics.median(checks)
     per_step = compile_and_check / args.steps

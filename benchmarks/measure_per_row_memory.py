@@ -21,7 +21,7 @@ def child(rows: int, classes: int, dim: int) -> dict:
     import torch
 
     import fma_fast
-    from fma_fast.policy import PER_ROW_TABLE_BYTES
+    from fma_fast.core.policy import PER_ROW_TABLE_BYTES
 
     torch.manual_seed(0)
     model = fma_fast.VelocityNet(dim, blocks=1)

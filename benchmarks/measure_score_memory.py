@@ -67,7 +67,7 @@ def child(args: argparse.Namespace) -> dict:
     import torch
 
     import fma_fast
-    from fma_fast.policy import SCORE_PART_ROWS
+    from fma_fast.core.policy import SCORE_PART_ROWS
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -34,7 +34,7 @@ def child(args: argparse.Namespace) -> dict:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
     import torch
 
-    from fma_fast import dispatch
+    from fma_fast.ops import dispatch
 
     device = torch.device(args.device)
     generator = torch.Generator(device=device).manual_seed(0)

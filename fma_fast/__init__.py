@@ -1,14 +1,16 @@
 """fma_fast: fast, dependable Flow Matching Alignment for few-shot CLIP classification."""
 
-from . import _checkout, reference, synthetic  # noqa: F401  (_checkout first: kernels/)
-from ._validation import NotUnitNormWarning
+from . import _checkout  # noqa: F401  (_checkout first: kernels/)
 from ._version import __version__  # noqa: F401  (fma_fast.__version__)
-from .batch import ScoreSummary, score
-from .checkpoint import CheckpointError, load, load_config, load_official, save
-from .class_tables import PerRowClasses
-from .model import VelocityNet
-from .solver import SolveResult, StepSelection, accuracy_by_steps, select_steps, solve
-from .training import FitResult, fit
+from .batch.job import ScoreSummary, score
+from .core import reference
+from .core.model import VelocityNet
+from .core.validation import NotUnitNormWarning
+from .experiments import synthetic
+from .io.checkpoint import CheckpointError, load, load_config, load_official, save
+from .ops.class_tables import PerRowClasses
+from .solver.api import SolveResult, StepSelection, accuracy_by_steps, select_steps, solve
+from .train.fit import FitResult, fit
 
 __all__ = [
     "CheckpointError",

@@ -18,12 +18,15 @@ from importlib import metadata
 import torch
 import torch.nn.functional as F
 
-from . import _validation as check
-from . import dispatch, reference, routing, solver
+from .core import reference
+from .core import validation as check
+from .core.model import VelocityNet
+from .core.policy import PRECISIONS, TOLERANCES
 from .kernels import _common
 from .kernels._common import triton_usable
-from .model import VelocityNet
-from .policy import PRECISIONS, TOLERANCES
+from .ops import dispatch
+from .solver import routing
+from .solver.api import solve
 
 PACKAGES = ("torch", "triton", "numpy", "safetensors", "tqdm", "open_clip_torch", "pillow",
             "matplotlib", "pytest", "pytest-benchmark")
@@ -253,8 +256,8 @@ def _solve_case(device: torch.device):
             parameter.copy_(0.2 * torch.randn(parameter.shape, generator=generator))
     model = model.to(device)
     x, _, _ = _tiny(device)
-    return (lambda: solver.solve(x, model, 3, backend="triton"),
-            lambda: solver.solve(x, model, 3, backend="reference"))
+    return (lambda: solve(x, model, 3, backend="triton"),
+            lambda: solve(x, model, 3, backend="reference"))
 
 
 def _relative(error: float, expected) -> float:

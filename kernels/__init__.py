@@ -1,4 +1,5 @@
-"""Triton kernels of fma_fast, installed as ``fma_fast.kernels``; reach them via fma_fast.dispatch.
+"""Triton kernels of fma_fast, installed as ``fma_fast.kernels``; reached through
+:mod:`fma_fast.ops.dispatch`.
 
 One op per module (kernel, launcher, autograd Function): flow_matching (fused training pair,
 loss and in-kernel noise), euler (fused Euler step), cosine_topk (scoring with a running top-k),

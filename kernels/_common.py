@@ -10,7 +10,7 @@ Conventions every kernel follows (Liger-Kernel / FlagGems house style):
   :func:`candidate_blocks` of an input shape once and keeps the fastest.
 
 Importing this module never fails: without triton, ``HAS_TRITON`` is False and the kernel modules
-are simply not imported by :mod:`fma_fast.dispatch`.
+are simply not imported by :mod:`fma_fast.ops.dispatch`.
 """
 
 from __future__ import annotations

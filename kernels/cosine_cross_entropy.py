@@ -7,7 +7,7 @@ Backward w.r.t. x, with p = softmax and x̂ = x/||x||:
 the projection term coming from the row normalisation. A second tiled pass recomputes p and
 accumulates Σ_c p_c ẑ_c for a BLOCK_D slice of D per program (grid rows × D slices), so the
 logits are recomputed once per D slice: cheap in memory, (D/BLOCK_D + 1)× the forward FLOPs.
-The class table is a constant here (no dZ): ``fma_fast.dispatch`` sends tables that require a
+The class table is a constant here (no dZ): ``fma_fast.ops.dispatch`` sends tables that require a
 gradient to the reference instead. Untuned Hopper block sizes (see ``pick_blocks``).
 """
 

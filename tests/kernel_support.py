@@ -1,13 +1,13 @@
 """Test support for the kernels: a located assert_close on the one per-dtype tolerance table
-(``fma_fast.policy.TOLERANCES``, which the doctor uses too), and the device the kernel tests
+(``fma_fast.core.policy.TOLERANCES``, which the doctor uses too), and the device the kernel tests
 run on. Imports without triton."""
 
 from __future__ import annotations
 
 import torch
 
+from fma_fast.core.policy import TOLERANCES
 from fma_fast.kernels._common import HAS_TRITON, interpreter_active
-from fma_fast.policy import TOLERANCES
 
 
 def kernel_device() -> str | None:

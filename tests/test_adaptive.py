@@ -8,7 +8,7 @@ import torch
 from conftest import randomize_parameters
 
 from fma_fast import VelocityNet, reference
-from fma_fast.adaptive import (
+from fma_fast.experiments.adaptive import (
     DEFAULT_GRID,
     StopRule,
     adaptive_predict,

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from fma_fast import synthetic
-from fma_fast.baselines import (
+from fma_fast.experiments.baselines import (
     FMA,
     ClipAdapter,
     LinearProbe,

@@ -164,7 +164,7 @@ def test_gemm_only_chain_runs_the_folded_runtimes_gemms(precision, rows, chunk_r
     import torch
 
     import fma_fast
-    from fma_fast.runtime_torch import folded_solve
+    from fma_fast.solver.cpu import folded_solve
 
     gemm_chain = _load_benchmark_module("gemm_chain")
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import fma_fast
-from fma_fast import _io, checkpoint
+from fma_fast.io import checkpoint, files
 
 
 @pytest.fixture
@@ -38,7 +38,7 @@ def test_round_trip_keeps_weights_and_config(model, tmp_path):
 def disk_full_after(monkeypatch, tensors: int) -> None:
     """Make the safetensors writer fail with ENOSPC after ``tensors`` tensors were written."""
     written = {"count": 0}
-    real = _io._tensor_bytes
+    real = files._tensor_bytes
 
     def failing(tensor):
         written["count"] += 1
@@ -46,7 +46,7 @@ def disk_full_after(monkeypatch, tensors: int) -> None:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(tensor)
 
-    monkeypatch.setattr(_io, "_tensor_bytes", failing)
+    monkeypatch.setattr(files, "_tensor_bytes", failing)
 
 
 def test_failed_write_keeps_previous_files(model, tmp_path, monkeypatch):
@@ -96,7 +96,7 @@ def test_a_save_killed_between_its_renames_is_refused_naming_the_newer_file(
             raise KeyboardInterrupt  # the process dies here
         real_replace(source, destination)
 
-    monkeypatch.setattr(_io.os, "replace", killed_before_the_config)
+    monkeypatch.setattr(files.os, "replace", killed_before_the_config)
     retrained = fma_fast.VelocityNet(24, blocks=3, width=40)
     with pytest.raises(KeyboardInterrupt):
         fma_fast.save(retrained, target, extra={"steps": 5})
@@ -151,7 +151,7 @@ def test_what_a_model_carries_is_saved_and_loaded(model, tmp_path):
     normalize and the training data's record, with the class table's values beside the
     weights (bit for bit), come back as attributes; ``extra`` wins over the attributes; a
     record without values (older saves) still loads."""
-    from fma_fast.features_io import FeatureSet, data_record
+    from fma_fast.io.features import FeatureSet, data_record
 
     table = torch.nn.functional.normalize(torch.randn(5, 24), dim=-1)
     model.steps, model.step_size, model.normalize = 4, 0.125, False
@@ -198,7 +198,7 @@ def test_non_finite_weights_are_refused_on_load(model, tmp_path):
         metadata = handle.metadata()
         state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
     state["final_layer.linear.bias"][1] = float("inf")
-    _io.save_safetensors(weights, state, metadata)
+    files.save_safetensors(weights, state, metadata)
     with pytest.raises(fma_fast.CheckpointError, match="final_layer.linear.bias contains NaN"):
         fma_fast.load(tmp_path / "run")
 
@@ -209,17 +209,17 @@ def test_orphaned_temporary_files_are_removed_by_the_next_write(model, tmp_path)
     target = tmp_path / "run"
     script = (
         "import os, sys, torch, fma_fast\n"
-        "from fma_fast import _io\n"
+        "from fma_fast.io import files\n"
         "def killed(tensor):\n"
         "    os.kill(os.getpid(), 9)\n"
-        "_io._tensor_bytes = killed\n"
+        "files._tensor_bytes = killed\n"
         "fma_fast.save(fma_fast.VelocityNet(8, blocks=1), sys.argv[1])\n"
     )
     done = subprocess.run([sys.executable, "-c", script, str(target)])
     assert done.returncode == -9
     orphans = [p.name for p in target.iterdir() if p.name.endswith(".tmp")]
     assert len(orphans) == 1, f"expected one orphaned temporary file, found {orphans}"
-    alive = target / f".config.json.{_io._HOST}.{os.getpid()}.0123abcd.tmp"
+    alive = target / f".config.json.{files._HOST}.{os.getpid()}.0123abcd.tmp"
     alive.write_text("a writer that still runs")
     fma_fast.save(model, target)
     left = sorted(p.name for p in target.iterdir())
@@ -235,7 +235,7 @@ def test_our_safetensors_writer_round_trips(tmp_path, dtype):
         "scalar": torch.tensor(2.5),
         "strided": torch.arange(20.0).reshape(4, 5).T,
     }
-    _io.save_safetensors(tmp_path / "t.safetensors", tensors, {"k": "v", "a": "b"})
+    files.save_safetensors(tmp_path / "t.safetensors", tensors, {"k": "v", "a": "b"})
     loaded = load_file(str(tmp_path / "t.safetensors"))
     assert set(loaded) == set(tensors)
     for name, tensor in tensors.items():

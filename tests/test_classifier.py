@@ -37,7 +37,7 @@ from fma_fast.clip import (  # noqa: E402
     load_encoder,
     register_model_config,
 )
-from fma_fast.features_io import load_features  # noqa: E402
+from fma_fast.io.features import load_features  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "fma-fast-tiny-classifier-test"

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from fma_fast import routing
 from fma_fast.cli import main
+from fma_fast.solver import routing
 
 TINY = [
     "--classes",
@@ -149,8 +149,8 @@ def test_train_and_eval_normalise_feature_rows_unless_asked_not_to(tmp_path, cap
     files by default (the model records it, eval follows), --no-normalize keeps them raw."""
     import torch
 
-    from fma_fast import checkpoint
-    from fma_fast.features_io import load_features, save_features
+    from fma_fast.io import checkpoint
+    from fma_fast.io.features import load_features, save_features
 
     data = tmp_path / "data"
     assert main(["synth", "--out", str(data), "--classes", "4", "--dim", "16", "--shots", "2"]) == 0

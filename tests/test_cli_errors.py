@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fma_fast import _io
 from fma_fast.cli import evaluate, main, options
-from fma_fast.features_io import save_features
+from fma_fast.io import files
+from fma_fast.io.features import save_features
 
 TRAIN = ["--blocks", "1", "--epochs", "1", "--quiet"]
 NO_DATASET = ["--dataset", "nowhere", "--model", "ViT-B-32"]
@@ -276,7 +276,7 @@ def test_unwritable_output_folders_are_refused_before_training(work, capsys):
 
 def full_disk(monkeypatch, after_bytes: int) -> None:
     """Every file write fails with ENOSPC once ``after_bytes`` were written to it."""
-    real = _io.atomic_write
+    real = files.atomic_write
 
     def atomic_write(path, write):
         def filling(temp):
@@ -288,7 +288,7 @@ def full_disk(monkeypatch, after_bytes: int) -> None:
 
         return real(path, filling)
 
-    monkeypatch.setattr(_io, "atomic_write", atomic_write)
+    monkeypatch.setattr(files, "atomic_write", atomic_write)
 
 
 def test_a_full_disk_is_one_line_and_keeps_what_was_saved(work, capsys, monkeypatch):
@@ -352,7 +352,7 @@ def test_eval_refuses_test_files_of_another_source_or_class_table(two_tasks, wor
                                   "--steps", "1"])
     assert "come from different sources" in err, err
     # Files made by hand carry no provenance: their class tables are compared instead.
-    from fma_fast.features_io import load_features
+    from fma_fast.io.features import load_features
 
     test = load_features(two_tasks[1]["test"])
     bare = work / "bare"

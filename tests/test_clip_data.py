@@ -11,7 +11,7 @@ import torch
 
 from fma_fast.cli import main
 from fma_fast.clip import datasets, load_encoder, prompts
-from fma_fast.clip.distributed import Context
+from fma_fast.core.distributed import Context
 
 
 def _touch(path):

@@ -38,7 +38,7 @@ from fma_fast.clip import (  # noqa: E402
     register_model_config,
 )
 from fma_fast.clip.transforms import Preprocess, view_generator  # noqa: E402
-from fma_fast.features_io import load_features  # noqa: E402
+from fma_fast.io.features import load_features  # noqa: E402
 
 MODEL = "fma-fast-tiny-test"
 CLASSES = ["abyssinian", "great_pyrenees", "pug"]

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from test_plan import TOLERANCE, assert_states_close, random_net, reference_trajectory
 
 import fma_fast
-from fma_fast import cpu_compiled, routing
-from fma_fast.plan import solver_plan
-from fma_fast.runtime_torch import folded_solve
+from fma_fast.solver import compiled as cpu_compiled
+from fma_fast.solver import routing
+from fma_fast.solver.cpu import folded_solve
+from fma_fast.solver.plan import solver_plan
 
 DIM, BLOCKS, WIDTH, STEPS, CHUNK = 16, 2, 24, 3, 16
 

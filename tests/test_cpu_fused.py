@@ -8,7 +8,7 @@ import torch
 from kernel_support import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fma_fast import cpu_fused
+from fma_fast.solver import cpu_ops
 
 SHAPES = [(1, 8, 16), (37, 24, 40), (257, 96, 80), (1024, 512, 512)]  # (rows, in, out)
 
@@ -32,7 +32,7 @@ def _onednn_bf16() -> bool:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_linear_matches_x_weight_plus_bias(rows, cols_in, cols_out, dtype):
     x, weight, bias = _operands(rows, cols_in, cols_out, dtype, seed=rows + cols_out)
-    got = cpu_fused.linear(x, weight, bias)
+    got = cpu_ops.linear(x, weight, bias)
     assert got.dtype == dtype and got.shape == (rows, cols_out)
     where = f"{dtype} {rows}x{cols_in}x{cols_out}"
     if dtype != torch.float32:  # halves: within their rounding of the exact product
@@ -54,22 +54,22 @@ def test_linear_runs_onednn_where_it_has_a_bf16_path_and_addmm_otherwise(monkeyp
 
     x, weight, bias = _operands(9, 16, 24, torch.bfloat16, seed=1)
     if not _onednn_bf16():
-        assert not cpu_fused._onednn_linear_works()
+        assert not cpu_ops._onednn_linear_works()
         with Record():
-            cpu_fused.linear(x, weight, bias)
+            cpu_ops.linear(x, weight, bias)
         assert any("addmm" in op for op in ops) and not any("_linear_pointwise" in op
                                                             for op in ops), ops
         return
     with Record():
-        fused = cpu_fused.linear(x, weight, bias)
+        fused = cpu_ops.linear(x, weight, bias)
     assert any("_linear_pointwise" in op for op in ops), ops
     assert not any("addmm" in op for op in ops), ops
 
     ops.clear()
-    monkeypatch.setattr(cpu_fused, "_onednn_linear_works", lambda: False)
+    monkeypatch.setattr(cpu_ops, "_onednn_linear_works", lambda: False)
     with Record():
-        fallback = cpu_fused.linear(x, weight, bias)
-        cpu_fused.linear(x.half(), weight.half(), bias.half())
+        fallback = cpu_ops.linear(x, weight, bias)
+        cpu_ops.linear(x.half(), weight.half(), bias.half())
     assert sum("addmm" in op for op in ops) == 2 and not any("_linear_pointwise" in op
                                                              for op in ops), ops
     assert_close(fused, fallback, "oneDNN linear vs its addmm fallback", torch.bfloat16)
@@ -87,7 +87,7 @@ def test_residual_then_normed_operand(rows, width, dtype):
     expected = advanced / (advanced.square().mean(1, keepdim=True) + eps).sqrt()
     rstd = torch.empty(rows, 1)
     out = torch.empty(rows, width, dtype=dtype)
-    got = cpu_fused.residual_normed(hidden, update, rstd, eps, out)
+    got = cpu_ops.residual_normed(hidden, update, rstd, eps, out)
     assert got.data_ptr() == out.data_ptr()
     assert_close(hidden, advanced, "hidden after the residual add")  # fp32 stream kept
     assert_close(got, expected, f"normed operand ({dtype})", dtype)

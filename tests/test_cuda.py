@@ -9,8 +9,9 @@ import torch
 from conftest import randomize_parameters
 
 import fma_fast
-from fma_fast import dispatch, synthetic
+from fma_fast import synthetic
 from fma_fast.kernels._common import HAS_TRITON
+from fma_fast.ops import dispatch
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and HAS_TRITON),

@@ -13,7 +13,9 @@ from conftest import randomize_parameters
 from kernel_support import FakeCudaDevices
 
 import fma_fast
-from fma_fast import distributed, doctor, routing
+from fma_fast import doctor
+from fma_fast.core import distributed
+from fma_fast.solver import routing
 
 
 @pytest.fixture

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from fma_fast import doctor, routing
+from fma_fast import doctor
 from fma_fast.cli import main
 from fma_fast.kernels._common import HAS_TRITON, interpreter_active
+from fma_fast.solver import routing
 
 REPO = Path(__file__).resolve().parents[1]
 needs_interpreter = pytest.mark.skipif(

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fma_fast.features_io import class_table_sha256, load_features, save_features
+from fma_fast.io.features import class_table_sha256, load_features, save_features
 
 
 def _header(path) -> dict:

@@ -9,8 +9,11 @@ import torch
 from kernel_support import SKIP_REASON, kernel_device
 
 import fma_fast
-from fma_fast import dispatch, reference, routing, synthetic, training
-from fma_fast.training import lr_factor
+from fma_fast import reference, synthetic
+from fma_fast.ops import dispatch
+from fma_fast.solver import routing
+from fma_fast.train import fit
+from fma_fast.train.fit import lr_factor
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +195,7 @@ def test_the_endpoint_noise_scale_is_gamma_times_the_feature_std(monkeypatch):
         seen["feature_std"] = kwargs["feature_std"]
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(training.dispatch, "fused_pair", spy)
+    monkeypatch.setattr(fit.dispatch, "fused_pair", spy)
     fma_fast.fit(x, y, z, blocks=1, epochs=1, gamma=0.5, noise="endpoint", progress=False)
     torch.testing.assert_close(seen["feature_std"], torch.tensor(x.numpy().std(axis=0)))
 
@@ -239,7 +242,7 @@ def test_the_released_schedule_equals_a_replay_of_the_released_scheduler_chain(
     cosine chained from the last warm-up rate, bit for bit against torch's schedulers."""
     expected = _replay_released_schedule(2e-4, epochs, warmup_epochs, steps_per_epoch)
     total, warmup = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
-    rates = training.learning_rates("released", 2e-4, warmup, total)
+    rates = fit.learning_rates("released", 2e-4, warmup, total)
     assert len(rates) == len(expected) == total
     mismatch = [(k, a, b) for k, (a, b) in enumerate(zip(rates, expected)) if a != b]
     assert not mismatch, f"first differing steps (step, ours, replay): {mismatch[:3]}"
@@ -272,7 +275,7 @@ def test_an_epoch_is_one_pass_over_the_images_whatever_the_views(views):
         return real(x0, labels, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(training.dispatch, "fused_pair", spy)
+        patch.setattr(fit.dispatch, "fused_pair", spy)
         result = fma_fast.fit(x_views, y_views, z, blocks=1, epochs=3, batch_size=8,
                               views=views, progress=False)
     assert result.config["optimizer_steps"] == 3 * math.ceil(20 / 8) == len(seen)
@@ -338,7 +341,7 @@ def test_bf16_autocast_on_a_cpu_with_bf16_units():
         return real(prediction, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(training.dispatch, "fused_loss", spy)
+        patch.setattr(fit.dispatch, "fused_loss", spy)
         result = fma_fast.fit(x, y, z, blocks=1, epochs=30, batch_size=8, lr=2e-3,
                               amp="bf16", device="cpu", progress=False)
     assert set(seen) == {torch.bfloat16} and result.config["amp"] == "bf16"
@@ -375,8 +378,8 @@ def test_the_loss_uses_the_pairs_noise_at_every_optimizer_step(backend, noise, m
         steps[-1]["v"] = (pred - grad * pred.shape[0] / 2).detach()
         return loss
 
-    monkeypatch.setattr(training.dispatch, "fused_pair", pair_spy)
-    monkeypatch.setattr(training.dispatch, "fused_loss", loss_spy)
+    monkeypatch.setattr(fit.dispatch, "fused_pair", pair_spy)
+    monkeypatch.setattr(fit.dispatch, "fused_loss", loss_spy)
     gamma = 0.5
     fma_fast.fit(x, y, z, blocks=1, epochs=2, batch_size=8, gamma=gamma, noise=noise, seed=4,
                  backend=backend, progress=False)

@@ -15,7 +15,8 @@ from kernel_support import (
 )
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fma_fast import dispatch, reference
+from fma_fast import reference
+from fma_fast.ops import dispatch
 
 DEVICE = kernel_device()
 pytestmark = pytest.mark.skipif(DEVICE is None, reason=SKIP_REASON)

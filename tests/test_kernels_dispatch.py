@@ -12,8 +12,9 @@ import pytest
 import torch
 from kernel_support import SKIP_REASON, assert_close, kernel_device
 
-from fma_fast import dispatch, reference
+from fma_fast import reference
 from fma_fast.kernels._common import HAS_TRITON
+from fma_fast.ops import dispatch
 
 DEVICE = kernel_device()
 
@@ -83,7 +84,7 @@ def test_without_interpreter_cpu_goes_to_reference():
     """A fresh process without TRITON_INTERPRET and without CUDA: auto = reference."""
     result = run_python("""
         import torch
-        from fma_fast import dispatch
+        from fma_fast.ops import dispatch
         x = torch.randn(3, 4)
         print(dispatch.cosine_topk(x, torch.randn(5, 4), 2).path)
         try:
@@ -103,7 +104,7 @@ def test_import_and_reference_paths_work_without_triton():
         sys.modules["triton"] = None  # any "import triton" now raises ImportError
         import torch
         import fma_fast
-        from fma_fast import dispatch
+        from fma_fast.ops import dispatch
         from fma_fast.kernels import _common
         assert not _common.HAS_TRITON
         x, z = torch.randn(3, 4), torch.randn(5, 4)

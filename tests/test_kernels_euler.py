@@ -6,7 +6,8 @@ import pytest
 import torch
 from kernel_support import HALF_SKIP_REASON, SKIP_REASON, assert_close, kernel_device
 
-from fma_fast import dispatch, reference
+from fma_fast import reference
+from fma_fast.ops import dispatch
 
 DEVICE = kernel_device()
 pytestmark = pytest.mark.skipif(DEVICE is None, reason=SKIP_REASON)

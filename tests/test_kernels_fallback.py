@@ -12,9 +12,11 @@ from conftest import randomize_parameters
 from kernel_support import assert_close
 
 import fma_fast
-from fma_fast import dispatch, reference, routing, runtime_triton
+from fma_fast import reference
 from fma_fast.kernels import _common
 from fma_fast.kernels._common import HAS_TRITON, KernelFallbackWarning
+from fma_fast.ops import dispatch
+from fma_fast.solver import fused, routing
 
 pytestmark = pytest.mark.skipif(
     not HAS_TRITON or not _common.interpreter_active(),
@@ -56,7 +58,7 @@ def fresh_fallbacks(monkeypatch):
     """Every test starts with no recorded fallback and no kernel known to run."""
     monkeypatch.setattr(_common, "FALLBACKS", {})
     monkeypatch.setattr(dispatch, "_FLOW_MATCHING_RUNS", set())
-    monkeypatch.setattr(runtime_triton, "_RUNS", set())
+    monkeypatch.setattr(fused, "_RUNS", set())
 
 
 def fail(monkeypatch, module: str, kernel: str, failure) -> FailingKernel:

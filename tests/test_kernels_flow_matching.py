@@ -1,4 +1,4 @@
-"""The fused flow-matching pair/loss kernels against fma_fast.reference, and their noise."""
+"""The fused flow-matching pair/loss kernels against fma_fast.core.reference, and their noise."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import pytest
 import torch
 from kernel_support import HALF_SKIP_REASON, SKIP_REASON, assert_close, kernel_device
 
-from fma_fast import dispatch, reference
-from fma_fast.model import VelocityNet
+from fma_fast import reference
+from fma_fast.core.model import VelocityNet
+from fma_fast.ops import dispatch
 
 DEVICE = kernel_device()
 pytestmark = pytest.mark.skipif(DEVICE is None, reason=SKIP_REASON)

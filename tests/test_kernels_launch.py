@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from kernel_support import SKIP_REASON, FakeCudaDevices, kernel_device
 
-from fma_fast import dispatch
 from fma_fast.kernels import _common
+from fma_fast.ops import dispatch
 
 DEVICE = kernel_device()
 needs_kernels = pytest.mark.skipif(DEVICE is None, reason=SKIP_REASON)
@@ -234,11 +234,11 @@ def test_labels_checked_by_the_caller_skip_the_sync(monkeypatch):
     """fit checks its labels once; its per-step calls pass labels_checked=True and take no
     range check (one host sync each) per step."""
     import fma_fast
-    from fma_fast import _validation
+    from fma_fast.core import validation
 
     checks = []
-    real = _validation.check_labels
-    monkeypatch.setattr(_validation, "check_labels",
+    real = validation.check_labels
+    monkeypatch.setattr(validation, "check_labels",
                         lambda *args, **kwargs: checks.append(args[0]) or real(*args, **kwargs))
     x, table, labels, _ = _tiny(rows=12)
     fma_fast.fit(x.cpu(), labels.cpu(), table.cpu(), blocks=1, epochs=2, batch_size=4,

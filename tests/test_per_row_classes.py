@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import fma_fast
-from fma_fast import class_tables, reference, synthetic
+from fma_fast import reference, synthetic
+from fma_fast.ops import class_tables
 
 
 def _field(dim: int, seed: int = 0) -> fma_fast.VelocityNet:
@@ -90,7 +91,8 @@ def test_a_table_repeated_per_row_gives_the_shared_table_results():
 def test_fit_moves_each_row_toward_its_own_tables_class():
     """Guards fit taking the class row of another row's table: with tables that differ per row,
     the training targets are table[row, label[row]] (spied on the pair op)."""
-    from fma_fast import dispatch, training
+    from fma_fast.ops import dispatch
+    from fma_fast.train import fit
 
     generator = torch.Generator().manual_seed(4)
     x = F.normalize(torch.randn(10, 6, generator=generator), dim=-1)
@@ -104,7 +106,7 @@ def test_fit_moves_each_row_toward_its_own_tables_class():
         return real(x0, labels, targets, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(training.dispatch, "fused_pair", spy)
+        patch.setattr(fit.dispatch, "fused_pair", spy)
         fma_fast.fit(x, y, fma_fast.PerRowClasses(tables), blocks=1, epochs=2, batch_size=4,
                      progress=False)
     for x0, targets in seen:

@@ -8,11 +8,13 @@ import torch.nn.functional as F
 from conftest import randomize_parameters
 
 import fma_fast
-from fma_fast import VelocityNet, policy, reference, routing, synthetic
-from fma_fast import runtime_torch as runtime_module
-from fma_fast.plan import SolverPlan, build_plan, clear_plan_cache, solver_plan, step_times
-from fma_fast.policy import PRECISIONS
-from fma_fast.runtime_torch import folded_final, folded_solve, folded_states
+from fma_fast import VelocityNet, reference, synthetic
+from fma_fast.core import policy
+from fma_fast.core.policy import PRECISIONS
+from fma_fast.solver import cpu as runtime_module
+from fma_fast.solver import routing
+from fma_fast.solver.cpu import folded_final, folded_solve, folded_states
+from fma_fast.solver.plan import SolverPlan, build_plan, clear_plan_cache, solver_plan, step_times
 
 # Error of a state, relative to how far the reference moved the features from x_0 (so a solver
 # that barely moves cannot hide in the size of x_0), by precision:

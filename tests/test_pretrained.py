@@ -31,9 +31,9 @@ from clip_support import (  # noqa: E402
     write_class_folders,
 )
 
-from fma_fast._io import file_sha256  # noqa: E402
 from fma_fast.cli import main  # noqa: E402
 from fma_fast.clip import load_encoder, register_model_config, resolve_pretrained  # noqa: E402
+from fma_fast.io.files import file_sha256  # noqa: E402
 
 MODEL = "fma-fast-tiny-tag-test"
 HUB_REPO = "fma-fast-test/tiny-weights"

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 import fma_fast
-from fma_fast.synthetic import make_task
+from fma_fast.experiments.synthetic import make_task
 
 DIFFICULTIES = (0.3, 0.6, 0.9)  # easy: mostly own-class direction; hard: entangled, 4 modes
 HARD = 0.9

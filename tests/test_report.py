@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 import fma_fast
-from fma_fast import protocol, report
 from fma_fast.cli import main
+from fma_fast.core import protocol
+from fma_fast.experiments import report
 
 TINY = [
     "--classes", "3", "--dim", "16", "--test-per-class", "6",
@@ -147,7 +148,7 @@ def test_report_adds_peft_plus_fma_rows_for_each_source(tmp_path):
     splits' class tables differ in the last bit (each split computes its own, as another
     machine or memory alignment would): one table within fp32 rounding, accepted. A source
     whose files list other images is refused."""
-    from fma_fast.features_io import load_features, save_features
+    from fma_fast.io.features import load_features, save_features
 
     data = tmp_path / "my_features"
     assert main(["synth", "--out", str(data), "--classes", "3", "--dim", "16", "--shots", "4"]) == 0

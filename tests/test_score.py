@@ -19,11 +19,13 @@ import torch
 from safetensors import safe_open
 
 import fma_fast
-from fma_fast import batch, row_sources, synthetic
-from fma_fast._io import save_safetensors
+from fma_fast import synthetic
+from fma_fast.batch import job as batch_job
 from fma_fast.cli import main
-from fma_fast.features_io import data_record, load_features, save_features
-from fma_fast.policy import TOLERANCES
+from fma_fast.core.policy import TOLERANCES
+from fma_fast.io import row_sources
+from fma_fast.io.features import data_record, load_features, save_features
+from fma_fast.io.files import save_safetensors
 
 DIM, CLASSES, STEPS = 24, 9, 3
 
@@ -90,7 +92,7 @@ def test_outputs_equal_the_in_memory_solve_on_every_input_kind(job, tmp_path, mo
     from the wrong image (parts and chunks that start inside an image's views), and accuracy
     from the wrong rows: small parts (250 rows) and odd chunks (97 rows) against one in-memory
     solve of each input, and the accuracies recomputed here."""
-    monkeypatch.setattr(batch, "SCORE_PART_ROWS", 250)
+    monkeypatch.setattr(batch_job, "SCORE_PART_ROWS", 250)
     summary = fma_fast.score(job["root"] / "model", _inputs(job), job["root"] / "test.safetensors",
                              tmp_path / "out", topk=4, batch_size=97, progress=False)
     parts = _read_outputs(tmp_path / "out")
@@ -136,10 +138,10 @@ def test_solve_scores_m0_in_the_same_pass(job):
 def test_an_interrupted_job_resumes_to_the_same_bytes(job, tmp_path, monkeypatch):
     """Guards rows scored twice or never after a crash: a job stopped after 2 parts, run again,
     writes only the rest and ends with the bytes of an uninterrupted job."""
-    monkeypatch.setattr(batch, "SCORE_PART_ROWS", 250)
+    monkeypatch.setattr(batch_job, "SCORE_PART_ROWS", 250)
     args = (job["root"] / "model", _inputs(job), job["root"] / "test.safetensors")
     fma_fast.score(*args, tmp_path / "whole", progress=False)
-    real, written = batch._write_part, []
+    real, written = batch_job._write_part, []
 
     def crash_after_two(*a, **k):
         if len(written) == 2:
@@ -147,10 +149,10 @@ def test_an_interrupted_job_resumes_to_the_same_bytes(job, tmp_path, monkeypatch
         written.append(a[1].stem)
         return real(*a, **k)
 
-    monkeypatch.setattr(batch, "_write_part", crash_after_two)
+    monkeypatch.setattr(batch_job, "_write_part", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         fma_fast.score(*args, tmp_path / "resumed", progress=False)
-    monkeypatch.setattr(batch, "_write_part", real)
+    monkeypatch.setattr(batch_job, "_write_part", real)
     summary = fma_fast.score(*args, tmp_path / "resumed", progress=False)
     assert summary.parts_skipped == 2 and summary.rows_scored == summary.rows - 500
     whole = sorted(p.name for p in (tmp_path / "whole").iterdir())
@@ -200,7 +202,7 @@ def test_text_outputs_carry_class_names_and_are_for_small_jobs(job, tmp_path, mo
     first = json.loads(next((tmp_path / "jsonl").glob("*.jsonl")).read_text().splitlines()[0])
     assert first["topk"][0][:2] == [int(want.topk_indices[0, 0]),
                                     f"class {int(want.topk_indices[0, 0])}"]
-    monkeypatch.setattr(batch, "SCORE_TEXT_ENTRIES", 1000)
+    monkeypatch.setattr(batch_job, "SCORE_TEXT_ENTRIES", 1000)
     with pytest.raises(ValueError, match="csv output is for small jobs"):
         fma_fast.score(*args, tmp_path / "big", topk=2, output_format="csv", progress=False)
 
@@ -338,7 +340,7 @@ def test_a_failing_solve_raises_instead_of_hanging(job, tmp_path, monkeypatch):
         time.sleep(0.3)  # let the reader fill the queue
         raise RuntimeError("solve failed")
 
-    monkeypatch.setattr(batch, "solve", failing)
+    monkeypatch.setattr(batch_job, "solve", failing)
     outcome = {}
 
     def run():
@@ -405,7 +407,7 @@ def test_an_input_changed_while_it_is_read_is_not_recorded(job, tmp_path, monkey
     rewritten in place, replaced atomically (longer header) or replaced with its mtime set
     back, between two chunks of one part or between two parts. The run stops naming the
     file; the rerun ends with the outputs of a fresh job on the final file, byte for byte."""
-    monkeypatch.setattr(batch, "SCORE_PART_ROWS", 20)
+    monkeypatch.setattr(batch_job, "SCORE_PART_ROWS", 20)
     model, classes = _model_folder_and_classes(job)
     data = tmp_path / "in.npy"
     np.save(data, _rows(1))
@@ -440,7 +442,7 @@ def test_an_input_changed_between_runs_is_scored_again(job, tmp_path, monkeypatc
     place, replaced atomically, or replaced by other rows of the same size with its mtime
     kept (what cp -p, rsync -a and tar x do); the rerun scores the changed parts again and
     its outputs are those of a fresh job on the new bytes."""
-    monkeypatch.setattr(batch, "SCORE_PART_ROWS", 20)
+    monkeypatch.setattr(batch_job, "SCORE_PART_ROWS", 20)
     model, classes = _model_folder_and_classes(job)
     data = tmp_path / "in.npy"
     np.save(data, _rows(1))
@@ -518,7 +520,7 @@ def test_parts_of_an_input_that_shrank_are_removed(job, tmp_path, monkeypatch):
     """Guards stale outputs under a current input's name: an input of 3 parts shrinks to 2;
     after the rerun the folder holds exactly the files of a fresh job on the shrunk input
     (the part whose bytes did not change is kept, not scored again)."""
-    monkeypatch.setattr(batch, "SCORE_PART_ROWS", 20)
+    monkeypatch.setattr(batch_job, "SCORE_PART_ROWS", 20)
     model, classes = _model_folder_and_classes(job)
     data = tmp_path / "in.npy"
     np.save(data, _rows(1))
@@ -628,7 +630,7 @@ def test_the_class_table_a_model_was_trained_with_is_checked_within_fp32_roundin
     """Guards refusing a class table recomputed on another machine, and accepting another
     table: a model saved with its training data's record accepts the table 1 ulp off and
     refuses it with two rows swapped or other names."""
-    from fma_fast.features_io import FeatureSet, data_record
+    from fma_fast.io.features import FeatureSet, data_record
 
     table = job["table"]
     names = [f"class {c}" for c in range(CLASSES)]
@@ -761,13 +763,13 @@ def test_malformed_headers_and_deep_json_are_one_line(job, tmp_path, capsys):
 def test_outputs_gone_after_the_job_are_one_line(job, tmp_path, capsys, monkeypatch):
     """Guards a RuntimeError traceback when a part's outputs are removed while the job runs:
     the CLI says which part and that a rerun scores it."""
-    real = batch._manifest
+    real = batch_job._manifest
 
     def remove_one_output(out, *args, **kwargs):
         next(out.glob("*.part*.safetensors")).unlink()
         return real(out, *args, **kwargs)
 
-    monkeypatch.setattr(batch, "_manifest", remove_one_output)
+    monkeypatch.setattr(batch_job, "_manifest", remove_one_output)
     model, classes = _model_folder_and_classes(job)
     err = _error(capsys, ["score", str(model), str(job["root"] / "extra.npy"), "--classes",
                           str(classes), "--out", str(tmp_path / "out")])
@@ -786,7 +788,7 @@ def test_work_too_large_for_memory_is_bounded_or_one_line(job, tmp_path, capsys,
                                  "1000000000", "--step-size", "1e-9"])
     assert "steps=1000000000: the folded plan of 1000000000 steps needs" in err, err
     assert not (tmp_path / "steps").exists()
-    monkeypatch.setattr(batch, "SCORE_PART_BYTES", 12 * CLASSES * 5)  # 5 rows a part at k=C
+    monkeypatch.setattr(batch_job, "SCORE_PART_BYTES", 12 * CLASSES * 5)  # 5 rows a part at k=C
     summary = fma_fast.score(model, [job["root"] / "extra.npy"], classes, tmp_path / "topk",
                              topk=CLASSES, progress=False)
     extra = job["extra"]
@@ -800,7 +802,7 @@ def test_work_too_large_for_memory_is_bounded_or_one_line(job, tmp_path, capsys,
                            "can't allocate memory: you tried to allocate 2400000000000 bytes. "
                            "Error code 12 (Cannot allocate memory)")
 
-    monkeypatch.setattr(batch, "solve", no_memory)
+    monkeypatch.setattr(batch_job, "solve", no_memory)
     err = _error(capsys, [*base, "--out", str(tmp_path / "oom")])
     assert "out of CPU memory (can't allocate memory: you tried to allocate 2400000000000 " \
            "bytes" in err, err

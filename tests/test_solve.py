@@ -10,7 +10,10 @@ from kernel_support import SKIP_REASON, kernel_device
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fma_fast
-from fma_fast import dispatch, policy, reference, routing, scoring
+from fma_fast import reference
+from fma_fast.core import policy
+from fma_fast.ops import dispatch, scoring
+from fma_fast.solver import routing
 
 
 def seeded(seed: int) -> torch.Generator:
@@ -431,7 +434,7 @@ def test_a_velocity_net_the_fold_would_not_reproduce_runs_as_given(data, variant
         assert not torch.allclose(reference.euler_solve(net, x, 4),
                                   reference.euler_solve(plain, x, 4), atol=1e-3)
     _assert_runs_as_given(net, x, z)
-    from fma_fast.plan import build_plan, fold_problem, solver_plan
+    from fma_fast.solver.plan import build_plan, fold_problem, solver_plan
 
     assert fold_problem(net) is not None
     with pytest.raises(ValueError, match="cannot be folded"):
@@ -470,7 +473,7 @@ def test_a_hook_added_after_a_plan_was_cached_is_honoured(model, data):
     try:
         _assert_runs_as_given(model, x, z)
         with pytest.raises(ValueError, match="res_blocks.0 has forward hooks"):
-            fma_fast.runtime_torch.folded_final(model, x, 4, 0.1)
+            fma_fast.solver.cpu.folded_final(model, x, 4, 0.1)
     finally:
         handle.remove()
     assert fma_fast.solve(x, model, 4, class_features=z).path.startswith("folded-fp32+")

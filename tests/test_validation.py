@@ -264,7 +264,7 @@ def test_a_class_table_recomputed_within_fp32_rounding_is_the_same_table():
     memory alignment on some CPUs): 1-ulp differences in half the elements, and the table
     recomputed in other summation orders (a few ulps, computed here, never zero) pass, through
     the record check every command uses."""
-    from fma_fast.features_io import check_same_origin, class_table_difference
+    from fma_fast.io.features import check_same_origin, class_table_difference
 
     tables = _recomputed_tables()
     base = tables["float64"]
@@ -281,7 +281,7 @@ def test_a_class_table_recomputed_within_fp32_rounding_is_the_same_table():
 
 
 def _record(table: torch.Tensor, names: list[str] | None = None) -> dict:
-    from fma_fast.features_io import FeatureSet, data_record
+    from fma_fast.io.features import FeatureSet, data_record
 
     return data_record(FeatureSet(table[:1], None, table, names or [f"c{i}" for i in
                                                                     range(table.shape[0])]))
@@ -299,8 +299,8 @@ def test_another_class_table_is_refused():
     """Guards a tolerance that lets a different table through: another class, swapped rows,
     a row moved by twice the tolerance (half of it passes: the bound is the stated one) and
     other names are refused, each naming what differs."""
-    from fma_fast.features_io import FeatureFileError, check_same_origin
-    from fma_fast.policy import CLASS_TABLE_TOLERANCE
+    from fma_fast.core.policy import CLASS_TABLE_TOLERANCE
+    from fma_fast.io.features import FeatureFileError, check_same_origin
 
     base = _recomputed_tables()["float64"]
     other_class = base.clone()

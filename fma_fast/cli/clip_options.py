@@ -8,10 +8,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .._io import check_output_folder, file_problem
 from ..clip.peft import CLASS_TOKEN_POSITIONS, PEFT_METHODS, peft_default_templates
 from ..clip.transforms import AUGMENT_SCALE, check_crop_scale
-from ..features_io import claim_folder
+from ..io.features import claim_folder
+from ..io.files import check_output_folder, file_problem
 from . import options
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
-from .. import synthetic
-from ..solver import accuracy_by_steps, select_steps
+from ..experiments import synthetic
+from ..solver.api import accuracy_by_steps, select_steps
 from . import options
 
 DEFAULTS = {"classes": 20, "dim": 512, "shots": 16, "difficulty": 0.75, "blocks": 2,

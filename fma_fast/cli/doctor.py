@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .._io import check_output_file, write_text
 from ..doctor import render, report
+from ..io.files import check_output_file, write_text
 from . import options
 
 

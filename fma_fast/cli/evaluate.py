@@ -6,11 +6,11 @@ import argparse
 import json
 from pathlib import Path
 
-from .. import checkpoint
-from .._io import write_text
-from ..features_io import check_same_origin, data_record
-from ..model import normalizes, solve_settings
-from ..solver import solve
+from ..core.model import normalizes, solve_settings
+from ..io import checkpoint
+from ..io.features import check_same_origin, data_record
+from ..io.files import write_text
+from ..solver.api import solve
 from . import options
 
 

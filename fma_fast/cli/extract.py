@@ -1,12 +1,12 @@
 """``fma-fast extract``: encode a few-shot dataset with a CLIP model into feature files.
 
-Scales out under ``torchrun`` (:mod:`fma_fast.distributed`): shards are dealt to the
+Scales out under ``torchrun`` (:mod:`fma_fast.core.distributed`): shards are dealt to the
 ranks, rank 0 writes the feature files.
 """
 
 from __future__ import annotations
 
-from ..features_io import save_features
+from ..io.features import save_features
 from . import clip_options, options
 
 

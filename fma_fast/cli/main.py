@@ -7,10 +7,10 @@ import sys
 
 import torch
 
-from .._io import describe_os_error
-from ..checkpoint import CheckpointError
-from ..dispatch import BackendUnavailableError
-from ..features_io import FeatureFileError
+from ..io.checkpoint import CheckpointError
+from ..io.features import FeatureFileError
+from ..io.files import describe_os_error
+from ..ops.dispatch import BackendUnavailableError
 from . import demo, doctor, evaluate, extract, report, run, score, synth, train
 
 COMMANDS = (demo, synth, train, evaluate, score, extract, run, report, doctor)

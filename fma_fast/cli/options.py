@@ -11,13 +11,14 @@ from typing import Any
 
 import torch
 
-from .. import _validation as check
-from .. import checkpoint, dispatch
-from .._io import check_output_file, check_output_folder
-from ..features_io import FeatureFileError, FeatureSet, load_features, normalized
-from ..model import VelocityNet
-from ..policy import PRECISIONS, SOLVE_BACKENDS
-from ..training import AMP_CHOICES, SCHEDULES, fit
+from ..core import validation as check
+from ..core.model import VelocityNet
+from ..core.policy import PRECISIONS, SOLVE_BACKENDS
+from ..io import checkpoint
+from ..io.features import FeatureFileError, FeatureSet, load_features, normalized
+from ..io.files import check_output_file, check_output_folder
+from ..ops import dispatch
+from ..train.fit import AMP_CHOICES, SCHEDULES, fit
 
 PREDICTIONS_FORMAT = "fma_fast/predictions/1"
 

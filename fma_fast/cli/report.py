@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .._io import check_output_folder
-from ..report import add_arguments, from_arguments, rerender, run_report
+from ..experiments.report import add_arguments, from_arguments, rerender, run_report
+from ..io.files import check_output_folder
 from . import options
 
 

@@ -2,7 +2,7 @@
 mean ± std tables, and the base-to-new protocol (train on the base half of the classes, test
 on base and new).
 
-Scales out under ``torchrun`` (:mod:`fma_fast.distributed`): the encoding is split over
+Scales out under ``torchrun`` (:mod:`fma_fast.core.distributed`): the encoding is split over
 the ranks by shards; the fits are dealt to the ranks whole (one (shots, seed) job each, round
 robin), each rank choosing M on val for its own; then every rank solves its share of each
 job's test rows. Results are gathered in job order: 1 or N processes give the same answer.
@@ -14,9 +14,9 @@ import argparse
 import json
 from typing import Any
 
-from .._io import save_safetensors, write_text
-from ..protocol import SUBSAMPLES
-from ..report import runs as runs_summary
+from ..core.protocol import SUBSAMPLES
+from ..experiments.report import runs as runs_summary
+from ..io.files import save_safetensors, write_text
 from . import clip_options, options
 
 RESULTS_NAME = "results.json"

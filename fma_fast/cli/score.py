@@ -3,13 +3,13 @@ model into sharded top-k outputs; resumable, and split over torchrun ranks by in
 
 from __future__ import annotations
 
-from ..batch import FORMATS
-from ..policy import SOLVE_BATCH_ROWS
+from ..batch.job import FORMATS
+from ..core.policy import SOLVE_BATCH_ROWS
 from . import options
 
 
 def run(args) -> None:
-    from ..batch import score
+    from ..batch.job import score
     from ..clip import launch
 
     with launch() as context:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .._io import check_output_folder
-from ..features_io import save_features
+from ..io.features import save_features
+from ..io.files import check_output_folder
 from . import options
 from .demo import add_task_options, make_task
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import checkpoint
-from ..features_io import check_feature_files, data_record
-from ..solver import select_steps
+from ..io import checkpoint
+from ..io.features import check_feature_files, data_record
+from ..solver.api import select_steps
 from . import options
 
 

@@ -4,6 +4,8 @@ Importing this package is cheap: open_clip, PIL and torchvision load only when a
 built or images are read (``pip install fma_fast[clip]``).
 """
 
+from ..core.distributed import Context, launch
+from ..solver.sharded import accuracy_by_steps_sharded, solve_sharded
 from .cache import (
     ExtractedFeatures,
     SplitFeatures,
@@ -14,7 +16,6 @@ from .cache import (
 )
 from .classifier import ClassifierError, FewShotClassifier, Predictions
 from .datasets import DATASET_NAMES, Dataset, Item, few_shot, load_dataset
-from .distributed import Context, accuracy_by_steps_sharded, launch, solve_sharded
 from .encoder import (
     ClipEncoder,
     MissingExtraError,

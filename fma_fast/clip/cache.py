@@ -20,10 +20,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from .._io import loads_json, save_safetensors
-from ..features_io import FeatureSet, claim_folder
+from ..core.distributed import SINGLE, Context
+from ..io.features import FeatureSet, claim_folder
+from ..io.files import loads_json, save_safetensors
 from .datasets import Dataset, Item, few_shot
-from .distributed import SINGLE, Context
 from .encoder import ClipEncoder
 from .transforms import (
     AUGMENT_SCALE,
@@ -418,7 +418,7 @@ def extract(
     The test split does not depend on ``seed`` or ``shots`` and is encoded once per folder
     (``test=False`` leaves it out: fitting a classifier needs train and val only).
     ``folder`` serves one source (encoder, checkpoint, preprocessing, dataset, templates): a
-    folder holding another's features is refused (see :func:`fma_fast.features_io.claim_folder`).
+    folder holding another's features is refused (see :func:`fma_fast.io.features.claim_folder`).
     """
     folder = Path(folder)
     templates = list(templates or [dataset.template])

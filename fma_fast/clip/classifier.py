@@ -28,15 +28,15 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .. import checkpoint
-from .._io import read_json_record, save_safetensors, write_text
-from .._validation import resolve_device
 from .._version import __version__
-from ..checkpoint import CheckpointError
-from ..features_io import FeatureSet, class_table_sha256, data_record
-from ..model import VelocityNet
-from ..solver import solve as solve_rows
-from ..training import fit as fit_field
+from ..core.model import VelocityNet
+from ..core.validation import resolve_device
+from ..io import checkpoint
+from ..io.checkpoint import CheckpointError
+from ..io.features import FeatureSet, class_table_sha256, data_record
+from ..io.files import read_json_record, save_safetensors, write_text
+from ..solver.api import solve as solve_rows
+from ..train.fit import fit as fit_field
 from .cache import extract
 from .datasets import IMAGE_SUFFIXES, Dataset, Item, load_dataset
 from .encoder import HF_HUB_PREFIX, RANDOM_INIT, ClipEncoder, import_open_clip, load_encoder

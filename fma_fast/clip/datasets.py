@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..protocol import draw_split
+from ..core.protocol import draw_split
 from .prompts import DATASET_TEMPLATES, DEFAULT_TEMPLATE
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
@@ -403,7 +403,7 @@ def load_dataset(
 
 def few_shot(dataset: Dataset, shots: int, seed: int) -> tuple[list[Item], list[Item]]:
     """K random training images per class and min(K, 4) validation images per class, seeded
-    (:func:`fma_fast.protocol.draw_split`; a class with fewer images gives all it has).
+    (:func:`fma_fast.core.protocol.draw_split`; a class with fewer images gives all it has).
 
     Without a validation split the validation shots come from the training images left over,
     so M is never chosen on test images (CoOp reuses ImageNet's test set as its val).

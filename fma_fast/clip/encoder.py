@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .._io import file_sha256
-from .._validation import resolve_device
+from ..core.validation import resolve_device
+from ..io.files import file_sha256
 from .prompts import build_prompts
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")

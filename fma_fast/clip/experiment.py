@@ -2,7 +2,7 @@
 K-shot train views -> choose M on val -> score test (all classes, or base and new halves).
 
 ``fma-fast run`` and :meth:`fma_fast.clip.FewShotClassifier.fit` share it. Under ``torchrun``
-(:mod:`fma_fast.distributed`) every rank encodes its shards of every job, each job is fitted
+(:mod:`fma_fast.core.distributed`) every rank encodes its shards of every job, each job is fitted
 whole by one rank (round robin) which chooses its M on val, and every rank then solves its
 share of each job's test rows; results come back in job order, so 1 or N processes give the
 same answer.
@@ -17,12 +17,13 @@ from typing import Any
 
 import torch
 
-from ..features_io import FeatureSet, check_feature_files, subsample_classes
-from ..protocol import base_and_new_classes, harmonic_mean
-from ..solver import select_steps
-from ..training import FitResult
+from ..core.distributed import SINGLE, Context
+from ..core.protocol import base_and_new_classes, harmonic_mean
+from ..io.features import FeatureSet, check_feature_files, subsample_classes
+from ..solver.api import select_steps
+from ..solver.sharded import accuracy_by_steps_sharded, solve_sharded
+from ..train.fit import FitResult
 from .cache import ExtractedFeatures
-from .distributed import SINGLE, Context, accuracy_by_steps_sharded, solve_sharded
 
 FitField = Callable[..., FitResult]
 """``fit_field(train, class_features, *, seed, device) -> FitResult``: the velocity field's

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .. import _validation as check
+from ..core import validation as check
 from .encoder import ClipEncoder, file_sha256
 
 PEFT_METHODS = ("coop", "cocoop", "adapter", "lora")
@@ -965,7 +965,7 @@ class PeftEncoder:
     def per_image_tables(self, class_indices: Sequence[int] | None = None):
         """CoCoOp's tables as :class:`fma_fast.PerRowClasses` (of ``class_indices`` only, in
         that order, when given: base-to-new halves)."""
-        from ..class_tables import PerRowClasses
+        from ..ops.class_tables import PerRowClasses
 
         count = len(self.source.class_names)
         keep = None if class_indices is None else torch.as_tensor(list(class_indices))

@@ -1,0 +1,1 @@
+"""Layer 4, batch scoring: ``score``, resumable top-k outputs for test sets of any size."""

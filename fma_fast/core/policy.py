@@ -1,0 +1,107 @@
+"""The project's policies, each defined once: backend and precision names, row and class chunk
+sizes, the logit scale, and the rule that picks the best candidate on a validation split.
+
+Internal module: the public functions take these names as arguments; the numbers behind the
+sizes are in ``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+SOLVE_BACKENDS = ("auto", "reference", "folded", "triton", "compiled")
+"""``solve`` / ``select_steps``: "auto" the fastest exact path, "reference" the plain PyTorch
+loop, "folded" the torch GEMM chain of the folded plan, "triton" the fused kernels,
+"compiled" the folded plan's steps as ``torch.compile``d modules (bf16 on the CPU; minutes of
+compiling per plan, so only asked for, never chosen by "auto")."""
+
+OP_BACKENDS = ("auto", "triton", "reference")
+"""One op of :mod:`fma_fast.ops.dispatch` (and ``fit``'s training pair and loss): "auto" the kernel
+where it runs, "triton" the kernel or an error, "reference" the PyTorch twin."""
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""Solve precisions: the dtype of the folded weights and GEMM inputs (accumulation, residual
+stream and LayerNorm statistics stay fp32). fp16 is for CUDA: CPUs have no fast fp16 GEMM."""
+
+DEFAULT_STEP_SIZE = 0.1
+"""The Euler step size h when neither the call nor the model says (the released code's)."""
+
+SOLVE_BATCH_ROWS = {"cpu": 4096, "cuda": 65536}
+"""Rows moved to the compute device and solved at once (``solve``'s default ``batch_size``)."""
+
+CPU_CHUNK_ROWS = 1024
+"""Most rows one CPU worker advances through a step at a time (the work buffers' size); the
+rows of a solve batch are split into such chunks, at least one per worker."""
+
+MIN_WORKER_ROWS = 128
+"""Smallest chunk a CPU solve batch is split into for workers: smaller GEMMs run poorly."""
+
+SCORE_PART_ROWS = 262144
+"""Most rows of one output part of ``fma_fast.score``: the unit written atomically, skipped
+when a job resumes, and the most outputs held in memory at once."""
+
+SCORE_PART_BYTES = 256 * 2**20
+"""Most bytes of top-k outputs (an int64 class and an fp32 cosine per entry) one part of
+``fma_fast.score`` holds, and one solve batch: with a large top-k, parts and batches get fewer
+than ``SCORE_PART_ROWS`` rows instead of asking for gigabytes at once."""
+
+SCORE_TEXT_ENTRIES = 1_000_000
+"""Largest rows × topk written as CSV or JSON lines (with class names): beyond that, text is
+too big to read and slow to write; use safetensors or .npy."""
+
+PER_ROW_TABLE_BYTES = 256 * 2**20
+"""Largest fp32 (rows, C, D) block of per-row class tables held at once: it sets the row batch
+of a solve against per-row tables (CoCoOp)."""
+
+CLASS_TILE = 4096
+"""Classes scored at once in torch: a chunk's logits stay rows × 4096, whatever C is."""
+
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float32: (1e-5, 1e-6),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+"""(rtol, atol) of a kernel against its reference per I/O dtype, element-wise
+(``|a − e| ≤ atol + rtol·|e|``): fp32 1e-5 relative (atol for values near 0); halves about two
+units of their last place (2⁻¹⁰, 2⁻⁷) relative. The kernel tests and ``fma-fast doctor``."""
+
+CLASS_TABLE_TOLERANCE = 1e-5
+"""Two class tables are one table when every row differs by at most this fraction of its L2
+norm (in L2): train/val/test files, a model and the tables it is used with, PEFT sources.
+A table computed twice in fp32 differs by rounding only: n ulps per element move a row by at
+most n·2⁻²³ ≈ n·1.2e-7 of its norm, and a K-term fp32 dot product summed in another order or
+memory alignment (another BLAS kernel or CPU) moves by about √K·2⁻²⁴ of its terms' scale
+(3.8e-6 at K = 4096, the widest CLIP text width). 1e-5 holds both; the nearest real difference
+stays far above it (a bf16 copy of a table ≈ 1e-3, other templates or checkpoints ≥ 1e-2,
+swapped or other classes ≈ 1), and within it no cosine moves by more than 2e-5."""
+
+UNIT_NORM_TOLERANCE = 1e-3
+"""Rows whose L2 norm is further than this from 1 are "not unit-norm": every released CLIP
+extractor L2-normalises its features, and the field is trained and solved on such rows."""
+
+LOGIT_SCALE = 100.0
+"""CLIP's logit scale: softmax(100·cos) turns cosines into class probabilities (the
+validation cross-entropy, the step ensemble, the baselines' logits, adaptive stopping)."""
+
+
+def best_on_val(
+    accuracy: Sequence[float],
+    cross_entropy: Sequence[float],
+    steps: Sequence[float] | None = None,
+) -> int:
+    """The index of the best candidate on a validation split: the highest accuracy, then the
+    lowest cross-entropy, then the fewest (mean) solver steps, then the earliest candidate.
+
+    Small validation splits tie often (4 shots per class); the cross-entropy keeps a saturated
+    split from settling on the first perfect candidate.
+    """
+    if not accuracy or len(accuracy) != len(cross_entropy):
+        raise ValueError(
+            f"need one cross-entropy per accuracy, got {len(accuracy)} and {len(cross_entropy)}"
+        )
+    steps = [0.0] * len(accuracy) if steps is None else list(steps)
+    return max(
+        range(len(accuracy)), key=lambda i: (accuracy[i], -cross_entropy[i], -steps[i], -i)
+    )

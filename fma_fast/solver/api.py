@@ -1,0 +1,515 @@
+"""Solving and scoring test rows with the early-stopping Euler solver: the public functions.
+
+Every function checks its arguments, resolves one :class:`~fma_fast.solver.routing.Route` and
+streams the rows through it a batch at a time: the network runs in :mod:`fma_fast.solver.cpu`
+(folded GEMM chain), :mod:`fma_fast.solver.fused` (fused kernels) or a plain loop, and the
+states are scored through :mod:`fma_fast.ops.dispatch` or in torch class tiles
+(:mod:`fma_fast.ops.scoring`). :func:`trajectory_scores` is the one pass over the states that
+``select_steps``, ``accuracy_by_steps``, adaptive stopping and the report share.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from ..core import reference
+from ..core import validation as check
+from ..core.model import solve_settings
+from ..core.policy import LOGIT_SCALE, best_on_val
+from ..ops import class_tables, dispatch, scoring
+from ..ops.class_tables import PER_ROW_SCORING, PerRowClasses
+from . import cpu, fused
+from .plan import solver_plan
+from .routing import (
+    NETWORK_COMPILED,
+    NETWORK_FALLBACK,
+    NETWORK_FOLDED,
+    NETWORK_FUSED,
+    NETWORK_GENERIC,
+    NETWORK_REFERENCE,
+    SCORING_TILED,
+    Route,
+    SolveOptions,
+    resolve,
+)
+
+
+@dataclass
+class SolveResult:
+    """Predictions of :func:`solve`: ``pred`` (N,), ``topk_values`` / ``topk_indices`` (N, k)
+    (cosines, best first), ``path``, the implementation that ran, and with ``zero_shot=True``
+    ``zero_shot_pred`` (N,), the top-1 class of the untransported rows (M=0)."""
+
+    pred: torch.Tensor
+    topk_values: torch.Tensor
+    topk_indices: torch.Tensor
+    path: str
+    zero_shot_pred: torch.Tensor | None = None
+
+
+@dataclass
+class StepSelection:
+    """Accuracy and mean cross-entropy (softmax of 100·cos) after every M in 0..max_steps, and
+    the best M by :func:`fma_fast.core.policy.best_on_val`: highest accuracy, then lowest
+    cross-entropy, then fewest steps."""
+
+    best_steps: int
+    accuracy: list[float]
+    cross_entropy: list[float]
+
+    def table(self) -> str:
+        lines = ["  M  accuracy  cross-entropy"]
+        for steps, (acc, loss) in enumerate(zip(self.accuracy, self.cross_entropy)):
+            mark = "  <- best" if steps == self.best_steps else ""
+            lines.append(f"{steps:>3}  {100 * acc:7.2f}%  {loss:13.4f}{mark}")
+        return "\n".join(lines)
+
+
+class StateScores(NamedTuple):
+    """Scores of one state of a row batch: the top-k cosines (N, k) and their classes, and,
+    when asked, logsumexp_c(100·cos) (N,) and the cosine of each row's own label (N,)."""
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    lse: torch.Tensor | None
+    true_cosine: torch.Tensor | None
+
+
+# ------------------------------------------------------------------------- argument checks
+
+
+def _check_steps(steps, step_size, name: str = "steps") -> int:
+    steps = check.check_int(name, steps, minimum=0)
+    step_size = check.check_positive_float("step_size", step_size)
+    if steps * step_size > 1.0 + 1e-9:
+        check.warn_at_caller(
+            f"{name} * step_size = {steps * step_size:g} > 1: the solve runs past t=1, "
+            "beyond the time range the field was trained on"
+        )
+    return steps
+
+
+def _settings(model, steps, step_size, name: str = "steps") -> tuple[int, float]:
+    """M and h by the one precedence rule (:func:`fma_fast.core.model.solve_settings`); a
+    ``max_steps`` nobody gave is the M that reaches t=1 (never the model's chosen M)."""
+    chosen, step_size = solve_settings(model, None if name == "max_steps" else steps, step_size)
+    step_size = check.check_positive_float("step_size", step_size)
+    if name == "max_steps":
+        chosen = int(1 / step_size + 1e-9) if steps is None else steps
+    if chosen is None:
+        raise ValueError("steps is required: pass steps (M), or load a model whose M was chosen "
+                         "on val (fma_fast.load sets model.steps)")
+    return _check_steps(chosen, step_size, name), step_size
+
+
+def _inputs(features, model, class_features, *, labels=None, require_classes=False):
+    """Checked features, class table (None when not given) and labels, all on one device."""
+    if not callable(model):
+        raise TypeError(f"model must be a velocity network u(x, t), got {type(model).__name__}")
+    dim = getattr(model, "dim", None)
+    x = check.check_matrix("features", features, dim=dim if isinstance(dim, int) else None)
+    tensors = {"features": x}
+    if class_features is None and require_classes:
+        raise TypeError("class_features must be a (C, D) class table, got None")
+    z = None
+    if isinstance(class_features, PerRowClasses):
+        if class_features.dim != x.shape[1]:
+            raise ValueError(f"per-row class tables have dim {class_features.dim} but the "
+                             f"features have {x.shape[1]}")
+        class_features.check_rows(x.shape[0])
+        z = class_features
+    elif class_features is not None:
+        z = check.check_matrix(
+            "class_features", class_features, dim=x.shape[1], dim_source="features"
+        )
+        tensors["class_features"] = z
+    y = None
+    if labels is not None:
+        tensors["labels"] = check.as_tensor("labels", labels)
+    check.check_same_device(**tensors)
+    if isinstance(z, torch.Tensor):
+        check.check_finite("class_features", z)
+    if z is not None and labels is not None:
+        y = check.check_labels("labels", labels, rows=x.shape[0], num_classes=_classes(z))
+    return x, z, y
+
+
+def _classes(z) -> int:
+    return z.num_classes if isinstance(z, PerRowClasses) else z.shape[0]
+
+
+def _unit_rows(z, device: torch.device):
+    """The class table in fp32 with unit rows on ``device``; CLIP tables usually are unit
+    already, and then no (C, D) copy is made (at C = 100,000 that copy would be 200 MB).
+    Per-row tables are normalised a batch at a time, as they are read."""
+    if isinstance(z, PerRowClasses):
+        return z
+    z = z.to(device, torch.float32)
+    norms = torch.linalg.vector_norm(z, dim=-1)
+    if bool(((norms - 1).abs() <= 1e-6).all()):
+        return z
+    return F.normalize(z, dim=-1)
+
+
+def _batches(x: torch.Tensor, route: Route, z=None) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Rows moved to the compute device one batch at a time (fewer against per-row class
+    tables ``z``, to bound their block), each checked for NaN/Inf; after the last, one warning
+    if a row was not unit-norm."""
+    norms = check.UnitNormWatch("features")
+    size = route.batch_size
+    if isinstance(z, PerRowClasses):
+        size = min(size, z.batch_rows())
+    for start in range(0, x.shape[0], size):
+        rows = slice(start, min(start + size, x.shape[0]))
+        # Only a copy to a GPU may be asynchronous: a non-blocking copy to the host may not
+        # have landed when the finiteness check and a CPU solve read it.
+        batch = x[rows].to(route.device, torch.float32,
+                           non_blocking=route.device.type != "cpu")
+        check.check_finite("features" if start == 0 else f"features[{start}:]", batch)
+        norms.update(batch, start)
+        yield rows, batch
+    norms.warn()
+
+
+# --------------------------------------------------------------------- the network paths
+
+
+def _velocity(model, x: torch.Tensor, t: torch.Tensor, step: int) -> torch.Tensor:
+    """u(x, t) of a model that is not folded, checked: a wrong shape or NaN/Inf is an error."""
+    velocity = model(x, t)
+    if not isinstance(velocity, torch.Tensor) or velocity.shape != x.shape:
+        got = tuple(velocity.shape) if isinstance(velocity, torch.Tensor) else type(velocity)
+        raise ValueError(f"model(x, t) must return velocities of shape {tuple(x.shape)}, got {got}")
+    if not bool(torch.isfinite(velocity.sum())):
+        raise ValueError(
+            f"model(x, t) returned NaN or Inf velocities at step {step + 1}: the field is not "
+            "finite there; check its weights or its forward"
+        )
+    return velocity
+
+
+def _check_state(state: torch.Tensor, step: int, start: int) -> torch.Tensor:
+    """Refuse non-finite solver states: a NaN field would give every row the same class."""
+    if not bool(torch.isfinite(state.sum())):
+        raise ValueError(
+            f"the solve produced NaN or Inf at step {step} (rows from {start} on): the "
+            "model's velocities are not finite; check its weights or its forward"
+        )
+    return state
+
+
+def _plan(route: Route, model, steps: int):
+    return solver_plan(model, steps, route.step_size, dtype=route.dtype, device=route.device)
+
+
+def _raw_states(route: Route, model, x: torch.Tensor, steps: int) -> Iterator[torch.Tensor]:
+    """States x_0..x_M of one batch; a yielded tensor may be overwritten by the next step."""
+    if route.network in (NETWORK_FOLDED, NETWORK_FALLBACK, NETWORK_COMPILED):
+        yield from cpu.folded_states(
+            model, x, steps, route.step_size, precision=route.precision,
+            compiled=route.network == NETWORK_COMPILED,
+        )
+        return
+    if route.network == NETWORK_FUSED:
+        yield from fused.fused_states(_plan(route, model, steps), x)
+        return
+    x = x.clone()
+    t = torch.zeros((), dtype=torch.float32, device=x.device)
+    yield x
+    low_precision = route.network == NETWORK_GENERIC and route.precision != "fp32"
+    for step in range(steps):
+        with torch.autocast(x.device.type, dtype=route.dtype, enabled=low_precision):
+            velocity = _velocity(model, x, t, step)
+        if route.network == NETWORK_REFERENCE:
+            x, t = reference.euler_step(x, velocity, t, route.step_size)
+        else:
+            dispatch.euler_step(x, velocity, t, route.step_size, inplace=True,
+                                backend=route.op_backend)
+        yield x
+
+
+def _states(route: Route, model, x: torch.Tensor, start: int, steps: int):
+    """:func:`_raw_states`, each state refused when it holds NaN or Inf."""
+    for step, state in enumerate(_raw_states(route, model, x, steps)):
+        yield _check_state(state, step, start)
+
+
+def _final_state(route: Route, model, x: torch.Tensor, start: int, steps: int) -> torch.Tensor:
+    """x_M of one batch: the runtimes' final-only entry points where there is one."""
+    if route.network in (NETWORK_FOLDED, NETWORK_FALLBACK, NETWORK_COMPILED):
+        final = cpu.folded_final(
+            model, x, steps, route.step_size, precision=route.precision,
+            compiled=route.network == NETWORK_COMPILED,
+        )
+    elif route.network == NETWORK_FUSED:
+        final = fused.fused_final(_plan(route, model, steps), x)
+    else:
+        final = deque(_raw_states(route, model, x, steps), maxlen=1)[0]
+    return _check_state(final, steps, start)
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def _score(state: torch.Tensor, z: torch.Tensor, k: int, route: Route, *, with_lse: bool
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, str]:
+    """Top-k cosines (and the log-sum-exp) of one state: in torch class tiles on the CPU,
+    through the dispatched ops (kernels on CUDA, the plain twins for ``backend="reference"``)
+    elsewhere."""
+    if route.tiled_scoring:
+        values, indices, lse = scoring.tiled_scores(state, z, k, with_lse=with_lse)
+        return values, indices, lse, SCORING_TILED
+    top = dispatch.cosine_topk(state, z, k, normalized=True, backend=route.op_backend)
+    lse = None
+    if with_lse:
+        lse = dispatch.cosine_logsumexp(state, z, LOGIT_SCALE, normalized=True,
+                                        backend=route.op_backend).lse
+    return top.values, top.indices, lse, top.path
+
+
+def _scores(state, z, tables, k: int, route: Route, *, with_lse: bool, labels=None):
+    """:func:`_score` against one class table, or against the batch's per-row ``tables``;
+    also the own-label cosines when ``labels`` are given."""
+    if tables is not None:
+        values, indices, lse, true = class_tables.scores(state, tables, k, with_lse=with_lse,
+                                                         labels=labels)
+        return values, indices, lse, true, PER_ROW_SCORING
+    values, indices, lse, path = _score(state, z, k, route, with_lse=with_lse)
+    true = None if labels is None else scoring.true_cosines(state, z, labels)
+    return values, indices, lse, true, path
+
+
+def _check_ensemble_steps(ensemble_steps, steps: int) -> list[int]:
+    if isinstance(ensemble_steps, (str, bytes)) or not isinstance(ensemble_steps, Iterable):
+        raise TypeError(
+            "ensemble_steps must be a sequence of step counts such as (0, 4, 8), "
+            f"got {type(ensemble_steps).__name__}"
+        )
+    chosen = sorted({check.check_int("ensemble_steps", s) for s in ensemble_steps})
+    if not chosen or chosen[-1] > steps:
+        raise ValueError(
+            f"ensemble_steps must be a non-empty set of steps in [0, {steps}], got {chosen}"
+        )
+    return chosen
+
+
+def _options(step_size, precision, backend, batch_size, device) -> SolveOptions:
+    return SolveOptions(step_size=step_size, precision=precision, backend=backend,
+                        batch_size=batch_size, device=device)
+
+
+# ----------------------------------------------------------------------- public functions
+
+
+@torch.inference_mode()
+def solve(
+    features,
+    model,
+    steps: int | None = None,
+    *,
+    step_size: float | None = None,
+    class_features=None,
+    topk: int | None = None,
+    batch_size: int | None = None,
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
+    backend: str = "auto",
+    ensemble_steps: Sequence[int] | None = None,
+    logit_scale: float = LOGIT_SCALE,
+    zero_shot: bool = False,
+) -> torch.Tensor | SolveResult:
+    """Transport ``features`` (N, D) with M=``steps`` Euler steps of size ``step_size`` (None:
+    the model's, as :func:`fma_fast.load` sets them, else h=0.1; see
+    :func:`~fma_fast.core.model.solve_settings`).
+
+    Without ``class_features`` returns the transported features (N, D). With a class table (C, D)
+    returns a :class:`SolveResult` with the top-``topk`` (default 1) cosine classes per row; no
+    N×C matrix is ever built. ``class_features`` may also be :class:`~fma_fast.PerRowClasses`
+    (a table per row, CoCoOp), read or built one row batch at a time. Rows stream through
+    ``device`` (default: the model's) ``batch_size`` at a time, so ``features`` may be a CPU
+    tensor or numpy memmap larger than device memory; results come back on the features'
+    device.
+
+    ``precision``: "fp32" (exact to fp32 rounding), "bf16" or "fp16" (CUDA) GEMM operands with
+    fp32 accumulation and an fp32 residual stream. ``backend``: "auto" picks the fastest exact
+    path; "reference" forces the plain PyTorch loop, "folded" the torch GEMM chain, "triton"
+    the fused kernels, "compiled" (bf16 on the CPU) the folded steps as ``torch.compile``d
+    modules, which take minutes to compile per model and M and pay only on millions of rows
+    (``fma_fast.solver.compiled``). ``ensemble_steps`` scores by the released code's step
+    ensemble (sum of softmax(``logit_scale``·cos) at those steps, each ≤ ``steps``); values
+    are then summed probabilities instead of cosines. ``zero_shot=True`` also scores the rows
+    before the first step (M=0, the backbone's own prediction) in the same pass:
+    ``.zero_shot_pred``. A NaN/Inf state (a non-finite field) raises ValueError.
+    """
+    steps, step_size = _settings(model, steps, step_size)
+    logit_scale = check.check_positive_float("logit_scale", logit_scale)
+    options = _options(step_size, precision, backend, batch_size, device)
+    x, z, _ = _inputs(features, model, class_features)
+    if not isinstance(zero_shot, bool):
+        raise TypeError(f"zero_shot must be True or False, got {type(zero_shot).__name__}")
+    if z is None:
+        for name, value in (("topk", topk), ("ensemble_steps", ensemble_steps),
+                            ("zero_shot", zero_shot or None)):
+            if value is not None:
+                raise ValueError(f"{name} needs class_features (a (C, D) class table) to score")
+    if ensemble_steps is not None:
+        ensemble_steps = _check_ensemble_steps(ensemble_steps, steps)
+    topk = 1 if topk is None else check.check_int("topk", topk, minimum=1)
+    if z is not None and topk > _classes(z):
+        raise ValueError(f"topk must be <= the number of classes {_classes(z)}, got {topk}")
+    per_row = isinstance(z, PerRowClasses)
+    if per_row and ensemble_steps is not None:
+        raise ValueError("ensemble_steps is not available with per-row class tables")
+    route = resolve(model, options, steps, x.device)
+    if z is None:
+        transported = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        for rows, batch in _batches(x, route):
+            transported[rows] = _final_state(route, model, batch, rows.start, steps).to(x.device)
+        return transported
+    z = _unit_rows(z, route.device)
+    values = torch.empty(x.shape[0], topk, dtype=torch.float32, device=x.device)
+    indices = torch.empty(x.shape[0], topk, dtype=torch.long, device=x.device)
+    zero_shot_pred = torch.empty(x.shape[0], dtype=torch.long, device=x.device) if zero_shot \
+        else None
+    scoring_path = None
+    for rows, batch in _batches(x, route, z):
+        tables = None  # the last batch's block goes before the next one is built
+        tables = z.for_rows(batch, rows) if per_row else None
+        if zero_shot_pred is not None:
+            first = _scores(batch, z, tables, 1, route, with_lse=False)[1]
+            zero_shot_pred[rows] = first[:, 0].to(x.device)
+        if ensemble_steps is None:
+            final = _final_state(route, model, batch, rows.start, steps)
+            top_values, top_indices, _, _, scoring_path = _scores(final, z, tables, topk, route,
+                                                                  with_lse=False)
+        else:
+            states = _states(route, model, batch, rows.start, steps)
+            kept = [state.clone() for s, state in enumerate(states) if s in ensemble_steps]
+            scored = dispatch.step_ensemble_topk(
+                kept, z, topk, logit_scale=logit_scale, normalized=True,
+                backend=route.op_backend)
+            top_values, top_indices, scoring_path = scored
+        values[rows], indices[rows] = top_values.to(x.device), top_indices.to(x.device)
+    return SolveResult(
+        pred=indices[:, 0].clone(),
+        topk_values=values,
+        topk_indices=indices,
+        path=route.path(scoring_path),
+        zero_shot_pred=zero_shot_pred,
+    )
+
+
+def trajectory_scores(
+    model,
+    features,
+    class_features,
+    *,
+    max_steps: int | None = None,
+    labels=None,
+    k: int = 1,
+    with_lse: bool = False,
+    step_size: float | None = None,
+    batch_size: int | None = None,
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
+    backend: str = "auto",
+) -> Iterator[tuple[slice, int, StateScores]]:
+    """One pass over the states x_0..x_M of every row batch, scored as they come:
+    ``(rows, m, StateScores)`` per batch and step, with the top-``k`` classes and, with
+    ``with_lse``, the log-sum-exp at logit scale 100 (and each row's own-label cosine when
+    ``labels`` are given). Memory stays one batch's state and class tile whatever N, C or M.
+    ``step_size`` None: the model's (:func:`~fma_fast.core.model.solve_settings`); ``max_steps``
+    None: the M that reaches t=1. Arguments are checked when called, before the first state."""
+    max_steps, step_size = _settings(model, max_steps, step_size, name="max_steps")
+    options = _options(step_size, precision, backend, batch_size, device)
+    x, z, y = _inputs(features, model, class_features, labels=labels, require_classes=True)
+    k = check.check_int("k", k, minimum=1)
+    if k > _classes(z):
+        raise ValueError(f"k must be <= the number of classes {_classes(z)}, got {k}")
+    route = resolve(model, options, max_steps, x.device)
+    z = _unit_rows(z, route.device)
+    return _trajectory(model, x, z, y, max_steps, k, with_lse, route)
+
+
+@torch.inference_mode()
+def _trajectory(model, x, z, y, max_steps, k, with_lse, route):
+    per_row = isinstance(z, PerRowClasses)
+    for rows, batch in _batches(x, route, z):
+        truth = None if y is None else y[rows].to(route.device)
+        tables = None  # the last batch's block goes before the next one is built
+        tables = z.for_rows(batch, rows) if per_row else None
+        for step, state in enumerate(_states(route, model, batch, rows.start, max_steps)):
+            values, indices, lse, true_cosine, _ = _scores(state, z, tables, k, route,
+                                                           with_lse=with_lse, labels=truth)
+            yield rows, step, StateScores(values, indices, lse, true_cosine)
+
+
+def _accuracy_and_loss(model, features, labels, class_features, *, with_loss: bool, **options):
+    scores = trajectory_scores(model, features, class_features, labels=labels,
+                               with_lse=with_loss, **options)
+    rows = check.as_tensor("labels", labels).shape[0]
+    correct: dict[int, int] = {}
+    loss: dict[int, float] = {}
+    y = check.as_tensor("labels", labels)
+    for batch, step, scored in scores:
+        truth = y[batch].to(scored.indices.device)
+        correct[step] = correct.get(step, 0) + int((scored.indices[:, 0] == truth).sum())
+        if with_loss:
+            row_loss = scored.lse - LOGIT_SCALE * scored.true_cosine
+            loss[step] = loss.get(step, 0.0) + float(row_loss.double().sum())
+    steps = sorted(correct)
+    accuracy = [correct[m] / rows for m in steps]
+    return accuracy, [loss[m] / rows for m in steps] if with_loss else None
+
+
+def accuracy_by_steps(
+    model,
+    features,
+    labels,
+    class_features,
+    *,
+    max_steps: int | None = None,
+    step_size: float | None = None,
+    batch_size: int | None = None,
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
+    backend: str = "auto",
+) -> list[float]:
+    """Top-1 accuracy after every M in 0..max_steps, from one trajectory pass over the rows."""
+    return _accuracy_and_loss(
+        model, features, labels, class_features, with_loss=False, max_steps=max_steps,
+        step_size=step_size, batch_size=batch_size, device=device, precision=precision,
+        backend=backend,
+    )[0]
+
+
+def select_steps(
+    model,
+    val_features,
+    val_labels,
+    class_features,
+    max_steps: int | None = None,
+    step_size: float | None = None,
+    *,
+    batch_size: int | None = None,
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
+    backend: str = "auto",
+) -> StepSelection:
+    """Choose M on a validation split (the released code chose it on the test split, which
+    leaks): the best accuracy over M in 0..max_steps, ties broken by the lower cross-entropy
+    of softmax(100·cos) and then by fewer steps (:func:`fma_fast.core.policy.best_on_val`).
+    ``step_size`` None: the model's, else 0.1; ``max_steps`` None: the M that reaches t=1."""
+    accuracy, cross_entropy = _accuracy_and_loss(
+        model, val_features, val_labels, class_features, with_loss=True, max_steps=max_steps,
+        step_size=step_size, batch_size=batch_size, device=device, precision=precision,
+        backend=backend,
+    )
+    best = best_on_val(accuracy, cross_entropy, steps=range(len(accuracy)))
+    return StepSelection(best_steps=best, accuracy=accuracy, cross_entropy=cross_entropy)

@@ -1,0 +1,83 @@
+"""The Triton runtime of the folded plan (docs/method.md §3): the fused step kernels.
+
+Per step: one input-projection GEMM (cuBLAS, fp32 in and out), then one fused kernel per
+residual block (LayerNorm statistics, GEMM, SiLU, GEMM, residual; the hidden activations stay
+on chip) and one fused kernel for the final layer with the Euler update. That is 2 + blocks
+launches per step instead of about a hundred for the unfolded network. The same two entry
+points as the torch runtime: :func:`fused_states` and :func:`fused_final`.
+
+Runs wherever the Triton kernels run: CUDA, or CPU tensors under ``TRITON_INTERPRET=1`` (tests).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+
+import torch
+
+from ..kernels._common import DEFAULT_DOT_PRECISION, with_fallback
+from .plan import SolverPlan
+
+_RUNS: set[tuple] = set()
+
+
+def _run_step(
+    plan: SolverPlan, i: int, state: torch.Tensor, hidden: torch.Tensor, dot_precision: str
+) -> None:
+    from ..kernels.folded_step import final_euler_update, residual_block
+
+    torch.addmm(plan.input_bias, state, plan.input_weight, out=hidden)
+    for b in range(plan.blocks):
+        # The plan stores (in, out) matrices; the kernels take (out, in) with any strides.
+        residual_block(
+            hidden,
+            plan.w1[i, b].T,
+            plan.b1[i, b],
+            plan.w2[i, b].T,
+            plan.b2[i, b],
+            eps=plan.eps,
+            out=hidden,
+            precision=dot_precision,
+        )
+    final_euler_update(
+        hidden, state, plan.wf[i].T, plan.bf[i], eps=plan.eps, out=state, precision=dot_precision
+    )
+
+
+def kernels_run(plan: SolverPlan, *, dot_precision: str = DEFAULT_DOT_PRECISION) -> bool:
+    """Whether the fused step kernels build and launch here for this plan's dtype and shapes:
+    one step on one row, once per (device, dtype, width, dim). Their block sizes do not depend
+    on the rows, so this launch compiles what the solve runs. A failure is recorded and warned
+    about once (op "folded_step"); the solve then takes the torch GEMM chain."""
+    key = (str(plan.device), plan.dtype, plan.width, plan.dim, dot_precision)
+    if plan.steps == 0 or key in _RUNS:
+        return True
+    state = torch.zeros(1, plan.dim, dtype=torch.float32, device=plan.device)
+    hidden = torch.empty(1, plan.width, dtype=torch.float32, device=plan.device)
+    like = plan.wf[0]
+    _, fell_back = with_fallback(
+        "folded_step", like, lambda: _run_step(plan, 0, state, hidden, dot_precision),
+        lambda: None)
+    if not fell_back:
+        _RUNS.add(key)
+    return not fell_back
+
+
+def fused_states(
+    plan: SolverPlan, x: torch.Tensor, *, dot_precision: str = DEFAULT_DOT_PRECISION
+) -> Iterator[torch.Tensor]:
+    """Yield the fp32 states x_0..x_M; every yield is the same buffer, updated in place."""
+    state = x.to(torch.float32, copy=True).contiguous()
+    hidden = torch.empty(state.shape[0], plan.width, dtype=torch.float32, device=state.device)
+    yield state
+    for i in range(plan.steps):
+        _run_step(plan, i, state, hidden, dot_precision)
+        yield state
+
+
+def fused_final(
+    plan: SolverPlan, x: torch.Tensor, *, dot_precision: str = DEFAULT_DOT_PRECISION
+) -> torch.Tensor:
+    """The fp32 final state x_M of :func:`fused_states` (a fresh tensor)."""
+    return deque(fused_states(plan, x, dot_precision=dot_precision), maxlen=1)[0]
