@@ -1,5 +1,6 @@
-"""The package's shape: no import cycle anywhere in fma_fast, the solve reaches its kernels in
-a few modules, and the public names are the ones the README documents."""
+"""The package's shape: which layer may import which (every import, function-local ones
+included), no import cycle, the solve reaches its kernels in a few modules, and the public
+names are the ones the README documents."""
 
 from __future__ import annotations
 
@@ -11,6 +12,27 @@ import fma_fast
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = {"fma_fast": REPO / "fma_fast", "fma_fast.kernels": REPO / "kernels"}
+
+LAYERS = {
+    "fma_fast._version": -1, "fma_fast._checkout": -1,  # the package's version; kernels/ mapping
+    # layer 0: policies, names, checks, the network, the reference, protocol, torchrun, machine
+    "fma_fast.core": 0,
+    # layer 1: the Triton kernels, files, and the ops that choose a kernel or its torch twin
+    "fma_fast.kernels": 1, "fma_fast.io": 1, "fma_fast.ops": 1,
+    "fma_fast.solver": 2,  # solve, select_steps: routing, plan, runtimes, sharded solves
+    "fma_fast.train": 3,  # fit
+    "fma_fast.batch": 4,  # score: the resumable batch job
+    "fma_fast.experiments": 5,  # synthetic tasks, baselines, adaptive stopping, the report
+    "fma_fast.clip": 6,  # encoders, datasets, PEFT sources, the run protocol (uses the report's
+    #                      mean ± std tables)
+    "fma_fast": 7, "fma_fast.doctor": 7,  # the public facade (fma_fast/__init__) and the doctor
+    "fma_fast.cli": 8,  # argparse only
+}
+"""Package -> layer. A module may import its own package and the packages of lower layers;
+packages of one layer are independent of each other except for :data:`SIBLING_IMPORTS`."""
+
+SIBLING_IMPORTS = {("fma_fast.ops", "fma_fast.kernels")}
+"""Same-layer imports allowed: the kernels are reached through ops (and from layer 2 up)."""
 
 
 def _modules() -> dict[str, Path]:
@@ -49,6 +71,59 @@ def import_graph() -> dict[str, set[str]]:
     return graph
 
 
+def unit(module: str) -> str | None:
+    """The entry of :data:`LAYERS` a module belongs to (the longest package prefix; the bare
+    ``fma_fast`` entry is the facade module alone)."""
+    if module == "fma_fast":
+        return module
+    found = [key for key in LAYERS if key != "fma_fast"
+             and (module == key or module.startswith(key + "."))]
+    return max(found, key=len) if found else None
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    """Every import that goes up a layer or across to a sibling package not allowed."""
+    found = []
+    for module, imported in sorted(graph.items()):
+        here = unit(module)
+        for target in sorted(imported):
+            there = unit(target)
+            if there == here or LAYERS[there] < LAYERS[here] or (here, there) in SIBLING_IMPORTS:
+                continue
+            found.append(f"{module} (layer {LAYERS[here]}) imports {target} "
+                         f"(layer {LAYERS[there]})")
+    return found
+
+
+def test_every_module_has_a_layer():
+    graph = import_graph()
+    assert len(graph) > 50, f"only {len(graph)} modules found: the walk is broken"
+    assert not [m for m in graph if unit(m) is None], "modules outside the layer table"
+
+
+def test_imports_follow_the_layers():
+    violations = layer_violations(import_graph())
+    assert not violations, "imports against the layer table:\n" + "\n".join(violations)
+
+
+def test_the_layer_check_finds_planted_violations():
+    graph = import_graph()
+    graph["fma_fast.core.policy"] = {*graph["fma_fast.core.policy"], "fma_fast.solver.api"}
+    graph["fma_fast.io.files"] = {*graph["fma_fast.io.files"], "fma_fast.ops.scoring"}
+    graph["fma_fast.io.features"] = {*graph["fma_fast.io.features"], "fma_fast.kernels._common"}
+    found = layer_violations(graph)
+    assert found == [
+        "fma_fast.core.policy (layer 0) imports fma_fast.solver.api (layer 2)",
+        "fma_fast.io.features (layer 1) imports fma_fast.kernels._common (layer 1)",
+        "fma_fast.io.files (layer 1) imports fma_fast.ops.scoring (layer 1)",
+    ], found
+
+
+def test_a_function_local_import_counts():
+    """Lazy imports are edges too: the CLI's lazy ``from ..clip import launch`` is one."""
+    assert "fma_fast.clip" in import_graph()["fma_fast.cli.score"]
+
+
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
     state: dict[str, int] = {}
     stack: list[str] = []
@@ -76,9 +151,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def test_no_import_cycle():
-    graph = import_graph()
-    assert len(graph) > 30, f"only {len(graph)} modules found: the walk is broken"
-    cycle = _cycle(graph)
+    cycle = _cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
@@ -86,7 +159,7 @@ def test_the_cycle_check_finds_a_planted_cycle():
     graph = import_graph()
     plan, api = "fma_fast.solver.plan", "fma_fast.solver.api"
     graph[plan] = {*graph[plan], api}  # api -> ... -> plan
-    assert _cycle(graph), "a planted cycle solver -> plan -> solver went unnoticed"
+    assert _cycle(graph), "a planted cycle api -> plan -> api went unnoticed"
 
 
 def _shortest(graph, start: str, goal: str) -> list[str]:
@@ -102,21 +175,46 @@ def _shortest(graph, start: str, goal: str) -> list[str]:
 
 
 def test_solve_reaches_its_kernels_through_at_most_five_modules():
+    """fma_fast.solve -> solver.api -> solver.routing -> solver.fused -> kernels.folded_step."""
     graph = import_graph()
     for kernel in ("fma_fast.kernels.folded_step", "fma_fast.kernels.cosine_topk"):
-        path = _shortest(graph, "fma_fast.solver.api", kernel)
+        path = _shortest(graph, "fma_fast", kernel)
         if not path:  # dispatch imports the scoring kernels lazily, by name
-            path = _shortest(graph, "fma_fast.solver.api", "fma_fast.ops.dispatch")
+            path = _shortest(graph, "fma_fast", "fma_fast.ops.dispatch")
             path.append(kernel)
-        assert 0 < len(path) <= 5, f"{kernel}: {' -> '.join(path)}"
+        assert 0 < len(path) <= 5 and path[1] == "fma_fast.solver.api", " -> ".join(path)
 
 
-def test_the_library_does_not_import_the_command_line_or_the_report():
-    graph = import_graph()
-    core = [m for m in graph if not m.startswith(("fma_fast.cli", "fma_fast.experiments.report"))]
-    for module in core:
-        assert not {m for m in graph[module] if m.startswith("fma_fast.cli")}, module
-        assert not {m for m in graph[module] if m.startswith("fma_fast.experiments.report")}, module
+PUBLIC = [
+    "CheckpointError", "FitResult", "NotUnitNormWarning", "PerRowClasses", "ScoreSummary",
+    "SolveResult", "StepSelection", "VelocityNet", "accuracy_by_steps", "fit", "load",
+    "load_config", "load_official", "reference", "save", "score", "select_steps", "solve",
+    "synthetic",
+]
+"""``fma_fast.__all__``: a public name is added (or removed) here on purpose, never by a move."""
+
+CLIP_PUBLIC = [
+    "DATASET_NAMES", "DATASET_TEMPLATES", "ENSEMBLES", "ClassifierError", "ClipEncoder",
+    "Context", "Dataset", "ExtractedFeatures", "FewShotClassifier", "Item", "MissingExtraError",
+    "PEFT_METHODS", "PeftEncoder", "PeftError", "PeftSource", "Predictions", "Preprocess",
+    "SplitFeatures", "accuracy_by_steps_sharded", "build_prompts", "cached_class_features",
+    "extract", "extract_split", "few_shot", "launch", "load_dataset", "load_encoder",
+    "load_peft", "load_split", "register_model_config", "resolve_pretrained",
+    "resolve_templates", "solve_sharded",
+]
+
+
+def test_the_public_surface():
+    import fma_fast.clip
+
+    assert sorted(fma_fast.__all__) == sorted(PUBLIC)
+    assert sorted(fma_fast.clip.__all__) == sorted(CLIP_PUBLIC)
+    for package, names in ((fma_fast, PUBLIC), (fma_fast.clip, CLIP_PUBLIC)):
+        missing = [name for name in names if not hasattr(package, name)]
+        assert not missing, f"{package.__name__} lacks {missing}"
+    assert callable(fma_fast.solve) and callable(fma_fast.score)  # not the subpackages
+    assert callable(fma_fast.reference.euler_solve)
+    assert callable(fma_fast.synthetic.make_task)
 
 
 def test_every_public_name_is_documented_in_the_readme():
