@@ -31,7 +31,7 @@ from released_loop import released_solve
 
 import fma_fast
 from fma_fast import reference, synthetic
-from fma_fast.core.policy import PRECISIONS
+from fma_fast.core.policy import PRECISION_DTYPES
 from fma_fast.solver.cpu import folded_solve
 from fma_fast.solver.plan import build_plan, solver_plan
 
@@ -105,7 +105,7 @@ def test_throughput(benchmark, trained, path, throughput_log):
     x = trained.features
     solve = _solver(path, trained.model)
     if path.startswith("folded"):
-        dtype = PRECISIONS[path.removeprefix("folded-")]
+        dtype = PRECISION_DTYPES[path.removeprefix("folded-")]
         start = time.perf_counter()
         build_plan(trained.model, STEPS, STEP_SIZE, dtype=dtype)
         benchmark.extra_info["plan_build_s"] = round(time.perf_counter() - start, 3)
@@ -239,7 +239,7 @@ def test_predictions_against_the_reference(trained):
 def test_chunk_rows_sweep(benchmark, trained, precision, chunk_rows, throughput_log):
     """Rows/s by chunk size: how ``policy.CPU_CHUNK_ROWS`` was chosen."""
     x = trained.features
-    plan = solver_plan(trained.model, STEPS, STEP_SIZE, dtype=PRECISIONS[precision])
+    plan = solver_plan(trained.model, STEPS, STEP_SIZE, dtype=PRECISION_DTYPES[precision])
     folded_solve(plan, x[:256], STEPS, STEP_SIZE, precision=precision, chunk_rows=chunk_rows)
     load_before = os.getloadavg()[0]
     benchmark.group = f"CPU solve chunk rows, {precision} ({trained.describe()})"

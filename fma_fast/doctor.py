@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from .core import reference
 from .core import validation as check
 from .core.model import VelocityNet
-from .core.policy import PRECISIONS, TOLERANCES
+from .core.names import PRECISIONS
+from .core.policy import TOLERANCES
 from .kernels import _common
 from .kernels._common import triton_usable
 from .ops import dispatch

@@ -25,6 +25,8 @@ from typing import TypeVar
 
 import torch
 
+from ..core.names import check_choice
+
 try:  # triton is an optional dependency; a broken install must not break ``import fma_fast``
     import triton  # noqa: F401
     import triton.language as tl  # noqa: F401
@@ -456,9 +458,7 @@ def tuned_blocks(op: str, rows: int, dim: int, classes: int, dtype: torch.dtype,
 
 
 def check_dot_precision(precision: str) -> str:
-    if precision not in DOT_PRECISIONS:
-        raise ValueError(f"precision must be one of {DOT_PRECISIONS}, got {precision!r}")
-    return precision
+    return check_choice("precision", precision, DOT_PRECISIONS)
 
 
 def row_major(t: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..core.names import check_choice
 from ._common import on_tensor_device, pick_blocks, row_major
 
 FORMS = {"bridge": 0, "endpoint": 1}
@@ -104,8 +105,7 @@ def _time_bounds(time_eps: float) -> tuple[float, float]:
 
 
 def _prepare(x0, labels, table, t, feature_std, form):
-    if form not in FORMS:
-        raise ValueError(f"form must be one of {tuple(FORMS)}, got {form!r}")
+    check_choice("form", form, FORMS)
     if form == "endpoint" and feature_std is None:
         raise ValueError("feature_std (per-dimension std, shape (D,)) is needed for 'endpoint'")
     x0, table = row_major(x0), row_major(table)

@@ -10,8 +10,8 @@ from conftest import randomize_parameters
 
 import fma_fast
 from fma_fast import synthetic
+from fma_fast.core import names
 from fma_fast.kernels._common import HAS_TRITON
-from fma_fast.ops import dispatch
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and HAS_TRITON),
@@ -34,7 +34,7 @@ def trained():
 
 def test_fit_on_cuda_uses_the_fused_kernels_and_learns(trained):
     task, fitted = trained
-    assert fitted.config["path"] == dispatch.PATH_TRITON, fitted.config["path"]
+    assert fitted.config["path"] == names.PATH_TRITON, fitted.config["path"]
     assert fitted.history[-1] < 0.8 * fitted.history[0], fitted.history
 
 

@@ -13,6 +13,7 @@ from kernel_support import assert_close
 
 import fma_fast
 from fma_fast import reference
+from fma_fast.core import names
 from fma_fast.kernels import _common
 from fma_fast.kernels._common import HAS_TRITON, KernelFallbackWarning
 from fma_fast.ops import dispatch
@@ -91,14 +92,14 @@ def test_scoring_falls_back_per_op(monkeypatch, failure):
     x, table, labels = data()
     failing = fail(monkeypatch, "cosine_topk", "_cosine_topk_kernel", failure)
     first, second = call_twice(lambda: dispatch.cosine_topk(x, table, 3, normalized=True))
-    assert first.path == second.path == dispatch.PATH_FALLBACK
+    assert first.path == second.path == names.PATH_FALLBACK
     assert failing.launches == 1, "a failed kernel must not be retried"
     values, indices = reference.cosine_topk(x, table, 3)
     assert torch.equal(first.indices, indices)
     assert_close(first.values, values, "fallback top-k values")
     # Only that op fell back: the cross-entropy kernel still runs.
     assert dispatch.cosine_cross_entropy(x, table, labels, normalized=True).path == (
-        dispatch.PATH_INTERPRETER)
+        names.PATH_INTERPRETER)
     assert list(_common.FALLBACKS) == [("cosine_topk", "cpu", "float32")]
 
 
@@ -110,16 +111,16 @@ def test_every_dispatched_op_falls_back(monkeypatch, failure):
     fail(monkeypatch, "step_ensemble", "_cosine_lse_kernel", failure)
     fail(monkeypatch, "euler", "_euler_kernel", failure)
     loss, _ = call_twice(lambda: dispatch.cosine_cross_entropy(x, table, labels))
-    assert loss.path == dispatch.PATH_FALLBACK
+    assert loss.path == names.PATH_FALLBACK
     assert_close(loss.loss, reference.cosine_cross_entropy(x, table, labels), "fallback CE")
     ensemble, _ = call_twice(lambda: dispatch.step_ensemble_topk([x, 2 * x], table, 2))
     probs = sum(torch.softmax(reference.cosine_logits(s, table, 100.0), -1) for s in (x, 2 * x))
-    assert ensemble.path == dispatch.PATH_FALLBACK
+    assert ensemble.path == names.PATH_FALLBACK
     assert torch.equal(ensemble.indices, probs.topk(2, dim=-1).indices)
     t = torch.zeros(())
     state = x.clone()
     step, _ = call_twice(lambda: dispatch.euler_step(state, x, t, 0.5, inplace=True))
-    assert step.path == dispatch.PATH_FALLBACK and step.x is state
+    assert step.path == names.PATH_FALLBACK and step.x is state
     assert_close(state, x + 0.5 * x + 0.5 * x, "two in-place fallback Euler steps")
     assert float(t) == pytest.approx(1.0)
 
@@ -136,7 +137,7 @@ def test_flow_matching_pair_and_loss_fall_back_together(monkeypatch, kernel):
         pair = dispatch.fused_pair(x0, labels, table, t, **options)
     pred = pair.x_t.clone().requires_grad_(True)
     loss = dispatch.fused_loss(pred, x0, labels, table, t, **options)
-    assert pair.path == loss.path == dispatch.PATH_FALLBACK
+    assert pair.path == loss.path == names.PATH_FALLBACK
     expected_pair = dispatch.fused_pair(x0, labels, table, t, backend="reference", **options)
     expected = dispatch.fused_loss(pred, x0, labels, table, t, backend="reference", **options)
     assert torch.equal(pair.x_t, expected_pair.x_t)
@@ -149,7 +150,7 @@ def test_fused_solve_falls_back_to_the_torch_chain(monkeypatch):
     net = fma_fast.VelocityNet(12, blocks=2)
     randomize_parameters(net, scale=0.2)
     x, table, _ = data()
-    monkeypatch.setattr(routing, "_network", lambda *args: routing.NETWORK_FUSED)
+    monkeypatch.setattr(routing, "_network", lambda *args: names.NETWORK_FUSED)
     fail(monkeypatch, "folded_step", "_residual_block_kernel", FAILURES["out of resources"])
     with pytest.warns(KernelFallbackWarning, match="folded_step"):
         result = fma_fast.solve(x, net, 3, class_features=table, topk=2)

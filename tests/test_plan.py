@@ -10,7 +10,7 @@ from conftest import randomize_parameters
 import fma_fast
 from fma_fast import VelocityNet, reference, synthetic
 from fma_fast.core import policy
-from fma_fast.core.policy import PRECISIONS
+from fma_fast.core.names import PRECISIONS
 from fma_fast.solver import cpu as runtime_module
 from fma_fast.solver import routing
 from fma_fast.solver.cpu import folded_final, folded_solve, folded_states

@@ -124,6 +124,16 @@ def test_a_function_local_import_counts():
     assert "fma_fast.clip" in import_graph()["fma_fast.cli.score"]
 
 
+def test_choices_are_checked_by_the_one_helper():
+    """Every "must be one of" message comes from ``core.names.check_choice``: no module checks
+    a name against its own copy of a vocabulary by hand."""
+    by_hand = [f"{path.relative_to(REPO)}:{number}"
+               for path in _modules().values() if path.name != "names.py"
+               for number, line in enumerate(path.read_text().splitlines(), 1)
+               if "must be one of" in line]
+    assert not by_hand, f"choices checked by hand: {by_hand}"
+
+
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
     state: dict[str, int] = {}
     stack: list[str] = []

@@ -109,6 +109,23 @@ def test_steps_and_options(setup):
         fma_fast.solve(x, model, 12)
 
 
+def test_autocast_has_one_vocabulary_and_off_is_read_as_fp32(setup):
+    """fit and the CLIP encoder name no autocast "fp32"; fit's earlier "off" still runs (the
+    same fit) and is recorded as "fp32", so one choice has one name in every saved config."""
+    model, x, labels, z = setup
+    fitted = {amp: fma_fast.fit(x, labels, z, blocks=1, epochs=1, amp=amp, progress=False)
+              for amp in ("fp32", "off")}
+    assert fitted["fp32"].config["amp"] == fitted["off"].config["amp"] == "fp32"
+    assert fitted["fp32"].history == fitted["off"].history
+    with pytest.raises(ValueError, match=r"amp must be one of \('auto', 'fp32', 'fp16', "
+                                         r"'bf16'\), got 'none'"):
+        fma_fast.fit(x, labels, z, epochs=1, amp="none", progress=False)
+    from fma_fast.cli import build_parser
+
+    args = build_parser().parse_args(["train", "f.safetensors", "--amp", "off"])
+    assert args.amp == "fp32"
+
+
 def test_tensors_on_different_devices(setup):
     model, x, labels, z = setup
     z_meta = z.to("meta")

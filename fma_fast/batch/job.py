@@ -43,12 +43,19 @@ from .._version import __version__
 from ..core import validation as check
 from ..core.distributed import SINGLE, Context
 from ..core.model import VelocityNet, normalizes, solve_settings
-from ..core.policy import (
+from ..core.names import (
+    BACKENDS,
+    NETWORK_REFERENCE,
     PRECISIONS,
+    Backend,
+    Precision,
+    check_choice,
+)
+from ..core.policy import (
+    PRECISION_DTYPES,
     SCORE_PART_BYTES,
     SCORE_PART_ROWS,
     SCORE_TEXT_ENTRIES,
-    SOLVE_BACKENDS,
     SOLVE_BATCH_ROWS,
 )
 from ..io import checkpoint
@@ -78,7 +85,7 @@ from ..io.files import (
 from ..io.row_sources import InputError, PartDigest, Shard, ShardReader, find_shards
 from ..solver.api import solve
 from ..solver.plan import check_plan_fits
-from ..solver.routing import NETWORK_REFERENCE, SolveOptions, resolve
+from ..solver.routing import SolveOptions, resolve
 
 FORMATS = ("safetensors", "npy", "csv", "jsonl")
 """Output formats: binary arrays per part (safetensors, or one .npy per array), or text with
@@ -254,7 +261,7 @@ def _check_route(model, steps, step_size, precision, backend, batch_size, device
                            batch_size=batch_size, device=device)
     route = resolve(model, options, steps, torch.device("cpu"))
     if route.network != NETWORK_REFERENCE:
-        check_plan_fits(model, steps, PRECISIONS[precision], route.device)
+        check_plan_fits(model, steps, PRECISION_DTYPES[precision], route.device)
 
 
 def _claim_folder(out: Path, settings: dict[str, Any], context: Context) -> str:
@@ -524,8 +531,8 @@ def score(
     output_format: str = "safetensors",
     class_names: Sequence[str] | None = None,
     device: str | torch.device | None = None,
-    precision: str = "fp32",
-    backend: str = "auto",
+    precision: Precision = "fp32",
+    backend: Backend = "auto",
     batch_size: int | None = None,
     progress: bool = True,
     context: Context = SINGLE,
@@ -547,12 +554,9 @@ def score(
     started = time.perf_counter()
     model, steps, step_size, normalize, model_name = _resolve_model(model, steps, step_size,
                                                                     normalize)
-    if output_format not in FORMATS:
-        raise ValueError(f"output_format must be one of {FORMATS}, got {output_format!r}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
-    if backend not in SOLVE_BACKENDS:
-        raise ValueError(f"backend must be one of {SOLVE_BACKENDS}, got {backend!r}")
+    check_choice("output_format", output_format, FORMATS)
+    check_choice("precision", precision, PRECISIONS)
+    check_choice("backend", backend, BACKENDS)
     topk = check.check_int("topk", topk, minimum=1)
     table, names = _resolve_classes(classes, class_names)
     if normalize:  # as eval normalises a file's rows and class table

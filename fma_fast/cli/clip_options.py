@@ -8,8 +8,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..clip.cache import ON_ERROR
 from ..clip.peft import CLASS_TOKEN_POSITIONS, PEFT_METHODS, peft_default_templates
 from ..clip.transforms import AUGMENT_SCALE, check_crop_scale
+from ..core.names import AMPS
 from ..io.features import claim_folder
 from ..io.files import check_output_folder, file_problem
 from . import options
@@ -53,14 +55,14 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
                        help="prompt template with {} (repeat for an ensemble, or 'imagenet7'; "
                             "None: the dataset's CoOp template, or 'a photo of a {}.' with "
                             "--peft lora as CLIP-LoRA uses)")
-    group.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
+    group.add_argument("--precision", choices=AMPS, default="auto",
                        help="encoder autocast on CUDA; auto = fp16")
     group.add_argument("--encode-batch-size", type=int, default=256,
                        help="crops per encoder call")
     group.add_argument("--workers", type=int, default=None,
                        help="image decoding processes (None: 8 on CUDA, 0 on CPU)")
     group.add_argument("--shard-size", type=int, default=1024, help="images per cache shard")
-    group.add_argument("--on-error", choices=("skip", "fail"), default="skip",
+    group.add_argument("--on-error", choices=ON_ERROR, default="skip",
                        help="unreadable image: skip and count it, or stop")
     peft = parser.add_argument_group("PEFT feature source (features of a fine-tuned CLIP)")
     peft.add_argument("--peft", choices=PEFT_METHODS, default=None,

@@ -13,12 +13,12 @@ import torch
 
 from ..core import validation as check
 from ..core.model import VelocityNet
-from ..core.policy import PRECISIONS, SOLVE_BACKENDS
+from ..core.names import AMP_ALIASES, AMPS, BACKENDS, NOISE_FORMS, PRECISIONS, SCHEDULES
 from ..io import checkpoint
 from ..io.features import FeatureFileError, FeatureSet, load_features, normalized
 from ..io.files import check_output_file, check_output_folder
 from ..ops import dispatch
-from ..train.fit import AMP_CHOICES, SCHEDULES, fit
+from ..train.fit import fit
 
 PREDICTIONS_FORMAT = "fma_fast/predictions/1"
 
@@ -49,6 +49,11 @@ def add_quiet(parser: argparse.ArgumentParser) -> None:
                         help="no progress bars (they are off anyway when output is not a terminal)")
 
 
+def _amp(value: str) -> str:
+    """--amp's value, an alias (--amp off) read as its name: argparse checks the choices after."""
+    return AMP_ALIASES.get(value, value)
+
+
 def add_training_options(
     parser: argparse.ArgumentParser, defaults: dict | None = None, *, seed: bool = True
 ) -> None:
@@ -70,9 +75,9 @@ def add_training_options(
                             "warm-up then a cosine from --lr")
     group.add_argument("--gamma", type=float, default=defaults.get("gamma", 0.0),
                        help="noise strength")
-    group.add_argument("--noise", choices=("bridge", "endpoint"), default="bridge",
+    group.add_argument("--noise", choices=NOISE_FORMS, default="bridge",
                        help="noise form: the released code's bridge or the paper's endpoint")
-    group.add_argument("--amp", choices=AMP_CHOICES, default="auto",
+    group.add_argument("--amp", choices=AMPS, default="auto", type=_amp,
                        help="autocast: auto = fp16 on CUDA, fp32 on the CPU; bf16 on CUDA or a "
                             "CPU with BF16 units")
     if seed:
@@ -120,9 +125,9 @@ def file_views(data: FeatureSet, given: int | None) -> int:
 
 def add_solve_options(parser: argparse.ArgumentParser, prefix: str = "") -> None:
     """--[prefix]precision and --[prefix]backend of :func:`fma_fast.solve`."""
-    parser.add_argument(f"--{prefix}precision", choices=tuple(PRECISIONS), default="fp32",
+    parser.add_argument(f"--{prefix}precision", choices=PRECISIONS, default="fp32",
                         help="solver GEMM precision: fp32 (exact), bf16 (CPU/GPU), fp16 (CUDA)")
-    parser.add_argument(f"--{prefix}backend", choices=SOLVE_BACKENDS, default="auto",
+    parser.add_argument(f"--{prefix}backend", choices=BACKENDS, default="auto",
                         help="solver path: auto (fastest exact), reference, folded, triton, "
                              "compiled (bf16 on the CPU, minutes of compiling first)")
 

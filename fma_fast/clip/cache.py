@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from ..core.distributed import SINGLE, Context
+from ..core.names import check_choice
 from ..io.features import FeatureSet, claim_folder
 from ..io.files import loads_json, save_safetensors
 from .datasets import Dataset, Item, few_shot
@@ -181,8 +182,7 @@ def extract_split(
     counts encoded crops. ``on_error="skip"`` skips and counts unreadable images, ``"fail"``
     stops at the first. ``workers`` decoding processes never change the result.
     """
-    if on_error not in ON_ERROR:
-        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    check_choice("on_error", on_error, ON_ERROR)
     if not items:
         raise ValueError(f"{dataset.name} has no {split} images")
     for name, value in (("views", views), ("shard_size", shard_size), ("batch_size", batch_size)):

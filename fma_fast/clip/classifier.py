@@ -30,6 +30,7 @@ from safetensors import SafetensorError, safe_open
 
 from .._version import __version__
 from ..core.model import VelocityNet
+from ..core.names import Amp, Backend, Precision, check_choice
 from ..core.validation import resolve_device
 from ..io import checkpoint
 from ..io.checkpoint import CheckpointError
@@ -37,7 +38,7 @@ from ..io.features import FeatureSet, class_table_sha256, data_record
 from ..io.files import read_json_record, save_safetensors, write_text
 from ..solver.api import solve as solve_rows
 from ..train.fit import fit as fit_field
-from .cache import extract
+from .cache import ON_ERROR, extract
 from .datasets import IMAGE_SUFFIXES, Dataset, Item, load_dataset
 from .encoder import HF_HUB_PREFIX, RANDOM_INIT, ClipEncoder, import_open_clip, load_encoder
 from .experiment import Job, SolveSettings, fit_job, prepare_job
@@ -193,8 +194,8 @@ class FewShotClassifier:
         templates: Sequence[str],
         steps: int,
         step_size: float = 0.1,
-        precision: str = "fp32",
-        backend: str = "auto",
+        precision: Precision = "fp32",
+        backend: Backend = "auto",
         source: dict[str, Any] | None = None,
         record: dict[str, Any] | None = None,
     ) -> None:
@@ -241,8 +242,8 @@ class FewShotClassifier:
         cache: str | os.PathLike | None = None,
         max_steps: int = 10,
         step_size: float = 0.1,
-        precision: str = "fp32",
-        backend: str = "auto",
+        precision: Precision = "fp32",
+        backend: Backend = "auto",
         device: str | torch.device | None = None,
         encode_batch_size: int = ENCODE_BATCH,
         workers: int = 0,
@@ -339,8 +340,7 @@ class FewShotClassifier:
         """Unit-norm image features (N, D) of ``images`` (as :meth:`predict` takes them), the
         path of each row (None for PIL images and tensors) and the files skipped as unreadable
         (``on_error="skip"``; ``"fail"`` raises naming the file)."""
-        if on_error not in ("skip", "fail"):
-            raise ValueError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
+        check_choice("on_error", on_error, ON_ERROR)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         entries = _inputs(images)
@@ -466,7 +466,7 @@ class FewShotClassifier:
         peft_checkpoint: str | os.PathLike | None = None,
         cache_dir: str | os.PathLike | None = None,
         device: str | torch.device | None = None,
-        precision: str = "auto",
+        precision: Amp = "auto",
     ) -> FewShotClassifier:
         """Read a folder written by :meth:`save` (or by ``fma-fast run``) and rebuild its
         encoder: from the recorded pretrained tag (open_clip's cache, ``cache_dir``), the

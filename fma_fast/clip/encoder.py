@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..core.names import Amp, check_amp
 from ..core.validation import resolve_device
 from ..io.files import file_sha256
 from .prompts import build_prompts
 
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 HF_HUB_PREFIX = "hf-hub:"
 """open_clip's schema for a model whose architecture and weights live in a Hugging Face repo."""
@@ -61,9 +61,9 @@ def register_model_config(path: str | os.PathLike) -> str:
     return path.stem
 
 
-def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+def _autocast_dtype(precision: Amp, device: torch.device) -> torch.dtype | None:
+    """The encoder's autocast on CUDA (fp16 for "auto"); none on the CPU."""
+    precision = check_amp("precision", precision)
     if device.type != "cuda" or precision == "fp32":
         return None
     return _AUTOCAST.get(precision, torch.float16)
@@ -85,7 +85,7 @@ class ClipEncoder:
         name: str,
         checkpoint: str,
         device: torch.device,
-        precision: str,
+        precision: Amp,
         pretrained: str | None = None,
         weights_file: str | None = None,
         architecture: dict[str, Any] | None = None,
@@ -269,7 +269,7 @@ def load_encoder(
     pretrained: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
-    precision: str = "auto",
+    precision: Amp = "auto",
     init_seed: int = 0,
 ) -> ClipEncoder:
     """Build open_clip architecture ``model`` with weights from a local ``checkpoint`` file or

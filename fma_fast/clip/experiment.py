@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..core.distributed import SINGLE, Context
+from ..core.names import Backend, Precision
 from ..core.protocol import base_and_new_classes, harmonic_mean
 from ..io.features import FeatureSet, check_feature_files, subsample_classes
 from ..solver.api import select_steps
@@ -37,8 +38,8 @@ class SolveSettings:
 
     max_steps: int = 10
     step_size: float = 0.1
-    precision: str = "fp32"
-    backend: str = "auto"
+    precision: Precision = "fp32"
+    backend: Backend = "auto"
 
 
 @dataclass

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core import validation as check
+from ..core.names import check_choice
 from .encoder import ClipEncoder, file_sha256
 
 PEFT_METHODS = ("coop", "cocoop", "adapter", "lora")
@@ -905,13 +906,9 @@ def load_peft(
     the prompts for the names given. Raises :class:`PeftError` with a one-line message for
     a file that does not fit.
     """
-    if method not in PEFT_METHODS:
-        raise PeftError(f"unknown PEFT method {method!r}: use one of {', '.join(PEFT_METHODS)}")
-    if class_token_position not in CLASS_TOKEN_POSITIONS:
-        raise PeftError(
-            f"class_token_position must be one of {', '.join(CLASS_TOKEN_POSITIONS)}, "
-            f"got {class_token_position!r}"
-        )
+    check_choice("method", method, PEFT_METHODS, error=PeftError)
+    check_choice("class_token_position", class_token_position, CLASS_TOKEN_POSITIONS,
+                 error=PeftError)
     if class_token_position != "end" and method != "coop":
         raise PeftError(f"class_token_position {class_token_position!r} applies to coop only")
     class_names = list(class_names)

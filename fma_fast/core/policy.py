@@ -1,8 +1,9 @@
-"""The project's policies, each defined once: backend and precision names, row and class chunk
-sizes, the logit scale, and the rule that picks the best candidate on a validation split.
+"""The project's policies, each defined once: the dtype of each precision, row and class chunk
+sizes, the tolerance table, the logit scale, and the rule that picks the best candidate on a
+validation split.
 
-Internal module: the public functions take these names as arguments; the numbers behind the
-sizes are in ``benchmarks/results/``.
+Internal module: the names the public functions take are in :mod:`fma_fast.core.names`; the
+numbers behind the sizes are in ``benchmarks/results/``.
 """
 
 from __future__ import annotations
@@ -11,19 +12,11 @@ from collections.abc import Sequence
 
 import torch
 
-SOLVE_BACKENDS = ("auto", "reference", "folded", "triton", "compiled")
-"""``solve`` / ``select_steps``: "auto" the fastest exact path, "reference" the plain PyTorch
-loop, "folded" the torch GEMM chain of the folded plan, "triton" the fused kernels,
-"compiled" the folded plan's steps as ``torch.compile``d modules (bf16 on the CPU; minutes of
-compiling per plan, so only asked for, never chosen by "auto")."""
-
-OP_BACKENDS = ("auto", "triton", "reference")
-"""One op of :mod:`fma_fast.ops.dispatch` (and ``fit``'s training pair and loss): "auto" the kernel
-where it runs, "triton" the kernel or an error, "reference" the PyTorch twin."""
-
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-"""Solve precisions: the dtype of the folded weights and GEMM inputs (accumulation, residual
-stream and LayerNorm statistics stay fp32). fp16 is for CUDA: CPUs have no fast fp16 GEMM."""
+PRECISION_DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+}
+"""The dtype of each solve precision (:data:`fma_fast.core.names.PRECISIONS`): of the folded
+weights and GEMM inputs (accumulation, residual stream and LayerNorm statistics stay fp32)."""
 
 DEFAULT_STEP_SIZE = 0.1
 """The Euler step size h when neither the call nor the model says (the released code's)."""

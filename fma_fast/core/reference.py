@@ -10,12 +10,11 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .names import NOISE_FORMS, NoiseForm, check_choice
 from .policy import LOGIT_SCALE
 
 DEFAULT_TIME_EPS = 1e-3
 """t is clamped to [eps, 1 - eps]: both noise forms have targets that are singular at 0 and 1."""
-
-NOISE_FORMS = ("bridge", "endpoint")
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -67,7 +66,7 @@ def training_pair(
     noise: torch.Tensor,
     *,
     gamma: float,
-    form: str = "bridge",
+    form: NoiseForm = "bridge",
     feature_std: torch.Tensor | None = None,
     time_eps: float = DEFAULT_TIME_EPS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,13 +76,11 @@ def training_pair(
     form the factor on the per-dimension feature std (σ = γ·std, so γ=1 is the paper's form).
     With γ=0 both reduce to the straight line x_t and target z - x0.
     """
-    if form == "bridge":
+    if check_choice("form", form, NOISE_FORMS) == "bridge":
         return bridge_pair(x0, z, t, noise, gamma, time_eps)
-    if form == "endpoint":
-        if feature_std is None:
-            raise ValueError("feature_std (per-dimension std, shape (D,)) is needed for 'endpoint'")
-        return endpoint_pair(x0, z, t, noise, gamma * feature_std, time_eps)
-    raise ValueError(f"form must be one of {NOISE_FORMS}, got {form!r}")
+    if feature_std is None:
+        raise ValueError("feature_std (per-dimension std, shape (D,)) is needed for 'endpoint'")
+    return endpoint_pair(x0, z, t, noise, gamma * feature_std, time_eps)
 
 
 def flow_matching_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

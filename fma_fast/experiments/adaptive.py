@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..core import validation as check
+from ..core.names import Backend, check_choice
 from ..core.policy import LOGIT_SCALE, best_on_val
 from ..solver.api import trajectory_scores
 
@@ -42,8 +43,7 @@ class StopRule:
     threshold: float
 
     def __post_init__(self) -> None:
-        if self.kind not in RULES:
-            raise ValueError(f"kind must be one of {RULES}, got {self.kind!r}")
+        check_choice("kind", self.kind, RULES)
         if self.kind == "stable":
             check.check_int("threshold (r, for 'stable')", self.threshold, minimum=0)
         else:
@@ -97,7 +97,7 @@ def trajectory_stats(
     max_steps: int = 10,
     step_size: float = 0.1,
     batch_size: int | None = None,
-    backend: str = "auto",
+    backend: Backend = "auto",
 ) -> TrajectoryStats:
     """One pass over the Euler states (the solver's fast path, top-2 and log-sum-exp per
     state), keeping only the per-step statistics the stopping rules need; with ``labels``

@@ -18,9 +18,6 @@ from ..core import validation as check
 from ..core.policy import LOGIT_SCALE, PER_ROW_TABLE_BYTES
 from .scoring import merge_topk
 
-PER_ROW_SCORING = "per-row-tables"
-"""The scoring path name in ``SolveResult.path`` for per-row class tables."""
-
 
 class PerRowClasses:
     """Per-row class tables for ``solve``, ``select_steps``, ``accuracy_by_steps`` and ``fit``.

@@ -20,7 +20,16 @@ import torch.nn.functional as F
 
 from ..core import reference
 from ..core import validation as check
-from ..core.policy import LOGIT_SCALE, OP_BACKENDS
+from ..core.names import (
+    OP_BACKENDS,
+    PATH_FALLBACK,
+    PATH_INTERPRETER,
+    PATH_REFERENCE,
+    PATH_TRITON,
+    OpBackend,
+    check_choice,
+)
+from ..core.policy import LOGIT_SCALE
 from ..core.reference import DEFAULT_TIME_EPS
 from ..kernels._common import (
     DEFAULT_DOT_PRECISION,
@@ -29,12 +38,6 @@ from ..kernels._common import (
     with_fallback,
 )
 from . import scoring
-
-PATH_TRITON = "triton"
-PATH_INTERPRETER = "triton-interpreter"
-PATH_REFERENCE = "reference"
-PATH_FALLBACK = "torch-fallback"
-"""The op's kernel cannot run on this GPU (see the warning and ``fma-fast doctor``): torch."""
 
 
 class BackendUnavailableError(RuntimeError):
@@ -78,10 +81,9 @@ class TopK(NamedTuple):
     path: str
 
 
-def select_path(backend: str, *tensors: torch.Tensor) -> str:
+def select_path(backend: OpBackend, *tensors: torch.Tensor) -> str:
     """The path an op on ``tensors`` takes under ``backend`` (see the module docstring)."""
-    if backend not in OP_BACKENDS:
-        raise ValueError(f"backend must be one of {OP_BACKENDS}, got {backend!r}")
+    check_choice("backend", backend, OP_BACKENDS)
     if backend == "reference":
         return PATH_REFERENCE
     usable, why = triton_usable(*tensors)
@@ -144,7 +146,7 @@ def _unit_table(class_features: torch.Tensor, normalized: bool) -> torch.Tensor:
 
 
 def flow_matching_noise(seed: int, rows: int, dim: int, *, device: torch.device | str = "cpu",
-                        backend: str = "auto") -> Noise:
+                        backend: OpBackend = "auto") -> Noise:
     """The (rows, dim) fp32 noise ε that :func:`fused_pair` and :func:`fused_loss` use for
     ``seed`` on that path (Philox on Triton, a seeded torch.Generator on the reference)."""
     probe = torch.empty(0, device=device)
@@ -201,7 +203,7 @@ def _flow_matching_runs(x0, labels, class_features, t, gamma, form, feature_std,
 def fused_pair(x0: torch.Tensor, labels: torch.Tensor, class_features: torch.Tensor,
                t: torch.Tensor, *, seed: int, gamma: float, form: str = "bridge",
                feature_std: torch.Tensor | None = None, time_eps: float = DEFAULT_TIME_EPS,
-               backend: str = "auto", labels_checked: bool = False) -> Pair:
+               backend: OpBackend = "auto", labels_checked: bool = False) -> Pair:
     """Network input x̂_t for rows x0 (N, D) paired with class_features[labels], times t (N,)
     and noise drawn from ``seed`` (see ``reference.training_pair`` for the forms).
 
@@ -230,7 +232,7 @@ def fused_pair(x0: torch.Tensor, labels: torch.Tensor, class_features: torch.Ten
 def fused_loss(pred: torch.Tensor, x0: torch.Tensor, labels: torch.Tensor,
                class_features: torch.Tensor, t: torch.Tensor, *, seed: int, gamma: float,
                form: str = "bridge", feature_std: torch.Tensor | None = None,
-               time_eps: float = DEFAULT_TIME_EPS, backend: str = "auto",
+               time_eps: float = DEFAULT_TIME_EPS, backend: OpBackend = "auto",
                labels_checked: bool = False) -> Loss:
     """mean_n Σ_d (pred - v)² against the target v of :func:`fused_pair` with the same
     arguments; differentiable w.r.t. ``pred`` only."""
@@ -258,7 +260,7 @@ def fused_loss(pred: torch.Tensor, x0: torch.Tensor, labels: torch.Tensor,
 
 
 def euler_step(x: torch.Tensor, velocity: torch.Tensor, t: torch.Tensor, step_size: float, *,
-               inplace: bool = False, backend: str = "auto") -> EulerStep:
+               inplace: bool = False, backend: OpBackend = "auto") -> EulerStep:
     """x + h·v and t + h (t: a 0-dim fp32 device tensor). ``inplace`` updates x and t
     themselves, so a solver loop allocates nothing and never syncs with the host."""
     path = select_path(backend, x, velocity, t)
@@ -289,7 +291,7 @@ def euler_step(x: torch.Tensor, velocity: torch.Tensor, t: torch.Tensor, step_si
 
 def cosine_topk(x: torch.Tensor, class_features: torch.Tensor, k: int = 1, *,
                 logit_scale: float | None = None, normalized: bool = False,
-                precision: str = DEFAULT_DOT_PRECISION, backend: str = "auto") -> TopK:
+                precision: str = DEFAULT_DOT_PRECISION, backend: OpBackend = "auto") -> TopK:
     """The k largest cos(x_n, z_c) per row (times ``logit_scale`` when given), best first.
 
     The Triton path keeps a running top-k per row, so extra memory is O(N·k) for any number of
@@ -321,7 +323,7 @@ def step_ensemble_topk(states: Sequence[torch.Tensor] | torch.Tensor,
                        class_features: torch.Tensor, k: int = 1, *,
                        logit_scale: float = LOGIT_SCALE,
                        normalized: bool = False, precision: str = DEFAULT_DOT_PRECISION,
-                       backend: str = "auto") -> TopK:
+                       backend: OpBackend = "auto") -> TopK:
     """Top-k of the released step ensemble Σ_s softmax(logit_scale·cos(x_s, z)) over the
     solver states ``states`` (a list of (N, D) or an (S, N, D) tensor), best first.
 
@@ -354,7 +356,8 @@ def step_ensemble_topk(states: Sequence[torch.Tensor] | torch.Tensor,
 
 def cosine_logsumexp(x: torch.Tensor, class_features: torch.Tensor,
                      logit_scale: float = LOGIT_SCALE, *, normalized: bool = False,
-                     precision: str = DEFAULT_DOT_PRECISION, backend: str = "auto") -> LogSumExp:
+                     precision: str = DEFAULT_DOT_PRECISION, backend: OpBackend = "auto",
+                     ) -> LogSumExp:
     """logsumexp_c(logit_scale·cos(x_n, z_c)) per row (N,), fp32, without an (N, C) matrix
     on the kernel and fallback paths (the reference builds it)."""
     _check_rows(x, class_features)
@@ -374,7 +377,7 @@ def cosine_logsumexp(x: torch.Tensor, class_features: torch.Tensor,
 
 def cosine_cross_entropy(x: torch.Tensor, class_features: torch.Tensor, labels: torch.Tensor,
                          logit_scale: float = LOGIT_SCALE, *, normalized: bool = False,
-                         precision: str = DEFAULT_DOT_PRECISION, backend: str = "auto",
+                         precision: str = DEFAULT_DOT_PRECISION, backend: OpBackend = "auto",
                          labels_checked: bool = False) -> Loss:
     """Mean CE of softmax(logit_scale·cos(x, z)) against labels, differentiable w.r.t. x.
 

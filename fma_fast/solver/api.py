@@ -21,23 +21,24 @@ import torch.nn.functional as F
 from ..core import reference
 from ..core import validation as check
 from ..core.model import solve_settings
-from ..core.policy import LOGIT_SCALE, best_on_val
-from ..ops import class_tables, dispatch, scoring
-from ..ops.class_tables import PER_ROW_SCORING, PerRowClasses
-from . import cpu, fused
-from .plan import solver_plan
-from .routing import (
+from ..core.names import (
     NETWORK_COMPILED,
     NETWORK_FALLBACK,
     NETWORK_FOLDED,
     NETWORK_FUSED,
     NETWORK_GENERIC,
     NETWORK_REFERENCE,
+    PER_ROW_SCORING,
     SCORING_TILED,
-    Route,
-    SolveOptions,
-    resolve,
+    Backend,
+    Precision,
 )
+from ..core.policy import LOGIT_SCALE, best_on_val
+from ..ops import class_tables, dispatch, scoring
+from ..ops.class_tables import PerRowClasses
+from . import cpu, fused
+from .plan import solver_plan
+from .routing import Route, SolveOptions, resolve
 
 
 @dataclass
@@ -318,8 +319,8 @@ def solve(
     topk: int | None = None,
     batch_size: int | None = None,
     device: str | torch.device | None = None,
-    precision: str = "fp32",
-    backend: str = "auto",
+    precision: Precision = "fp32",
+    backend: Backend = "auto",
     ensemble_steps: Sequence[int] | None = None,
     logit_scale: float = LOGIT_SCALE,
     zero_shot: bool = False,
@@ -417,8 +418,8 @@ def trajectory_scores(
     step_size: float | None = None,
     batch_size: int | None = None,
     device: str | torch.device | None = None,
-    precision: str = "fp32",
-    backend: str = "auto",
+    precision: Precision = "fp32",
+    backend: Backend = "auto",
 ) -> Iterator[tuple[slice, int, StateScores]]:
     """One pass over the states x_0..x_M of every row batch, scored as they come:
     ``(rows, m, StateScores)`` per batch and step, with the top-``k`` classes and, with
@@ -478,8 +479,8 @@ def accuracy_by_steps(
     step_size: float | None = None,
     batch_size: int | None = None,
     device: str | torch.device | None = None,
-    precision: str = "fp32",
-    backend: str = "auto",
+    precision: Precision = "fp32",
+    backend: Backend = "auto",
 ) -> list[float]:
     """Top-1 accuracy after every M in 0..max_steps, from one trajectory pass over the rows."""
     return _accuracy_and_loss(
@@ -499,8 +500,8 @@ def select_steps(
     *,
     batch_size: int | None = None,
     device: str | torch.device | None = None,
-    precision: str = "fp32",
-    backend: str = "auto",
+    precision: Precision = "fp32",
+    backend: Backend = "auto",
 ) -> StepSelection:
     """Choose M on a validation split (the released code chose it on the test split, which
     leaks): the best accuracy over M in 0..max_steps, ties broken by the lower cross-entropy

@@ -27,7 +27,8 @@ from ..core.model import (
     VelocityNet,
     timestep_embedding,
 )
-from ..core.policy import PRECISIONS
+from ..core.names import PRECISIONS, check_choice
+from ..core.policy import PRECISION_DTYPES
 
 
 @dataclass(frozen=True, eq=False)
@@ -263,8 +264,7 @@ def build_plan(
     _check_foldable(model)
     steps = check.check_int("steps", steps, minimum=0)
     step_size = check.check_positive_float("step_size", step_size)
-    if dtype not in PRECISIONS.values():
-        raise ValueError(f"dtype must be one of {list(PRECISIONS.values())}, got {dtype}")
+    check_choice("dtype", dtype, PRECISION_DTYPES.values())
     source = next(model.parameters()).device
     device = source if device is None else torch.device(device)
     check_plan_fits(model, steps, dtype, device)
@@ -417,9 +417,7 @@ def resolve_plan(
 ) -> SolverPlan:
     """The plan a runtime runs: ``model``'s cached plan, or ``model`` itself when it is a
     plan, checked against the steps, step size, precision and device asked for."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
-    dtype = PRECISIONS[precision]
+    dtype = PRECISION_DTYPES[check_choice("precision", precision, PRECISIONS)]
     if isinstance(model, VelocityNet):
         return solver_plan(model, steps, step_size, dtype=dtype, device=device,
                            final_only=final_only)

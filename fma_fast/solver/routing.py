@@ -21,21 +21,26 @@ import torch
 from torch import nn
 
 from ..core import validation as check
-from ..core.policy import OP_BACKENDS, PRECISIONS, SOLVE_BACKENDS, SOLVE_BATCH_ROWS
+from ..core.names import (
+    BACKENDS,
+    NETWORK_COMPILED,
+    NETWORK_FALLBACK,
+    NETWORK_FOLDED,
+    NETWORK_FUSED,
+    NETWORK_GENERIC,
+    NETWORK_REFERENCE,
+    PATH_REFERENCE,
+    PRECISIONS,
+    Backend,
+    OpBackend,
+    Precision,
+    check_choice,
+)
+from ..core.policy import PRECISION_DTYPES, SOLVE_BATCH_ROWS
 from ..kernels._common import HAS_TRITON
 from ..ops import dispatch
 from .fused import kernels_run
 from .plan import fold_problem, solver_plan
-
-NETWORK_REFERENCE = "reference"
-NETWORK_GENERIC = "generic"
-NETWORK_FOLDED = "folded"
-NETWORK_FUSED = "fused-triton"
-NETWORK_COMPILED = "folded-compiled"
-"""The folded plan's steps as torch.compile'd modules on the CPU (``fma_fast.solver.compiled``)."""
-NETWORK_FALLBACK = "folded-fallback"
-"""The fused kernels cannot run on this GPU, so the folded plan's torch GEMM chain runs."""
-SCORING_TILED = "torch-tiled"
 
 BF16_CPU_REFUSAL = ("needs a CPU with BF16 units (AVX512_BF16 or AMX) or a CUDA device: without "
                     "them bf16 GEMMs are emulated, slower than fp32 (30x with AVX2 alone)")
@@ -78,19 +83,15 @@ class SolveOptions:
     the model's, else the features')."""
 
     step_size: float = 0.1
-    precision: str = "fp32"
-    backend: str = "auto"
+    precision: Precision = "fp32"
+    backend: Backend = "auto"
     batch_size: int | None = None
     device: str | torch.device | None = None
 
     def __post_init__(self) -> None:
         check.check_positive_float("step_size", self.step_size)
-        if self.backend not in SOLVE_BACKENDS:
-            raise ValueError(f"backend must be one of {SOLVE_BACKENDS}, got {self.backend!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(
-                f"precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}"
-            )
+        check_choice("backend", self.backend, BACKENDS)
+        check_choice("precision", self.precision, PRECISIONS)
         if self.backend == "reference" and self.precision != "fp32":
             raise ValueError(f"the reference runs in fp32 only, got precision={self.precision!r}")
         if self.batch_size is not None:
@@ -103,33 +104,32 @@ class Route:
     scoring ops, whether scoring runs in torch class tiles, and the numbers it runs with."""
 
     network: str
-    op_backend: str
+    op_backend: OpBackend
     tiled_scoring: bool
-    precision: str
+    precision: Precision
     step_size: float
     device: torch.device
     batch_size: int
 
     @property
     def dtype(self) -> torch.dtype:
-        return PRECISIONS[self.precision]
+        return PRECISION_DTYPES[self.precision]
 
     def path(self, scoring: str | None = None) -> str:
         """What ran, e.g. ``folded-fp32+torch-tiled-topk`` or ``fused-triton-bf16+triton-topk``
         (``reference`` alone for the plain loop scored by the plain twin)."""
-        if self.network == NETWORK_REFERENCE and scoring in (None, dispatch.PATH_REFERENCE):
+        if self.network == NETWORK_REFERENCE and scoring in (None, PATH_REFERENCE):
             return NETWORK_REFERENCE
         network = self.network if self.network == NETWORK_REFERENCE else (
             f"{self.network}-{self.precision}")
         return network if scoring is None else f"{network}+{scoring}-topk"
 
 
-def op_backend(backend: str, device: torch.device) -> str:
+def op_backend(backend: Backend, device: torch.device) -> OpBackend:
     """The :mod:`fma_fast.ops.dispatch` backend for ops on ``device``: "auto" means the kernels on
     CUDA and the torch twins on the CPU, where the kernels only run in Triton's slow
     interpreter (``backend="triton"`` asks for it, for tests)."""
-    if backend not in (*OP_BACKENDS, *SOLVE_BACKENDS):
-        raise ValueError(f"backend must be one of {OP_BACKENDS}, got {backend!r}")
+    check_choice("backend", backend, BACKENDS)  # the op backends are solve backends too
     if backend in ("reference", "triton"):
         return backend
     return "auto" if device.type == "cuda" else "reference"
@@ -185,8 +185,8 @@ def resolve(
     device = check.resolve_device(options.device, default=_model_device(model) or features_device)
     network = _network(model, device, options.precision, options.backend)
     if network == NETWORK_FUSED and options.backend != "triton":
-        plan = solver_plan(model, steps, options.step_size, dtype=PRECISIONS[options.precision],
-                           device=device)
+        plan = solver_plan(model, steps, options.step_size,
+                           dtype=PRECISION_DTYPES[options.precision], device=device)
         network = NETWORK_FUSED if kernels_run(plan) else NETWORK_FALLBACK
     backend = op_backend(options.backend, device)
     return Route(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..core.distributed import SINGLE, Context
+from ..core.names import Backend, Precision
 from .api import SolveResult, accuracy_by_steps, solve
 
 
@@ -25,8 +26,8 @@ def solve_sharded(
     topk: int = 1,
     step_size: float = 0.1,
     device: str | torch.device | None = None,
-    precision: str = "fp32",
-    backend: str = "auto",
+    precision: Precision = "fp32",
+    backend: Backend = "auto",
 ) -> SolveResult:
     """:func:`fma_fast.solve` with this rank solving its share of the rows; every rank gets
     the full result, rows in their original order."""
@@ -63,8 +64,8 @@ def accuracy_by_steps_sharded(
     max_steps: int = 10,
     step_size: float = 0.1,
     device: str | torch.device | None = None,
-    precision: str = "fp32",
-    backend: str = "auto",
+    precision: Precision = "fp32",
+    backend: Backend = "auto",
 ) -> list[float]:
     """:func:`fma_fast.accuracy_by_steps` over every rank's share: correct counts are summed."""
     share = context.rows(features.shape[0])

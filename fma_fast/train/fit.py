@@ -11,18 +11,22 @@ from tqdm.auto import tqdm
 
 from ..core import validation as check
 from ..core.model import VelocityNet
-from ..core.policy import OP_BACKENDS
-from ..core.reference import DEFAULT_TIME_EPS, NOISE_FORMS
+from ..core.names import (
+    NOISE_FORMS,
+    OP_BACKENDS,
+    SCHEDULES,
+    Amp,
+    NoiseForm,
+    OpBackend,
+    Schedule,
+    check_amp,
+    check_choice,
+)
+from ..core.reference import DEFAULT_TIME_EPS
 from ..ops import dispatch
 from ..ops.class_tables import PerRowClasses
 from ..solver import routing
 from ..solver.routing import BF16_CPU_REFUSAL, op_backend
-
-AMP_CHOICES = ("auto", "fp16", "bf16", "off")
-
-SCHEDULES = ("released", "warmup-cosine")
-"""``fit``'s learning-rate schedules (docs/method.md §8): "released" replays the released
-training loop step for step, "warmup-cosine" is a linear warm-up then a per-step cosine."""
 
 
 @dataclass
@@ -72,13 +76,12 @@ def _released_rates(lr: float, warmup_steps: int, total_steps: int) -> list[floa
     return rates
 
 
-def learning_rates(schedule: str, lr: float, warmup_steps: int, total_steps: int) -> list[float]:
+def learning_rates(schedule: Schedule, lr: float, warmup_steps: int, total_steps: int
+                   ) -> list[float]:
     """The learning rate of each of ``total_steps`` optimizer steps under ``schedule``."""
-    if schedule == "released":
+    if check_choice("schedule", schedule, SCHEDULES) == "released":
         return _released_rates(lr, warmup_steps, total_steps)
-    if schedule == "warmup-cosine":
-        return [lr * lr_factor(step, warmup_steps, total_steps) for step in range(total_steps)]
-    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    return [lr * lr_factor(step, warmup_steps, total_steps) for step in range(total_steps)]
 
 
 def _check_views(views, labels: torch.Tensor) -> int:
@@ -104,18 +107,16 @@ def _check_views(views, labels: torch.Tensor) -> int:
     return views
 
 
-def _autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+def _autocast_dtype(amp: Amp, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of ``amp`` on ``device``: fp16 ("auto") or bf16 on CUDA; on the CPU
     bf16 only when asked and only with BF16 units ("auto" stays fp32 there)."""
-    if amp not in AMP_CHOICES:
-        raise ValueError(f"amp must be one of {AMP_CHOICES}, got {amp!r}")
-    if amp == "off":
+    if check_amp("amp", amp) == "fp32":
         return None
     if device.type == "cuda":
         return torch.bfloat16 if amp == "bf16" else torch.float16
     if amp == "fp16":
         raise ValueError("amp='fp16' needs a CUDA device (CPUs have no fast fp16 GEMM); use "
-                         "'bf16' or 'off'")
+                         "'bf16' or 'fp32'")
     if amp == "bf16":
         if device.type != "cpu" or not routing.cpu_bf16_units():
             raise ValueError(f"amp='bf16' {BF16_CPU_REFUSAL}; none in effect here (ISA "
@@ -137,15 +138,15 @@ def fit(
     lr: float = 2e-4,
     weight_decay: float = 0.01,
     warmup_epochs: int = 1,
-    schedule: str = "released",
+    schedule: Schedule = "released",
     views: int = 1,
     gamma: float = 0.0,
-    noise: str = "bridge",
+    noise: NoiseForm = "bridge",
     seed: int = 1,
     device: str | torch.device | None = None,
-    amp: str = "auto",
+    amp: Amp = "auto",
     time_eps: float = DEFAULT_TIME_EPS,
-    backend: str = "auto",
+    backend: OpBackend = "auto",
     progress: bool = True,
 ) -> FitResult:
     """Train a velocity field that carries each image feature to its own class text feature.
@@ -157,12 +158,13 @@ def fit(
     Brownian bridge, "endpoint": the paper's, σ = γ·per-dimension std of ``image_features``).
     AdamW; ``schedule`` "released" gives the released loop's learning rate at every step
     (full rate first, warm-up, then a cosine chained from the last warm-up rate), and
-    "warmup-cosine" a linear warm-up then a cosine from ``lr`` (see :data:`SCHEDULES`).
-    ``views``: the rows are image-major groups of ``views`` augmented views of one image (the
-    feature cache's layout); an epoch is one pass over the images, each seen through one of its
-    views drawn at random, so the optimizer steps do not grow with ``views``. ``amp`` picks fp16
-    ("auto"), bf16 or no autocast on CUDA; on the CPU "bf16" autocasts where the CPU has BF16
-    units ("auto" stays fp32 there, "fp16" is refused). Reproducible from ``seed``.
+    "warmup-cosine" a linear warm-up then a cosine from ``lr``
+    (:data:`~fma_fast.core.names.SCHEDULES`). ``views``: the rows are image-major groups of
+    ``views`` augmented views of one image (the feature cache's layout); an epoch is one pass
+    over the images, each seen through one of its views drawn at random, so the optimizer steps
+    do not grow with ``views``. ``amp`` picks fp16 ("auto"), bf16 or no autocast ("fp32"; "off"
+    is read so) on CUDA; on the CPU "bf16" autocasts where the CPU has BF16 units ("auto" stays
+    fp32 there, "fp16" is refused). Reproducible from ``seed``.
     ``backend``: "auto" builds the pair and the loss in the fused Triton kernels on CUDA and in
     PyTorch elsewhere; "reference" forces PyTorch; "triton" forces the kernels (on CPU tensors
     through the slow interpreter, TRITON_INTERPRET=1, for tests). ``config["path"]`` says which
@@ -193,16 +195,13 @@ def fit(
     epochs = check.check_int("epochs", epochs, minimum=1)
     batch_size = check.check_int("batch_size", batch_size, minimum=1)
     warmup_epochs = check.check_int("warmup_epochs", warmup_epochs, minimum=0)
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    check_choice("schedule", schedule, SCHEDULES)
     views = _check_views(views, y_all)
     lr = check.check_positive_float("lr", lr)
     weight_decay = check.check_positive_float("weight_decay", weight_decay, allow_zero=True)
     gamma = check.check_positive_float("gamma", gamma, allow_zero=True)
-    if noise not in NOISE_FORMS:
-        raise ValueError(f"noise must be one of {NOISE_FORMS}, got {noise!r}")
-    if backend not in OP_BACKENDS:
-        raise ValueError(f"backend must be one of {OP_BACKENDS}, got {backend!r}")
+    check_choice("noise", noise, NOISE_FORMS)
+    check_choice("backend", backend, OP_BACKENDS)
     seed = check.check_int("seed", seed)
     time_eps = check.check_positive_float("time_eps", time_eps)
     if not time_eps < 0.5:
@@ -316,7 +315,7 @@ def fit(
         "seed": seed,
         "time_eps": time_eps,
         "path": path,
-        "amp": amp if autocast_dtype is not None else "off",
+        "amp": amp if autocast_dtype is not None else "fp32",
         "rows": int(x_all.shape[0]),
         "views": views,
         "images": images,
