@@ -36,7 +36,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str,
     On failure the message names ``what``, the count of mismatches, the first mismatching
     index (row, col, ...) and the worst one, with both values at each.
     """
-    default_rtol, default_atol = TOLERANCES[dtype]
+    default_rtol, default_atol = TOLERANCES[dtype].rtol, TOLERANCES[dtype].atol
     rtol = default_rtol if rtol is None else rtol
     atol = default_atol if atol is None else atol
     if actual.shape != expected.shape:

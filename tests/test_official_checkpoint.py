@@ -11,8 +11,9 @@ import torch
 
 import fma_fast
 from fma_fast import reference
+from fma_fast.core.policy import TOLERANCES
 
-RELATIVE_TOLERANCE = 1e-5  # fp32 rounding
+RELATIVE_TOLERANCE = TOLERANCES[torch.float32].chain  # fp32 rounding
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -97,7 +97,7 @@ def test_outputs_equal_the_in_memory_solve_on_every_input_kind(job, tmp_path, mo
                              tmp_path / "out", topk=4, batch_size=97, progress=False)
     parts = _read_outputs(tmp_path / "out")
     assert len(parts) == summary.parts == 3 + 1 + 4  # 617 rows in parts of 250; 13; 2 x 300
-    rtol, atol = TOLERANCES[torch.float32]
+    rtol, atol = TOLERANCES[torch.float32].rtol, TOLERANCES[torch.float32].atol
     cases = [("test-", job["x"], job["y"], torch.arange(617)),
              ("extra-", job["extra"], None, torch.arange(job["extra"].shape[0])),
              ("shard-", job["cache_rows"], job["cache_labels"], job["cache_ids"])]

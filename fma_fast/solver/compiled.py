@@ -166,7 +166,7 @@ def _compile_and_check(i: int, step: _Step, rows: int, dim: int) -> None:
         expected = step.eager(probe)
     moved = float((expected - probe).abs().max())
     error = float((got - expected).abs().max()) if got.shape == expected.shape else math.inf
-    rtol = TOLERANCES[torch.bfloat16][0]
+    rtol = TOLERANCES[torch.bfloat16].rtol
     if not error <= rtol * moved:  # (NaN fails too)
         raise CompileUnavailable(
             f"compiled step {i} does not give its eager step's answer on a probe batch of "
