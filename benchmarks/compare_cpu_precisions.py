@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from fma_fast import VelocityNet
+from fma_fast.core.environment import ISA_MASKS, aten_isa, cpu_name
 from fma_fast.solver import routing
 from fma_fast.solver.cpu import folded_solve
 
@@ -70,11 +70,10 @@ def main() -> None:
             n = rows[config]
             rates[config].append(n / _run(net, features[:n], *config))
     load_end = os.getloadavg()
-    mask = {name: os.environ.get(name, "(unset)")
-            for name in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")}
-    print(f"machine: {platform.processor() or platform.machine()}, "
+    mask = {name: os.environ.get(name, "(unset)") for name in ISA_MASKS}
+    print(f"machine: {cpu_name()}, "
           f"{os.cpu_count()} logical CPUs; torch {torch.__version__}")
-    print(f"ISA in effect: ATen {torch.backends.cpu.get_cpu_capability()}, BF16 units in "
+    print(f"ISA in effect: ATen {aten_isa()}, BF16 units in "
           f"effect (routing.cpu_bf16_units): {routing.cpu_bf16_units()}; mask: {mask}")
     print(f"load average (1/5/15 min) at start {load_start}, at end {load_end}")
     print(f"D={DIM}, {BLOCKS} blocks, M={STEPS}, {args.rounds} interleaved rounds, median\n")

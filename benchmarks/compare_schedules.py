@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import time
 
 import torch
 
 import fma_fast
+from fma_fast.core.environment import cpu_name
 from fma_fast.experiments.synthetic import make_task
 
 VARIANTS = {"schedule": ("released", "warmup-cosine"), "amp": ("off", "bf16")}
@@ -123,7 +123,7 @@ def table(shots: int, rows: list[dict], compare: str) -> str:
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+    print(f"torch {torch.__version__}, {cpu_name()}, "
           f"{args.threads} thread(s); classes={args.classes} dim={args.dim} "
           f"blocks={args.blocks} difficulty={args.difficulty} epochs={args.epochs} "
           f"batch={args.batch_size} lr={args.lr} gamma={args.gamma} noise={args.noise}",

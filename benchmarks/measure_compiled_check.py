@@ -18,7 +18,8 @@ import time
 import torch
 
 from fma_fast import VelocityNet
-from fma_fast.solver import compiled, routing
+from fma_fast.core.environment import cpu_isa
+from fma_fast.solver import compiled
 from fma_fast.solver.plan import solver_plan
 
 DIM, BLOCKS = 512, 12
@@ -50,7 +51,7 @@ def main() -> None:
     check = statistics.median(checks)
     per_step = compile_and_check / args.steps
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, ISA "
-          f"{routing.cpu_isa()}, load average {load} -> {os.getloadavg()}")
+          f"{cpu_isa()}, load average {load} -> {os.getloadavg()}")
     print(f"D={DIM}, {BLOCKS} blocks, M={args.steps}, {args.rows} chunk rows")
     print(f"compile and check, all steps: {compile_and_check:.1f} s ({per_step:.1f} s per step)")
     print(f"check alone: median {check:.3f} s per step (min {min(checks):.3f}, max "

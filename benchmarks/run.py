@@ -40,11 +40,11 @@ import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from fma_fast.io.checkpoint import atomic_write
+from fma_fast.core.environment import cpu_name, package_version
+from fma_fast.io.files import atomic_write
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_DIR = REPO / "benchmarks"
@@ -67,13 +67,7 @@ def device_info() -> dict[str, Any]:
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name(0)
         return {"kind": "cuda", "name": name, "cuda": torch.version.cuda, "slug": slug(name)}
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+    model = cpu_name()
     cores = os.cpu_count() or 1
     return {
         "kind": "cpu",
@@ -85,15 +79,10 @@ def device_info() -> dict[str, Any]:
 
 
 def versions() -> dict[str, str]:
-    def version(package: str) -> str:
-        try:
-            return metadata.version(package)
-        except metadata.PackageNotFoundError:
-            return "not installed"
-
     return {
         "python": platform.python_version(),
-        **{name: version(name) for name in ("torch", "triton", "fma_fast", "pytest-benchmark")},
+        **{name: package_version(name)
+           for name in ("torch", "triton", "fma_fast", "pytest-benchmark")},
     }
 
 

@@ -13,13 +13,21 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from importlib import metadata
 
 import torch
 import torch.nn.functional as F
 
 from .core import reference
 from .core import validation as check
+from .core.environment import (
+    aten_isa,
+    cpu_name,
+    cpu_units,
+    gpus,
+    isa_masks,
+    onednn_bf16,
+    package_version,
+)
 from .core.model import VelocityNet
 from .core.names import PRECISIONS
 from .core.policy import TOLERANCES
@@ -44,33 +52,18 @@ class CheckResult:
     detail: str = ""
 
 
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def environment() -> dict:
     """Versions, devices and the settings that change which path runs."""
     from ._version import __version__
 
-    devices = []
-    if torch.cuda.is_available():
-        for index in range(torch.cuda.device_count()):
-            props = torch.cuda.get_device_properties(index)
-            devices.append({"index": index, "name": props.name,
-                            "capability": f"sm_{props.major}{props.minor}",
-                            "memory_gib": round(props.total_memory / 2**30, 1),
-                            "multiprocessors": props.multi_processor_count})
     return {
         "fma_fast": __version__,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
-        "packages": {name: _version(name) for name in PACKAGES},
+        "packages": {name: package_version(name) for name in PACKAGES},
         "torch_cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
-        "devices": devices,
+        "devices": gpus(),
         "cpu_threads": torch.get_num_threads(),
         "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", ""),
         "FMA_FAST_AUTOTUNE": os.environ.get("FMA_FAST_AUTOTUNE", ""),
@@ -111,7 +104,6 @@ def cpu() -> dict:
     (ATen's, and whether oneDNN has a bf16 path; both honour the masks), the units the
     hardware has (as cpuinfo reports them, whatever the masks), and whether bf16 runs on BF16
     units, the rule ``solve`` and ``fit`` follow (``routing.cpu_bf16_units``)."""
-    name = getattr(torch._C._cpu, "_get_cpu_capability", dict)().get("cpu_name")
     options = {"fp32": routing.SolveOptions(), "bf16": routing.SolveOptions(precision="bf16"),
                "bf16 compiled": routing.SolveOptions(precision="bf16", backend="compiled"),
                "fp16": routing.SolveOptions(precision="fp16")}
@@ -123,15 +115,12 @@ def cpu() -> dict:
         except ValueError as error:
             solve[label] = f"refused: {error}"
     return {
-        "name": name or platform.processor() or platform.machine(),
+        "name": cpu_name(),
         "threads": torch.get_num_threads(),
-        "isa_in_effect": torch.backends.cpu.get_cpu_capability(),
-        "onednn_bf16": bool(torch.backends.mkldnn.is_available()
-                            and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
-        "hardware": {"avx512": torch.cpu._is_avx512_supported(),
-                     "avx512_bf16": torch.cpu._is_avx512_bf16_supported(),
-                     "amx": torch.cpu._is_amx_tile_supported()},
-        "mask": {name: os.environ[name] for name in routing.ISA_MASKS if os.environ.get(name)},
+        "isa_in_effect": aten_isa(),
+        "onednn_bf16": onednn_bf16(),
+        "hardware": cpu_units(),
+        "mask": isa_masks(),
         "bf16_units": routing.cpu_bf16_units(),
         "solve": solve,
     }

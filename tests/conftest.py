@@ -15,9 +15,10 @@ if not torch.cuda.is_available():
 def pytest_report_header(config) -> str:
     """Which CPU code paths this run takes: CI runs the CPU-dependent tests twice, the second
     time with AVX-512/AMX masked (.ci/run)."""
+    from fma_fast.core.environment import cpu_isa
     from fma_fast.solver import routing
 
-    return (f"CPU ISA in effect: {routing.cpu_isa()}; bf16 on BF16 units: "
+    return (f"CPU ISA in effect: {cpu_isa()}; bf16 on BF16 units: "
             f"{routing.cpu_bf16_units()}")
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from fma_fast import doctor
 from fma_fast.cli import main
+from fma_fast.core.environment import ISA_MASKS
 from fma_fast.kernels._common import HAS_TRITON, interpreter_active
 from fma_fast.solver import routing
 
@@ -110,7 +111,7 @@ def test_the_isa_mask_is_honoured_by_the_bf16_rule_and_the_doctor(mask):
     """A CPU with BF16 units masked to AVX2 has no bf16 path for oneDNN (~30x slower than
     fp32), masked to AVX-512 without BF16 an emulated one (slower than fp32): the rule must
     see the mask, not the hardware flags."""
-    env = {**{k: v for k, v in os.environ.items() if k not in routing.ISA_MASKS}, **mask}
+    env = {**{k: v for k, v in os.environ.items() if k not in ISA_MASKS}, **mask}
     code = "import json; from fma_fast import doctor; print(json.dumps(doctor.cpu()))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           timeout=300)
@@ -127,7 +128,7 @@ def test_ci_isa_mask_check_fails_without_the_mask_and_passes_with_it():
     """.ci/check_isa_mask.py guards CI's masked pass: it must fail where AVX-512 is in
     effect (unmasked, on an AVX-512 CPU) and pass under the mask."""
     script = [sys.executable, str(REPO / ".ci" / "check_isa_mask.py")]
-    base = {k: v for k, v in os.environ.items() if k not in routing.ISA_MASKS}
+    base = {k: v for k, v in os.environ.items() if k not in ISA_MASKS}
     masked = subprocess.run(script, capture_output=True, text=True, timeout=600,
                             env={**base, "ONEDNN_MAX_CPU_ISA": "AVX2",
                                  "ATEN_CPU_CAPABILITY": "avx2"})

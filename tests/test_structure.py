@@ -134,6 +134,21 @@ def test_choices_are_checked_by_the_one_helper():
     assert not by_hand, f"choices checked by hand: {by_hand}"
 
 
+MACHINE_PROBES = ("/proc/cpuinfo", "platform.processor", "metadata.version",
+                  "get_device_properties", "_is_avx512", "_is_amx", "cpu_capability()",
+                  "ISA_MASKS = ")
+"""What describes the machine: read in ``core/environment.py`` only (the report, the doctor,
+the bf16 rule and the benchmarks call it)."""
+
+
+def test_the_machine_is_described_in_one_module():
+    files = [*_modules().values(), *(REPO / "benchmarks").glob("*.py")]
+    elsewhere = sorted({f"{path.relative_to(REPO)}: {probe}"
+                        for path in files if path.name != "environment.py"
+                        for probe in MACHINE_PROBES if probe in path.read_text()})
+    assert not elsewhere, "machine probes outside core/environment.py:\n" + "\n".join(elsewhere)
+
+
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
     state: dict[str, int] = {}
     stack: list[str] = []

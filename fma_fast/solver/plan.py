@@ -9,7 +9,6 @@ runtimes that run a plan are :mod:`fma_fast.runtime_cpu` and :mod:`fma_fast.runt
 
 from __future__ import annotations
 
-import os
 import weakref
 from dataclasses import dataclass
 
@@ -19,6 +18,7 @@ from torch import nn
 from torch.nn.modules import module as nn_module
 
 from ..core import validation as check
+from ..core.environment import device_memory
 from ..core.model import (
     TIME_FREQUENCY_DIM,
     FinalLayer,
@@ -229,12 +229,8 @@ def check_plan_fits(model: VelocityNet, steps: int, dtype: torch.dtype, device) 
     per_step = 2 * model.blocks * width * (width + 1) + width * (width + dim) + dim
     need = steps * per_step * torch.empty(0, dtype=dtype).element_size()
     device = torch.device(device)
-    try:
-        total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
-                 else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):  # no such sysconf name here
-        return
-    if need > total:
+    total = device_memory(device)
+    if total is not None and need > total:
         raise ValueError(f"steps={steps}: the folded plan of {steps} steps needs "
                          f"{need / 2**30:,.1f} GiB, more than the {total / 2**30:,.1f} GiB of "
                          f"{device}; use fewer steps")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..core import environment
 from ..core import validation as check
 from ..core.names import (
     BACKENDS,
@@ -44,16 +45,6 @@ from .plan import fold_problem, solver_plan
 
 BF16_CPU_REFUSAL = ("needs a CPU with BF16 units (AVX512_BF16 or AMX) or a CUDA device: without "
                     "them bf16 GEMMs are emulated, slower than fp32 (30x with AVX2 alone)")
-ISA_MASKS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
-"""Environment variables that cap the ISA oneDNN and ATen use (read once, at start-up)."""
-
-
-def cpu_isa() -> str:
-    """The CPU ISA in effect for messages: ATen's capability and any ISA mask set."""
-    masks = [f"{name}={os.environ[name]}" for name in ISA_MASKS if os.environ.get(name)]
-    return " ".join([torch.backends.cpu.get_cpu_capability(), *masks])
-
-
 EMULATED_BF16_ISAS = ("AVX512_CORE", "AVX512_CORE_VNNI")
 """``ONEDNN_MAX_CPU_ISA`` values that leave oneDNN a bf16 path without BF16 units (AVX-512 of
 Skylake/Cascade Lake: emulated, slower than fp32); below them oneDNN has no bf16 path at all."""
@@ -66,14 +57,14 @@ def cpu_bf16_units() -> bool:
     masked to AVX2 oneDNN has no bf16 path, to ``AVX512_CORE`` an emulated one). The one rule
     for ``solve``'s bf16 and compiled paths on the CPU and for ``fit(amp="bf16")``; the
     measurements behind it are in ``benchmarks/results/cpu-bf16-by-isa.md``."""
-    if not (torch.backends.mkldnn.is_available()
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+    if not environment.onednn_bf16():
         return False
     if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in EMULATED_BF16_ISAS:
         return False
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return True  # oneDNN's check is the units' check there (e.g. Arm's BF16 extension)
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    units = environment.cpu_units()
+    return bool(units["avx512_bf16"] or units["amx"])
 
 
 @dataclass(frozen=True)
@@ -157,7 +148,7 @@ def _network(model, device: torch.device, precision: str, backend: str) -> str:
         )
     if precision == "bf16" and device.type == "cpu" and not cpu_bf16_units():
         raise ValueError(f"precision='bf16' (and backend='compiled') {BF16_CPU_REFUSAL}; "
-                         f"none in effect here (ISA {cpu_isa()}); use precision='fp32'")
+                         f"none in effect here (ISA {environment.cpu_isa()}); use precision='fp32'")
     problem = fold_problem(model)
     if problem:
         if backend in ("folded", "triton", "compiled"):

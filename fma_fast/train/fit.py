@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..core import environment
 from ..core import validation as check
 from ..core.model import VelocityNet
 from ..core.names import (
@@ -120,7 +121,7 @@ def _autocast_dtype(amp: Amp, device: torch.device) -> torch.dtype | None:
     if amp == "bf16":
         if device.type != "cpu" or not routing.cpu_bf16_units():
             raise ValueError(f"amp='bf16' {BF16_CPU_REFUSAL}; none in effect here (ISA "
-                             f"{routing.cpu_isa()})")
+                             f"{environment.cpu_isa()})")
         return torch.bfloat16
     return None
 
