@@ -13,7 +13,7 @@ from fma_fast import reference, synthetic
 from fma_fast.ops import dispatch
 from fma_fast.solver import routing
 from fma_fast.train import fit
-from fma_fast.train.fit import lr_factor
+from fma_fast.train.schedules import learning_rates, lr_factor
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +242,7 @@ def test_the_released_schedule_equals_a_replay_of_the_released_scheduler_chain(
     cosine chained from the last warm-up rate, bit for bit against torch's schedulers."""
     expected = _replay_released_schedule(2e-4, epochs, warmup_epochs, steps_per_epoch)
     total, warmup = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
-    rates = fit.learning_rates("released", 2e-4, warmup, total)
+    rates = learning_rates("released", 2e-4, warmup, total)
     assert len(rates) == len(expected) == total
     mismatch = [(k, a, b) for k, (a, b) in enumerate(zip(rates, expected)) if a != b]
     assert not mismatch, f"first differing steps (step, ours, replay): {mismatch[:3]}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,7 @@ from ..ops import dispatch
 from ..ops.class_tables import PerRowClasses
 from ..solver import routing
 from ..solver.routing import BF16_CPU_REFUSAL, op_backend
+from .schedules import learning_rates
 
 
 @dataclass
@@ -46,49 +48,55 @@ class FitResult:
         return {"training": self.config}
 
 
-def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """"warmup-cosine": linear warm-up over ``warmup_steps`` (step k at (k+1)/W), then cosine
-    decay to 0 at ``total_steps``; ``step`` counts from 0."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    decay_steps = max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup_steps) / decay_steps)))
+@dataclass(frozen=True)
+class FitSettings:
+    """How :func:`fit` trains (its keyword arguments but ``model`` and ``device``), checked
+    once when built: an error names the argument and what was expected. ``amp="off"`` is read
+    as "fp32" (:data:`~fma_fast.core.names.AMP_ALIASES`)."""
+
+    blocks: int = 12
+    width: int | None = None
+    epochs: int = 200
+    batch_size: int = 32
+    lr: float = 2e-4
+    weight_decay: float = 0.01
+    warmup_epochs: int = 1
+    schedule: Schedule = "released"
+    views: int = 1
+    gamma: float = 0.0
+    noise: NoiseForm = "bridge"
+    seed: int = 1
+    amp: Amp = "auto"
+    time_eps: float = DEFAULT_TIME_EPS
+    backend: OpBackend = "auto"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        checked = {
+            "epochs": check.check_int("epochs", self.epochs, minimum=1),
+            "batch_size": check.check_int("batch_size", self.batch_size, minimum=1),
+            "warmup_epochs": check.check_int("warmup_epochs", self.warmup_epochs, minimum=0),
+            "schedule": check_choice("schedule", self.schedule, SCHEDULES),
+            "views": check.check_int("views", self.views, minimum=1),
+            "lr": check.check_positive_float("lr", self.lr),
+            "weight_decay": check.check_positive_float("weight_decay", self.weight_decay,
+                                                       allow_zero=True),
+            "gamma": check.check_positive_float("gamma", self.gamma, allow_zero=True),
+            "noise": check_choice("noise", self.noise, NOISE_FORMS),
+            "backend": check_choice("backend", self.backend, OP_BACKENDS),
+            "seed": check.check_int("seed", self.seed),
+            "time_eps": check.check_positive_float("time_eps", self.time_eps),
+            "amp": check_amp("amp", self.amp),
+        }
+        if not checked["time_eps"] < 0.5:
+            raise ValueError(f"time_eps must lie in (0, 0.5), got {checked['time_eps']}")
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
 
 
-def _released_rates(lr: float, warmup_steps: int, total_steps: int) -> list[float]:
-    """The released loop's rate at every step: the first step at the full ``lr``; after step k
-    (counting from 1) a warm-up sets lr·k/W while k < W; from then on a cosine annealer over
-    T = total − W steps scales the current rate by (1 + cos(πj/T)) / (1 + cos(π(j−1)/T)) at
-    its j-th step, so the cosine starts from the last warm-up rate, not from ``lr``. The
-    products are taken in the annealer's order, so the rates match it to the last bit."""
-    cosine_steps = total_steps - warmup_steps
-    rates, current, annealed = [lr], lr, 0
-    for done in range(1, total_steps):
-        if done < warmup_steps:
-            current = lr * (float(done) / float(warmup_steps))
-        else:
-            annealed += 1
-            current = (
-                (1 + math.cos(math.pi * annealed / cosine_steps))
-                / (1 + math.cos(math.pi * (annealed - 1) / cosine_steps))
-                * current
-            )
-        rates.append(current)
-    return rates
-
-
-def learning_rates(schedule: Schedule, lr: float, warmup_steps: int, total_steps: int
-                   ) -> list[float]:
-    """The learning rate of each of ``total_steps`` optimizer steps under ``schedule``."""
-    if check_choice("schedule", schedule, SCHEDULES) == "released":
-        return _released_rates(lr, warmup_steps, total_steps)
-    return [lr * lr_factor(step, warmup_steps, total_steps) for step in range(total_steps)]
-
-
-def _check_views(views, labels: torch.Tensor) -> int:
+def _check_views(views: int, labels: torch.Tensor) -> None:
     """``views`` consecutive rows per image (image-major, as the feature cache writes them):
     the row count must divide and every image's rows must share one label."""
-    views = check.check_int("views", views, minimum=1)
     rows = labels.shape[0]
     if rows % views:
         raise ValueError(
@@ -105,13 +113,12 @@ def _check_views(views, labels: torch.Tensor) -> int:
                 f"{image}) carry different labels; the rows must be image-major, {views} views "
                 "of one image after another"
             )
-    return views
 
 
 def _autocast_dtype(amp: Amp, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of ``amp`` on ``device``: fp16 ("auto") or bf16 on CUDA; on the CPU
     bf16 only when asked and only with BF16 units ("auto" stays fp32 there)."""
-    if check_amp("amp", amp) == "fp32":
+    if amp == "fp32":
         return None
     if device.type == "cuda":
         return torch.bfloat16 if amp == "bf16" else torch.float16
@@ -124,6 +131,180 @@ def _autocast_dtype(amp: Amp, device: torch.device) -> torch.dtype | None:
                              f"{environment.cpu_isa()})")
         return torch.bfloat16
     return None
+
+
+
+@dataclass
+class _Data:
+    """A fit's training rows on the compute device: features, labels, the class table (or
+    per-row tables) and how the rows group into images."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    table: torch.Tensor | PerRowClasses
+    num_classes: int
+    views: int = 1
+
+    @property
+    def per_row(self) -> bool:
+        return isinstance(self.table, PerRowClasses)
+
+    @property
+    def images(self) -> int:
+        return self.x.shape[0] // self.views
+
+
+def _checked_data(image_features, labels, class_features) -> _Data:
+    """The arguments checked (shapes, devices, labels, finite values; a warning for rows that
+    are not unit-norm), as given: not yet moved or detached."""
+    x = check.check_matrix("image_features", image_features)
+    if isinstance(class_features, PerRowClasses):
+        if class_features.dim != x.shape[1]:
+            raise ValueError(f"per-row class tables have dim {class_features.dim} but "
+                             f"image_features have {x.shape[1]}")
+        class_features.check_rows(x.shape[0])
+        table, num_classes = class_features, class_features.num_classes
+        check.check_same_device(image_features=x, labels=check.as_tensor("labels", labels))
+    else:
+        table = check.check_matrix(
+            "class_features", class_features, dim=x.shape[1], dim_source="image_features"
+        )
+        num_classes = table.shape[0]
+        check.check_same_device(image_features=x, labels=check.as_tensor("labels", labels),
+                                class_features=table)
+    y = check.check_labels("labels", labels, rows=x.shape[0], num_classes=num_classes)
+    check.check_finite("image_features", x)
+    check.warn_unless_unit_rows("image_features", x)
+    if not isinstance(table, PerRowClasses):
+        check.check_finite("class_features", table)
+        check.warn_unless_unit_rows("class_features", table)
+    return _Data(x, y, table, int(num_classes))
+
+
+def _model(model: VelocityNet | None, dim: int, settings: FitSettings,
+           device: torch.device) -> VelocityNet:
+    """The network to train on ``device``: ``model``, or a new one initialised from the seed
+    (without touching the global random state)."""
+    if model is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(settings.seed)
+            model = VelocityNet(dim, blocks=settings.blocks, width=settings.width)
+    elif not isinstance(model, VelocityNet):
+        raise TypeError(f"model must be a VelocityNet or None, got {type(model).__name__}")
+    elif model.dim != dim:
+        raise ValueError(f"image_features have dim {dim} but model expects {model.dim}")
+    return model.to(device).train()
+
+
+class _Loop:
+    """One fit's training loop: AdamW at the schedule's rate of every step, the pair and the
+    loss through :mod:`~fma_fast.ops.dispatch` (noise regenerated from a per-step seed, never
+    stored), random streams from the seed."""
+
+    def __init__(self, model: VelocityNet, data: _Data, settings: FitSettings,
+                 device: torch.device):
+        self.model, self.data, self.settings, self.device = model, data, settings, device
+        self.autocast = _autocast_dtype(settings.amp, device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast == torch.float16)
+        steps_per_epoch = math.ceil(data.images / settings.batch_size)
+        self.warmup_steps = settings.warmup_epochs * steps_per_epoch
+        self.rates = learning_rates(settings.schedule, settings.lr, self.warmup_steps,
+                                    settings.epochs * steps_per_epoch)
+        # The fused AdamW kernel beats the per-tensor loop on CPU for these small nets.
+        self.optimizer = torch.optim.AdamW(
+            model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay,
+            fused=device.type in ("cpu", "cuda"),
+        )
+        self.generator = torch.Generator(device=device).manual_seed(settings.seed)
+        # Per-step noise seeds come from a CPU generator: drawing them never syncs with the GPU.
+        self.noise_seeds = torch.Generator().manual_seed(settings.seed)
+        feature_std = (data.x.std(dim=0, unbiased=False) if settings.noise == "endpoint"
+                       else None)
+        self.pair_options = {
+            "gamma": settings.gamma,
+            "form": settings.noise,
+            "feature_std": feature_std,
+            "time_eps": settings.time_eps,
+            "backend": op_backend(settings.backend, device),
+            "labels_checked": True,  # checked once in fit: no sync with the device per step
+        }
+        self.taken: list[float] = []
+        self.path: str | None = None
+
+    def _batches(self) -> Iterator[torch.Tensor]:
+        """The row indices of each step of one epoch: one view of every image, drawn afresh."""
+        data, device = self.data, self.device
+        order = torch.randperm(data.images, device=device, generator=self.generator)
+        if data.views > 1:
+            order = order * data.views + torch.randint(
+                data.views, (data.images,), device=device, generator=self.generator
+            )
+        for start in range(0, data.images, self.settings.batch_size):
+            yield order[start : start + self.settings.batch_size]
+
+    def _step(self, index: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on the rows ``index``; returns the batch's loss (detached)."""
+        x0, labels = self.data.x[index], self.data.y[index]
+        t = torch.rand(len(index), device=self.device, generator=self.generator)
+        step_seed = int(torch.randint(2**31 - 1, (), generator=self.noise_seeds))
+        targets, target_labels = self.data.table, labels
+        if self.data.per_row:  # each row's own-class feature, a (rows, D) table indexed by row
+            targets = self.data.table.targets(x0, index, labels)
+            target_labels = torch.arange(len(index), device=self.device)
+        pair = dispatch.fused_pair(x0, target_labels, targets, t, seed=step_seed,
+                                   **self.pair_options)
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.float32,
+                            enabled=self.autocast is not None):
+            prediction = self.model(pair.x_t, pair.t)
+        loss, self.path = dispatch.fused_loss(
+            prediction, x0, target_labels, targets, t, seed=step_seed, **self.pair_options
+        )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        rate = self.rates[len(self.taken)]
+        for group in self.optimizer.param_groups:
+            group["lr"] = rate
+        self.taken.append(rate)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.detach()
+
+    def epoch(self, number: int) -> float:
+        """One pass over the images; the mean loss per image (refused when not finite)."""
+        loss_sum = torch.zeros((), device=self.device)
+        for index in self._batches():
+            loss_sum += self._step(index) * len(index)
+        epoch_loss = float(loss_sum) / self.data.images
+        if not math.isfinite(epoch_loss):
+            raise FloatingPointError(
+                f"training loss became {epoch_loss} in epoch {number + 1}; lower lr or gamma"
+            )
+        return epoch_loss
+
+    def config(self) -> dict[str, Any]:
+        """What ``FitResult.config`` records: the settings and what the loop ran."""
+        settings, data = self.settings, self.data
+        return {
+            "epochs": settings.epochs,
+            "batch_size": settings.batch_size,
+            "lr": settings.lr,
+            "weight_decay": settings.weight_decay,
+            "warmup_epochs": settings.warmup_epochs,
+            "schedule": settings.schedule,
+            "optimizer_steps": len(self.taken),
+            "warmup_steps": self.warmup_steps,
+            "gamma": settings.gamma,
+            "noise": settings.noise,
+            "seed": settings.seed,
+            "time_eps": settings.time_eps,
+            "path": self.path,
+            "amp": settings.amp if self.autocast is not None else "fp32",
+            "rows": int(data.x.shape[0]),
+            "views": data.views,
+            "images": data.images,
+            "classes": data.num_classes,
+            "per_row_classes": data.per_row,
+        }
 
 
 def fit(
@@ -169,158 +350,31 @@ def fit(
     ``backend``: "auto" builds the pair and the loss in the fused Triton kernels on CUDA and in
     PyTorch elsewhere; "reference" forces PyTorch; "triton" forces the kernels (on CPU tensors
     through the slow interpreter, TRITON_INTERPRET=1, for tests). ``config["path"]`` says which
-    ran.
+    ran. The settings are checked as a :class:`FitSettings`.
     """
-    x_all = check.check_matrix("image_features", image_features)
-    per_row = isinstance(class_features, PerRowClasses)
-    if per_row:
-        if class_features.dim != x_all.shape[1]:
-            raise ValueError(f"per-row class tables have dim {class_features.dim} but "
-                             f"image_features have {x_all.shape[1]}")
-        class_features.check_rows(x_all.shape[0])
-        z_table, num_classes = class_features, class_features.num_classes
-        check.check_same_device(image_features=x_all, labels=check.as_tensor("labels", labels))
-    else:
-        z_table = check.check_matrix(
-            "class_features", class_features, dim=x_all.shape[1], dim_source="image_features"
-        )
-        num_classes = z_table.shape[0]
-        check.check_same_device(image_features=x_all, labels=check.as_tensor("labels", labels),
-                                class_features=z_table)
-    y_all = check.check_labels("labels", labels, rows=x_all.shape[0], num_classes=num_classes)
-    check.check_finite("image_features", x_all)
-    check.warn_unless_unit_rows("image_features", x_all)
-    if not per_row:
-        check.check_finite("class_features", z_table)
-        check.warn_unless_unit_rows("class_features", z_table)
-    epochs = check.check_int("epochs", epochs, minimum=1)
-    batch_size = check.check_int("batch_size", batch_size, minimum=1)
-    warmup_epochs = check.check_int("warmup_epochs", warmup_epochs, minimum=0)
-    check_choice("schedule", schedule, SCHEDULES)
-    views = _check_views(views, y_all)
-    lr = check.check_positive_float("lr", lr)
-    weight_decay = check.check_positive_float("weight_decay", weight_decay, allow_zero=True)
-    gamma = check.check_positive_float("gamma", gamma, allow_zero=True)
-    check_choice("noise", noise, NOISE_FORMS)
-    check_choice("backend", backend, OP_BACKENDS)
-    seed = check.check_int("seed", seed)
-    time_eps = check.check_positive_float("time_eps", time_eps)
-    if not time_eps < 0.5:
-        raise ValueError(f"time_eps must lie in (0, 0.5), got {time_eps}")
-
-    device = check.resolve_device(device)
-    dim = x_all.shape[1]
-    if model is None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = VelocityNet(dim, blocks=blocks, width=width)
-    elif not isinstance(model, VelocityNet):
-        raise TypeError(f"model must be a VelocityNet or None, got {type(model).__name__}")
-    elif model.dim != dim:
-        raise ValueError(f"image_features have dim {dim} but model expects {model.dim}")
-    model = model.to(device).train()
-
-    # Detached: the caller's tensors get no .grad and no graph, whatever their requires_grad.
-    x_all = x_all.detach().to(device, torch.float32)
-    if not per_row:
-        z_table = z_table.detach().to(device, torch.float32)
-    y_all = y_all.to(device)
-    feature_std = x_all.std(dim=0, unbiased=False) if noise == "endpoint" else None
-    autocast_dtype = _autocast_dtype(amp, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
-
-    images = x_all.shape[0] // views
-    steps_per_epoch = math.ceil(images / batch_size)
-    total_steps = epochs * steps_per_epoch
-    warmup_steps = warmup_epochs * steps_per_epoch
-    rates = learning_rates(schedule, lr, warmup_steps, total_steps)
-    # The fused AdamW kernel beats the per-tensor loop on CPU for these small nets.
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=lr, weight_decay=weight_decay, fused=device.type in ("cpu", "cuda")
+    data = _checked_data(image_features, labels, class_features)
+    settings = FitSettings(
+        blocks=blocks, width=width, epochs=epochs, batch_size=batch_size, lr=lr,
+        weight_decay=weight_decay, warmup_epochs=warmup_epochs, schedule=schedule, views=views,
+        gamma=gamma, noise=noise, seed=seed, amp=amp, time_eps=time_eps, backend=backend,
+        progress=progress,
     )
-    generator = torch.Generator(device=device).manual_seed(seed)
-    # Per-step noise seeds come from a CPU generator: drawing them never syncs with the GPU.
-    noise_seeds = torch.Generator().manual_seed(seed)
-    pair_options = {
-        "gamma": gamma,
-        "form": noise,
-        "feature_std": feature_std,
-        "time_eps": time_eps,
-        "backend": op_backend(backend, device),
-        "labels_checked": True,  # checked once above: no sync with the device per step
-    }
-
+    _check_views(settings.views, data.y)
+    device = check.resolve_device(device)
+    model = _model(model, data.x.shape[1], settings, device)
+    # Detached: the caller's tensors get no .grad and no graph, whatever their requires_grad.
+    data.x = data.x.detach().to(device, torch.float32)
+    if not data.per_row:
+        data.table = data.table.detach().to(device, torch.float32)
+    data.y, data.views = data.y.to(device), settings.views
+    loop = _Loop(model, data, settings, device)
     history: list[float] = []
-    taken: list[float] = []
-    path = None
     # disable=None: no bar when output is not a terminal (logs, CI), even with progress=True
-    bar = tqdm(range(epochs), desc="fit", unit="epoch", disable=None if progress else True,
-               leave=False)
+    bar = tqdm(range(settings.epochs), desc="fit", unit="epoch",
+               disable=None if settings.progress else True, leave=False)
     for epoch in bar:
-        order = torch.randperm(images, device=device, generator=generator)
-        if views > 1:  # one view of every image, drawn afresh each epoch
-            order = order * views + torch.randint(
-                views, (images,), device=device, generator=generator
-            )
-        loss_sum = torch.zeros((), device=device)
-        for start in range(0, images, batch_size):
-            index = order[start : start + batch_size]
-            x0, labels_batch = x_all[index], y_all[index]
-            t = torch.rand(len(index), device=device, generator=generator)
-            step_seed = int(torch.randint(2**31 - 1, (), generator=noise_seeds))
-            # The noise is regenerated from the seed inside the loss: it is never stored.
-            targets, target_labels = z_table, labels_batch
-            if per_row:  # each row's own-class feature, a (rows, D) table indexed by row
-                targets = z_table.targets(x0, index, labels_batch)
-                target_labels = torch.arange(len(index), device=device)
-            pair = dispatch.fused_pair(x0, target_labels, targets, t, seed=step_seed,
-                                       **pair_options)
-            with torch.autocast(
-                device.type,
-                dtype=autocast_dtype or torch.float32,
-                enabled=autocast_dtype is not None,
-            ):
-                prediction = model(pair.x_t, pair.t)
-            loss, path = dispatch.fused_loss(
-                prediction, x0, target_labels, targets, t, seed=step_seed, **pair_options
-            )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            rate = rates[len(taken)]
-            for group in optimizer.param_groups:
-                group["lr"] = rate
-            taken.append(rate)
-            scaler.step(optimizer)
-            scaler.update()
-            loss_sum += loss.detach() * len(index)
-        epoch_loss = float(loss_sum) / images
-        if not math.isfinite(epoch_loss):
-            raise FloatingPointError(
-                f"training loss became {epoch_loss} in epoch {epoch + 1}; lower lr or gamma"
-            )
-        history.append(epoch_loss)
-        bar.set_postfix(loss=f"{epoch_loss:.4f}")
+        history.append(loop.epoch(epoch))
+        bar.set_postfix(loss=f"{history[-1]:.4f}")
     bar.close()
-
-    config = {
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": lr,
-        "weight_decay": weight_decay,
-        "warmup_epochs": warmup_epochs,
-        "schedule": schedule,
-        "optimizer_steps": len(taken),
-        "warmup_steps": warmup_steps,
-        "gamma": gamma,
-        "noise": noise,
-        "seed": seed,
-        "time_eps": time_eps,
-        "path": path,
-        "amp": amp if autocast_dtype is not None else "fp32",
-        "rows": int(x_all.shape[0]),
-        "views": views,
-        "images": images,
-        "classes": int(num_classes),
-        "per_row_classes": per_row,
-    }
-    return FitResult(model=model.eval(), config=config, history=history, learning_rates=taken)
+    return FitResult(model=model.eval(), config=loop.config(), history=history,
+                     learning_rates=loop.taken)
