@@ -300,9 +300,86 @@ def _check_ensemble_steps(ensemble_steps, steps: int) -> list[int]:
     return chosen
 
 
-def _options(step_size, precision, backend, batch_size, device) -> SolveOptions:
-    return SolveOptions(step_size=step_size, precision=precision, backend=backend,
-                        batch_size=batch_size, device=device)
+def _solve_options(model, steps, step_size, precision, backend, batch_size, device, *,
+                   name: str = "steps") -> tuple[int, SolveOptions]:
+    """M (or ``max_steps``) by the one precedence rule, and the options every batch of the
+    call runs with, checked once."""
+    steps, step_size = _settings(model, steps, step_size, name)
+    return steps, SolveOptions(step_size=step_size, precision=precision, backend=backend,
+                               batch_size=batch_size, device=device)
+
+
+@dataclass(frozen=True)
+class _Scoring:
+    """What ``solve`` scores a state for: the top-``topk`` classes, by cosine or by the step
+    ensemble over ``ensemble_steps``, and the M=0 prediction when ``zero_shot``."""
+
+    topk: int
+    ensemble_steps: list[int] | None
+    zero_shot: bool
+    logit_scale: float
+
+    @classmethod
+    def checked(cls, z, steps: int, topk, ensemble_steps, zero_shot, logit_scale) -> _Scoring:
+        if not isinstance(zero_shot, bool):
+            raise TypeError(f"zero_shot must be True or False, got {type(zero_shot).__name__}")
+        if z is None:
+            for name, value in (("topk", topk), ("ensemble_steps", ensemble_steps),
+                                ("zero_shot", zero_shot or None)):
+                if value is not None:
+                    raise ValueError(f"{name} needs class_features (a (C, D) class table) to "
+                                     "score")
+        if ensemble_steps is not None:
+            ensemble_steps = _check_ensemble_steps(ensemble_steps, steps)
+        topk = 1 if topk is None else check.check_int("topk", topk, minimum=1)
+        if z is not None and topk > _classes(z):
+            raise ValueError(f"topk must be <= the number of classes {_classes(z)}, got {topk}")
+        if isinstance(z, PerRowClasses) and ensemble_steps is not None:
+            raise ValueError("ensemble_steps is not available with per-row class tables")
+        return cls(topk, ensemble_steps, zero_shot, logit_scale)
+
+
+def _transported(route: Route, model, x: torch.Tensor, steps: int) -> torch.Tensor:
+    """x_M of every row, on the features' device."""
+    transported = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    for rows, batch in _batches(x, route):
+        transported[rows] = _final_state(route, model, batch, rows.start, steps).to(x.device)
+    return transported
+
+
+def _batch_topk(route: Route, model, batch: torch.Tensor, start: int, steps: int, z, tables,
+                scoring: _Scoring) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """The top-k of one row batch at M: of x_M's cosines, or of the step ensemble."""
+    if scoring.ensemble_steps is None:
+        final = _final_state(route, model, batch, start, steps)
+        values, indices, _, _, path = _scores(final, z, tables, scoring.topk, route,
+                                              with_lse=False)
+        return values, indices, path
+    states = _states(route, model, batch, start, steps)
+    kept = [state.clone() for s, state in enumerate(states) if s in scoring.ensemble_steps]
+    return dispatch.step_ensemble_topk(kept, z, scoring.topk, logit_scale=scoring.logit_scale,
+                                       normalized=True, backend=route.op_backend)
+
+
+def _scored(route: Route, model, x: torch.Tensor, z, steps: int,
+            scoring: _Scoring) -> SolveResult:
+    """Every row batch solved and scored; results on the features' device."""
+    values = torch.empty(x.shape[0], scoring.topk, dtype=torch.float32, device=x.device)
+    indices = torch.empty(x.shape[0], scoring.topk, dtype=torch.long, device=x.device)
+    zero_shot_pred = (torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+                      if scoring.zero_shot else None)
+    scoring_path = None
+    for rows, batch in _batches(x, route, z):
+        tables = None  # the last batch's block goes before the next one is built
+        tables = z.for_rows(batch, rows) if isinstance(z, PerRowClasses) else None
+        if zero_shot_pred is not None:
+            first = _scores(batch, z, tables, 1, route, with_lse=False)[1]
+            zero_shot_pred[rows] = first[:, 0].to(x.device)
+        top_values, top_indices, scoring_path = _batch_topk(route, model, batch, rows.start,
+                                                            steps, z, tables, scoring)
+        values[rows], indices[rows] = top_values.to(x.device), top_indices.to(x.device)
+    return SolveResult(pred=indices[:, 0].clone(), topk_values=values, topk_indices=indices,
+                       path=route.path(scoring_path), zero_shot_pred=zero_shot_pred)
 
 
 # ----------------------------------------------------------------------- public functions
@@ -350,60 +427,14 @@ def solve(
     """
     steps, step_size = _settings(model, steps, step_size)
     logit_scale = check.check_positive_float("logit_scale", logit_scale)
-    options = _options(step_size, precision, backend, batch_size, device)
+    options = SolveOptions(step_size=step_size, precision=precision, backend=backend,
+                           batch_size=batch_size, device=device)
     x, z, _ = _inputs(features, model, class_features)
-    if not isinstance(zero_shot, bool):
-        raise TypeError(f"zero_shot must be True or False, got {type(zero_shot).__name__}")
-    if z is None:
-        for name, value in (("topk", topk), ("ensemble_steps", ensemble_steps),
-                            ("zero_shot", zero_shot or None)):
-            if value is not None:
-                raise ValueError(f"{name} needs class_features (a (C, D) class table) to score")
-    if ensemble_steps is not None:
-        ensemble_steps = _check_ensemble_steps(ensemble_steps, steps)
-    topk = 1 if topk is None else check.check_int("topk", topk, minimum=1)
-    if z is not None and topk > _classes(z):
-        raise ValueError(f"topk must be <= the number of classes {_classes(z)}, got {topk}")
-    per_row = isinstance(z, PerRowClasses)
-    if per_row and ensemble_steps is not None:
-        raise ValueError("ensemble_steps is not available with per-row class tables")
+    scoring = _Scoring.checked(z, steps, topk, ensemble_steps, zero_shot, logit_scale)
     route = resolve(model, options, steps, x.device)
     if z is None:
-        transported = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-        for rows, batch in _batches(x, route):
-            transported[rows] = _final_state(route, model, batch, rows.start, steps).to(x.device)
-        return transported
-    z = _unit_rows(z, route.device)
-    values = torch.empty(x.shape[0], topk, dtype=torch.float32, device=x.device)
-    indices = torch.empty(x.shape[0], topk, dtype=torch.long, device=x.device)
-    zero_shot_pred = torch.empty(x.shape[0], dtype=torch.long, device=x.device) if zero_shot \
-        else None
-    scoring_path = None
-    for rows, batch in _batches(x, route, z):
-        tables = None  # the last batch's block goes before the next one is built
-        tables = z.for_rows(batch, rows) if per_row else None
-        if zero_shot_pred is not None:
-            first = _scores(batch, z, tables, 1, route, with_lse=False)[1]
-            zero_shot_pred[rows] = first[:, 0].to(x.device)
-        if ensemble_steps is None:
-            final = _final_state(route, model, batch, rows.start, steps)
-            top_values, top_indices, _, _, scoring_path = _scores(final, z, tables, topk, route,
-                                                                  with_lse=False)
-        else:
-            states = _states(route, model, batch, rows.start, steps)
-            kept = [state.clone() for s, state in enumerate(states) if s in ensemble_steps]
-            scored = dispatch.step_ensemble_topk(
-                kept, z, topk, logit_scale=logit_scale, normalized=True,
-                backend=route.op_backend)
-            top_values, top_indices, scoring_path = scored
-        values[rows], indices[rows] = top_values.to(x.device), top_indices.to(x.device)
-    return SolveResult(
-        pred=indices[:, 0].clone(),
-        topk_values=values,
-        topk_indices=indices,
-        path=route.path(scoring_path),
-        zero_shot_pred=zero_shot_pred,
-    )
+        return _transported(route, model, x, steps)
+    return _scored(route, model, x, _unit_rows(z, route.device), steps, scoring)
 
 
 def trajectory_scores(
@@ -427,8 +458,15 @@ def trajectory_scores(
     ``labels`` are given). Memory stays one batch's state and class tile whatever N, C or M.
     ``step_size`` None: the model's (:func:`~fma_fast.core.model.solve_settings`); ``max_steps``
     None: the M that reaches t=1. Arguments are checked when called, before the first state."""
-    max_steps, step_size = _settings(model, max_steps, step_size, name="max_steps")
-    options = _options(step_size, precision, backend, batch_size, device)
+    max_steps, options = _solve_options(model, max_steps, step_size, precision, backend,
+                                        batch_size, device, name="max_steps")
+    return _trajectory_scores(model, features, class_features, max_steps, options,
+                              labels=labels, k=k, with_lse=with_lse)
+
+
+def _trajectory_scores(model, features, class_features, max_steps: int, options: SolveOptions,
+                       *, labels=None, k: int = 1, with_lse: bool = False):
+    """:func:`trajectory_scores` with M and the options resolved."""
     x, z, y = _inputs(features, model, class_features, labels=labels, require_classes=True)
     k = check.check_int("k", k, minimum=1)
     if k > _classes(z):
@@ -451,9 +489,10 @@ def _trajectory(model, x, z, y, max_steps, k, with_lse, route):
             yield rows, step, StateScores(values, indices, lse, true_cosine)
 
 
-def _accuracy_and_loss(model, features, labels, class_features, *, with_loss: bool, **options):
-    scores = trajectory_scores(model, features, class_features, labels=labels,
-                               with_lse=with_loss, **options)
+def _accuracy_and_loss(model, features, labels, class_features, max_steps: int,
+                       options: SolveOptions, *, with_loss: bool):
+    scores = _trajectory_scores(model, features, class_features, max_steps, options,
+                                labels=labels, with_lse=with_loss)
     rows = check.as_tensor("labels", labels).shape[0]
     correct: dict[int, int] = {}
     loss: dict[int, float] = {}
@@ -483,11 +522,10 @@ def accuracy_by_steps(
     backend: Backend = "auto",
 ) -> list[float]:
     """Top-1 accuracy after every M in 0..max_steps, from one trajectory pass over the rows."""
-    return _accuracy_and_loss(
-        model, features, labels, class_features, with_loss=False, max_steps=max_steps,
-        step_size=step_size, batch_size=batch_size, device=device, precision=precision,
-        backend=backend,
-    )[0]
+    max_steps, options = _solve_options(model, max_steps, step_size, precision, backend,
+                                        batch_size, device, name="max_steps")
+    return _accuracy_and_loss(model, features, labels, class_features, max_steps, options,
+                              with_loss=False)[0]
 
 
 def select_steps(
@@ -507,10 +545,10 @@ def select_steps(
     leaks): the best accuracy over M in 0..max_steps, ties broken by the lower cross-entropy
     of softmax(100·cos) and then by fewer steps (:func:`fma_fast.core.policy.best_on_val`).
     ``step_size`` None: the model's, else 0.1; ``max_steps`` None: the M that reaches t=1."""
-    accuracy, cross_entropy = _accuracy_and_loss(
-        model, val_features, val_labels, class_features, with_loss=True, max_steps=max_steps,
-        step_size=step_size, batch_size=batch_size, device=device, precision=precision,
-        backend=backend,
-    )
+    max_steps, options = _solve_options(model, max_steps, step_size, precision, backend,
+                                        batch_size, device, name="max_steps")
+    accuracy, cross_entropy = _accuracy_and_loss(model, val_features, val_labels,
+                                                 class_features, max_steps, options,
+                                                 with_loss=True)
     best = best_on_val(accuracy, cross_entropy, steps=range(len(accuracy)))
     return StepSelection(best_steps=best, accuracy=accuracy, cross_entropy=cross_entropy)

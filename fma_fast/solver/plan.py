@@ -241,6 +241,86 @@ def _centred(weight: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return weight - weight.mean(dim=dim, keepdim=True)
 
 
+def _f64(tensor: torch.Tensor, source: torch.device) -> torch.Tensor:
+    return tensor.detach().to(source, torch.float64)
+
+
+def _modulation(layer: torch.nn.Linear, silu_y: torch.Tensor, chunks: int
+                ) -> tuple[torch.Tensor, ...]:
+    """An adaLN layer's outputs for every step at once, (M, W) each."""
+    source = silu_y.device
+    return F.linear(silu_y, _f64(layer.weight, source), _f64(layer.bias, source)).chunk(
+        chunks, dim=-1)
+
+
+def _time_inputs(model: VelocityNet, times: torch.Tensor) -> torch.Tensor:
+    """SiLU of the time embedding of every step, (M, W) in float64: every adaLN layer's input."""
+    source, t_mlp = times.device, model.time_embed.mlp
+    y = F.linear(timestep_embedding(times).double(), _f64(t_mlp[0].weight, source),
+                 _f64(t_mlp[0].bias, source))
+    y = F.linear(F.silu(y), _f64(t_mlp[2].weight, source), _f64(t_mlp[2].bias, source))
+    return F.silu(y)
+
+
+def _fold_blocks(model: VelocityNet, silu_y: torch.Tensor, dtype: torch.dtype, device
+                 ) -> dict[str, torch.Tensor]:
+    """w1, b1, w2, b2 of every step and block: LayerNorm affine and (1 + scale) in W1's
+    columns, shift in b1, the gate in W2 and b2, both centred over outputs."""
+    steps, source = silu_y.shape[0], silu_y.device
+    width, blocks = model.width, model.blocks
+    fields = {name: torch.empty(steps, blocks, *shape, dtype=dtype, device=device)
+              for name, shape in (("w1", (width, width)), ("b1", (width,)),
+                                  ("w2", (width, width)), ("b2", (width,)))}
+    w1, b1, w2, b2 = fields.values()
+    for b, block in enumerate(model.res_blocks):
+        shift, scale, gate = _modulation(block.adaLN_modulation[-1], silu_y, 3)
+        col_scale = _f64(block.in_ln.weight, source) * (1 + scale)  # (M, W): W1·diag(γ(1+scale))
+        col_shift = _f64(block.in_ln.bias, source) * (1 + scale) + shift
+        lin1, lin2 = _f64(block.mlp[0].weight, source), _f64(block.mlp[2].weight, source)
+        for i in range(steps):  # one step at a time bounds the float64 working set
+            w1[i, b] = (lin1 * col_scale[i]).T
+            w2[i, b] = _centred(lin2 * gate[i, :, None]).T
+        b1[:, b] = _f64(block.mlp[0].bias, source) + col_shift @ lin1.T
+        b2[:, b] = _centred(gate * _f64(block.mlp[2].bias, source), dim=-1)
+    return fields
+
+
+def _fold_ends(model: VelocityNet, silu_y: torch.Tensor, step_size: float, dtype: torch.dtype,
+               device, final_only: bool) -> dict[str, torch.Tensor]:
+    """The input projection (centred) and the final layer with h folded in (wf, bf); with
+    ``final_only`` also the fields of the fp32 final-state path."""
+    steps, source = silu_y.shape[0], silu_y.device
+    shift_f, scale_f = _modulation(model.final_layer.adaLN_modulation[-1], silu_y, 2)
+    final = _f64(model.final_layer.linear.weight, source)
+    final_scale = step_size * (1 + scale_f)  # (M, W)
+    proj = model.input_proj
+    projection = _centred(_f64(proj.weight, source)).T  # (D, W)
+    wf = torch.empty(steps, model.width, model.dim, dtype=dtype, device=device)
+    for i in range(steps):
+        wf[i] = (final * final_scale[i]).T
+    bias_f = step_size * (_f64(model.final_layer.linear.bias, source) + shift_f @ final.T)
+    input_bias = _centred(_f64(proj.bias, source))
+
+    def fp32(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(device, torch.float32).contiguous()
+
+    fields = {"input_weight": fp32(projection), "input_bias": fp32(input_bias), "wf": wf,
+              "bf": bias_f.to(device, dtype)}
+    if final_only:
+        feedback = torch.empty(steps, model.width, model.width, dtype=dtype, device=device)
+        for i in range(steps):
+            feedback[i] = (final * final_scale[i]).T @ projection
+        projected = bias_f @ projection
+        fields.update(
+            feedback=feedback,
+            offsets=fp32(input_bias + projected.cumsum(0) - projected),
+            final_scale=fp32(final_scale),
+            final_weight=final.T.to(device, dtype).contiguous(),
+            bias_sums=fp32(bias_f.cumsum(0)),
+        )
+    return fields
+
+
 @torch.no_grad()
 def build_plan(
     model: VelocityNet,
@@ -264,72 +344,16 @@ def build_plan(
     source = next(model.parameters()).device
     device = source if device is None else torch.device(device)
     check_plan_fits(model, steps, dtype, device)
-
-    def f64(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.detach().to(source, torch.float64)
-
-    width, blocks, dim = model.width, model.blocks, model.dim
     times = step_times(steps, step_size).to(source)
     # Time embedding and every adaLN output for all steps at once: (M, W), (M, 3W), (M, 2W).
-    t_mlp = model.time_embed.mlp
-    y = F.linear(timestep_embedding(times).double(), f64(t_mlp[0].weight), f64(t_mlp[0].bias))
-    y = F.linear(F.silu(y), f64(t_mlp[2].weight), f64(t_mlp[2].bias))
-    silu_y = F.silu(y)
-
-    def modulation(layer: torch.nn.Linear, chunks: int) -> tuple[torch.Tensor, ...]:
-        return F.linear(silu_y, f64(layer.weight), f64(layer.bias)).chunk(chunks, dim=-1)
-
-    def empty(*shape: int) -> torch.Tensor:
-        return torch.empty(*shape, dtype=dtype, device=device)
-
-    w1, b1 = empty(steps, blocks, width, width), empty(steps, blocks, width)
-    w2, b2 = empty(steps, blocks, width, width), empty(steps, blocks, width)
-    for b, block in enumerate(model.res_blocks):
-        shift, scale, gate = modulation(block.adaLN_modulation[-1], 3)
-        col_scale = f64(block.in_ln.weight) * (1 + scale)  # (M, W): W1·diag(γ(1+scale))
-        col_shift = f64(block.in_ln.bias) * (1 + scale) + shift
-        lin1, lin2 = f64(block.mlp[0].weight), f64(block.mlp[2].weight)
-        for i in range(steps):  # one step at a time bounds the float64 working set
-            w1[i, b] = (lin1 * col_scale[i]).T
-            w2[i, b] = _centred(lin2 * gate[i, :, None]).T
-        b1[:, b] = f64(block.mlp[0].bias) + col_shift @ lin1.T
-        b2[:, b] = _centred(gate * f64(block.mlp[2].bias), dim=-1)
-    shift_f, scale_f = modulation(model.final_layer.adaLN_modulation[-1], 2)
-    final = f64(model.final_layer.linear.weight)
-    final_scale = step_size * (1 + scale_f)  # (M, W)
-    proj = model.input_proj
-    projection = _centred(f64(proj.weight)).T  # (D, W)
-    wf = empty(steps, width, dim)
-    for i in range(steps):
-        wf[i] = (final * final_scale[i]).T
-    bias_f = step_size * (f64(model.final_layer.linear.bias) + shift_f @ final.T)  # (M, D)
-    input_bias = _centred(f64(proj.bias))
-
-    def fp32(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.to(device, torch.float32).contiguous()
-
-    final_fields = {}
-    if final_only:
-        feedback = empty(steps, width, width)
-        for i in range(steps):
-            feedback[i] = (final * final_scale[i]).T @ projection
-        projected = bias_f @ projection
-        final_fields = dict(
-            feedback=feedback,
-            offsets=fp32(input_bias + projected.cumsum(0) - projected),
-            final_scale=fp32(final_scale),
-            final_weight=final.T.to(device, dtype).contiguous(),
-            bias_sums=fp32(bias_f.cumsum(0)),
-        )
+    silu_y = _time_inputs(model, times)
     return SolverPlan(
         steps=steps,
         step_size=step_size,
         eps=model.final_layer.norm_final.eps,
         times=times.to(device),
-        input_weight=fp32(projection),
-        input_bias=fp32(input_bias),
-        w1=w1, b1=b1, w2=w2, b2=b2, wf=wf, bf=bias_f.to(device, dtype),
-        **final_fields,
+        **_fold_blocks(model, silu_y, dtype, device),
+        **_fold_ends(model, silu_y, step_size, dtype, device, final_only),
     )
 
 
