@@ -141,7 +141,7 @@ def test_an_interrupted_job_resumes_to_the_same_bytes(job, tmp_path, monkeypatch
     monkeypatch.setattr(batch_job, "SCORE_PART_ROWS", 250)
     args = (job["root"] / "model", _inputs(job), job["root"] / "test.safetensors")
     fma_fast.score(*args, tmp_path / "whole", progress=False)
-    real, written = batch_job._write_part, []
+    real, written = batch_job.write_part, []
 
     def crash_after_two(*a, **k):
         if len(written) == 2:
@@ -149,10 +149,10 @@ def test_an_interrupted_job_resumes_to_the_same_bytes(job, tmp_path, monkeypatch
         written.append(a[1].stem)
         return real(*a, **k)
 
-    monkeypatch.setattr(batch_job, "_write_part", crash_after_two)
+    monkeypatch.setattr(batch_job, "write_part", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         fma_fast.score(*args, tmp_path / "resumed", progress=False)
-    monkeypatch.setattr(batch_job, "_write_part", real)
+    monkeypatch.setattr(batch_job, "write_part", real)
     summary = fma_fast.score(*args, tmp_path / "resumed", progress=False)
     assert summary.parts_skipped == 2 and summary.rows_scored == summary.rows - 500
     whole = sorted(p.name for p in (tmp_path / "whole").iterdir())

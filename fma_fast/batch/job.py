@@ -20,17 +20,11 @@ records.
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
 import json
 import os
 import platform
-import queue
-import re
-import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,38 +57,24 @@ from ..io.features import (
     FeatureFileError,
     class_table_difference,
     class_table_sha256,
-    differences,
     load_features,
     table_mismatch,
     unit_rows,
 )
 from ..io.files import (
-    JsonError,
-    atomic_write,
     check_output_folder,
-    create_exclusive,
     file_problem,
-    file_sha256,
-    is_temporary,
-    read_json,
-    read_json_record,
-    remove_orphaned_temporaries,
-    save_safetensors,
     write_text,
 )
-from ..io.row_sources import InputError, PartDigest, Shard, ShardReader, find_shards
+from ..io.row_sources import InputError, Shard, find_shards
 from ..solver.api import solve
 from ..solver.plan import check_plan_fits
 from ..solver.routing import SolveOptions, resolve
+from .reader import Part, plan_parts, prefetch
+from .records import already_done, claim_folder, read_record, remove_stale_parts, write_record
+from .writers import FORMATS, write_part
 
-FORMATS = ("safetensors", "npy", "csv", "jsonl")
-"""Output formats: binary arrays per part (safetensors, or one .npy per array), or text with
-class names (CSV, JSON lines) for small outputs (``policy.SCORE_TEXT_ENTRIES``)."""
-JOB_NAME = "job.json"
 MANIFEST_NAME = "manifest.json"
-JOB_FORMAT = "fma_fast/score-job/1"
-PART_FORMAT = "fma_fast/score-part/2"
-"""Version 2 records a digest of the part's input bytes (version 1 records are scored again)."""
 MANIFEST_FORMAT = "fma_fast/score-manifest/1"
 
 
@@ -128,19 +108,6 @@ class ScoreSummary:
             accuracy = (f"; accuracy {100 * self.accuracy:.2f}% (M=0: "
                         f"{100 * self.accuracy_at_m0:.2f}%)")
         return f"{done}{accuracy}; manifest {self.manifest}"
-
-
-@dataclass(frozen=True)
-class _Part:
-    shard: Shard
-    index: int
-    start: int
-    stop: int
-    stem: str
-
-
-def _digest(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
 def weights_sha256(model: VelocityNet) -> str:
@@ -230,292 +197,125 @@ def _single_table(path: Path, why: FeatureFileError) -> torch.Tensor:
     return tensors[0]
 
 
-def _settings(model, steps, step_size, normalize, topk, table, table_digest, precision,
-              backend, output_format, batch_size, part_rows) -> dict[str, Any]:
-    return {
-        "model_sha256": weights_sha256(model),
-        "steps": steps,
-        "step_size": step_size,
-        "normalize": normalize,
-        "topk": topk,
-        "classes": int(table.shape[0]),
-        "class_table_sha256": table_digest,
-        "precision": precision,
-        "backend": backend,
-        "format": output_format,
-        "batch_rows": batch_size,
-        "part_rows": part_rows,
-    }
-
-
 def _part_rows(topk: int) -> int:
     """Rows per part: ``SCORE_PART_ROWS``, fewer when the top-k outputs (12 bytes an entry)
     would pass ``SCORE_PART_BYTES``."""
     return max(1, min(SCORE_PART_ROWS, SCORE_PART_BYTES // (12 * topk)))
 
 
-def _check_route(model, steps, step_size, precision, backend, batch_size, device) -> None:
-    """Every option resolved as the solve will resolve it, before the folder is claimed: an
-    option refused late would leave job.json claiming the folder for a job that cannot run."""
-    options = SolveOptions(step_size=step_size, precision=precision, backend=backend,
-                           batch_size=batch_size, device=device)
-    route = resolve(model, options, steps, torch.device("cpu"))
-    if route.network != NETWORK_REFERENCE:
-        check_plan_fits(model, steps, PRECISION_DTYPES[precision], route.device)
+@dataclass
+class ScoreJob:
+    """One scoring job with every option resolved and checked, before anything is written:
+    the network with M and h, whether rows are normalised, the class table and its names, the
+    solve options, the parts' size and the input shards."""
 
+    model: VelocityNet
+    steps: int
+    step_size: float
+    normalize: bool
+    topk: int
+    output_format: str
+    table: torch.Tensor
+    names: list[str] | None
+    options: SolveOptions
+    part_rows: int
+    shards: list[Shard]
 
-def _claim_folder(out: Path, settings: dict[str, Any], context: Context) -> str:
-    """Tie ``out`` to this job (``job.json``, created atomically: of two jobs racing for one
-    folder one wins); another job's folder is refused. Temporary files of killed writers are
-    removed first, and those of live writers do not make a folder "not empty"."""
-    digest = _digest(settings)
-    record = out / JOB_NAME
-    text = json.dumps({"format": JOB_FORMAT, "digest": digest, "settings": settings},
-                      indent=1, sort_keys=True) + "\n"
-    problem = None
-    if context.is_main:
-        try:
-            problem = _claim(out, record, text, digest, settings)
-        except InputError as error:
-            problem = str(error)
-    problem = context.broadcast(problem)
-    if problem:
-        raise InputError(problem)
-    return digest
+    @classmethod
+    def resolve(cls, model, inputs, classes, *, steps, step_size, normalize, topk,
+                output_format, class_names, device, precision, backend, batch_size,
+                context: Context) -> ScoreJob:
+        """The job of :func:`score`'s arguments; each is refused with a one-line error naming
+        it (the inputs' headers are read, not their rows)."""
+        model, steps, step_size, normalize, model_name = _resolve_model(model, steps, step_size,
+                                                                        normalize)
+        check_choice("output_format", output_format, FORMATS)
+        check_choice("precision", precision, PRECISIONS)
+        check_choice("backend", backend, BACKENDS)
+        topk = check.check_int("topk", topk, minimum=1)
+        table, names = _resolve_classes(classes, class_names)
+        if normalize:  # as eval normalises a file's rows and class table
+            table = unit_rows(table)[0]
+        if table.shape[1] != model.dim:
+            raise ValueError(f"the class table has dim {table.shape[1]} but the model expects "
+                             f"{model.dim}")
+        if topk > table.shape[0]:
+            raise ValueError(f"topk must be <= the number of classes {table.shape[0]}, got "
+                             f"{topk}")
+        _check_trained_on(model, model_name, table, names)
+        device = context.device(device)
+        part_rows = _part_rows(topk)
+        batch_size = check.check_int("batch_size", batch_size if batch_size is not None
+                                     else SOLVE_BATCH_ROWS.get(device.type, 4096), minimum=1)
+        options = SolveOptions(step_size=step_size, precision=precision, backend=backend,
+                               batch_size=min(batch_size, part_rows), device=device)
+        if isinstance(inputs, (str, os.PathLike)):
+            inputs = [inputs]
+        job = cls(model, steps, step_size, normalize, topk, output_format, table, names,
+                  options, part_rows, find_shards(list(inputs)))
+        job._check_inputs()
+        return job
 
+    def _check_inputs(self) -> None:
+        """Every shard's rows fit the model, its class table (if it has one) is the one given
+        and its labels lie in it; text outputs stay small."""
+        model, table, classes = self.model, self.table, int(self.table.shape[0])
+        for shard in self.shards:
+            if shard.dim != model.dim:
+                raise InputError(f"{shard.path}: rows have dim {shard.dim} but the model "
+                                 f"expects {model.dim}")
+            own = shard.read_class_table()
+            if own is not None and self.normalize:
+                own = unit_rows(own)[0]
+            difference = None if own is None else class_table_difference(own, table)
+            if difference:
+                raise InputError(f"{shard.path} carries another class table than the classes "
+                                 f"given ({own.shape[0]} vs {table.shape[0]} classes: "
+                                 f"{difference})")
+            found = shard.label_range()
+            if found is not None and (found[0] < 0 or found[1] >= classes):
+                raise InputError(f"{shard.path}: labels must lie in [0, {classes}) for the "
+                                 f"{classes} classes given, got values in [{found[0]}, "
+                                 f"{found[1]}]")
+        total = sum(shard.rows for shard in self.shards)
+        if self.output_format in ("csv", "jsonl") and total * self.topk > SCORE_TEXT_ENTRIES:
+            raise ValueError(f"{self.output_format} output is for small jobs (rows x topk <= "
+                             f"{SCORE_TEXT_ENTRIES:,}); {total:,} rows x {self.topk} is more: "
+                             "use safetensors or npy")
 
-def _claim(out: Path, record: Path, text: str, digest: str, settings) -> str | None:
-    if out.is_dir():
-        remove_orphaned_temporaries(out)
-    if not record.exists():
-        if out.exists() and any(not is_temporary(p.name) for p in out.iterdir()):
-            return (f"--out {out} is not empty and holds no scoring job; use an empty or new "
-                    "folder")
-        out.mkdir(parents=False, exist_ok=True)
-        if create_exclusive(record, text):
-            return None
-    try:
-        found = read_json(record, "scoring job record")
-    except JsonError as error:
-        return f"--out {out}: {error}"
-    if not isinstance(found, dict) or found.get("format") != JOB_FORMAT:
-        return f"--out {out}: {record} is not a scoring job record"
-    if found.get("digest") != digest:
-        shown = differences(found.get("settings") or {}, settings)
-        return (f"--out {out} holds the outputs of another scoring job ({shown}); use another "
-                "folder")
-    return None
+    @property
+    def device(self) -> torch.device:
+        return self.options.device
 
+    @property
+    def batch_rows(self) -> int:
+        return self.options.batch_size
 
-def _parts(shards: Sequence[Shard], part_rows: int) -> list[list[_Part]]:
-    out = []
-    for shard in shards:
-        stops = list(range(0, shard.rows, part_rows))[1:] + [shard.rows]
-        starts = [0] + stops[:-1]
-        prefix = _part_prefix(shard)
-        out.append([_Part(shard, i, a, b, f"{prefix}{i:05d}")
-                    for i, (a, b) in enumerate(zip(starts, stops))])
-    return out
+    def check_route(self) -> None:
+        """Every option resolved as the solve will resolve it, before the folder is claimed:
+        an option refused late would leave job.json claiming the folder for a job that cannot
+        run."""
+        route = resolve(self.model, self.options, self.steps, torch.device("cpu"))
+        if route.network != NETWORK_REFERENCE:
+            check_plan_fits(self.model, self.steps, PRECISION_DTYPES[self.options.precision],
+                            route.device)
 
-
-def _part_prefix(shard: Shard) -> str:
-    tag = hashlib.sha256(str(shard.path.resolve()).encode()).hexdigest()[:8]
-    return f"{shard.path.stem}-{tag}.part"
-
-
-_PART_FILE = re.compile(r"^(?P<prefix>.+\.part)(?P<number>\d{5})\.")
-
-
-def _remove_stale_parts(out: Path, by_shard: list[list[_Part]]) -> None:
-    """Remove the parts an input no longer has (it shrank since an earlier run): their
-    record first, so that a kill in between leaves files no record vouches for."""
-    counts = {_part_prefix(parts[0].shard): len(parts) for parts in by_shard}
-    stale = []
-    for path in out.iterdir():
-        found = _PART_FILE.match(path.name)
-        if found and int(found["number"]) >= counts.get(found["prefix"], 1 << 30):
-            stale.append(path)
-    for path in sorted(stale, key=lambda p: not p.name.endswith(".done.json")):
-        path.unlink(missing_ok=True)
-
-
-def _record_path(out: Path, part: _Part) -> Path:
-    return out / f"{part.stem}.done.json"
-
-
-def _record(out: Path, part: _Part, job: str) -> dict[str, Any] | None:
-    """The part's record when it is of this job, these rows of this input and its outputs are
-    there with the digests it lists; else None. The input's bytes are not read here."""
-    record = read_json_record(_record_path(out, part))
-    if record is None or record.get("format") != PART_FORMAT or record.get("job") != job:
-        return None
-    found = record.get("input")
-    if not isinstance(found, dict) or found.get("path") != part.shard.record()["path"] or \
-            not isinstance(found.get("sha256"), str) or \
-            record.get("rows") != [part.start, part.stop]:
-        return None
-    files = record.get("files")
-    if not isinstance(files, dict) or not files:
-        return None
-    for name, digest in files.items():
-        path = out / name
-        if not isinstance(name, str) or "/" in name or not path.is_file() or \
-                file_sha256(path) != digest:
-            return None
-    return record
-
-
-def _already_done(out: Path, parts: list[_Part], job: str, chunk: int) -> set[int]:
-    """Which of ``parts`` (by position) a record vouches for and whose input bytes still hash
-    to the record's digest (read again, not solved): a same-size replacement with its mtime
-    kept is scored again."""
-    done = set()
-    reader: ShardReader | None = None
-    buffer = bytearray()
-    try:
-        for number, part in enumerate(parts):
-            record = _record(out, part, job)
-            if record is None:
-                continue
-            if reader is None or reader.shard is not part.shard:
-                if reader is not None:
-                    reader.close()
-                reader = part.shard.open()
-                buffer = bytearray(chunk * part.shard.features.row_bytes)
-            digest = PartDigest(part.shard)
-            for start in range(part.start, part.stop, chunk):
-                reader.read(start, min(start + chunk, part.stop), buffer, digest)
-            reader.check_unchanged()
-            if digest.hexdigest() == record["input"]["sha256"]:
-                done.add(number)
-    finally:
-        if reader is not None:
-            reader.close()
-    return done
-
-
-PREFETCH_DEPTH = 2
-"""Chunks read ahead of the one being solved."""
-
-
-def _prefetch(parts: list[_Part], chunk: int, pin: bool
-              ) -> Iterator[tuple[_Part, tuple, str | None]]:
-    """(part, (features, labels, ids), digest) chunk by chunk, read ahead in a thread; the
-    digest of the part's input bytes comes with its last chunk (None before), after the file
-    was checked to be unchanged since it was planned.
-
-    One handle per input shard. The rows land in a ring of ``PREFETCH_DEPTH + 2`` reused
-    buffers (queued, being solved, being read): a fresh buffer per chunk would let the heap
-    fragment and grow with N. A chunk's features are only valid until the consumer asks for
-    the chunk after next.
-    """
-    items: queue.Queue = queue.Queue(maxsize=PREFETCH_DEPTH)
-    stop = threading.Event()
-    widest = max((part.shard.features.row_bytes for part in parts), default=0)
-    ring = [bytearray(chunk * widest) for _ in range(PREFETCH_DEPTH + 2)] if parts else []
-
-    def put(item) -> bool:
-        """Queue ``item`` unless the consumer has stopped; never blocks past a stop."""
-        while not stop.is_set():
-            try:
-                items.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def read() -> None:
-        reader: ShardReader | None = None
-        try:
-            number = 0
-            for part in parts:
-                if reader is None or reader.shard is not part.shard:
-                    if reader is not None:
-                        reader.close()
-                    reader = part.shard.open()
-                digest = PartDigest(part.shard)
-                for start in range(part.start, part.stop, chunk):
-                    buffer = ring[number % len(ring)]
-                    number += 1
-                    end = min(start + chunk, part.stop)
-                    rows = reader.read(start, end, buffer, digest)
-                    if pin:
-                        rows = (rows[0].pin_memory(), *rows[1:])
-                    finished = None
-                    if end == part.stop:
-                        reader.check_unchanged()
-                        finished = digest.hexdigest()
-                    if not put((part, rows, finished)):
-                        return
-            put(None)
-        except BaseException as error:  # handed to the consumer, raised there
-            put(error)
-        finally:
-            if reader is not None:
-                reader.close()
-
-    reader = threading.Thread(target=read, name="fma-fast-score-reader", daemon=True)
-    reader.start()
-    try:
-        while True:
-            item = items.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        reader.join()
-
-
-def _text_rows(indices, values, ids, labels, names) -> Iterator[dict[str, Any]]:
-    for row in range(indices.shape[0]):
-        entry: dict[str, Any] = {"row": int(ids[row])}
-        if labels is not None:
-            entry["label"] = int(labels[row])
-        entry["topk"] = [[int(c), None if names is None else names[int(c)],
-                          round(float(v), 6)] for c, v in zip(indices[row], values[row])]
-        yield entry
-
-
-def _write_part(out: Path, part: _Part, arrays: dict[str, torch.Tensor], output_format: str,
-                names, job: str) -> list[Path]:
-    """The part's output files, each written atomically; their paths."""
-    stem = out / part.stem
-    if output_format == "safetensors":
-        meta = {"fma_fast_score": json.dumps({"job": job, "input": part.shard.path.name,
-                                              "rows": [part.start, part.stop]}, sort_keys=True)}
-        return [save_safetensors(f"{stem}.safetensors", arrays, meta)]
-    if output_format == "npy":
-        written = []
-        for name, array in arrays.items():
-            path = Path(f"{stem}.{name}.npy")
-
-            def save(temp: Path, array=array) -> None:
-                with open(temp, "wb") as handle:
-                    np.save(handle, array.numpy(), allow_pickle=False)
-
-            written.append(atomic_write(path, save))
-        return written
-    rows = _text_rows(arrays["topk_indices"], arrays["topk_values"], arrays["row_ids"],
-                      arrays.get("labels"), names)
-    if output_format == "jsonl":
-        text = "".join(json.dumps(entry) + "\n" for entry in rows)
-        return [write_text(f"{stem}.jsonl", text)]
-    k = arrays["topk_indices"].shape[1]
-    header = ["row"] + (["label"] if "labels" in arrays else [])
-    header += [f"{field}_{r + 1}" for r in range(k) for field in ("class", "name", "cosine")]
-    text = io.StringIO()
-    writer = csv.writer(text)  # RFC 4180: CRLF rows, fields with , " CR or LF quoted
-    writer.writerow(header)
-    for entry in rows:
-        cells = [entry["row"]] + ([entry["label"]] if "label" in entry else [])
-        for c, name, v in entry["topk"]:
-            cells += [c, "" if name is None else name, f"{v:.6f}"]
-        writer.writerow(cells)
-    return [atomic_write(f"{stem}.csv", lambda temp: temp.write_text(text.getvalue(),
-                                                                    newline=""))]
+    def settings(self) -> dict[str, Any]:
+        """What ``job.json`` ties the output folder to (a rerun must match it)."""
+        return {
+            "model_sha256": weights_sha256(self.model),
+            "steps": self.steps,
+            "step_size": self.step_size,
+            "normalize": self.normalize,
+            "topk": self.topk,
+            "classes": int(self.table.shape[0]),
+            "class_table_sha256": class_table_sha256(self.table),
+            "precision": self.options.precision,
+            "backend": self.options.backend,
+            "format": self.output_format,
+            "batch_rows": self.batch_rows,
+            "part_rows": self.part_rows,
+        }
 
 
 def score(
@@ -552,80 +352,50 @@ def score(
     module docstring.
     """
     started = time.perf_counter()
-    model, steps, step_size, normalize, model_name = _resolve_model(model, steps, step_size,
-                                                                    normalize)
-    check_choice("output_format", output_format, FORMATS)
-    check_choice("precision", precision, PRECISIONS)
-    check_choice("backend", backend, BACKENDS)
-    topk = check.check_int("topk", topk, minimum=1)
-    table, names = _resolve_classes(classes, class_names)
-    if normalize:  # as eval normalises a file's rows and class table
-        table = unit_rows(table)[0]
-    if table.shape[1] != model.dim:
-        raise ValueError(f"the class table has dim {table.shape[1]} but the model expects "
-                         f"{model.dim}")
-    if topk > table.shape[0]:
-        raise ValueError(f"topk must be <= the number of classes {table.shape[0]}, got {topk}")
-    _check_trained_on(model, model_name, table, names)
-    digest = class_table_sha256(table)
-    device = context.device(device)
-    part_rows = _part_rows(topk)
-    batch_size = check.check_int("batch_size", batch_size if batch_size is not None
-                                 else SOLVE_BATCH_ROWS.get(device.type, 4096), minimum=1)
-    batch_size = min(batch_size, part_rows)
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    shards = find_shards(list(inputs))
-    classes_count = int(table.shape[0])
-    for shard in shards:
-        if shard.dim != model.dim:
-            raise InputError(f"{shard.path}: rows have dim {shard.dim} but the model expects "
-                             f"{model.dim}")
-        own = shard.read_class_table()
-        if own is not None and normalize:
-            own = unit_rows(own)[0]
-        difference = None if own is None else class_table_difference(own, table)
-        if difference:
-            raise InputError(f"{shard.path} carries another class table than the classes given "
-                             f"({own.shape[0]} vs {table.shape[0]} classes: {difference})")
-        found = shard.label_range()
-        if found is not None and (found[0] < 0 or found[1] >= classes_count):
-            raise InputError(f"{shard.path}: labels must lie in [0, {classes_count}) for the "
-                             f"{classes_count} classes given, got values in [{found[0]}, "
-                             f"{found[1]}]")
-    total = sum(shard.rows for shard in shards)
-    if output_format in ("csv", "jsonl") and total * topk > SCORE_TEXT_ENTRIES:
-        raise ValueError(f"{output_format} output is for small jobs (rows x topk <= "
-                         f"{SCORE_TEXT_ENTRIES:,}); {total:,} rows x {topk} is more: use "
-                         "safetensors or npy")
+    job = ScoreJob.resolve(
+        model, inputs, classes, steps=steps, step_size=step_size, normalize=normalize,
+        topk=topk, output_format=output_format, class_names=class_names, device=device,
+        precision=precision, backend=backend, batch_size=batch_size, context=context,
+    )
     out = check_output_folder(Path(out), "--out")
-    model = model.to(device).eval()
-    _check_route(model, steps, step_size, precision, backend, batch_size, device)
-    settings = _settings(model, steps, step_size, normalize, topk, table, digest, precision,
-                         backend, output_format, batch_size, part_rows)
-    job = _claim_folder(out, settings, context)
-
-    by_shard = _parts(shards, part_rows)
-    mine_by_shard = [parts for number, parts in enumerate(by_shard)
+    job.model = job.model.to(job.device).eval()
+    job.check_route()
+    settings = job.settings()
+    digest = claim_folder(out, settings, context)
+    by_shard = plan_parts(job.shards, job.part_rows)
+    mine_by_shard = [shard_parts for number, shard_parts in enumerate(by_shard)
                      if context.owner(number) == context.rank]
-    _remove_stale_parts(out, mine_by_shard)
-    mine = [part for parts in mine_by_shard for part in parts]
-    done = _already_done(out, mine, job, batch_size)
+    remove_stale_parts(out, mine_by_shard)
+    mine = [part for shard_parts in mine_by_shard for part in shard_parts]
+    done = already_done(out, mine, digest, job.batch_rows)
     pending = [part for number, part in enumerate(mine) if number not in done]
-    table_device = table.to(device)
+    path = _score_parts(job, out, pending, digest, progress)
+    context.barrier()
+    seconds = time.perf_counter() - started
+    scored = sum(p.stop - p.start for p in pending)
+    return _manifest(out, by_shard, digest, settings, context,
+                     (scored, len(mine) - len(pending)), seconds, path)
+
+
+def _score_parts(job: ScoreJob, out: Path, pending: list[Part], digest: str,
+                 progress: bool) -> str | None:
+    """Solve the rows of ``pending`` chunk by chunk as the reader thread delivers them; write
+    each part's outputs and then its record. Returns the solver path that ran."""
+    table = job.table.to(job.device)
     bar = tqdm(total=sum(p.stop - p.start for p in pending), unit="rows", unit_scale=True,
                desc="score", disable=None if progress else True, leave=False)
     path = None
     collected: dict[str, list[torch.Tensor]] = {}
     counts = [0, 0]
-    for part, (features, labels, ids), input_digest in _prefetch(pending, batch_size,
-                                                                 pin=device.type == "cuda"):
-        if normalize:
+    for part, (features, labels, ids), input_digest in prefetch(
+            pending, job.batch_rows, pin=job.device.type == "cuda"):
+        if job.normalize:
             features = unit_rows(features)[0]
-        result = solve(features.to(device, non_blocking=True), model, steps,
-                       step_size=step_size, class_features=table_device, topk=topk,
-                       batch_size=batch_size, device=device, precision=precision,
-                       backend=backend, zero_shot=labels is not None)
+        result = solve(features.to(job.device, non_blocking=True), job.model, job.steps,
+                       step_size=job.step_size, class_features=table, topk=job.topk,
+                       batch_size=job.batch_rows, device=job.device,
+                       precision=job.options.precision, backend=job.options.backend,
+                       zero_shot=labels is not None)
         path = result.path
         chunk = {"topk_indices": result.topk_indices.cpu(),
                  "topk_values": result.topk_values.cpu(), "row_ids": ids}
@@ -638,20 +408,12 @@ def score(
         bar.update(features.shape[0])
         if input_digest is not None:
             arrays = {name: torch.cat(values) for name, values in collected.items()}
-            files = _write_part(out, part, arrays, output_format, names, job)
-            record = {"format": PART_FORMAT, "job": job,
-                      "input": {**part.shard.record(), "sha256": input_digest},
-                      "rows": [part.start, part.stop], "labelled": "labels" in arrays,
-                      "correct": counts[0], "correct_m0": counts[1], "path": path,
-                      "files": {f.name: file_sha256(f) for f in files}}
-            write_text(_record_path(out, part), json.dumps(record, sort_keys=True) + "\n")
+            files = write_part(out, part, arrays, job.output_format, job.names, digest)
+            write_record(out, part, digest, input_digest, files, labelled="labels" in arrays,
+                         correct=counts[0], correct_m0=counts[1], path=path)
             collected, counts = {}, [0, 0]
     bar.close()
-    context.barrier()
-    seconds = time.perf_counter() - started
-    scored = sum(p.stop - p.start for p in pending)
-    return _manifest(out, by_shard, job, settings, context, (scored, len(mine) - len(pending)),
-                     seconds, path)
+    return path
 
 
 def _manifest(out, by_shard, job, settings, context, work, seconds, path) -> ScoreSummary:
@@ -660,7 +422,7 @@ def _manifest(out, by_shard, job, settings, context, work, seconds, path) -> Sco
     records = []
     for parts in by_shard:
         for part in parts:
-            record = _record(out, part, job)
+            record = read_record(out, part, job)
             if record is None:
                 raise InputError(f"part {part.stem} has no outputs after the job (removed or "
                                  f"changed in {out} while the job ran?); run the job again")

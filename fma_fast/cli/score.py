@@ -3,7 +3,7 @@ model into sharded top-k outputs; resumable, and split over torchrun ranks by in
 
 from __future__ import annotations
 
-from ..batch.job import FORMATS
+from ..batch.writers import FORMATS
 from ..core.policy import SOLVE_BATCH_ROWS
 from . import options
 

@@ -1,0 +1,116 @@
+"""Reading a scoring job's inputs: the parts each input shard is cut into, and the rows of
+those parts chunk by chunk from a reader thread, with the digest of the bytes each part read."""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from ..io.row_sources import PartDigest, Shard, ShardReader
+
+
+@dataclass(frozen=True)
+class Part:
+    """Rows ``start:stop`` of an input shard: the unit written atomically and recorded."""
+
+    shard: Shard
+    index: int
+    start: int
+    stop: int
+    stem: str
+
+
+def plan_parts(shards: Sequence[Shard], part_rows: int) -> list[list[Part]]:
+    """Every shard cut into parts of at most ``part_rows`` rows, named after the shard."""
+    out = []
+    for shard in shards:
+        stops = list(range(0, shard.rows, part_rows))[1:] + [shard.rows]
+        starts = [0] + stops[:-1]
+        prefix = part_prefix(shard)
+        out.append([Part(shard, i, a, b, f"{prefix}{i:05d}")
+                    for i, (a, b) in enumerate(zip(starts, stops))])
+    return out
+
+
+def part_prefix(shard: Shard) -> str:
+    """The start of a shard's part names: its stem and a digest of its resolved path."""
+    tag = hashlib.sha256(str(shard.path.resolve()).encode()).hexdigest()[:8]
+    return f"{shard.path.stem}-{tag}.part"
+
+
+PREFETCH_DEPTH = 2
+"""Chunks read ahead of the one being solved."""
+
+
+def prefetch(parts: list[Part], chunk: int, pin: bool
+             ) -> Iterator[tuple[Part, tuple, str | None]]:
+    """(part, (features, labels, ids), digest) chunk by chunk, read ahead in a thread; the
+    digest of the part's input bytes comes with its last chunk (None before), after the file
+    was checked to be unchanged since it was planned.
+
+    One handle per input shard. The rows land in a ring of ``PREFETCH_DEPTH + 2`` reused
+    buffers (queued, being solved, being read): a fresh buffer per chunk would let the heap
+    fragment and grow with N. A chunk's features are only valid until the consumer asks for
+    the chunk after next.
+    """
+    items: queue.Queue = queue.Queue(maxsize=PREFETCH_DEPTH)
+    stop = threading.Event()
+    widest = max((part.shard.features.row_bytes for part in parts), default=0)
+    ring = [bytearray(chunk * widest) for _ in range(PREFETCH_DEPTH + 2)] if parts else []
+
+    def put(item) -> bool:
+        """Queue ``item`` unless the consumer has stopped; never blocks past a stop."""
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read() -> None:
+        reader: ShardReader | None = None
+        try:
+            number = 0
+            for part in parts:
+                if reader is None or reader.shard is not part.shard:
+                    if reader is not None:
+                        reader.close()
+                    reader = part.shard.open()
+                digest = PartDigest(part.shard)
+                for start in range(part.start, part.stop, chunk):
+                    buffer = ring[number % len(ring)]
+                    number += 1
+                    end = min(start + chunk, part.stop)
+                    rows = reader.read(start, end, buffer, digest)
+                    if pin:
+                        rows = (rows[0].pin_memory(), *rows[1:])
+                    finished = None
+                    if end == part.stop:
+                        reader.check_unchanged()
+                        finished = digest.hexdigest()
+                    if not put((part, rows, finished)):
+                        return
+            put(None)
+        except BaseException as error:  # handed to the consumer, raised there
+            put(error)
+        finally:
+            if reader is not None:
+                reader.close()
+
+    reader = threading.Thread(target=read, name="fma-fast-score-reader", daemon=True)
+    reader.start()
+    try:
+        while True:
+            item = items.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        reader.join()
