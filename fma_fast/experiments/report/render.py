@@ -43,10 +43,33 @@ def _curve_shape(curve: list[tuple[float, float]]) -> str:
     return f"rises to M={last}"
 
 
-def render_markdown(result: dict) -> str:
-    """The human-readable report; every number in it comes from ``result``."""
-    settings, env, agg = result["settings"], result["environment"], result["aggregate"]
-    shots = settings["shots"]
+METHODS_NOTE = (
+    "Methods: zero-shot = cosine to class texts (FMA's M=0); FMA = zero-shot features "
+    "transported M steps (M on val); FMA adaptive = per-row stopping rule chosen on val; "
+    "linear probe = L2-regularised logistic regression; CLIP-Adapter = the released "
+    "adapter (two ReLUs, ratio 0.2) trained on the cached features; CLIP-Adapter + FMA = "
+    "FMA trained and run on the adapter's features (the "
+    "paper's plug-in use); Tip-Adapter(-F) = cache model (-F: keys fine-tuned; without "
+    "augmented views of fixed features it barely moves from Tip-Adapter). M on val "
+    "(`fma_fast.select_steps`): the best accuracy, ties broken by the lower val "
+    "cross-entropy (softmax of 100·cos), then by fewer steps. FMA moves "
+    "features, not logits, so it cannot be stacked after the linear probe or Tip-Adapter; "
+    'the "on FMA" rows instead fit those methods on FMA-transported features.'
+)
+FINDINGS = (
+    ("FMA", "linear probe"),
+    ("FMA", "CLIP-Adapter"),
+    ("CLIP-Adapter + FMA", "CLIP-Adapter"),
+    ("FMA adaptive", "FMA"),
+)
+"""The paired comparisons the findings spell out."""
+TIMED = ("linear probe", "CLIP-Adapter", "Tip-Adapter", "Tip-Adapter-F", "FMA",
+         "CLIP-Adapter + FMA")
+
+
+def _header(result: dict) -> list[str]:
+    """Command, machine, versions, protocol, FMA's settings and the data."""
+    settings, env = result["settings"], result["environment"]
     lines = [
         f"# FMA vs few-shot baselines: {result['name']}",
         "",
@@ -79,141 +102,143 @@ def render_markdown(result: dict) -> str:
         )
     else:
         lines.append(f"- data: feature files {', '.join(settings['features'])}")
-    lines += [
+    return [*lines, "", METHODS_NOTE, ""]
+
+
+def _table_head(first: str, shots: list[int]) -> list[str]:
+    return [f"| {first} | " + " | ".join(f"K={k}" for k in shots) + " |",
+            "|---|" + "---:|" * len(shots)]
+
+
+def _accuracy_tables(by_shots: dict, shots: list[int]) -> list[str]:
+    """Test accuracy per method (the best of each K in bold) and the paired differences."""
+    lines = ["Test accuracy (%), mean ± std over seeds:", "", *_table_head("method", shots)]
+    methods = list(by_shots[str(shots[0])]["methods"])
+    for method in methods:
+        cells = []
+        best = {k: max(by_shots[str(k)]["methods"][m][0] for m in methods) for k in shots}
+        for k in shots:
+            mean, std = by_shots[str(k)]["methods"][method]
+            cell = _pct(mean, std)
+            cells.append(f"**{cell}**" if mean == best[k] else cell)
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += ["", "Paired differences (points, same seeds), mean ± std:", "",
+              *_table_head("comparison", shots)]
+    for a, b in (*PAIRS, *peft_pairs([{"accuracy": dict.fromkeys(methods)}])):
+        key = f"{a} - {b}"
+        cells = [_signed(*by_shots[str(k)]["paired"][key]) for k in shots]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    lines += ["", "Findings (computed):", ""]
+    for a, b in FINDINGS:
+        parts = []
+        for k in shots:
+            mean, std = by_shots[str(k)]["paired"][f"{a} - {b}"]
+            parts.append(f"K={k} {_signed(mean, std)} ({_verdict(mean, std)})")
+        lines.append(f"- {a} vs {b}: " + "; ".join(parts) + ".")
+    return lines
+
+
+def _curve_tables(by_shots: dict, shots: list[int], max_steps: int) -> list[str]:
+    """FMA's and CLIP-Adapter + FMA's test accuracy per M, and what choosing M on val costs."""
+    steps_header = " | ".join(f"M={m}" for m in range(max_steps + 1))
+    steps_rule = "---:|" * (max_steps + 1)
+    lines = ["", "FMA test accuracy per M (mean over seeds), M chosen on val, adaptive:", ""]
+    lines.append(
+        f"| K | epochs (updates) | {steps_header} | M on val (per seed) "
+        "| adaptive rule (per seed); mean stop step | shape |"
+    )
+    lines.append(f"|---:|---:|{steps_rule}---|---|---|")
+    for k in shots:
+        entry = by_shots[str(k)]
+        curve = entry["test_by_steps"]
+        lines.append(
+            f"| {k} | {entry['fma_epochs']} ({entry['fma_updates']}) | "
+            + " | ".join(_pct(m) for m, _ in curve)
+            + f" | {', '.join(map(str, entry['chosen_steps']))}"
+            + f" | {', '.join(entry['adaptive_rules'])}; "
+            + f"{entry['adaptive_mean_steps'][0]:.1f} | {_curve_shape(curve)} |"
+        )
+    lines += ["", "CLIP-Adapter + FMA test accuracy per M (M=0 is CLIP-Adapter):", ""]
+    lines.append(f"| K | {steps_header} | shape |")
+    lines.append(f"|---:|{steps_rule}---|")
+    for k in shots:
+        curve = by_shots[str(k)]["adapter_test_by_steps"]
+        lines.append(
+            f"| {k} | " + " | ".join(_pct(m) for m, _ in curve) + f" | {_curve_shape(curve)} |"
+        )
+    lines.append("")
+    oracle = [max(m for m, _ in by_shots[str(k)]["test_by_steps"]) for k in shots]
+    chosen = [by_shots[str(k)]["methods"]["FMA"][0] for k in shots]
+    lines.append(
+        "Choosing M on val instead of on test (the released code's leak) costs "
+        + ", ".join(f"K={k} {100 * (o - c):.1f}" for k, o, c in zip(shots, oracle, chosen))
+        + " points against the best M on the mean test curve."
+    )
+    return [*lines, ""]
+
+
+def _convergence(checks: list[dict]) -> list[str]:
+    """The training budget check: FMA refit with twice the epochs."""
+    lines = [
+        "## Training budget check",
         "",
-        "Methods: zero-shot = cosine to class texts (FMA's M=0); FMA = zero-shot features "
-        "transported M steps (M on val); FMA adaptive = per-row stopping rule chosen on val; "
-        "linear probe = L2-regularised logistic regression; CLIP-Adapter = the released "
-        "adapter (two ReLUs, ratio 0.2) trained on the cached features; CLIP-Adapter + FMA = "
-        "FMA trained and run on the adapter's features (the "
-        "paper's plug-in use); Tip-Adapter(-F) = cache model (-F: keys fine-tuned; without "
-        "augmented views of fixed features it barely moves from Tip-Adapter). M on val "
-        "(`fma_fast.select_steps`): the best accuracy, ties broken by the lower val "
-        "cross-entropy (softmax of 100·cos), then by fewer steps. FMA moves "
-        "features, not logits, so it cannot be stacked after the linear probe or Tip-Adapter; "
-        'the "on FMA" rows instead fit those methods on FMA-transported features.',
+        "FMA refit with twice the epochs at the smallest and largest K, first seed. The "
+        "noise-free "
+        "straight-line loss (fixed t grid) is the deterministic measure of fit; the training "
+        "loss itself is a noisy one-sample estimate.",
         "",
+        "| data | K | epochs (updates) | train line loss | val line loss "
+        "| test acc at M on val | test acc at M=max |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for dataset, by_shots in agg.items():
-        lines += [f"## {dataset}", "", "Test accuracy (%), mean ± std over seeds:", ""]
-        lines.append("| method | " + " | ".join(f"K={k}" for k in shots) + " |")
-        lines.append("|---|" + "---:|" * len(shots))
-        methods = list(by_shots[str(shots[0])]["methods"])
-        for method in methods:
-            cells = []
-            best = {k: max(by_shots[str(k)]["methods"][m][0] for m in methods) for k in shots}
-            for k in shots:
-                mean, std = by_shots[str(k)]["methods"][method]
-                cell = _pct(mean, std)
-                cells.append(f"**{cell}**" if mean == best[k] else cell)
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
-        lines += ["", "Paired differences (points, same seeds), mean ± std:", ""]
-        lines.append("| comparison | " + " | ".join(f"K={k}" for k in shots) + " |")
-        lines.append("|---|" + "---:|" * len(shots))
-        for a, b in (*PAIRS, *peft_pairs([{"accuracy": dict.fromkeys(methods)}])):
-            key = f"{a} - {b}"
-            cells = [_signed(*by_shots[str(k)]["paired"][key]) for k in shots]
-            lines.append(f"| {key} | " + " | ".join(cells) + " |")
-        lines += ["", "Findings (computed):", ""]
-        for a, b in (
-            ("FMA", "linear probe"),
-            ("FMA", "CLIP-Adapter"),
-            ("CLIP-Adapter + FMA", "CLIP-Adapter"),
-            ("FMA adaptive", "FMA"),
-        ):
-            parts = []
-            for k in shots:
-                mean, std = by_shots[str(k)]["paired"][f"{a} - {b}"]
-                parts.append(f"K={k} {_signed(mean, std)} ({_verdict(mean, std)})")
-            lines.append(f"- {a} vs {b}: " + "; ".join(parts) + ".")
-        steps_header = " | ".join(f"M={m}" for m in range(settings["max_steps"] + 1))
-        steps_rule = "---:|" * (settings["max_steps"] + 1)
-        lines += ["", "FMA test accuracy per M (mean over seeds), M chosen on val, adaptive:", ""]
-        lines.append(
-            f"| K | epochs (updates) | {steps_header} | M on val (per seed) "
-            "| adaptive rule (per seed); mean stop step | shape |"
+    for check_result in checks:
+        for fit_result in check_result["fits"]:
+            lines.append(
+                f"| {check_result['dataset']} | {check_result['shots']} "
+                f"| {fit_result['epochs']} ({fit_result['updates']}) | "
+                f"{fit_result['train_line_loss']:.4f} | {fit_result['val_line_loss']:.4f} | "
+                f"{_pct(fit_result['test_accuracy_chosen_m'])} (M={fit_result['steps']}) | "
+                f"{_pct(fit_result['test_accuracy_max_m'])} |"
+            )
+    lines += ["", "Doubling the epochs changed (computed):", ""]
+    for check_result in checks:
+        single, double = check_result["fits"]
+        loss_change = double["val_line_loss"] / single["val_line_loss"] - 1
+        at_max, at_chosen = (
+            100 * (double[key] - single[key])
+            for key in ("test_accuracy_max_m", "test_accuracy_chosen_m")
         )
-        lines.append(f"|---:|---:|{steps_rule}---|---|---|")
-        for k in shots:
-            entry = by_shots[str(k)]
-            curve = entry["test_by_steps"]
-            lines.append(
-                f"| {k} | {entry['fma_epochs']} ({entry['fma_updates']}) | "
-                + " | ".join(_pct(m) for m, _ in curve)
-                + f" | {', '.join(map(str, entry['chosen_steps']))}"
-                + f" | {', '.join(entry['adaptive_rules'])}; "
-                + f"{entry['adaptive_mean_steps'][0]:.1f} | {_curve_shape(curve)} |"
-            )
-        lines += ["", "CLIP-Adapter + FMA test accuracy per M (M=0 is CLIP-Adapter):", ""]
-        lines.append(f"| K | {steps_header} | shape |")
-        lines.append(f"|---:|{steps_rule}---|")
-        for k in shots:
-            curve = by_shots[str(k)]["adapter_test_by_steps"]
-            lines.append(
-                f"| {k} | " + " | ".join(_pct(m) for m, _ in curve) + f" | {_curve_shape(curve)} |"
-            )
-        lines.append("")
-        oracle = [max(m for m, _ in by_shots[str(k)]["test_by_steps"]) for k in shots]
-        chosen = [by_shots[str(k)]["methods"]["FMA"][0] for k in shots]
         lines.append(
-            "Choosing M on val instead of on test (the released code's leak) costs "
-            + ", ".join(f"K={k} {100 * (o - c):.1f}" for k, o, c in zip(shots, oracle, chosen))
-            + " points against the best M on the mean test curve."
+            f"- {check_result['dataset']} K={check_result['shots']}: val line loss "
+            f"{100 * loss_change:+.1f}%, test accuracy at M=max {at_max:+.1f}, "
+            f"at the M chosen on val {at_chosen:+.1f} points."
         )
-        lines.append("")
-    if result.get("convergence"):
-        lines += [
-            "## Training budget check",
-            "",
-            "FMA refit with twice the epochs at the smallest and largest K, first seed. The "
-            "noise-free "
-            "straight-line loss (fixed t grid) is the deterministic measure of fit; the training "
-            "loss itself is a noisy one-sample estimate.",
-            "",
-            "| data | K | epochs (updates) | train line loss | val line loss "
-            "| test acc at M on val | test acc at M=max |",
-            "|---|---:|---:|---:|---:|---:|---:|",
-        ]
-        for check_result in result["convergence"]:
-            for fit_result in check_result["fits"]:
-                lines.append(
-                    f"| {check_result['dataset']} | {check_result['shots']} "
-                    f"| {fit_result['epochs']} ({fit_result['updates']}) | "
-                    f"{fit_result['train_line_loss']:.4f} | {fit_result['val_line_loss']:.4f} | "
-                    f"{_pct(fit_result['test_accuracy_chosen_m'])} (M={fit_result['steps']}) | "
-                    f"{_pct(fit_result['test_accuracy_max_m'])} |"
-                )
-        lines += ["", "Doubling the epochs changed (computed):", ""]
-        for check_result in result["convergence"]:
-            single, double = check_result["fits"]
-            loss_change = double["val_line_loss"] / single["val_line_loss"] - 1
-            at_max, at_chosen = (
-                100 * (double[key] - single[key])
-                for key in ("test_accuracy_max_m", "test_accuracy_chosen_m")
-            )
-            lines.append(
-                f"- {check_result['dataset']} K={check_result['shots']}: val line loss "
-                f"{100 * loss_change:+.1f}%, test accuracy at M=max {at_max:+.1f}, "
-                f"at the M chosen on val {at_chosen:+.1f} points."
-            )
-        lines.append("")
-    lines += ["## Time", "", "Mean seconds per fit (fit + scoring the test split):", ""]
-    lines.append("| method | " + " | ".join(f"K={k}" for k in shots) + " |")
-    lines.append("|---|" + "---:|" * len(shots))
-    for method in (
-        "linear probe",
-        "CLIP-Adapter",
-        "Tip-Adapter",
-        "Tip-Adapter-F",
-        "FMA",
-        "CLIP-Adapter + FMA",
-    ):
+    return [*lines, ""]
+
+
+def _times(result: dict, shots: list[int]) -> list[str]:
+    """Mean seconds per fit of each timed method."""
+    lines = ["## Time", "", "Mean seconds per fit (fit + scoring the test split):", "",
+             *_table_head("method", shots)]
+    for method in TIMED:
         cells = []
         for k in shots:
             times = [r["seconds"][method] for r in result["runs"] if r["shots"] == k]
             cells.append(f"{statistics.fmean(times):.1f}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines.append("")
+    return [*lines, ""]
+
+
+def render_markdown(result: dict) -> str:
+    """The human-readable report; every number in it comes from ``result``."""
+    settings, shots = result["settings"], result["settings"]["shots"]
+    lines = _header(result)
+    for dataset, by_shots in result["aggregate"].items():
+        lines += [f"## {dataset}", "", *_accuracy_tables(by_shots, shots),
+                  *_curve_tables(by_shots, shots, settings["max_steps"])]
+    if result.get("convergence"):
+        lines += _convergence(result["convergence"])
+    lines += _times(result, shots)
     if result["plots"]:
         lines += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in result["plots"]]
     else:

@@ -159,89 +159,108 @@ def peft_pools(settings: ReportSettings, pools: FeatureSetPools) -> dict[str, Fe
     return sources
 
 
-def run_one(pools: FeatureSetPools, shots: int, seed: int, settings: ReportSettings,
-            sources: dict[str, FeatureSetPools] | None = None) -> dict:
-    """Every method on one K-shot draw: test accuracies, choices made on val, seconds; and for
-    each PEFT source (same images, its own features) its own prediction and FMA on it."""
-    x, y, vx, vy = draw(pools, shots, seed)
-    tx, ty, z = pools.test.features, pools.test.labels, pools.class_features
-    accuracy: dict[str, float] = {}
-    chosen: dict[str, dict] = {}
-    seconds: dict[str, float] = {}
+class _Draw:
+    """One K-shot draw's splits, and what each method run on it scored, chose and took."""
 
-    def run(name: str, method: Baseline) -> Baseline:
+    def __init__(self, pools: FeatureSetPools, shots: int, seed: int):
+        self.x, self.y, self.vx, self.vy = draw(pools, shots, seed)
+        self.tx, self.ty, self.z = pools.test.features, pools.test.labels, pools.class_features
+        self.accuracy: dict[str, float] = {}
+        self.chosen: dict[str, dict] = {}
+        self.seconds: dict[str, float] = {}
+
+    def run(self, name: str, method: Baseline) -> Baseline:
+        """Fit ``method`` on the draw (val chooses its settings) and score the test split."""
         start = time.perf_counter()
-        method.fit(x, y, z, vx, vy)
-        accuracy[name] = method.accuracy(tx, ty)
-        seconds[name] = time.perf_counter() - start
-        chosen[name] = dict(method.selection)
+        method.fit(self.x, self.y, self.z, self.vx, self.vy)
+        self.accuracy[name] = method.accuracy(self.tx, self.ty)
+        self.seconds[name] = time.perf_counter() - start
+        self.chosen[name] = dict(method.selection)
         return method
 
-    run("zero-shot", ZeroShot())
-    run("linear probe", LinearProbe())
-    adapter = run("CLIP-Adapter", ClipAdapter(seed=seed))
-    run("Tip-Adapter", TipAdapter())
-    run("Tip-Adapter-F", TipAdapterF())
 
+def _run_fma(done: _Draw, settings: ReportSettings, seed: int, adapter: ClipAdapter) -> dict:
+    """FMA with M on val, adaptive stopping, the methods stacked on FMA's features and FMA on
+    CLIP-Adapter's; the curves per M for the "fma" entry of the run."""
     start = time.perf_counter()
-    fma = _fma(settings, seed, len(y)).fit(x, y, z, vx, vy)
-    seconds["FMA"] = time.perf_counter() - start
+    fma = _fma(settings, seed, len(done.y)).fit(done.x, done.y, done.z, done.vx, done.vy)
+    done.seconds["FMA"] = time.perf_counter() - start
     options = {"max_steps": settings.max_steps, "step_size": settings.step_size}
     val_stats = fma.val_stats  # the one pass over the val states that chose M
-    test_stats = trajectory_stats(fma.model, tx, z, **options)
-    test_curve = test_stats.fixed_accuracy(ty)
-    accuracy["FMA"] = test_curve[fma.steps]
-    chosen["FMA"] = dict(fma.selection)
-    rule = select_rule(val_stats, vy)
+    test_stats = trajectory_stats(fma.model, done.tx, done.z, **options)
+    test_curve = test_stats.fixed_accuracy(done.ty)
+    done.accuracy["FMA"] = test_curve[fma.steps]
+    done.chosen["FMA"] = dict(fma.selection)
+    rule = select_rule(val_stats, done.vy)
     pred, stop = adaptive_predict(test_stats, rule.rule)
-    accuracy["FMA adaptive"] = float((pred == ty).double().mean())
-    chosen["FMA adaptive"] = {
+    done.accuracy["FMA adaptive"] = float((pred == done.ty).double().mean())
+    done.chosen["FMA adaptive"] = {
         "rule": str(rule.rule),
         "test_mean_steps": float(stop.double().mean()),
     }
-    run("linear probe on FMA", Pipeline(fma, LinearProbe(), fit_first=False))
-    run("Tip-Adapter on FMA", Pipeline(fma, TipAdapter(), fit_first=False))
+    done.run("linear probe on FMA", Pipeline(fma, LinearProbe(), fit_first=False))
+    done.run("Tip-Adapter on FMA", Pipeline(fma, TipAdapter(), fit_first=False))
 
     start = time.perf_counter()
-    adapted_fma = _fma(settings, seed, len(y))
-    stacked = Pipeline(adapter, adapted_fma, fit_first=False).fit(x, y, z, vx, vy)
-    accuracy["CLIP-Adapter + FMA"] = stacked.accuracy(tx, ty)
-    seconds["CLIP-Adapter + FMA"] = time.perf_counter() - start
-    chosen["CLIP-Adapter + FMA"] = dict(stacked.selection)
+    adapted_fma = _fma(settings, seed, len(done.y))
+    stacked = Pipeline(adapter, adapted_fma, fit_first=False).fit(done.x, done.y, done.z,
+                                                                  done.vx, done.vy)
+    done.accuracy["CLIP-Adapter + FMA"] = stacked.accuracy(done.tx, done.ty)
+    done.seconds["CLIP-Adapter + FMA"] = time.perf_counter() - start
+    done.chosen["CLIP-Adapter + FMA"] = dict(stacked.selection)
     adapted_curve = trajectory_stats(
-        adapted_fma.model, adapter.transform(tx), z, **options
-    ).fixed_accuracy(ty)
+        adapted_fma.model, adapter.transform(done.tx), done.z, **options
+    ).fixed_accuracy(done.ty)
+    history = fma.fit_result.history
+    return {
+        "fit": _fit_diagnostics(fma, done.x, done.y, done.vx, done.vy, test_curve),
+        "val_by_steps": fma.steps_selection.accuracy,
+        "test_by_steps": test_curve,
+        "adapter_test_by_steps": adapted_curve,
+        "adaptive_val_accuracy": rule.accuracy,
+        "loss_first_epoch": history[0],
+        "loss_last_epoch": history[-1],
+    }
 
-    for name, source in (sources or {}).items():
+
+def _run_peft_sources(done: _Draw, settings: ReportSettings, shots: int, seed: int,
+                      sources: dict[str, FeatureSetPools]) -> None:
+    """Each PEFT source's own prediction and FMA on its features, on the same draw."""
+    for name, source in sources.items():
         px, py, pvx, pvy = draw(source, shots, seed)
         pz = source.class_features
         start = time.perf_counter()
         own = ZeroShot().fit(px, py, pz, pvx, pvy)
-        accuracy[name] = own.accuracy(source.test.features, source.test.labels)
-        seconds[name] = time.perf_counter() - start
+        done.accuracy[name] = own.accuracy(source.test.features, source.test.labels)
+        done.seconds[name] = time.perf_counter() - start
         start = time.perf_counter()
         on_source = _fma(settings, seed, len(py)).fit(px, py, pz, pvx, pvy)
-        accuracy[f"{name} + FMA"] = on_source.accuracy(source.test.features, source.test.labels)
-        seconds[f"{name} + FMA"] = time.perf_counter() - start
-        chosen[f"{name} + FMA"] = dict(on_source.selection)
+        done.accuracy[f"{name} + FMA"] = on_source.accuracy(source.test.features,
+                                                            source.test.labels)
+        done.seconds[f"{name} + FMA"] = time.perf_counter() - start
+        done.chosen[f"{name} + FMA"] = dict(on_source.selection)
 
-    history = fma.fit_result.history
+
+def run_one(pools: FeatureSetPools, shots: int, seed: int, settings: ReportSettings,
+            sources: dict[str, FeatureSetPools] | None = None) -> dict:
+    """Every method on one K-shot draw: test accuracies, choices made on val, seconds; and for
+    each PEFT source (same images, its own features) its own prediction and FMA on it."""
+    done = _Draw(pools, shots, seed)
+    done.run("zero-shot", ZeroShot())
+    done.run("linear probe", LinearProbe())
+    adapter = done.run("CLIP-Adapter", ClipAdapter(seed=seed))
+    done.run("Tip-Adapter", TipAdapter())
+    done.run("Tip-Adapter-F", TipAdapterF())
+    fma = _run_fma(done, settings, seed, adapter)
+    _run_peft_sources(done, settings, shots, seed, sources or {})
     return {
         "dataset": pools.name,
         "shots": shots,
         "seed": seed,
-        "accuracy": accuracy,
-        "chosen": chosen,
-        "seconds": seconds,
-        "fma": {
-            "fit": _fit_diagnostics(fma, x, y, vx, vy, test_curve),
-            "val_by_steps": fma.steps_selection.accuracy,
-            "test_by_steps": test_curve,
-            "adapter_test_by_steps": adapted_curve,
-            "adaptive_val_accuracy": rule.accuracy,
-            "loss_first_epoch": history[0],
-            "loss_last_epoch": history[-1],
-        },
+        "accuracy": done.accuracy,
+        "chosen": done.chosen,
+        "seconds": done.seconds,
+        "fma": fma,
     }
 
 
