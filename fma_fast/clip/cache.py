@@ -425,45 +425,18 @@ def extract(
     source = extraction_source(encoder, dataset, templates)
     claim_folder(folder, source, "feature cache")
     train_items, val_items = few_shot(dataset, shots, seed)
-    table = cached_class_features(
-        encoder,
-        dataset.class_names,
-        templates,
-        folder / "text.safetensors",
-        context=context,
-        progress=progress and context.is_main,
-    )
-    options = dict(
-        shard_size=shard_size,
-        batch_size=batch_size,
-        workers=workers,
-        on_error=on_error,
-        progress=progress,
-        context=context,
-    )
+    table = cached_class_features(encoder, dataset.class_names, templates,
+                                  folder / "text.safetensors", context=context,
+                                  progress=progress and context.is_main)
+    options = dict(shard_size=shard_size, batch_size=batch_size, workers=workers,
+                   on_error=on_error, progress=progress, context=context)
     splits = {
-        "train": extract_split(
-            encoder,
-            dataset,
-            train_items,
-            "train",
-            folder / f"train-seed{seed}-k{shots}-v{views}",
-            seed=seed,
-            shots=shots,
-            views=views,
-            crop_scale=crop_scale,
-            **options,
-        ),
-        "val": extract_split(
-            encoder,
-            dataset,
-            val_items,
-            "val",
-            folder / f"val-seed{seed}-k{shots}",
-            seed=seed,
-            shots=shots,
-            **options,
-        ),
+        "train": extract_split(encoder, dataset, train_items, "train",
+                               folder / f"train-seed{seed}-k{shots}-v{views}", seed=seed,
+                               shots=shots, views=views, crop_scale=crop_scale, **options),
+        "val": extract_split(encoder, dataset, val_items, "val",
+                             folder / f"val-seed{seed}-k{shots}", seed=seed, shots=shots,
+                             **options),
     }
     if test:
         splits["test"] = extract_split(

@@ -262,6 +262,100 @@ def _hub_files(open_clip, model: str, cache_dir: str | None) -> tuple[Path, dict
     return weights, config["model_cfg"]
 
 
+def _architecture(open_clip, model: str, checkpoint, pretrained, cache: str | None
+                  ) -> tuple[Path | None, dict[str, Any]]:
+    """The architecture of ``model`` (and an ``hf-hub:`` model's weights file), refusing what
+    open_clip would load wrongly or fma_fast does not support."""
+    if checkpoint is not None and pretrained is not None:
+        raise ValueError(
+            "give checkpoint (a local weights file) or pretrained (an open_clip tag), not both"
+        )
+    hub = model.startswith(HF_HUB_PREFIX)
+    if ":" in model and not hub:
+        raise ValueError(
+            f"model {model!r}: of open_clip's schemas only hf-hub: is supported; for a local "
+            "folder pass an architecture name (or --model-config FILE) and --checkpoint FILE"
+        )
+    if hub and (checkpoint is not None or pretrained is not None):
+        raise ValueError(
+            f"model {model!r} takes its weights from that repo (as open_clip's create_model "
+            "does); drop checkpoint/pretrained (--checkpoint/--pretrained)"
+        )
+    weights = None
+    if hub:
+        weights, config = _hub_files(open_clip, model, cache)
+    else:
+        config = open_clip.get_model_config(model)
+    if config is None:
+        raise ValueError(
+            f"unknown open_clip model {model!r}: use a name such as ViT-B-16, ViT-B-32, "
+            "ViT-L-14 or RN50 (open_clip.list_models() lists them) or register an "
+            "architecture JSON with --model-config"
+        )
+    text_cfg = config.get("text_cfg", {})
+    if "hf_model_name" in text_cfg or "hf_tokenizer_name" in text_cfg:
+        raise ValueError(
+            f"model {model!r} needs a Hugging Face transformers text tower or tokenizer; it is "
+            "not supported"
+        )
+    return weights, config
+
+
+def _weights_source(open_clip, model: str, hub_weights: Path | None, checkpoint, pretrained,
+                    cache: str | None) -> tuple[str | None, Path | None, str | None]:
+    """(what open_clip's create_model takes as ``pretrained``, the local weights file, the
+    pretrained tag); no weights file: seeded random init."""
+    if model.startswith(HF_HUB_PREFIX):
+        return None, hub_weights, None
+    if pretrained is not None:
+        if not isinstance(pretrained, str):
+            raise TypeError(f"pretrained must be a tag (str), got {type(pretrained).__name__}")
+        if not open_clip.get_pretrained_cfg(model, pretrained) and Path(pretrained).is_file():
+            return str(Path(pretrained).resolve()), Path(pretrained), None
+        tag, weights_file = resolve_pretrained(model, pretrained, cache)
+        return tag, weights_file, tag
+    if checkpoint is not None:
+        weights_file = Path(checkpoint)
+        if not weights_file.is_file():
+            raise FileNotFoundError(f"checkpoint file not found: {weights_file}")
+        # An absolute path can never be mistaken for a downloadable pretrained tag.
+        return str(weights_file.resolve()), weights_file, None
+    return None, None, None
+
+
+def _network(open_clip, model: str, source: str | None, weights_file: Path | None,
+             cache: str | None, init_seed: int) -> tuple[torch.nn.Module, str]:
+    """The open_clip model with its weights, and where they came from (the file's sha256, or
+    the seed of a random init)."""
+    if weights_file is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            network = open_clip.create_model(
+                model, pretrained=None, pretrained_image=False, pretrained_text=False
+            )
+        return network, f"{RANDOM_INIT}{init_seed}"
+    try:
+        network = open_clip.create_model(
+            model,
+            pretrained=source,
+            cache_dir=cache,
+            pretrained_image=False,
+            pretrained_text=False,
+        )
+    except Exception as error:  # torch and open_clip raise many types for a wrong file
+        hint = ""
+        if "TorchScript" in str(error) or "jit" in str(error).lower():
+            hint = (
+                "; OpenAI's TorchScript .pt files need converting once: "
+                "torch.save(torch.jit.load(f).state_dict(), 'weights.pt')"
+            )
+        raise ValueError(
+            f"{weights_file} is not a loadable checkpoint for open_clip model {model!r}: "
+            f"{type(error).__name__}: {_first_line(error, 300)}{hint}"
+        ) from None
+    return network, f"sha256:{file_sha256(weights_file)}"
+
+
 def load_encoder(
     model: str,
     checkpoint: str | os.PathLike | None = None,
@@ -286,86 +380,13 @@ def load_encoder(
     ``precision`` picks fp16 ("auto"), bf16 or fp32 autocast on CUDA; the CPU runs fp32.
     """
     open_clip = import_open_clip()
-    if checkpoint is not None and pretrained is not None:
-        raise ValueError(
-            "give checkpoint (a local weights file) or pretrained (an open_clip tag), not both"
-        )
-    hub = model.startswith(HF_HUB_PREFIX)
-    if ":" in model and not hub:
-        raise ValueError(
-            f"model {model!r}: of open_clip's schemas only hf-hub: is supported; for a local "
-            "folder pass an architecture name (or --model-config FILE) and --checkpoint FILE"
-        )
-    if hub and (checkpoint is not None or pretrained is not None):
-        raise ValueError(
-            f"model {model!r} takes its weights from that repo (as open_clip's create_model "
-            "does); drop checkpoint/pretrained (--checkpoint/--pretrained)"
-        )
     cache = None if cache_dir is None else str(cache_dir)
-    if hub:
-        weights, config = _hub_files(open_clip, model, cache)
-    else:
-        config = open_clip.get_model_config(model)
-    if config is None:
-        raise ValueError(
-            f"unknown open_clip model {model!r}: use a name such as ViT-B-16, ViT-B-32, "
-            "ViT-L-14 or RN50 (open_clip.list_models() lists them) or register an "
-            "architecture JSON with --model-config"
-        )
-    text_cfg = config.get("text_cfg", {})
-    if "hf_model_name" in text_cfg or "hf_tokenizer_name" in text_cfg:
-        raise ValueError(
-            f"model {model!r} needs a Hugging Face transformers text tower or tokenizer; it is "
-            "not supported"
-        )
+    hub_weights, config = _architecture(open_clip, model, checkpoint, pretrained, cache)
     device = resolve_device(device)
     _autocast_dtype(precision, device)  # reject a bad precision before the slow load
-    tag = weights_file = None
-    if hub:
-        source, weights_file = None, weights
-    elif pretrained is not None:
-        if not isinstance(pretrained, str):
-            raise TypeError(f"pretrained must be a tag (str), got {type(pretrained).__name__}")
-        if not open_clip.get_pretrained_cfg(model, pretrained) and Path(pretrained).is_file():
-            source, weights_file = str(Path(pretrained).resolve()), Path(pretrained)
-        else:
-            tag, weights_file = resolve_pretrained(model, pretrained, cache)
-            source = tag
-    elif checkpoint is not None:
-        weights_file = Path(checkpoint)
-        if not weights_file.is_file():
-            raise FileNotFoundError(f"checkpoint file not found: {weights_file}")
-        # An absolute path can never be mistaken for a downloadable pretrained tag.
-        source = str(weights_file.resolve())
-    if weights_file is None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(init_seed)
-            network = open_clip.create_model(
-                model, pretrained=None, pretrained_image=False, pretrained_text=False
-            )
-        provenance = f"{RANDOM_INIT}{init_seed}"
-    else:
-        try:
-            network = open_clip.create_model(
-                model,
-                pretrained=source,
-                cache_dir=cache,
-                pretrained_image=False,
-                pretrained_text=False,
-            )
-        except Exception as error:  # torch and open_clip raise many types for a wrong file
-            hint = ""
-            if "TorchScript" in str(error) or "jit" in str(error).lower():
-                hint = (
-                    "; OpenAI's TorchScript .pt files need converting once: "
-                    "torch.save(torch.jit.load(f).state_dict(), 'weights.pt')"
-                )
-            raise ValueError(
-                f"{weights_file} is not a loadable checkpoint for open_clip model {model!r}: "
-                f"{type(error).__name__}: {_first_line(error, 300)}{hint}"
-            ) from None
-        provenance = f"sha256:{file_sha256(weights_file)}"
-        weights_file = str(Path(weights_file).resolve())
+    source, weights_file, tag = _weights_source(open_clip, model, hub_weights, checkpoint,
+                                                pretrained, cache)
+    network, provenance = _network(open_clip, model, source, weights_file, cache, init_seed)
     try:
         tokenizer = open_clip.get_tokenizer(model, cache_dir=cache)
     except ImportError as error:
@@ -378,6 +399,6 @@ def load_encoder(
         device=device,
         precision=precision,
         pretrained=tag,
-        weights_file=weights_file,
+        weights_file=None if weights_file is None else str(Path(weights_file).resolve()),
         architecture=config,
     )
