@@ -196,7 +196,7 @@ def test_the_tables_are_clip_loras_and_their_counts_differ():
     """The tables fma_fast reads 24-block vision towers with are CLIP-LoRA's two versions (as
     listed above), and for every tower choice and position both know, their layer counts
     differ: the count in a file always tells the versions apart."""
-    (before_name, before), (since_name, since) = peft._LORA_VISION_TABLES[24]
+    (before_name, before), (since_name, since) = peft.lora._LORA_VISION_TABLES[24]
     assert (before_name, before) == ("ViT-L/14 table before 2024-09-12", BEFORE)
     assert (since_name, since) == ("ViT-L/14 table since 2024-09-12", SINCE)
     for position in set(before) & set(since):  # the text tower adds the same to both

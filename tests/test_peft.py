@@ -25,6 +25,7 @@ open_clip = pytest.importorskip(
 
 from fma_fast.clip import load_encoder, peft, register_model_config  # noqa: E402
 from fma_fast.clip.peft import PEFT_METHODS, PeftError, load_peft  # noqa: E402
+from fma_fast.io.files import file_sha256  # noqa: E402
 
 MODEL = "fma-fast-tiny-peft-test"
 CLASSES = ["abyssinian", "great_pyrenees", "pug"]
@@ -396,7 +397,7 @@ def test_cocoop_per_image_tables(encoder, tmp_path, pixels, monkeypatch):
             rtol=0,
             atol=2e-6,
         )
-    monkeypatch.setattr(peft, "PROMPT_BATCH", 4)  # 9 prompts in chunks of 4, 4 and 1
+    monkeypatch.setattr(peft.coop, "PROMPT_BATCH", 4)  # 9 prompts in chunks of 4, 4 and 1
     torch.testing.assert_close(source.per_image_class_features(images), tables, rtol=0, atol=1e-6)
     with pytest.raises(PeftError, match="per_image_class_features"):
         source.class_features(["a photo of a {}."])
@@ -882,7 +883,7 @@ def test_each_source_runs_end_to_end_in_the_cli(method, encoder, tiny_files, tmp
     assert "test accuracy M=0 (zero-shot)" in printed.out
     results = json.loads((out / "results.json").read_text())
     assert results["peft"]["method"] == method
-    assert results["peft"]["checkpoint_sha256"] == peft.file_sha256(checkpoint)
+    assert results["peft"]["checkpoint_sha256"] == file_sha256(checkpoint)
     (run,) = results["runs"]
     assert len(run["test_accuracy"]) == 4 and run["test_rows"] == 9
     if method == "cocoop":
