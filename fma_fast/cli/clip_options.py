@@ -1,18 +1,17 @@
 """What ``extract`` and ``run`` share: the data and encoder options, the checks before any
-image is read, building the encoder, and encoding a seed's splits into the feature cache."""
+image is read, and their translation into the library's settings
+(:class:`~fma_fast.clip.inputs.InputSettings`, :class:`~fma_fast.clip.inputs.ExtractOptions`)."""
 
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
-from typing import Any
 
 from ..clip.cache import ON_ERROR
-from ..clip.peft import CLASS_TOKEN_POSITIONS, PEFT_METHODS, peft_default_templates
+from ..clip.inputs import ExtractOptions, Inputs, InputSettings
+from ..clip.peft import CLASS_TOKEN_POSITIONS, PEFT_METHODS
 from ..clip.transforms import AUGMENT_SCALE, check_crop_scale
 from ..core.names import AMPS
-from ..io.features import claim_folder
 from ..io.files import check_output_folder, file_problem
 from . import options
 
@@ -95,71 +94,31 @@ def check_before_work(args, seeds: list[int], context, backend: str | None = Non
     return check_output_folder(options.require_out(args), "--out")
 
 
-def prepare(args, context):
-    """Dataset, encoder, templates, device and decoding workers from the shared options."""
-    from ..clip import load_dataset, load_encoder, register_model_config, resolve_templates
-
-    device = context.device(args.device)
-    dataset = load_dataset(args.dataset, args.root, allow_empty_classes=args.allow_empty_classes,
-                           allow_unnamed=args.allow_unnamed_classes)
-    model = register_model_config(args.model_config) if args.model_config else args.model
-    if args.model_config and model != args.model:
-        raise ValueError(
-            f"--model-config {args.model_config} registers {model!r}, not {args.model!r}"
-        )
-    encoder = load_encoder(model, args.checkpoint, pretrained=args.pretrained,
-                           cache_dir=args.cache_dir, device=device, precision=args.precision)
-    if args.peft is not None:
-        from ..clip.peft import PeftEncoder, load_peft
-
-        # base-to-new: a shared context trained on the base classes serves every class
-        strict = getattr(args, "subsample", "all") != "base-to-new"
-        encoder = PeftEncoder(load_peft(args.peft, args.peft_checkpoint, encoder,
-                                        dataset.class_names, strict_classes=strict,
-                                        class_token_position=args.class_token_position))
-    templates = resolve_templates(args.template or peft_default_templates(args.peft),
-                                  dataset.name)
-    if args.workers is not None:
-        workers = args.workers
-    else:
-        workers = min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
-    if context.is_main:
-        print(
-            f"dataset {dataset.name}: {len(dataset.class_names)} classes, {len(dataset.train)} "
-            f"train / {len(dataset.val) if dataset.val is not None else 'no'} val / "
-            f"{len(dataset.test)} test images; model {args.model} ({weights_label(encoder)}), "
-            f"{encoder.precision} on {device}, input {encoder.preprocessing['size']}",
-            flush=True,
-        )
-    return dataset, encoder, templates, device, workers
-
-
-def weights_label(encoder) -> str:
-    """Where an encoder's weights came from, short: the pretrained tag, then the digest."""
-    tag, short = encoder.model_id.get("pretrained"), encoder.checkpoint[:19]
-    return f"{tag} {short}" if tag else short
-
-
-def claim_output(out: Path, dataset, encoder, templates) -> dict[str, Any]:
-    """Tie --out to this extraction's source; an output folder of another is refused."""
-    from ..clip.cache import extraction_source
-
-    source = extraction_source(encoder, dataset, templates)
-    claim_folder(out, source, "--out")
-    return source
-
-
-def extract_seed(args, dataset, encoder, templates, workers, folder, seed, context, shots):
-    """One (shots, seed) draw's train/val/test features through the cache under ``folder``."""
-    from ..clip import extract
-
-    features = extract(
-        encoder, dataset, folder, shots=shots, seed=seed, views=args.views,
-        crop_scale=tuple(args.crop_scale),
-        templates=templates, shard_size=args.shard_size, batch_size=args.encode_batch_size,
-        workers=workers, on_error=args.on_error, progress=not args.quiet, context=context,
+def input_settings(args) -> InputSettings:
+    """The data and encoder options as the library's :class:`InputSettings`."""
+    return InputSettings(
+        dataset=args.dataset, model=args.model, root=args.root,
+        allow_empty_classes=args.allow_empty_classes,
+        allow_unnamed_classes=args.allow_unnamed_classes, checkpoint=args.checkpoint,
+        pretrained=args.pretrained, cache_dir=args.cache_dir, model_config=args.model_config,
+        precision=args.precision, templates=args.template, peft=args.peft,
+        peft_checkpoint=args.peft_checkpoint, class_token_position=args.class_token_position,
+        workers=args.workers,
     )
-    for split, paths in features.skipped.items():
-        if paths and context.is_main:
-            print(f"skipped {len(paths)} unreadable {split} image(s), e.g. {paths[0]}")
-    return features
+
+
+def extract_options(args) -> ExtractOptions:
+    """The encoding options as the library's :class:`ExtractOptions`."""
+    return ExtractOptions(views=args.views, crop_scale=tuple(args.crop_scale),
+                          shard_size=args.shard_size, batch_size=args.encode_batch_size,
+                          on_error=args.on_error, progress=not args.quiet)
+
+
+def load_inputs(args, context) -> Inputs:
+    """Dataset, encoder and templates from the shared options, described on rank 0."""
+    # base-to-new: a shared context trained on the base classes serves every class
+    strict = getattr(args, "subsample", "all") != "base-to-new"
+    inputs = input_settings(args).load(context.device(args.device), strict_classes=strict)
+    if context.is_main:
+        print(inputs.describe(), flush=True)
+    return inputs

@@ -15,14 +15,13 @@ def run(args) -> None:
 
     with launch() as context:
         out = clip_options.check_before_work(args, args.seeds, context)
-        dataset, encoder, templates, _, workers = clip_options.prepare(args, context)
-        clip_options.claim_output(out, dataset, encoder, templates)
+        inputs = clip_options.load_inputs(args, context)
+        inputs.claim(out)
+        encode = clip_options.extract_options(args)
         jobs = [(shots, seed) for shots in args.shots for seed in args.seeds]
         for shots, seed in jobs:
-            features = clip_options.extract_seed(
-                args, dataset, encoder, templates, workers, out / "cache", seed, context,
-                shots=shots,
-            )
+            features = encode.extract(inputs, out / "cache", shots=shots, seed=seed,
+                                      context=context)
             if not context.is_main:
                 continue
             written = []
