@@ -14,9 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fma_fast.cli import evaluate, main, options
+from fma_fast.batch import evaluate as batch_evaluate
+from fma_fast.cli import main, options
+from fma_fast.experiments import demo
 from fma_fast.io import files
 from fma_fast.io.features import save_features
+from fma_fast.train import files as train_files
 
 TRAIN = ["--blocks", "1", "--epochs", "1", "--quiet"]
 NO_DATASET = ["--dataset", "nowhere", "--model", "ViT-B-32"]
@@ -47,8 +50,9 @@ def no_work(monkeypatch):
     def started(*args, **kwargs):
         raise AssertionError("work started before the arguments were checked")
 
-    monkeypatch.setattr(options, "fit", started)
-    monkeypatch.setattr(evaluate, "solve", started)
+    for module in (options, train_files, demo):  # every command's fit
+        monkeypatch.setattr(module, "fit", started)
+    monkeypatch.setattr(batch_evaluate, "solve", started)
 
 
 def one_line_error(capsys, argv: list[str]) -> str:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import time
-
 from ..experiments import synthetic
-from ..solver.api import accuracy_by_steps, select_steps
+from ..experiments.demo import run_demo
 from . import options
 
 DEFAULTS = {"classes": 20, "dim": 512, "shots": 16, "difficulty": 0.75, "blocks": 2,
@@ -42,25 +40,8 @@ def run(args) -> None:
         f"network: {args.blocks} residual blocks (the released default is 12; "
         f"the demo uses a small one to finish in about a minute on 2 CPU cores)"
     )
-    start = time.perf_counter()
-    result = options.fit_from_args(args, task.train.features, task.train.labels,
-                                   task.class_features)
-    print(
-        f"fit: {args.epochs} epochs in {time.perf_counter() - start:.1f} s, "
-        f"loss {result.history[0]:.4f} -> {result.history[-1]:.4f}"
-    )
-    solve_options = {"max_steps": args.max_steps, "step_size": args.step_size,
-                     "device": args.device}
-    selection = select_steps(result.model, task.val.features, task.val.labels,
-                             task.class_features, **solve_options)
-    test = accuracy_by_steps(result.model, task.test.features, task.test.labels,
-                             task.class_features, **solve_options)
-    print(options.accuracy_table(selection.accuracy, test, selection.best_steps))
-    chosen = selection.best_steps
-    print(
-        f"test accuracy: M=0 (zero-shot) {100 * test[0]:.2f}%, "
-        f"M={chosen} (chosen on val) {100 * test[chosen]:.2f}%"
-    )
+    run_demo(task, options.fit_settings(args), max_steps=args.max_steps,
+             step_size=args.step_size, device=args.device)
 
 
 def register(commands) -> None:

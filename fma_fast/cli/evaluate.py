@@ -1,4 +1,5 @@
-"""``fma-fast eval``: score a feature file with a saved model."""
+"""``fma-fast eval``: score a feature file with a saved model
+(:func:`fma_fast.batch.evaluate.evaluate_file`)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
-from ..core.model import normalizes, solve_settings
-from ..io import checkpoint
-from ..io.features import check_same_origin, data_record
+from ..batch.evaluate import evaluate_file
 from ..io.files import write_text
-from ..solver.api import solve
 from . import options
 
 
@@ -20,37 +18,13 @@ def run(args) -> None:
     out = getattr(args, "out", None)
     if out is not None:
         options.check_predictions_output(Path(out), "--out")
-    model = checkpoint.load(args.model)  # carries M, h and normalize: the rules of score
-    steps, step_size = solve_settings(model, args.steps, args.step_size)
-    if steps is None:
-        raise ValueError(f"{args.model} has no M chosen on val; pass --steps")
-    data, normalized_rows = options.read_features(args.features,
-                                                  normalize=normalizes(model, args.normalize))
-    if isinstance(model.trained_on, dict):
-        check_same_origin(
-            {f"the data model {args.model} was trained on": model.trained_on,
-             Path(args.features).name: data_record(data)}
-        )
-    solve_options = {"step_size": step_size, "class_features": data.class_features,
-                     "device": args.device}
-    labelled = data.labels is not None
-    result = solve(data.features, model, steps, topk=args.topk, precision=args.precision,
-                   backend=args.backend, zero_shot=labelled, **solve_options)
-    summary = {"steps": steps, "step_size": step_size, "rows": len(result.pred),
-               "path": result.path, "normalized_rows": normalized_rows}
-    if labelled:  # M=0 scored in the same pass over the states
-        summary["accuracy"] = float((result.pred == data.labels).double().mean())
-        summary["accuracy_at_m0"] = float((result.zero_shot_pred == data.labels).double().mean())
-    print(json.dumps(summary))
+    evaluation = evaluate_file(args.features, args.model, steps=args.steps,
+                               step_size=args.step_size, topk=args.topk,
+                               normalize=args.normalize, device=args.device,
+                               precision=args.precision, backend=args.backend)
+    print(json.dumps(evaluation.summary))
     if out is not None:
-        payload = {
-            "format": options.PREDICTIONS_FORMAT,
-            **summary,
-            "pred": result.pred.tolist(),
-            "topk_indices": result.topk_indices.tolist(),
-            "topk_values": result.topk_values.tolist(),
-        }
-        write_text(out, json.dumps(payload))
+        write_text(out, json.dumps(evaluation.predictions()))
 
 
 def register(commands) -> None:

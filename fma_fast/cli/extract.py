@@ -6,7 +6,7 @@ ranks, rank 0 writes the feature files.
 
 from __future__ import annotations
 
-from ..io.features import save_features
+from ..clip.inputs import save_feature_files
 from . import clip_options, options
 
 
@@ -24,16 +24,9 @@ def run(args) -> None:
                                       context=context)
             if not context.is_main:
                 continue
-            written = []
             # The test split depends on neither seed nor K: one file beside the per-seed ones.
-            splits = ("train", "val", "test") if (shots, seed) == jobs[0] else ("train", "val")
-            for split in splits:
-                data = getattr(features, split)
-                folder = out if split == "test" else out / f"seed{seed}-k{shots}"
-                path = folder / f"{split}.safetensors"
-                save_features(path, data.features, data.class_features, data.labels,
-                              data.class_names, provenance=data.provenance)
-                written.append(f"{path} ({data.features.shape[0]} rows)")
+            written = save_feature_files(features, out, shots=shots, seed=seed,
+                                         test=(shots, seed) == jobs[0])
             print(f"{shots} shots, seed {seed}: wrote " + ", ".join(written), flush=True)
 
 

@@ -6,21 +6,21 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..batch.evaluate import PREDICTIONS_FORMAT
 from ..core import validation as check
 from ..core.model import VelocityNet
 from ..core.names import AMP_ALIASES, AMPS, BACKENDS, NOISE_FORMS, PRECISIONS, SCHEDULES
 from ..io import checkpoint
-from ..io.features import FeatureFileError, FeatureSet, load_features, normalized
+from ..io.features import FeatureFileError, load_features
 from ..io.files import check_output_file, check_output_folder
 from ..ops import dispatch
-from ..train.fit import fit
-
-PREDICTIONS_FORMAT = "fma_fast/predictions/1"
+from ..train.fit import FitSettings, fit
 
 
 class Formatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -88,39 +88,31 @@ def add_training_options(
     group.add_argument("--step-size", type=float, default=0.1, help="Euler step h")
 
 
-def fit_from_args(args: argparse.Namespace, features, labels, class_features, **overrides: Any):
-    """``fit`` with the training options of ``args`` (and ``overrides``, e.g. seed, device,
-    views)."""
-    options = dict(
+def fit_settings(args: argparse.Namespace, **overrides: Any) -> FitSettings:
+    """The training options of ``args`` (and ``overrides``, e.g. seed, views) as ``fit``'s
+    checked settings."""
+    settings = dict(
         blocks=args.blocks, width=args.width, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
         schedule=args.schedule, gamma=args.gamma, noise=args.noise,
-        seed=getattr(args, "seed", 1), device=args.device, amp=args.amp,
-        progress=not args.quiet,
+        seed=getattr(args, "seed", 1), amp=args.amp, progress=not args.quiet,
     )
-    return fit(features, labels, class_features, **{**options, **overrides})
+    return FitSettings(**{**settings, **overrides})
+
+
+def fit_from_args(args: argparse.Namespace, features, labels, class_features, *,
+                  device=None, **overrides: Any):
+    """``fit`` with the training options of ``args`` (and ``overrides``, e.g. seed, views) on
+    ``device`` (None: --device)."""
+    settings = fit_settings(args, **overrides)
+    return fit(features, labels, class_features, device=args.device if device is None else device,
+               **asdict(settings))
 
 
 def add_normalize(parser: argparse.ArgumentParser, default: bool | None, help: str) -> None:
     """``--normalize/--no-normalize``: L2-normalise the rows of feature files as they are read."""
     parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=default,
                         help=help)
-
-
-def read_features(path, *, normalize: bool, require_labels: bool = False
-                  ) -> tuple[FeatureSet, int]:
-    """A feature file, its rows L2-normalised when ``normalize``, and how many rows that
-    changed (feature files from ``extract`` are unit already: 0)."""
-    data = load_features(path, require_labels=require_labels)
-    return normalized(data) if normalize else (data, 0)
-
-
-def file_views(data: FeatureSet, given: int | None) -> int:
-    """Views per image of a training file: ``given``, else what its provenance says, else 1."""
-    if given is not None:
-        return given
-    views = (data.provenance or {}).get("views")
-    return views if isinstance(views, int) and views >= 1 else 1
 
 
 def add_solve_options(parser: argparse.ArgumentParser, prefix: str = "") -> None:
@@ -197,13 +189,3 @@ def check_model_output(out: Path, blocks: int, width: int | None, dim: int) -> P
             f"{_size(free)} are free"
         )
     return out
-
-
-def accuracy_table(val: list[float] | None, test: list[float], chosen: int) -> str:
-    header = "  M   val acc  test acc" if val is not None else "  M  test acc"
-    lines = [header]
-    for steps, test_acc in enumerate(test):
-        val_part = f"  {100 * val[steps]:7.2f}%" if val is not None else ""
-        mark = "  <- chosen on val" if steps == chosen else ""
-        lines.append(f"{steps:>3}{val_part}  {100 * test_acc:7.2f}%{mark}")
-    return "\n".join(lines)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 
 from ..core.protocol import SUBSAMPLES
+from ..io.features import file_views
 from . import clip_options, options
 
 
@@ -21,7 +22,7 @@ def _fit_field(args):
     def fit_field(train, class_features, *, seed, device):
         return options.fit_from_args(args, train.features, train.labels, class_features,
                                      seed=seed, device=device,
-                                     views=options.file_views(train, None))
+                                     views=file_views(train, None))
     return fit_field
 
 

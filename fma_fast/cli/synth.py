@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..io.features import save_features
+from ..experiments.synthetic import save_task
 from ..io.files import check_output_folder
 from . import options
 from .demo import add_task_options, make_task
@@ -19,10 +19,7 @@ def run(args) -> None:
         "kind": "synthetic",
         **{key: getattr(args, key) for key in ("classes", "dim", "shots", "difficulty", "seed")},
     }
-    for name, path in paths.items():
-        split = getattr(task, name)
-        save_features(path, split.features, task.class_features, labels=split.labels,
-                      class_names=task.class_names, provenance={"source": source, "split": name})
+    save_task(task, paths, source)
     print(f"wrote {out}/train.safetensors, val.safetensors, test.safetensors")
 
 

@@ -14,7 +14,7 @@ import torch
 
 from ..core.distributed import Context
 from ..core.names import Amp
-from ..io.features import claim_folder
+from ..io.features import claim_folder, save_features
 from .cache import ExtractedFeatures, extract, extraction_source
 from .datasets import Dataset, load_dataset
 from .encoder import load_encoder, register_model_config
@@ -134,3 +134,19 @@ class ExtractOptions:
             if paths and context.is_main:
                 print(f"skipped {len(paths)} unreadable {split} image(s), e.g. {paths[0]}")
         return features
+
+
+def save_feature_files(features: ExtractedFeatures, out: Path, *, shots: int, seed: int,
+                       test: bool = True) -> list[str]:
+    """A draw's splits as feature files: ``out/seed<S>-k<K>/{train,val}.safetensors`` and, with
+    ``test``, ``out/test.safetensors`` (the test split depends on neither seed nor K). Returns
+    each file written with its row count."""
+    written = []
+    for split in ("train", "val", "test") if test else ("train", "val"):
+        data = getattr(features, split)
+        folder = out if split == "test" else out / f"seed{seed}-k{shots}"
+        path = folder / f"{split}.safetensors"
+        save_features(path, data.features, data.class_features, data.labels,
+                      data.class_names, provenance=data.provenance)
+        written.append(f"{path} ({data.features.shape[0]} rows)")
+    return written

@@ -12,13 +12,16 @@ and adds modes. Nothing here is tuned to any method's result.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ..core import protocol
 from ..core import validation as check
+from ..io.features import save_features
 
 NUISANCE = 0.4
 
@@ -119,3 +122,12 @@ def make_task(
         class_features=class_features.float(),
         class_names=[f"class_{c:03d}" for c in range(num_classes)],
     )
+
+
+def save_task(task: FewShotTask, paths: dict[str, os.PathLike], source: dict[str, Any]) -> None:
+    """Each split named in ``paths`` (train, val, test) as a feature file: its rows and labels,
+    the class table and names, and ``source`` with the split as its provenance."""
+    for name, path in paths.items():
+        split = getattr(task, name)
+        save_features(path, split.features, task.class_features, labels=split.labels,
+                      class_names=task.class_names, provenance={"source": source, "split": name})

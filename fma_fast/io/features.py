@@ -216,6 +216,22 @@ def class_table_difference(first: torch.Tensor, second: torch.Tensor) -> str | N
             f"{CLASS_TABLE_TOLERANCE:g} of fp32 rounding")
 
 
+def read_features(path, *, normalize: bool, require_labels: bool = False
+                  ) -> tuple[FeatureSet, int]:
+    """A feature file, its rows L2-normalised when ``normalize``, and how many rows that
+    changed (feature files from ``extract`` are unit already: 0)."""
+    data = load_features(path, require_labels=require_labels)
+    return normalized(data) if normalize else (data, 0)
+
+
+def file_views(data: FeatureSet, given: int | None) -> int:
+    """Views per image of a training file: ``given``, else what its provenance says, else 1."""
+    if given is not None:
+        return given
+    views = (data.provenance or {}).get("views")
+    return views if isinstance(views, int) and views >= 1 else 1
+
+
 def data_record(data: FeatureSet) -> dict[str, Any]:
     """What a model trained on ``data`` keeps of it, so that later inputs can be checked
     against it: the features' source and the class table (its names, its digest and, under
