@@ -8,7 +8,7 @@ the released loop and the GEMM-only chain (``gemm_chain.py``), so host drift hit
 - ``compiled``: ``folded_solve(precision="bf16", compiled=True)``, what
   ``solve(backend="compiled")`` runs: one frozen, max-autotuned module per step
   (``fma_fast.solver.compiled`` says which inductor settings and why). M graphs.
-- ``compiled-elementwise``: the eager chain's GEMMs (``cpu_fused.linear``, bias in the
+- ``compiled-elementwise``: the eager chain's GEMMs (``cpu_ops.linear``, bias in the
   epilogue) and SiLU, with one compiled kernel in place of its three passes per block
   (residual add, LayerNorm statistics, scale-and-cast). The weights are inputs, so one graph
   serves every step and block, and inductor's on-disk cache applies.

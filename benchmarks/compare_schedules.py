@@ -1,5 +1,5 @@
-"""Measure two settings of one fit option on synthetic tasks: fit(schedule="released") against
-fit(schedule="warmup-cosine") (the default), or fp32 training against amp="bf16" on the CPU.
+"""Measure two settings of one fit option on synthetic tasks: fit(schedule="released") (the
+default) against fit(schedule="warmup-cosine"), or fp32 training against amp="bf16" on the CPU.
 
 For every shots value and seed both settings train on the same task from the same seed; the
 script reports the test accuracy at the M chosen on the validation split, the paired

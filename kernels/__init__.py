@@ -5,5 +5,5 @@ One op per module (kernel, launcher, autograd Function): flow_matching (fused tr
 loss and in-kernel noise), euler (fused Euler step), cosine_topk (scoring with a running top-k),
 step_ensemble (released step ensemble, top-k), cosine_cross_entropy, folded_step (the folded
 solver step). _common holds the availability checks, the block-size helper and shared jit
-helpers; testing holds the test support.
+helpers; the tests' support is tests/kernel_support.py.
 """

@@ -1,4 +1,4 @@
-"""cpu_fused: oneDNN's linear (bias in the GEMM epilogue) against its addmm twin, the fallback,
+"""solver.cpu_ops: oneDNN's linear (bias in the GEMM epilogue) against its addmm twin, the fallback,
 and the half-precision LayerNorm passes of the folded CPU chain against plain formulas."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def _operands(rows: int, cols_in: int, cols_out: int, dtype: torch.dtype, seed: 
 
 def _onednn_bf16() -> bool:
     """Whether oneDNN has a bf16 path here (BF16 units, or emulated on AVX-512 without them):
-    cpu_fused probes the op itself; this only says where the probe must succeed."""
+    cpu_ops probes the op itself; this only says where the probe must succeed."""
     return bool(torch.backends.mkldnn.is_available()
                 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 

@@ -113,7 +113,7 @@ def test_report_accuracies_equal_an_independent_recomputation(synthetic_report):
 def test_plots_are_skipped_with_a_note_without_matplotlib(synthetic_report, tmp_path, monkeypatch):
     _, result = synthetic_report
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import now raises ImportError
-    paths, note = report._plots(result, tmp_path, "x")
+    paths, note = report.write_plots(result, tmp_path, "x")
     assert paths == [] and "matplotlib is not installed" in note
     assert "_plots skipped" in report.render_markdown({**result, "plots": [], "plot_note": note})
 

@@ -4,7 +4,8 @@ At inference every row shares the time t of a step, so the time embedding and ev
 output are per-step constants. They fold, with the LayerNorm affine, the gate and the step size
 h, into per-step weights; one Euler step is then a chain of plain GEMMs with LayerNorm
 statistics, SiLU and residual adds between them (52·D² instead of 128·D² FLOP per row). The
-runtimes that run a plan are :mod:`fma_fast.runtime_cpu` and :mod:`fma_fast.runtime_gpu`.
+runtimes that run a plan are :mod:`fma_fast.solver.cpu` (the torch GEMM chain; its steps
+compiled: :mod:`fma_fast.solver.compiled`) and :mod:`fma_fast.solver.fused` (Triton kernels).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class SolverPlan:
     the Linears that write it (input projection and ``w2``) are centred over their outputs: the
     hidden state stays mean-free and LayerNorm becomes one scaling by 1/rms, with no mean pass.
 
-    For the final state alone (``runtime_cpu.folded_final`` in fp32, the only user, so they
+    For the final state alone (``solver.cpu.folded_final`` in fp32, the only user, so they
     are built only with ``final_only=True``) the final layer of step i and the input
     projection of step i+1 are one product: with u_i the normalised last hidden state,
     ``wf[i] = diag(final_scale[i])·final_weight``, so x_i·W_in advances by

@@ -10,7 +10,7 @@ An experiment, not the library: nothing in :mod:`fma_fast`'s core imports it.
 """
 
 from .aggregate import PAIRS, aggregate, mean_std
-from .plots import _plots
+from .plots import write_plots
 from .render import render_markdown
 from .runner import draw, file_pools, rerender, run_one, run_report, synthetic_pools, write_report
 from .settings import METHODS, PLOTTED, ReportSettings, add_arguments, from_arguments
@@ -20,7 +20,6 @@ __all__ = [
     "PAIRS",
     "PLOTTED",
     "ReportSettings",
-    "_plots",
     "add_arguments",
     "aggregate",
     "draw",
@@ -32,5 +31,6 @@ __all__ = [
     "run_one",
     "run_report",
     "synthetic_pools",
+    "write_plots",
     "write_report",
 ]

@@ -10,7 +10,7 @@ from ...io.files import atomic_write
 from .settings import PLOTTED
 
 
-def _plots(result: dict, out: Path, name: str) -> tuple[list[str], str]:
+def write_plots(result: dict, out: Path, name: str) -> tuple[list[str], str]:
     """Two PNGs (640 × 480 px per feature set): accuracy vs K per method, and FMA's accuracy
     vs M per K."""
     try:

@@ -30,7 +30,7 @@ from ..baselines import (
     ZeroShot,
 )
 from .aggregate import aggregate
-from .plots import _plots
+from .plots import write_plots
 from .render import render_markdown
 from .settings import ReportSettings
 
@@ -348,7 +348,7 @@ def _check_name(name: str) -> str:
 def write_report(result: dict, out: str | os.PathLike, name: str, *, progress: bool = True) -> None:
     """Write ``name.json``, the PNGs and ``name.md`` for a result, each atomically."""
     out, name = Path(out), _check_name(name)
-    result["plots"], result["plot_note"] = _plots(result, out, name)
+    result["plots"], result["plot_note"] = write_plots(result, out, name)
     if progress and result["plot_note"]:
         print(result["plot_note"])
     markdown = render_markdown(result)
