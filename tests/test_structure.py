@@ -210,6 +210,17 @@ def test_solve_reaches_its_kernels_through_at_most_five_modules():
         assert 0 < len(path) <= 5 and path[1] == "fma_fast.solver.api", " -> ".join(path)
 
 
+def test_every_package_is_installed():
+    """pyproject.toml lists every package folder: a subpackage missing there imports from a
+    checkout but is absent from the installed wheel."""
+    block = re.search(r"^packages = \[(.*?)\]", (REPO / "pyproject.toml").read_text(),
+                      re.MULTILINE | re.DOTALL)
+    listed = set(re.findall(r'"([\w.]+)"', block.group(1)))
+    folders = {module for module, path in _modules().items() if path.name == "__init__.py"}
+    assert folders == listed, (f"not installed: {sorted(folders - listed)}; "
+                               f"listed but absent: {sorted(listed - folders)}")
+
+
 PUBLIC = [
     "CheckpointError", "FitResult", "NotUnitNormWarning", "PerRowClasses", "ScoreSummary",
     "SolveResult", "StepSelection", "VelocityNet", "accuracy_by_steps", "fit", "load",
