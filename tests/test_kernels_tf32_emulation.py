@@ -79,6 +79,7 @@ def test_the_kernels_follow_each_dots_input_precision_only_when_emulated():
         got = dispatch.cosine_topk(x, table, 3, normalized=True, precision=precision).values
         return float((got.double() - expected).abs().max())
 
+    before = tf32_emulation.active()  # on in a run with FMA_FAST_INTERPRET_TF32=1
     with tf32_emulation.emulated(False):
         exact = {p: error(p) for p in ("ieee", "tf32x3", "tf32")}
     with tf32_emulation.emulated():
@@ -86,7 +87,7 @@ def test_the_kernels_follow_each_dots_input_precision_only_when_emulated():
     assert max(exact.values()) < 1e-6, exact  # the interpreter's own dots: exact products
     assert gpu["ieee"] == exact["ieee"], (gpu, exact)
     assert gpu["tf32"] > 1e-4 > 1e-6 > gpu["tf32x3"], gpu
-    assert not tf32_emulation.active()
+    assert tf32_emulation.active() == before, "emulated() must restore the previous state"
 
 
 def test_the_environment_variable_installs_it_at_import():
