@@ -24,10 +24,11 @@ cd "$(dirname "$0")/.."
 # count the kernel specialisations a stage compiles at ~6 s each (doctor: 21; smoke: ~30; the
 # other CUDA tests: 150-200, the issue-21 audit) plus start-up; benchmarks also time their runs.
 # `tests NAME ARGS` runs pytest on ARGS, `bench NAME ARGS` runs benchmarks/run.py on ARGS.
+# (The AOT compile checks need no GPU: CI runs them.)
 STAGES=(
   "doctor|any|240|150|150|doctor"
   "smoke|cuda|180|80|200|tests smoke \"\${SMOKE[@]}\""
-  "tests|cuda|300|200|900|tests tests tests/test_cuda.py tests/test_kernels_*.py \"\${NOT_SMOKE[@]}\" -k 'not fits_the_architecture'"
+  "tests|cuda|300|200|900|tests tests tests/test_cuda.py tests/test_kernels_*.py \"\${NOT_SMOKE[@]}\" -k 'not fits_the_architecture and not test_kernels_aot'"
   "solver|cuda,benchmark|180|120|120|bench solver benchmarks/bench_gpu_solver.py -k 'full or small'"
   "kernels|cuda,benchmark|120|90|90|bench kernels benchmarks/bench_kernels.py benchmarks/bench_training.py --quick"
 )
@@ -80,7 +81,7 @@ if [ "$PLAN" = 1 ]; then
     selected "$name" || continue
     box=$(box_of "$name" "$(field "$line" 3)")
     printf '%-8s %-15s %7s %12s %12s  %s\n' "$name" "$(field "$line" 2)" "$box" \
-      "$(field "$line" 4)" "$(field "$line" 5)" "$(field "$line" 6)"
+      "$(field "$line" 4)" "$(field "$line" 5)" "$(field "$line" 6-)"
     total_box=$((total_box + box)); total_fast=$((total_fast + $(field "$line" 4)))
     total_slow=$((total_slow + $(field "$line" 5)))
   done
@@ -119,8 +120,8 @@ START=$(date +%s)
 elapsed() { echo $(( $(date +%s) - START )); }
 
 # What ran: the sources' digest (a stage passed for other sources runs again) and the plugins.
-SOURCES=$(find fma_fast kernels tests benchmarks -name '*.py' -o -name '*.sh' | LC_ALL=C sort \
-  | xargs cat | sha256sum | cut -c1-16)
+SOURCES=$(find fma_fast kernels tests benchmarks -name gpu-check -prune -o \( -name '*.py' -o \
+  -name '*.sh' \) -print | LC_ALL=C sort | xargs cat | sha256sum | cut -c1-16)
 "$PY" -c "import fma_fast, fma_fast.kernels; print('gpu_check: fma_fast from', fma_fast.__file__)" \
   || { echo "gpu_check: fma_fast does not import"; exit 1; }
 CUDA=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
@@ -152,7 +153,7 @@ export -f doctor tests bench
 record() { printf '%s\n' "$*" >> "$WORK/stages.txt"; }  # NAME CODE SECONDS [REASON]
 
 for line in "${STAGES[@]}"; do
-  name=$(field "$line" 1) needs=$(field "$line" 2) command=$(field "$line" 6)
+  name=$(field "$line" 1) needs=$(field "$line" 2) command=$(field "$line" 6-)
   selected "$name" || continue
   why=""
   [[ "$needs" == *cuda* && "$CUDA" != 1 ]] && why="no CUDA device here (torch.cuda.is_available() is False)"
