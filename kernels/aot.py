@@ -59,14 +59,6 @@ ARCHS = {
 CHECKED_ARCHS = (80, 89, 90)
 """The architectures every kernel must fit (``tests/test_kernels_dispatch.py``)."""
 
-KNOWN_LIMITS = {
-    "folded_block[fp32,W=1024]": (3, 8),
-    "folded_block[bf16,W=1024]": (3, 8),
-}
-"""Compiles that spill registers before a triton version, whatever the blocks: triton 3.6
-cannot keep the fused residual block's (rows × 1024) accumulator in registers (D = 768 and
-1024, e.g. ViT-L/14 and RN50). Those launches run correctly, only slower; 3.8 fits them."""
-
 MAX_REGISTERS = 255
 """Registers one thread may use on every checked architecture."""
 
@@ -255,7 +247,6 @@ def _scenarios(arch: int) -> list[tuple[str, object]]:
 
 def _jobs(arch: int) -> list[Job]:
     """Every launch of :func:`_scenarios` for ``arch``, one per Triton specialisation."""
-    import triton
 
     torch.manual_seed(0)
     jobs: dict[tuple, Job] = {}
@@ -266,16 +257,9 @@ def _jobs(arch: int) -> list[Job]:
         for kernel, key, signature, constexprs, attrs, options in launches:
             op = OPS[kernel.fn.__name__]
             name = f"{op}[{suffix}]" if suffix else op
-            jobs.setdefault((kernel.fn.__name__, key, triton.__version__),
+            jobs.setdefault((kernel.fn.__name__, key),
                             Job(name, kernel, signature, constexprs, attrs, options))
     return list(jobs.values())
-
-
-def _triton_version() -> tuple[int, int]:
-    import triton
-
-    major, minor = triton.__version__.split(".")[:2]
-    return int(major), int(minor)
 
 
 def compile_one(job: Job, arch: int) -> dict:
@@ -315,9 +299,7 @@ def compile_one(job: Job, arch: int) -> dict:
                shared_limit=ARCHS[arch].shared_bytes)
     problems = []
     limit = min(MAX_REGISTERS, ARCHS[arch].registers_per_block // threads)
-    if row["spill_bytes"] and _triton_version() < KNOWN_LIMITS.get(job.name, (0, 0)):
-        row["known"] = f"spills before triton {'.'.join(map(str, KNOWN_LIMITS[job.name]))}"
-    elif 0 < row["spill_bytes"] <= SMALL_SPILL_BYTES and row["registers"] < limit:
+    if 0 < row["spill_bytes"] <= SMALL_SPILL_BYTES and row["registers"] < limit:
         row["known"] = (f"ptxas spills {row['spill_bytes']} B at {row['registers']} of "
                         f"{limit} registers (its choice)")
     elif row["spill_bytes"]:
