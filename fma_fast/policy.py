@@ -65,7 +65,28 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
 }
 """(rtol, atol) of a kernel against its reference per I/O dtype, element-wise
 (``|a − e| ≤ atol + rtol·|e|``): fp32 1e-5 relative (atol for values near 0); halves about two
-units of their last place (2⁻¹⁰, 2⁻⁷) relative. The kernel tests and ``fma-fast doctor``."""
+units of their last place (2⁻¹⁰, 2⁻⁷) relative. The kernel tests and ``fma-fast doctor``;
+outputs computed through logit-scaled cosines use :func:`logit_tolerance`."""
+
+DOT_ERROR: dict[str, float] = {"ieee": 2.0**-24, "tf32x3": 2.0**-21, "tf32": 2.0**-11}
+"""Unit error of an fp32 ``tl.dot`` on a GPU by input precision, relative to ‖a‖·‖b‖ (so, the
+error of a cosine): "tf32x3" drops each product's lo·lo term and reads the lo parts as tf32
+(≤ 2.5·2⁻²¹ per |a_k·b_k|), "tf32" reads 10 of 23 mantissa bits. Half and bf16 operands
+multiply exactly, like "ieee" (their rounding on input is the I/O dtype's, in TOLERANCES). The
+Triton interpreter reproduces these with ``FMA_FAST_INTERPRET_TF32=1``."""
+
+
+def logit_tolerance(dtype: torch.dtype, logit_scale: float, precision: str) -> float:
+    """Tolerance, relative to the output's natural size, of a kernel output computed through
+    ``logit_scale``·cos (logits, log-sum-exp, cross-entropy, softmax probabilities and their
+    gradients): the I/O dtype's own rtol, plus the dot's cosine error (``DOT_ERROR`` of
+    ``precision`` for fp32 operands, exact products for halves) amplified 1 + logit_scale times
+    (the logits' error, which the softmax passes on to first order).
+
+    The natural size is the output's prefactor, not its value: e.g. the cosine cross-entropy's
+    gradient is g·scale/(N·‖x‖) times O(1) terms, and it is 0 for a single class."""
+    unit = DOT_ERROR[precision if dtype == torch.float32 else "ieee"]
+    return TOLERANCES[dtype][0] + (1.0 + logit_scale) * unit
 
 CLASS_TABLE_TOLERANCE = 1e-5
 """Two class tables are one table when every row differs by at most this fraction of its L2
