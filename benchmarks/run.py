@@ -25,6 +25,11 @@ user gets; ``--omp-passive`` sets ``OMP_WAIT_POLICY=PASSIVE`` for a host shared 
 processes, where OpenMP's spin-waiting can make a multi-threaded op many times slower. The
 folded CPU solve uses row-parallel workers and no per-op barrier, so it barely notices.
 ``TRITON_INTERPRET`` is dropped: the interpreter is a test tool, not a speed measurement.
+
+The benchmark files need pytest-benchmark's ``benchmark`` fixture: without the plugin run.py
+refuses with one line (exit 2) rather than let pytest error. A SIGINT (Ctrl-C, or
+``gpu_check.sh``'s time box) stops pytest, which still writes its reports: the results of the
+benchmarks that finished are written, marked INTERRUPTED.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -104,6 +110,8 @@ def outcomes(junit: Path) -> dict[str, Any]:
     if not junit.is_file():
         return result
     for case in ET.parse(junit).getroot().iter("testcase"):
+        if not case.get("name"):  # the test a SIGINT stopped: pytest writes a nameless entry
+            continue
         test = f"{case.get('classname', '')}::{case.get('name', '')}"
         problem = case.find("failure")
         if problem is None:
@@ -194,7 +202,10 @@ def _number(value: Any) -> str:
 def render_markdown(report: dict[str, Any]) -> str:
     device, git, out = report["device"], report["git"], report["outcome"]
     lines = [f"# Benchmarks: {device['name']}", ""]
-    if report["status"] != "ok":
+    if report["status"] == "interrupted":
+        lines += ["**INTERRUPTED** (SIGINT): the numbers below are from the benchmarks that "
+                  "finished before it.", ""]
+    if out["failed"] or report["status"] == "failed":
         lines += [f"**FAILED: {out['failed']} benchmark test(s) failed or errored** "
                   "(numbers below are from the tests that passed):", ""]
         lines += [f"- `{failure}`" for failure in out["failures"]] + [""]
@@ -244,6 +255,34 @@ def write_results(report: dict[str, Any], out_dir: Path, name: str) -> tuple[Pat
     return json_path, md_path
 
 
+def benchmark_plugin() -> str | None:
+    """Why the benchmarks cannot run here (pytest-benchmark missing), or None."""
+    try:
+        import pytest_benchmark  # noqa: F401
+    except ImportError:
+        return ("pytest-benchmark is not installed (the benchmark files need its `benchmark` "
+                "fixture): pip install pytest-benchmark")
+    return None
+
+
+def run_pytest(command: list[str], env: dict[str, str]) -> tuple[int, bool]:
+    """pytest's exit code, and whether a SIGINT arrived meanwhile. pytest gets the signal too
+    (one process group) and writes its reports before it exits; this process waits for that
+    instead of dying (or killing pytest, as ``subprocess.run`` would)."""
+    interrupted = False
+
+    def note(signum, frame) -> None:
+        nonlocal interrupted
+        interrupted = True
+
+    previous = signal.signal(signal.SIGINT, note)  # a handler, not SIG_IGN: pytest keeps SIGINT
+    try:
+        code = subprocess.Popen(command, cwd=REPO, env=env).wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return code, interrupted
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("files", nargs="*", type=Path,
@@ -260,6 +299,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    missing = benchmark_plugin()
+    if missing:
+        print(f"run.py: {missing}", file=sys.stderr)
+        return 2
     files = [str(f) for f in args.files] or sorted(
         str(p.relative_to(REPO)) for p in BENCH_DIR.glob("bench_*.py"))
     keyword = " and ".join(k for k in ("quick" if args.quick else None,
@@ -281,13 +324,13 @@ def main(argv: list[str] | None = None) -> int:
         if keyword:
             command += ["-k", keyword]
         load_before, start = os.getloadavg()[0], time.perf_counter()
-        code = subprocess.run(command, cwd=REPO, env=env).returncode
+        code, interrupted = run_pytest(command, env)
         wall, load_after = time.perf_counter() - start, os.getloadavg()[0]
         raw = json.loads(raw_path.read_text()) if raw_path.is_file() else {}
         outcome = outcomes(junit)
 
     meta = {
-        "status": "ok" if code == 0 else "failed",
+        "status": "interrupted" if interrupted else "ok" if code == 0 else "failed",
         "pytest_exit_code": code,
         "device": device,
         "versions": versions(),
@@ -308,8 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"run.py: wrote {json_path} and {md_path} ({wall:.0f} s, 1-min load "
           f"{load_before:.2f} -> {load_after:.2f})")
     if code != 0:
-        why = "no test was selected" if code == 5 else (
-            f"{outcome['failed']} test(s) failed or errored")
+        why = "no test was selected" if code == 5 else "interrupted (SIGINT)" if interrupted \
+            else f"{outcome['failed']} test(s) failed or errored"
         print(f"run.py: benchmarks FAILED (pytest exit code {code}): {why}", file=sys.stderr)
         for failure in outcome["failures"]:
             print(f"  {failure}", file=sys.stderr)

@@ -30,9 +30,9 @@ from .core.environment import (
 )
 from .core.model import VelocityNet
 from .core.names import PRECISIONS
-from .core.policy import TOLERANCES
+from .core.policy import LOGIT_SCALE, TOLERANCES, logit_tolerance
 from .kernels import _common
-from .kernels._common import triton_usable
+from .kernels._common import DEFAULT_DOT_PRECISION, triton_usable
 from .ops import dispatch
 from .solver import routing
 from .solver.api import solve
@@ -47,6 +47,8 @@ class CheckResult:
     status: str  # "pass", "fail" or "skip"
     max_error: float | None = None
     tolerance: str = ""
+    rtol: float | None = None  # the tolerance on max error / max |reference|
+    relative_error: float | None = None
     first_call_s: float | None = None  # includes compiling the kernel
     warm_call_s: float | None = None
     detail: str = ""
@@ -163,11 +165,10 @@ def _tiny(device: torch.device, dtype: torch.dtype = torch.float32):
     return x.to(device, dtype), table.to(device, dtype), labels.to(device)
 
 
-def _kernel_cases(device: torch.device) -> list[tuple[str, torch.dtype, Callable, Callable]]:
-    """(name, I/O dtype, kernel run, reference run) for every kernel family."""
-    dtypes = [torch.float32]
-    if device.type == "cuda":
-        dtypes += [torch.bfloat16, torch.float16]
+def _kernel_cases(device: torch.device, dtypes: list[torch.dtype]
+                  ) -> list[tuple[str, torch.dtype, Callable, Callable, float]]:
+    """(name, I/O dtype, kernel run, reference run, logit scale or 0) for every kernel family,
+    the scoring ones in each of ``dtypes``."""
     cases = []
     for dtype in dtypes:
         x, table, labels = _tiny(device, dtype)
@@ -177,22 +178,25 @@ def _kernel_cases(device: torch.device) -> list[tuple[str, torch.dtype, Callable
             return dispatch.cosine_topk(x, table, 3, normalized=True, backend="triton").values
 
         cases.append((f"cosine_topk[{tag}]", dtype, topk,
-                      lambda x=x, table=table: reference.cosine_topk(x, table, 3)[0]))
+                      lambda x=x, table=table: reference.cosine_topk(x, table, 3)[0], 0.0))
 
         def ensemble(x=x, table=table):
             return dispatch.step_ensemble_topk([x, 1.5 * x], table, 2, normalized=True,
                                                backend="triton").values
 
         def ensemble_ref(x=x, table=table):
-            probs = sum(torch.softmax(reference.cosine_logits(s, table, 100.0), -1)
+            # normalized=True: the kernel takes the rows as unit-norm, so its twin does too (a
+            # half table is unit-norm only to its rounding, which the logit scale amplifies)
+            unit = table.double()
+            probs = sum(torch.softmax(LOGIT_SCALE * F.normalize(s.double(), dim=-1) @ unit.T, -1)
                         for s in (x, 1.5 * x))
             return probs.topk(2, dim=-1).values
 
-        cases.append((f"ensemble_topk[{tag}]", dtype, ensemble, ensemble_ref))
+        cases.append((f"ensemble_topk[{tag}]", dtype, ensemble, ensemble_ref, LOGIT_SCALE))
         cases.append((f"euler[{tag}]", dtype,
                       lambda x=x: dispatch.euler_step(x.float(), x, torch.zeros((), device=device),
                                                       0.1, backend="triton").x,
-                      lambda x=x: x.float() + 0.1 * x.float()))
+                      lambda x=x: x.float() + 0.1 * x.float(), 0.0))
     x, table, labels = _tiny(device)
 
     def cross_entropy():
@@ -208,12 +212,12 @@ def _kernel_cases(device: torch.device) -> list[tuple[str, torch.dtype, Callable
         return loss, leaf.grad
 
     cases.append(("cosine_ce[float32] (loss, grad)", torch.float32, cross_entropy,
-                  cross_entropy_ref))
+                  cross_entropy_ref, LOGIT_SCALE))
     for form in ("bridge", "endpoint"):
         cases.append((f"flow_matching[{form}] (x_t, loss)", torch.float32,
-                      *_flow_matching_case(device, form)))
+                      *_flow_matching_case(device, form), 0.0))
     cases.append(("folded solve M=3 (fused step kernels)", torch.float32,
-                  *_solve_case(device)))
+                  *_solve_case(device), 0.0))
     return cases
 
 
@@ -256,18 +260,25 @@ def _relative(error: float, expected) -> float:
     return error / max(scale, 1e-12)
 
 
-def kernel_checks(device: torch.device) -> list[CheckResult]:
-    """Every kernel once against its reference on tiny shapes on ``device``."""
+def kernel_checks(device: torch.device, dtypes: list[torch.dtype] | None = None
+                  ) -> list[CheckResult]:
+    """Every kernel once against its reference on tiny shapes on ``device``, the scoring ones
+    in each of ``dtypes`` (default: fp32, and on CUDA bf16 and fp16 too). Outputs computed
+    through logit-scaled cosines get the error model's tolerance (``policy.logit_tolerance``)."""
+    if dtypes is None:
+        dtypes = [torch.float32] + ([torch.bfloat16, torch.float16]
+                                    if device.type == "cuda" else [])
     usable, why = triton_usable(torch.empty(0, device=device))
-    cases = _kernel_cases(device)
+    cases = _kernel_cases(device, dtypes)
     if not usable:
         return [CheckResult(name, "skip", detail=why) for name, *_ in cases]
     results = []
-    for name, dtype, kernel, expected_run in cases:
-        if device.type == "cpu" and dtype != torch.float32:
+    for name, dtype, kernel, expected_run, scale in cases:
+        if device.type == "cpu" and dtype == torch.bfloat16:
             results.append(CheckResult(name, "skip", detail="the interpreter has no bf16"))
             continue
-        rtol = TOLERANCES[dtype].rtol
+        rtol = (logit_tolerance(dtype, scale, DEFAULT_DOT_PRECISION) if scale
+                else TOLERANCES[dtype].rtol)
         try:
             got, first = _timed(kernel, device)
             _, warm = _timed(kernel, device)
@@ -281,7 +292,8 @@ def kernel_checks(device: torch.device) -> list[CheckResult]:
         relative = _relative(error, expected)
         results.append(CheckResult(
             name, "pass" if relative <= rtol else "fail", max_error=error,
-            tolerance=f"max error <= {rtol:g} x max |reference|",
+            tolerance=f"max error <= {rtol:g} x max |reference|", rtol=rtol,
+            relative_error=relative,
             first_call_s=round(first, 4), warm_call_s=round(warm, 5),
             detail=f"relative {relative:.2e}"))
     return results

@@ -183,7 +183,8 @@ def on_tensor_device(launcher: Launcher) -> Launcher:
 DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")
 """How tl.dot treats fp32 operands on CUDA. 'tf32' (Triton's default) has a 10-bit mantissa:
 cosines off by ~1e-3, which scale 100 turns into 10% probability errors, so we default to
-'tf32x3' (three TF32 products, ~fp32 accuracy). The interpreter is always exact fp32."""
+'tf32x3' (three TF32 products, ~fp32 accuracy). The interpreter multiplies exactly, unless
+FMA_FAST_INTERPRET_TF32=1 rounds as a GPU does (:mod:`.tf32_emulation`)."""
 
 DEFAULT_DOT_PRECISION = "tf32x3"
 
@@ -216,6 +217,10 @@ if HAS_TRITON and interpreter_active():
     _major_minor = tuple(int(part) for part in triton.__version__.split(".")[:2])
     if _major_minor < (3, 8):
         _mend_old_interpreter()
+    from . import tf32_emulation
+
+    if tf32_emulation.requested():  # FMA_FAST_INTERPRET_TF32=1: fp32 dots rounded as on a GPU
+        tf32_emulation.install()
 
 
 def triton_usable(*tensors: torch.Tensor) -> tuple[bool, str]:
@@ -280,7 +285,7 @@ def pick_blocks(op: str, rows: int, dim: int, classes: int = 1,
     of compute capability ``arch``.
 
     Defaults **untuned by timing** (no GPU was at hand): the largest tiles whose AOT compile
-    shows no register spill and fits the arch's shared memory (kernels/aot.py, checked in
+    shows no register spill and fits the arch's shared memory (fma_fast/aot.py, checked in
     tests/test_kernels_dispatch.py for sm_80, sm_89 and sm_90). On Hopper, fp32 scoring, where
     tf32x3 splits every operand in two, fits 64 rows × 64 classes × 32-wide D chunks on 8 warps
     and halves fit 128 classes. Before Hopper the MMA operands live in registers rather than

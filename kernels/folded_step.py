@@ -87,7 +87,7 @@ def _normalised_gemm(
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])  # one variant for every batch (solver/fused.py's probe)
 def _residual_block_kernel(
     h_ptr,
     out_ptr,
@@ -157,7 +157,7 @@ def _residual_block_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _final_euler_kernel(
     h_ptr,
     x_ptr,

@@ -1,4 +1,6 @@
-"""benchmarks/run.py: grouping and speed-ups, the tagged result files, and failing loudly.
+"""benchmarks/run.py: grouping and speed-ups, the tagged result files, failing loudly, refusing
+without pytest-benchmark and surviving a SIGINT; benchmarks/gpu_check.sh on a machine without a
+GPU: its plan, its stages without the optional plugins, its time boxes and kept logs.
 
 The end-to-end test runs run.py on a tiny benchmark file (no torch in the child), so it checks
 the real pytest-benchmark JSON and JUnit plumbing in a few seconds.
@@ -8,9 +10,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -186,3 +192,175 @@ def test_gemm_only_chain_runs_the_folded_runtimes_gemms(precision, rows, chunk_r
                  else steps * (2 * blocks + 2))
     assert len(solve) == chunks * per_chunk, f"folded_solve ran {len(solve)} GEMMs: {solve}"
     assert ceiling == solve, f"GEMM-only chain {ceiling} != folded_solve {solve}"
+
+
+# ------------------------------------------------------------------ gpu_check.sh, on the CPU
+
+GPU_CHECK = RUN_PY.parent / "gpu_check.sh"
+needs_bash = pytest.mark.skipif(os.name != "posix", reason="SKIPPED, not passed: needs bash")
+
+SITECUSTOMIZE = '''
+import sys
+
+
+class _Missing:
+    """As if pytest-benchmark and pytest-xdist were not installed."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {"pytest_benchmark", "xdist"}:
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return None
+
+
+sys.meta_path.insert(0, _Missing())
+'''
+
+
+@pytest.fixture
+def bare_python(tmp_path) -> Path:
+    """A python like the GPU machine's may be: no pytest-benchmark, no pytest-xdist (their
+    imports fail and pytest loads no plugin from entry points)."""
+    folder = tmp_path / "bare"
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    python = folder / "python"
+    python.write_text(f'#!/bin/sh\nPYTHONPATH="{folder}${{PYTHONPATH:+:$PYTHONPATH}}" '
+                      f'PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 exec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    return python
+
+
+def _gpu_check(*args: str, python: str | Path = sys.executable, timeout: int = 300
+               ) -> subprocess.CompletedProcess:
+    """gpu_check.sh without a GPU, started as a background job of a script would be: with
+    SIGINT ignored, which its children inherit unless it restores it."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(CUDA_VISIBLE_DEVICES="", PYTHON=str(python))
+    return subprocess.run(["bash", str(GPU_CHECK), *args], capture_output=True, text=True,
+                          env=env, timeout=timeout,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+
+
+def _stages(out: Path) -> dict[str, dict]:
+    (result,) = out.glob("*-gpu-check.json")
+    return {stage["stage"]: stage for stage in json.loads(result.read_text())["stages"]}
+
+
+@needs_bash
+def test_gpu_check_plan_lists_every_stage_with_its_times_and_runs_nothing(tmp_path):
+    out = tmp_path / "out"
+    done = _gpu_check("--plan", str(out), python="/nonexistent/python")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("gpu_check plan: budget 540 s")
+    rows = {line.split()[0]: line.split() for line in lines[2:8]}
+    assert list(rows) == ["doctor", "smoke", "tests", "solver", "kernels", "total"]
+    for name, row in rows.items():
+        numbers = row[1:4] if name == "total" else row[2:5]
+        assert all(number.isdigit() for number in numbers), row
+    assert int(rows["total"][1]) == sum(int(rows[n][2]) for n in rows if n != "total")
+    assert any(line.startswith("Cold, with pytest-xdist: expected") for line in lines)
+    assert not out.exists(), "--plan must not run or write anything"
+
+
+@needs_bash
+def test_gpu_check_completes_without_the_optional_plugins_and_resumes(tmp_path, bare_python):
+    """No GPU and no pytest-benchmark/xdist: every stage is accounted for with its reason, the
+    logs stay in OUT, and a second run resumes (the doctor passed for the same sources)."""
+    out = tmp_path / "out"
+    done = _gpu_check(str(out), python=bare_python)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    work = out / "gpu-check"
+    probes = (work / "probes.txt").read_text()
+    assert "pytest-benchmark no" in probes and "pytest-xdist no" in probes, probes
+    stages = _stages(out)
+    assert stages["doctor"]["status"] == "passed"
+    for name in ("smoke", "tests", "solver", "kernels"):
+        assert stages[name]["status"] == "skipped", stages[name]
+        assert "no CUDA device here" in stages[name]["reason"]
+    assert "pytest-benchmark is not installed" in stages["solver"]["reason"]
+    assert "fma_fast" in (work / "doctor.log").read_text()  # the log survives the run
+    markdown = next(out.glob("*-gpu-check.md")).read_text()
+    assert "| tests | skipped |" in markdown and "## Doctor" in markdown
+
+    again = _gpu_check(str(out), python=bare_python)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert _stages(out)["doctor"]["status"] == "passed (earlier run)"
+
+
+@needs_bash
+def test_a_stage_past_its_box_is_stopped_with_sigint_and_keeps_its_log(tmp_path):
+    out = tmp_path / "out"
+    done = _gpu_check("--only", "doctor", "--box", "doctor=1", str(out))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    stage = _stages(out)["doctor"]
+    assert stage["status"] == "timed out" and "1 s box" in stage["reason"], stage
+    log = (out / "gpu-check" / "doctor.log").read_text()
+    assert "KeyboardInterrupt" in log, log[-1000:]  # SIGINT, not SIGTERM: Python saw Ctrl-C
+    assert "rerun gpu_check.sh to resume" in done.stdout
+
+
+def test_the_smoke_tests_exist():
+    """gpu_check.sh names its smoke tests by node id: each must still be collected."""
+    script = GPU_CHECK.read_text()
+    block = script[script.index("\nSMOKE=(") + 1:]
+    ids = re.findall(r'^\s+"(tests/[^"]+)"$', block[:block.index("\n)")], flags=re.M)
+    assert len(ids) >= 8, ids
+    done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
+                           "-p", "no:cacheprovider", *ids], capture_output=True, text=True,
+                          cwd=RUN_PY.parents[1], timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    collected = set(done.stdout.split())
+    assert set(ids) <= collected, sorted(set(ids) - collected)
+
+
+def test_run_py_without_pytest_benchmark_refuses_in_one_line(tmp_path, bare_python):
+    bench = tmp_path / "bench_tiny.py"
+    bench.write_text(textwrap.dedent(TINY_BENCH))
+    done = subprocess.run([str(bare_python), str(RUN_PY), str(bench), "--out",
+                           str(tmp_path / "results")], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "run.py: pytest-benchmark is not installed (the benchmark files need its `benchmark` "
+        "fixture): pip install pytest-benchmark"], done.stderr
+    assert not (tmp_path / "results").exists()
+
+
+SLOW_BENCH = '''
+import time
+from pathlib import Path
+
+
+def test_quick(benchmark):
+    benchmark.pedantic(lambda: sum(range(1000)), rounds=2)
+
+
+def test_slow(benchmark):
+    Path(__file__).with_name("started").write_text("")
+    time.sleep(120)
+'''
+
+
+@needs_bash
+def test_run_py_interrupted_keeps_what_pytest_reported(tmp_path):
+    """SIGINT to the process group (Ctrl-C, or gpu_check's box): pytest writes its reports and
+    run.py writes the finished benchmarks, marked interrupted, instead of dying with them."""
+    bench = tmp_path / "bench_slow.py"
+    bench.write_text(SLOW_BENCH)
+    process = subprocess.Popen([sys.executable, str(RUN_PY), str(bench), "--out",
+                                str(tmp_path / "results"), "--name", "slow"],
+                               start_new_session=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "started").exists() and time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[0][-2000:]
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGINT)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode != 0, output[-2000:]
+    report = json.loads((tmp_path / "results" / "slow.json").read_text())
+    assert report["status"] == "interrupted", report["status"]
+    assert report["outcome"]["passed"] == 1, report["outcome"]
+    assert [group["benchmarks"][0]["label"] for group in report["groups"]] == ["test_quick"]
+    assert "**INTERRUPTED**" in (tmp_path / "results" / "slow.md").read_text()

@@ -1,5 +1,5 @@
-"""``fma-fast doctor``: versions, devices, paths, and each kernel against its reference; and the
-one-command GPU check, which on a machine without a GPU skips its CUDA stages and says why."""
+"""``fma-fast doctor``: versions, devices, paths, and each kernel against its reference (the
+one-command GPU check that runs it is tested in tests/test_benchmarks_harness.py)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from fma_fast.kernels._common import HAS_TRITON, interpreter_active
 from fma_fast.solver import routing
 
 REPO = Path(__file__).resolve().parents[1]
+
 needs_interpreter = pytest.mark.skipif(
     not (HAS_TRITON and interpreter_active()),
     reason="SKIPPED, not passed: the kernel checks run here in the Triton interpreter")
@@ -57,6 +58,21 @@ def test_doctor_reports_a_failing_kernel_and_exits_1(monkeypatch, capsys):
     line = next(line for line in printed.splitlines() if line.startswith("cosine_topk[float32]"))
     assert " fail " in line, line
     assert "1 kernel check(s) FAILED: cosine_topk[float32]" in printed
+
+
+@needs_interpreter
+def test_the_fp16_ensemble_check_leaves_room_for_a_gpus_rounding():
+    """The fp16 step-ensemble check compares the kernel with its twin on the kernel's own
+    operands (normalized=True: the table's rows taken as unit-norm) within the error model's
+    tolerance, and must use at most a quarter of it here, where the GPU's accumulation order
+    and tiles are not yet in play. Against a renormalised table it used 80% (1.61e-3 of 2e-3):
+    the table's fp16 rounding times the logit scale, before the kernel's own error counted."""
+    import torch
+
+    rows = doctor.kernel_checks(torch.device("cpu"), [torch.float16])
+    ensemble = next(row for row in rows if row.name == "ensemble_topk[float16]")
+    assert ensemble.status == "pass", ensemble
+    assert ensemble.relative_error <= ensemble.rtol / 4, ensemble
 
 
 def test_without_a_kernel_backend_the_checks_are_skipped_with_the_reason():
@@ -144,22 +160,3 @@ def test_ci_isa_mask_check_fails_without_the_mask_and_passes_with_it():
     assert "ATen's CPU capability is AVX512" in partial.stderr, partial.stderr
     unmasked = subprocess.run(script, capture_output=True, text=True, timeout=600, env=base)
     assert unmasked.returncode == 1 and "avx512" in unmasked.stderr, unmasked.stderr
-
-
-@pytest.mark.skipif(os.name != "posix", reason="SKIPPED, not passed: needs bash")
-def test_gpu_check_without_a_gpu_skips_and_names_the_cuda_stages(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(CUDA_VISIBLE_DEVICES="", PYTHON=sys.executable)
-    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(tmp_path)],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    results = list(tmp_path.glob("*-gpu-check.json"))
-    assert len(results) == 1, list(tmp_path.iterdir())
-    result = json.loads(results[0].read_text())
-    stages = {stage["stage"]: stage for stage in result["stages"]}
-    assert stages["doctor"]["status"] == "passed"
-    for name in ("tests", "solver", "kernels"):
-        assert stages[name]["status"] == "skipped", stages[name]
-        assert "no CUDA device here" in stages[name]["reason"]
-    markdown = results[0].with_suffix(".md").read_text()
-    assert "| tests | skipped |" in markdown and "## Doctor" in markdown

@@ -128,7 +128,7 @@ def aot_compiles() -> list[dict]:
     process (the compiles need triton without the interpreter)."""
     result = run_python("""
         import json
-        from fma_fast.kernels import aot
+        from fma_fast import aot
         print(json.dumps(aot.compile_all()))
     """, {"TRITON_INTERPRET": None})
     if result.returncode != 0 and "ptxas" in result.stderr:
@@ -140,11 +140,15 @@ def aot_compiles() -> list[dict]:
 @pytest.mark.skipif(not HAS_TRITON, reason="SKIPPED, not passed: triton is not installed")
 @pytest.mark.parametrize("arch", ["sm_80", "sm_89", "sm_90"])
 def test_every_kernel_and_candidate_fits_the_architecture(aot_compiles, arch):
-    """Lowered through Triton's GPU pipeline for ``arch`` on a machine without a GPU: no
-    compile error, no register spill (ptxas -v), registers and shared memory within what one
-    block may have there. It does not run them."""
+    """Every kernel family, with the specialisation of its real launches, lowered through
+    Triton's GPU pipeline for ``arch`` on a machine without a GPU: no compile error, no register
+    spill beyond ptxas's own small occupancy trades (aot.SMALL_SPILL_BYTES), registers and
+    shared memory within what one block may have there. It does not run them."""
+    from fma_fast.aot import OPS
+
     rows = [row for row in aot_compiles if row["arch"] == arch]
-    assert len(rows) >= 30, f"only {len(rows)} compiles for {arch}"
+    compiled = {row["kernel"].split("[")[0] for row in rows}
+    assert compiled == set(OPS.values()), f"{arch}: missing {set(OPS.values()) - compiled}"
     bad = {f"{row['kernel']} {row['blocks']}": row["problem"] for row in rows if not row["ok"]}
     assert not bad, f"{arch}: {json.dumps(bad, indent=1)}"
 

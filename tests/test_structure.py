@@ -25,7 +25,8 @@ LAYERS = {
     "fma_fast.experiments": 5,  # synthetic tasks, baselines, adaptive stopping, the report
     "fma_fast.clip": 6,  # encoders, datasets, PEFT sources, the run protocol (uses the report's
     #                      mean ± std tables)
-    "fma_fast": 7, "fma_fast.doctor": 7,  # the public facade (fma_fast/__init__) and the doctor
+    "fma_fast": 7, "fma_fast.doctor": 7, "fma_fast.aot": 7,  # the facade (fma_fast/__init__),
+    #   the doctor, the kernels' compile check over the real launch paths
     "fma_fast.cli": 8,  # argparse only
 }
 """Package -> layer. A module may import its own package and the packages of lower layers;

@@ -74,6 +74,26 @@ relative (atol for values near 0) and halves about two units of their last place
 a GEMM chain: reassociated fp32 GEMMs (about 1e-6 measured; fp32 rounding is 6e-8 per op), or
 weights and GEMM inputs rounded to 11 (fp16) or 8 (bf16, about 5e-3 measured) mantissa bits."""
 
+DOT_ERROR: dict[str, float] = {"ieee": 2.0**-24, "tf32x3": 2.0**-21, "tf32": 2.0**-11}
+"""Unit error of an fp32 ``tl.dot`` on a GPU by input precision, relative to ‖a‖·‖b‖ (so, the
+error of a cosine): "tf32x3" drops each product's lo·lo term and reads the lo parts as tf32
+(≤ 2.5·2⁻²¹ per |a_k·b_k|), "tf32" reads 10 of 23 mantissa bits. Half and bf16 operands
+multiply exactly, like "ieee" (their rounding on input is the I/O dtype's, in TOLERANCES). The
+Triton interpreter reproduces these with ``FMA_FAST_INTERPRET_TF32=1``."""
+
+
+def logit_tolerance(dtype: torch.dtype, logit_scale: float, precision: str) -> float:
+    """Tolerance, relative to the output's natural size, of a kernel output computed through
+    ``logit_scale``·cos (logits, log-sum-exp, cross-entropy, softmax probabilities and their
+    gradients): the I/O dtype's own rtol, plus the dot's cosine error (``DOT_ERROR`` of
+    ``precision`` for fp32 operands, exact products for halves) amplified 1 + logit_scale times
+    (the logits' error, which the softmax passes on to first order).
+
+    The natural size is the output's prefactor, not its value: e.g. the cosine cross-entropy's
+    gradient is g·scale/(N·‖x‖) times O(1) terms, and it is 0 for a single class."""
+    unit = DOT_ERROR[precision if dtype == torch.float32 else "ieee"]
+    return TOLERANCES[dtype].rtol + (1.0 + logit_scale) * unit
+
 CLASS_TABLE_TOLERANCE = 1e-5
 """Two class tables are one table when every row differs by at most this fraction of its L2
 norm (in L2): train/val/test files, a model and the tables it is used with, PEFT sources.

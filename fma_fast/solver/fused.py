@@ -20,6 +20,8 @@ from ..kernels._common import DEFAULT_DOT_PRECISION, with_fallback
 from .plan import SolverPlan
 
 _RUNS: set[tuple] = set()
+PROBE_ROWS = 3
+"""Rows of :func:`kernels_run`'s probe (any count compiles the variants a solve runs)."""
 
 
 def _run_step(
@@ -45,20 +47,35 @@ def _run_step(
     )
 
 
+def _specialisation(plan: SolverPlan, dot_precision: str) -> tuple:
+    """What decides which kernel variants a solve of ``plan`` compiles, besides the row count
+    (which the kernels do not specialise on): device, dtypes, shapes, the dot precision and the
+    16-byte alignment of every step's weight views (the state and hidden buffers are fresh
+    allocations, always aligned)."""
+    views = [t for i in range(plan.steps) for t in (
+        *(w[i, b] for w in (plan.w1, plan.b1, plan.w2, plan.b2) for b in range(plan.blocks)),
+        plan.wf[i], plan.bf[i])]
+    return (str(plan.device), plan.dtype, plan.width, plan.dim, plan.blocks, dot_precision,
+            tuple(t.data_ptr() % 16 == 0 for t in views))
+
+
 def kernels_run(plan: SolverPlan, *, dot_precision: str = DEFAULT_DOT_PRECISION) -> bool:
-    """Whether the fused step kernels build and launch here for this plan's dtype and shapes:
-    one step on one row, once per (device, dtype, width, dim). Their block sizes do not depend
-    on the rows, so this launch compiles what the solve runs. A failure is recorded and warned
-    about once (op "folded_step"); the solve then takes the torch GEMM chain."""
-    key = (str(plan.device), plan.dtype, plan.width, plan.dim, dot_precision)
+    """Whether the fused step kernels build and launch here for this plan: every step once on
+    a few rows, so every kernel variant the solve runs is compiled and launched here (the
+    variants depend on the weights' dtypes, shapes and alignment, not on the row count). A
+    failure is recorded and warned about once (op "folded_step"); the solve then takes the
+    torch GEMM chain."""
+    key = _specialisation(plan, dot_precision)
     if plan.steps == 0 or key in _RUNS:
         return True
-    state = torch.zeros(1, plan.dim, dtype=torch.float32, device=plan.device)
-    hidden = torch.empty(1, plan.width, dtype=torch.float32, device=plan.device)
-    like = plan.wf[0]
-    _, fell_back = with_fallback(
-        "folded_step", like, lambda: _run_step(plan, 0, state, hidden, dot_precision),
-        lambda: None)
+    state = torch.zeros(PROBE_ROWS, plan.dim, dtype=torch.float32, device=plan.device)
+    hidden = torch.empty(PROBE_ROWS, plan.width, dtype=torch.float32, device=plan.device)
+
+    def probe() -> None:
+        for i in range(plan.steps):
+            _run_step(plan, i, state, hidden, dot_precision)
+
+    _, fell_back = with_fallback("folded_step", plan.wf[0], probe, lambda: None)
     if not fell_back:
         _RUNS.add(key)
     return not fell_back
