@@ -146,8 +146,9 @@ def single_run(tiny, tmp_path_factory) -> tuple[Path, str]:
 
 def test_run_end_to_end(single_run):
     out, printed = single_run
-    assert "(mean ± sample std over seeds)" in printed
-    assert "oxford_pets, 4 shots, seeds 1 2 3: test accuracy M=0 (zero-shot)" in printed
+    assert "(%, mean ± sample std over seeds)" in printed
+    assert ("oxford_pets, 4 shots, seeds 1 2 3 (mean ± sample std, %): test accuracy M=0 "
+            "(zero-shot)") in printed
     results = json.loads((out / "results.json").read_text())
     assert results["seeds"] == [1, 2, 3] and len(results["runs"]) == 3
     assert results["preprocessing"]["size"] == [32, 32]  # from the model config, not 224
@@ -166,9 +167,10 @@ def test_run_end_to_end(single_run):
     (summary,) = results["summary"]
     assert summary["shots"] == 4
     chosen = [r["test_accuracy"][r["chosen_steps"]] for r in results["runs"]]
-    assert summary["test_at_chosen_m"]["mean"] == pytest.approx(100 * sum(chosen) / 3)
+    # One unit: the summary's accuracies are fractions, like the runs' own.
+    assert summary["test_at_chosen_m"]["mean"] == pytest.approx(sum(chosen) / 3)
     # Random towers put M=0 at chance; the field learns the colour-coded classes from pixels.
-    assert summary["test_at_chosen_m"]["mean"] > summary["test_at_m0"]["mean"] + 20
+    assert summary["test_at_chosen_m"]["mean"] > summary["test_at_m0"]["mean"] + 0.2
     predictions = safe_open(str(out / "predictions.safetensors"), "pt")
     assert set(predictions.keys()) == {"labels", "k4-seed1", "k4-seed2", "k4-seed3"}
     plot = out / "accuracy_by_steps-k4.png"
@@ -215,13 +217,13 @@ def test_run_base_to_new_trains_on_base_and_reports_base_new_and_hm(tiny, tmp_pa
     (summary,) = results["summary"]
     for name, key in (("base", "base_test_accuracy"), ("new", "new_test_accuracy"),
                       ("hm", "hm_by_steps")):
-        chosen = [100 * r[key][r["chosen_steps"]] for r in results["runs"]]
-        zero = [100 * r[key][0] for r in results["runs"]]
+        chosen = [r[key][r["chosen_steps"]] for r in results["runs"]]
+        zero = [r[key][0] for r in results["runs"]]
         assert summary["fma"][name]["mean"] == pytest.approx(sum(chosen) / 2), name
         assert summary["fma"][name]["std"] == pytest.approx(abs(chosen[0] - chosen[1]) / 2**0.5)
         assert summary["zero_shot"][name]["mean"] == pytest.approx(sum(zero) / 2), name
     row = next(line for line in text.splitlines() if line.startswith("FMA (M on base val)"))
-    assert f"{summary['fma']['hm']['mean']:6.2f}" in row
+    assert f"{100 * summary['fma']['hm']['mean']:6.2f}" in row
     predictions = safe_open(str(out / "predictions.safetensors"), "pt")
     assert set(predictions.keys()) == {"labels-base", "labels-new", "k4-seed1-base",
                                        "k4-seed1-new", "k4-seed2-base", "k4-seed2-new"}
@@ -256,7 +258,10 @@ def test_run_over_several_shot_counts_gives_a_table_for_each(tiny, tmp_path, sin
     assert results["runs"][0]["train_images"] == 2 * 3
     single = json.loads((single_run[0] / "results.json").read_text())["runs"][0]
     assert results["runs"][1]["test_accuracy"] == pytest.approx(single["test_accuracy"])
-    assert "oxford_pets, 2 shots, seeds 1:" in printed.getvalue()
+    text = printed.getvalue()
+    assert "oxford_pets, 2 shots, seeds 1 (1 seed, %): test accuracy" in text
+    assert "±" not in text, "one seed has no spread to print"
+    assert all(entry["test_at_chosen_m"]["std"] is None for entry in results["summary"])
     predictions = safe_open(str(out / "predictions.safetensors"), "pt")
     assert {"k2-seed1", "k4-seed1", "labels"} == set(predictions.keys())
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from ..core.distributed import Context
 from ..experiments.report import runs as runs_summary
+from ..experiments.report.aggregate import mean_std
 from ..io.files import save_safetensors, write_text
 from .classifier import FewShotClassifier
 from .experiment import FitField, Job, RunOutcome, SolveSettings, run_jobs
@@ -50,10 +51,11 @@ def report_line(run: dict[str, Any]) -> str:
 
 
 def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean ± sample std over seeds for one shot count."""
+    """Mean ± sample std over seeds for one shot count, as fractions like the runs' own
+    accuracies (std None for one seed: no spread)."""
     def stat(values):
-        mean, std = runs_summary.percent(values)
-        return {"mean": mean, "std": std}
+        mean, std = mean_std(values)
+        return {"mean": mean, "std": std if len(values) > 1 else None}
 
     entry: dict[str, Any] = {"shots": runs[0]["shots"], "seeds": [r["seed"] for r in runs]}
     if "base_test_accuracy" in runs[0]:
@@ -73,19 +75,23 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def summary_lines(dataset: str, entry: dict[str, Any]) -> str:
     """A shot count's summary as printed: base/new/HM table, or test accuracy at M=0 and M."""
     seeds = " ".join(map(str, entry["seeds"]))
+    several = len(entry["seeds"]) > 1
+    spread = "mean ± sample std, %" if several else "1 seed, %"
+
+    def cell(stat: dict[str, Any], width: int = 6) -> str:
+        return runs_summary.percent_text(stat["mean"], stat["std"], width)
+
     if "fma" in entry:
-        rows = [f"{dataset} base-to-new, {entry['shots']} shots, seeds {seeds} "
-                "(mean ± sample std, %):",
-                f"{'':22}{'base':>15}{'new':>16}{'HM':>16}"]
+        width = 15 if several else 8
+        rows = [f"{dataset} base-to-new, {entry['shots']} shots, seeds {seeds} ({spread}):",
+                f"{'':22}{'base':>{width}}{'new':>{width + 1}}{'HM':>{width + 1}}"]
         for label, key in (("zero-shot (M=0)", "zero_shot"), ("FMA (M on base val)", "fma")):
-            cells = "".join(f"  {entry[key][n]['mean']:6.2f} ± {entry[key][n]['std']:5.2f}"
-                            for n in ("base", "new", "hm"))
+            cells = "".join(f"  {cell(entry[key][n])}" for n in ("base", "new", "hm"))
             rows.append(f"{label:22}{cells}")
         return "\n".join(rows)
     zero, chosen = entry["test_at_m0"], entry["test_at_chosen_m"]
-    return (f"{dataset}, {entry['shots']} shots, seeds {seeds}: test accuracy M=0 (zero-shot) "
-            f"{zero['mean']:.2f} ± {zero['std']:.2f}, M chosen on val {chosen['mean']:.2f} ± "
-            f"{chosen['std']:.2f}")
+    return (f"{dataset}, {entry['shots']} shots, seeds {seeds} ({spread}): test accuracy M=0 "
+            f"(zero-shot) {cell(zero, 0)}, M chosen on val {cell(chosen, 0)}")
 
 
 def _printed(line: str) -> None:

@@ -10,15 +10,17 @@ from ...io.files import atomic_write
 from .aggregate import mean_std
 
 
-def percent(values: list[float]) -> tuple[float, float]:
-    """Mean and sample std over seeds, in percent."""
-    mean, std = mean_std(values)
-    return 100 * mean, 100 * std
-
-
 def by_steps(runs: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
-    """Per M, the mean and std (percent) of the runs' ``key`` curve."""
-    return [percent(list(column)) for column in zip(*(run[key] for run in runs))]
+    """Per M, the mean and sample std (fractions, like every accuracy the files hold) of the
+    runs' ``key`` curve."""
+    return [mean_std(list(column)) for column in zip(*(run[key] for run in runs))]
+
+
+def percent_text(mean: float, std: float | None, width: int = 6) -> str:
+    """An accuracy as printed: percent, with ± the sample std over seeds when there are
+    several (one seed has no spread to show)."""
+    text = f"{100 * mean:{width}.2f}"
+    return text if std is None else f"{text} ± {100 * std:{width - 1}.2f}"
 
 
 TEST_CURVES = {"val": "val_accuracy", "test": "test_accuracy"}
@@ -36,11 +38,12 @@ def seed_table(runs: list[dict[str, Any]]) -> str:
     curves = curves_of(runs)
     stats = [by_steps(runs, key) for key in curves.values()]
     chosen = [run["chosen_steps"] for run in runs]
-    header = "".join(f"  {label:>15}" for label in curves)
-    lines = [f"  M{header}  (mean ± sample std over seeds)"]
+    several = len(runs) > 1
+    header = "".join(f"  {label:>{15 if several else 6}}" for label in curves)
+    lines = [f"  M{header}  (%, " + ("mean ± sample std over seeds)" if several else "1 seed)")]
     for steps, row in enumerate(zip(*stats)):
         mark = f"  <- chosen for {chosen.count(steps)} seed(s)" if steps in chosen else ""
-        cells = "".join(f"  {m:6.2f} ± {s:6.2f}" for m, s in row)
+        cells = "".join(f"  {percent_text(m, s if several else None)}" for m, s in row)
         lines.append(f"{steps:>3}{cells}{mark}")
     return "\n".join(lines)
 
@@ -55,9 +58,8 @@ def plot_by_steps(path: Path, runs: list[dict[str, Any]]) -> str:
     axes = figure.add_subplot()
     steps = list(range(len(runs[0]["val_accuracy"])))
     for label, key in curves_of(runs).items():
-        stats = by_steps(runs, key)
-        mean = [m for m, _ in stats]
-        axes.plot(steps, mean, marker="o", label=label)
+        stats = [(100 * m, 100 * s) for m, s in by_steps(runs, key)]
+        axes.plot(steps, [m for m, _ in stats], marker="o", label=label)
         axes.fill_between(steps, [m - s for m, s in stats], [m + s for m, s in stats], alpha=0.2)
     for number, chosen in enumerate(sorted({run["chosen_steps"] for run in runs})):
         label = "M chosen on val" if number == 0 else None
