@@ -186,3 +186,27 @@ def test_train_and_eval_normalise_feature_rows_unless_asked_not_to(tmp_path, cap
     assert evaluate("normalised")["normalized_rows"] == scaled["test"]
     assert evaluate("raw")["normalized_rows"] == 0  # as that model was trained
     assert evaluate("raw", "--normalize")["normalized_rows"] == scaled["test"]
+
+
+def test_every_out_creates_its_missing_parents(tmp_path, capsys):
+    """`--out runs/a` works when `runs/` does not exist yet (as ``save()`` does), for folders
+    and files alike; a file in the way is still refused in one line."""
+    task, model = tmp_path / "a/b/task", tmp_path / "c/d/model"
+    assert main(["synth", "--out", str(task), "--classes", "4", "--dim", "16",
+                 "--shots", "2"]) == 0
+    assert main(["train", str(task / "train.safetensors"), "--val", str(task / "val.safetensors"),
+                 "--out", str(model), "--blocks", "1", "--epochs", "1", "--quiet"]) == 0
+    assert main(["eval", str(task / "test.safetensors"), "--model", str(model),
+                 "--out", str(tmp_path / "e/f/predictions.json")]) == 0
+    assert main(["score", str(model), str(task / "test.safetensors"), "--classes",
+                 str(task / "test.safetensors"), "--out", str(tmp_path / "g/h/scores"),
+                 "--quiet"]) == 0
+    assert (model / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "e/f/predictions.json").read_text())["rows"] > 0
+    assert (tmp_path / "g/h/scores/manifest.json").is_file()
+    (tmp_path / "blocker").write_text("a file")
+    capsys.readouterr()
+    assert main(["eval", str(task / "test.safetensors"), "--model", str(model),
+                 "--out", str(tmp_path / "blocker/x/predictions.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("blocker is a file, not a folder") and "\n" not in err, err

@@ -92,9 +92,10 @@ CASES = {
         lambda w, d: ["train", d["train"], "--out", str(w / "afile"), *TRAIN],
         "is an existing file, not a folder",
     ),
-    "train --out in a missing folder": (
-        lambda w, d: ["train", d["train"], "--out", str(w / "no" / "such" / "m"), *TRAIN],
-        "does not exist",
+    "train --out under a file": (  # missing parents are created; a file cannot be
+        lambda w, d: ["train", d["train"], "--out", str(Path(d["train"]) / "such" / "m"),
+                      *TRAIN],
+        "is a file, not a folder",
     ),
     "train --out holds another program's config.json": (
         lambda w, d: ["train", d["train"], "--out", str(w / "released"), *TRAIN],
@@ -115,10 +116,10 @@ CASES = {
         lambda w, d: ["eval", d["test"], "--model", str(w / "model"), "--out", d["test"]],
         "exists and is not a predictions file",
     ),
-    "eval --out in a missing folder": (
+    "eval --out under a file": (
         lambda w, d: ["eval", d["test"], "--model", str(w / "model"),
-                      "--out", str(w / "no" / "p.json")],
-        "does not exist",
+                      "--out", str(Path(d["test"]) / "no" / "p.json")],
+        "is a file, not a folder",
     ),
     "eval features is a folder": (
         lambda w, d: ["eval", str(w / "adir"), "--model", str(w / "model")],

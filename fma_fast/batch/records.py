@@ -62,7 +62,7 @@ def _claim(out: Path, record: Path, text: str, digest: str, settings) -> str | N
         if out.exists() and any(not is_temporary(p.name) for p in out.iterdir()):
             return (f"--out {out} is not empty and holds no scoring job; use an empty or new "
                     "folder")
-        out.mkdir(parents=False, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
         if create_exclusive(record, text):
             return None
     try:

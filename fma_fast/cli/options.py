@@ -18,7 +18,7 @@ from ..core.model import VelocityNet
 from ..core.names import AMP_ALIASES, AMPS, BACKENDS, NOISE_FORMS, PRECISIONS, SCHEDULES
 from ..io import checkpoint
 from ..io.features import FeatureFileError, load_features
-from ..io.files import check_output_file, check_output_folder
+from ..io.files import check_output_file, check_output_folder, nearest_existing_folder
 from ..ops import dispatch
 from ..train.fit import FitSettings, fit
 
@@ -181,7 +181,7 @@ def check_model_output(out: Path, blocks: int, width: int | None, dim: int) -> P
     checkpoint.check_model_folder(out, "--out")
     with torch.device("meta"):
         size = 4 * sum(p.numel() for p in VelocityNet(dim, blocks, width).parameters())
-    home = out if out.is_dir() else out.parent
+    home = nearest_existing_folder(out, "--out")
     free = shutil.disk_usage(home).free
     if free < size + (1 << 20):
         raise OSError(

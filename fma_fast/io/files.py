@@ -318,15 +318,25 @@ def _writable_problem(folder: Path) -> str | None:
         return (error.strerror or str(error)).lower()
 
 
+def nearest_existing_folder(path: Path, name: str, shown: Path | None = None) -> Path:
+    """The nearest existing folder above (or at) ``path``: missing parents are created on
+    write, as ``save()`` does, so they must be creatable there; a file in the way is refused."""
+    home = path
+    while not home.exists() and home != home.parent:
+        home = home.parent
+    if not home.is_dir():
+        raise ValueError(f"{name} {shown or path}: {home} is a file, not a folder")
+    return home
+
+
 def check_output_folder(path: str | os.PathLike, name: str) -> Path:
-    """A folder to write into: an existing writable folder, or a new one in an existing
-    writable parent. Checked before any work starts, so a typo costs nothing."""
+    """A folder to write into: an existing writable folder, or a new one (missing parents
+    included) under a writable folder. Checked before any work starts, so a typo costs
+    nothing."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{name} {path} is an existing file, not a folder")
-    home = path if path.is_dir() else path.parent
-    if not home.is_dir():
-        raise ValueError(f"{name} {path}: its parent folder {home} does not exist")
+    home = nearest_existing_folder(path, name)
     problem = _writable_problem(home)
     if problem:
         raise ValueError(f"{name} {path}: cannot write in {home}: {problem}")
@@ -336,16 +346,16 @@ def check_output_folder(path: str | os.PathLike, name: str) -> Path:
 def check_output_file(
     path: str | os.PathLike, name: str, *, kind: str, is_kind: Callable[[Path], bool]
 ) -> Path:
-    """A file to (over)write: not a folder, in an existing writable folder, and, when it
-    exists, a ``kind`` file that fma_fast wrote (``is_kind``), never some other file."""
+    """A file to (over)write: not a folder, under a writable folder (missing parents are
+    created on write), and, when it exists, a ``kind`` file that fma_fast wrote
+    (``is_kind``), never some other file."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{name} {path} is a folder; give a file name")
-    if not path.parent.is_dir():
-        raise ValueError(f"{name} {path}: folder {path.parent} does not exist")
-    problem = _writable_problem(path.parent)
+    home = nearest_existing_folder(path.parent, name, shown=path)
+    problem = _writable_problem(home)
     if problem:
-        raise ValueError(f"{name} {path}: cannot write in {path.parent}: {problem}")
+        raise ValueError(f"{name} {path}: cannot write in {home}: {problem}")
     if path.exists() and not is_kind(path):
         raise ValueError(f"{name} {path} exists and is not {kind}; refusing to overwrite it")
     return path
