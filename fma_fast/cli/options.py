@@ -46,7 +46,8 @@ def add_device(parser: argparse.ArgumentParser) -> None:
 
 def add_quiet(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true",
-                        help="no progress bars (they are off anyway when output is not a terminal)")
+                        help="no progress (a bar on a terminal; in a log, a line with the rate "
+                        "and ETA every 30 s, FMA_FAST_PROGRESS_SECONDS)")
 
 
 def _amp(value: str) -> str:

@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from tqdm.auto import tqdm
 
 from ..core.distributed import SINGLE, Context
 from ..core.names import check_choice
+from ..core.progress import progress as progress_bar
 from ..io.features import FeatureSet, claim_folder
 from ..io.files import loads_json, save_safetensors
 from .datasets import Dataset, Item, few_shot
@@ -252,13 +252,8 @@ def _encode_shards(
         num_workers=workers,
         pin_memory=encoder.device.type == "cuda",
     )
-    bar = tqdm(
-        total=sum(len(batch) for batch in batches),
-        desc=f"encode {plan.common['split']}",
-        unit="img",
-        disable=None if progress else True,  # None: off when not a terminal
-        leave=False,
-    )
+    bar = progress_bar(total=sum(len(batch) for batch in batches),
+                       desc=f"encode {plan.common['split']}", unit="img", enabled=progress)
     parts: list[tuple[torch.Tensor, torch.Tensor]] = []
     skipped: list[str] = []
     for number, (positions, pixels, errors) in enumerate(loader):

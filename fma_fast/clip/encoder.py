@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..core.names import Amp, check_amp
+from ..core.progress import progress as progress_bar
 from ..core.validation import resolve_device
 from ..io.files import file_sha256
 from .prompts import build_prompts
@@ -166,12 +166,8 @@ class ClipEncoder:
             raise ValueError("class_names is empty")
         per_template = [
             self.encode_text(prompts)
-            for prompts in tqdm(
-                build_prompts(class_names, templates),
-                desc="text",
-                unit="template",
-                disable=None if progress else True,  # None: off when not a terminal
-            )
+            for prompts in progress_bar(build_prompts(class_names, templates), desc="text",
+                                        unit="template", enabled=progress)
         ]
         return F.normalize(torch.stack(per_template).mean(dim=0), dim=-1)
 

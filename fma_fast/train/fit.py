@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ..core import environment
 from ..core import validation as check
@@ -24,6 +23,7 @@ from ..core.names import (
     check_amp,
     check_choice,
 )
+from ..core.progress import progress as progress_bar
 from ..core.reference import DEFAULT_TIME_EPS
 from ..ops import dispatch
 from ..ops.class_tables import PerRowClasses
@@ -369,9 +369,8 @@ def fit(
     data.y, data.views = data.y.to(device), settings.views
     loop = _Loop(model, data, settings, device)
     history: list[float] = []
-    # disable=None: no bar when output is not a terminal (logs, CI), even with progress=True
-    bar = tqdm(range(settings.epochs), desc="fit", unit="epoch",
-               disable=None if settings.progress else True, leave=False)
+    bar = progress_bar(range(settings.epochs), desc="fit", unit="epoch",
+                       enabled=settings.progress)
     for epoch in bar:
         history.append(loop.epoch(epoch))
         bar.set_postfix(loss=f"{history[-1]:.4f}")

@@ -299,6 +299,7 @@ def run_report(
     else:
         pool_sets = [synthetic_pools(settings, d) for d in settings.difficulties]
     runs, convergence = [], []
+    planned = len(pool_sets) * len(settings.shots) * len(settings.seeds)
     for pools in pool_sets:
         sources = peft_pools(settings, pools)
         for shots in settings.shots:
@@ -306,12 +307,11 @@ def run_report(
                 run = run_one(pools, shots, seed, settings, sources)
                 runs.append(run)
                 if progress:
-                    accs = " ".join(f"{m}={100 * a:.1f}" for m, a in run["accuracy"].items())
-                    print(
-                        f"[{time.perf_counter() - start:6.0f}s] {pools.name} K={shots} "
-                        f"seed={seed}: {accs}",
-                        flush=True,
-                    )
+                    accs = " ".join(f"{m}={100 * a:.1f}%" for m, a in run["accuracy"].items())
+                    elapsed = time.perf_counter() - start
+                    left = elapsed / len(runs) * (planned - len(runs))
+                    print(f"[{elapsed:6.0f}s, run {len(runs)}/{planned}, ETA {left:.0f}s] "
+                          f"{pools.name} K={shots} seed={seed}: {accs}", flush=True)
         if settings.convergence_check:
             for shots in sorted({min(settings.shots), max(settings.shots)}):
                 base = next(
