@@ -210,3 +210,19 @@ def test_every_out_creates_its_missing_parents(tmp_path, capsys):
                  "--out", str(tmp_path / "blocker/x/predictions.json")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith("blocker is a file, not a folder") and "\n" not in err, err
+
+
+@pytest.mark.parametrize("command", ["extract", "run"])
+def test_the_encoder_autocast_has_its_own_name_and_the_old_one_is_read(command):
+    """extract/run's encoder autocast is --encoder-amp (train's is --amp, eval/score's
+    --precision is the solver's); the name it had, --precision, still reads into it."""
+    from fma_fast.cli.main import build_parser
+
+    parser = build_parser()
+    base = [command, "--dataset", "oxford_pets", "--root", "r", "--model", "ViT-B-32",
+            "--checkpoint", "c.pt"]
+    assert parser.parse_args([*base, "--encoder-amp", "bf16"]).encoder_amp == "bf16"
+    assert parser.parse_args([*base, "--precision", "fp32"]).encoder_amp == "fp32"
+    assert parser.parse_args(base).encoder_amp == "auto"
+    helps = parser._subparsers._group_actions[0].choices[command].format_help()
+    assert "--encoder-amp" in helps and "[--precision" not in helps

@@ -54,8 +54,11 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
                        help="prompt template with {} (repeat for an ensemble, or 'imagenet7'; "
                             "None: the dataset's CoOp template, or 'a photo of a {}.' with "
                             "--peft lora as CLIP-LoRA uses)")
-    group.add_argument("--precision", choices=AMPS, default="auto",
-                       help="encoder autocast on CUDA; auto = fp16")
+    group.add_argument("--encoder-amp", choices=AMPS, default="auto",
+                       help="the encoder's autocast on CUDA (auto = fp16), like train's --amp; "
+                            "eval/score's --precision is the solver's")
+    group.add_argument("--precision", dest="encoder_amp", choices=AMPS,
+                       help=argparse.SUPPRESS)  # the name this option had: still read
     group.add_argument("--encode-batch-size", type=int, default=256,
                        help="crops per encoder call")
     group.add_argument("--workers", type=int, default=None,
@@ -101,7 +104,7 @@ def input_settings(args) -> InputSettings:
         allow_empty_classes=args.allow_empty_classes,
         allow_unnamed_classes=args.allow_unnamed_classes, checkpoint=args.checkpoint,
         pretrained=args.pretrained, cache_dir=args.cache_dir, model_config=args.model_config,
-        precision=args.precision, templates=args.template, peft=args.peft,
+        precision=args.encoder_amp, templates=args.template, peft=args.peft,
         peft_checkpoint=args.peft_checkpoint, class_token_position=args.class_token_position,
         workers=args.workers,
     )
