@@ -226,3 +226,26 @@ def test_the_encoder_autocast_has_its_own_name_and_the_old_one_is_read(command):
     assert parser.parse_args(base).encoder_amp == "auto"
     helps = parser._subparsers._group_actions[0].choices[command].format_help()
     assert "--encoder-amp" in helps and "[--precision" not in helps
+
+
+@pytest.mark.parametrize("command", ["demo", "report"])
+def test_defaults_that_differ_from_fits_say_so_in_help(command):
+    """One set of training defaults (fit's, the released code's) in train and run; demo and
+    report differ on purpose, and each differing option's --help names fit's value and why."""
+    from fma_fast.cli.main import build_parser
+    from fma_fast.train.fit import FitSettings
+
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0].choices[command]
+    released = FitSettings()
+    differing = [action for action in sub._actions
+                 if action.dest in ("blocks", "epochs", "batch_size", "lr", "gamma")
+                 and action.default != getattr(released, action.dest)]
+    assert differing, f"{command}: no default differs from fit's; drop this test's premise"
+    for action in differing:
+        assert f": {getattr(released, action.dest)}" in action.help, (action.dest, action.help)
+        assert "released code's" in action.help, action.help
+    train = parser._subparsers._group_actions[0].choices["train"]
+    for action in train._actions:
+        if action.dest in ("blocks", "epochs", "batch_size", "lr", "gamma", "weight_decay"):
+            assert action.default == getattr(released, action.dest), action.dest

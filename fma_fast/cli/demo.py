@@ -8,6 +8,7 @@ from . import options
 
 DEFAULTS = {"classes": 20, "dim": 512, "shots": 16, "difficulty": 0.75, "blocks": 2,
             "epochs": 60, "gamma": 0.05}
+DEMO_WHY = "demo: a small field trained in about a minute on a synthetic task"
 
 
 def add_task_options(parser, *, seed: bool) -> None:
@@ -49,7 +50,7 @@ def register(commands) -> None:
         "demo", help="synthetic few-shot task -> fit -> choose M on val -> test accuracy",
         formatter_class=options.Formatter)
     add_task_options(parser, seed=False)
-    options.add_training_options(parser, DEFAULTS)
+    options.add_training_options(parser, DEFAULTS, why=DEMO_WHY)
     options.add_device(parser)
     options.add_quiet(parser)
     parser.set_defaults(run=run)

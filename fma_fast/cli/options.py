@@ -56,26 +56,40 @@ def _amp(value: str) -> str:
 
 
 def add_training_options(
-    parser: argparse.ArgumentParser, defaults: dict | None = None, *, seed: bool = True
+    parser: argparse.ArgumentParser, defaults: dict | None = None, *, seed: bool = True,
+    why: str = "",
 ) -> None:
     """The options of ``fit`` (training group) and of choosing M (``--max-steps``); ``seed``
-    False where the command's --seeds give each fit its seed."""
+    False where the command's --seeds give each fit its seed. ``defaults`` that differ from
+    fit's (the released code's) say so in --help, with ``why``."""
     defaults = defaults or {}
+    released = FitSettings()
+
+    def differs(name: str, help: str) -> str:
+        if name in defaults and defaults[name] != getattr(released, name):
+            return f"{help} ({why}; fit, train and run: {getattr(released, name)}, the " \
+                   "released code's)"
+        return help
+
     group = parser.add_argument_group("training")
-    group.add_argument("--blocks", type=int, default=defaults.get("blocks", 12),
-                       help="residual blocks of the velocity network")
+    group.add_argument("--blocks", type=int, default=defaults.get("blocks", released.blocks),
+                       help=differs("blocks", "residual blocks of the velocity network"))
     group.add_argument("--width", type=int, default=None, help="hidden width (None: feature dim)")
-    group.add_argument("--epochs", type=int, default=defaults.get("epochs", 200),
-                       help="passes over the training images (one view of each per epoch)")
-    group.add_argument("--batch-size", type=int, default=32, help="rows per optimizer step")
-    group.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate")
-    group.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    group.add_argument("--warmup-epochs", type=int, default=1, help="epochs of linear warm-up")
+    group.add_argument("--epochs", type=int, default=defaults.get("epochs", released.epochs),
+                       help=differs("epochs", "passes over the training images (one view of "
+                                              "each per epoch)"))
+    group.add_argument("--batch-size", type=int, default=released.batch_size,
+                       help="rows per optimizer step")
+    group.add_argument("--lr", type=float, default=released.lr, help="AdamW learning rate")
+    group.add_argument("--weight-decay", type=float, default=released.weight_decay,
+                       help="AdamW weight decay")
+    group.add_argument("--warmup-epochs", type=int, default=released.warmup_epochs,
+                       help="epochs of linear warm-up")
     group.add_argument("--schedule", choices=SCHEDULES, default="released",
                        help="learning-rate schedule: the released loop's, step for step, or a "
                             "warm-up then a cosine from --lr")
-    group.add_argument("--gamma", type=float, default=defaults.get("gamma", 0.0),
-                       help="noise strength")
+    group.add_argument("--gamma", type=float, default=defaults.get("gamma", released.gamma),
+                       help=differs("gamma", "noise strength"))
     group.add_argument("--noise", choices=NOISE_FORMS, default="bridge",
                        help="noise form: the released code's bridge or the paper's endpoint")
     group.add_argument("--amp", choices=AMPS, default="auto", type=_amp,

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
 from ...core import validation as check
+from ...train.fit import FitSettings
 
 METHODS = (
     "zero-shot",
@@ -41,6 +42,9 @@ def _option(default, help: str, group: str):
 
 
 DATA, GRID, TRAINING = "data (synthetic unless --train/--val/--test are given)", "grid", "FMA"
+_RELEASED = FitSettings()
+_SMALL = ("(small fields fitted fast over a grid of synthetic tasks; fit, train and run use "
+          "the released code's")
 
 
 @dataclass
@@ -57,12 +61,14 @@ class ReportSettings:
     dim: int = _option(256, "synthetic feature dim", DATA)
     test_per_class: int = _option(50, "synthetic test rows per class", DATA)
     data_seed: int = _option(0, "seed of the synthetic data sets", DATA)
-    blocks: int = _option(2, "residual blocks of FMA's field", TRAINING)
-    epochs: int = _option(240, "FMA epochs (raised to reach --min-updates)", TRAINING)
+    blocks: int = _option(2, f"residual blocks of FMA's field {_SMALL}: {_RELEASED.blocks})",
+                          TRAINING)
+    epochs: int = _option(240, "FMA epochs (raised to reach --min-updates) "
+                               f"{_SMALL}: {_RELEASED.epochs})", TRAINING)
     min_updates: int = _option(600, "fewest optimizer steps of an FMA fit", TRAINING)
-    batch_size: int = _option(64, "FMA batch size", TRAINING)
-    lr: float = _option(2e-3, "FMA learning rate", TRAINING)
-    gamma: float = _option(0.05, "FMA noise strength", TRAINING)
+    batch_size: int = _option(64, f"FMA batch size {_SMALL}: {_RELEASED.batch_size})", TRAINING)
+    lr: float = _option(2e-3, f"FMA learning rate {_SMALL}: {_RELEASED.lr})", TRAINING)
+    gamma: float = _option(0.05, f"FMA noise strength {_SMALL}: {_RELEASED.gamma})", TRAINING)
     max_steps: int = _option(10, "largest M; M * step size <= 1", TRAINING)
     step_size: float = _option(0.1, "Euler step h", TRAINING)
     convergence_check: bool = True
