@@ -164,6 +164,10 @@ def test_run_end_to_end(single_run):
         rule = max(range(len(val)), key=lambda m: (val[m], -loss[m], -m))
         assert run["chosen_steps"] == rule, f"seed {run['seed']}: chose {run['chosen_steps']}"
         assert run["solve_path"].startswith("folded-fp32"), run["solve_path"]
+        at_m = run["test_at_chosen_m"]  # top-1 equals the curve's point at the chosen M
+        assert at_m["accuracy"] == pytest.approx(run["test_accuracy"][run["chosen_steps"]])
+        assert at_m["accuracy"] <= at_m["top5_accuracy"] == 1.0  # 3 classes: top-5 is all
+        assert len(at_m["per_class_recall"]) == 3 and 0 <= at_m["mean_per_class_recall"] <= 1
     (summary,) = results["summary"]
     assert summary["shots"] == 4
     chosen = [r["test_accuracy"][r["chosen_steps"]] for r in results["runs"]]

@@ -4,12 +4,13 @@ or many inputs go through :func:`fma_fast.score` instead (resumable, a chunk at 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..core.metrics import TOP_K_REPORTED, ClassificationCounts, warn_if_collapsed
 from ..core.model import normalizes, solve_settings
 from ..core.names import Backend, Precision
 from ..io import checkpoint
@@ -66,12 +67,18 @@ def evaluate_file(
              Path(features).name: data_record(data)}
         )
     labelled = data.labels is not None
-    result = solve(data.features, network, steps, topk=topk, precision=precision,
+    classes = data.class_features.shape[0]
+    wide = max(topk, min(TOP_K_REPORTED, classes)) if labelled else topk
+    result = solve(data.features, network, steps, topk=wide, precision=precision,
                    backend=backend, zero_shot=labelled, step_size=step_size,
                    class_features=data.class_features, device=device)
     summary = {"steps": steps, "step_size": step_size, "rows": len(result.pred),
                "path": result.path, "normalized_rows": normalized_rows}
+    warn_if_collapsed(result.pred, classes, f"eval {Path(features).name}")
     if labelled:  # M=0 scored in the same pass over the states
-        summary["accuracy"] = float((result.pred == data.labels).double().mean())
+        summary.update(ClassificationCounts.of(result.topk_indices, data.labels)
+                       .summary(data.class_names))
         summary["accuracy_at_m0"] = float((result.zero_shot_pred == data.labels).double().mean())
+        result = replace(result, topk_values=result.topk_values[:, :topk],
+                         topk_indices=result.topk_indices[:, :topk])
     return Evaluation(summary, result)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..core.distributed import SINGLE, Context
+from ..core.metrics import TOP_K_REPORTED, ClassificationCounts, warn_if_collapsed
 from ..core.names import Backend, Precision
 from ..core.protocol import base_and_new_classes, harmonic_mean
 from ..io.features import FeatureSet, check_feature_files, subsample_classes
@@ -132,7 +133,8 @@ def _test(solve: SolveSettings, model, steps: int, test: FeatureSet, table, devi
                      "step_size": solve.step_size, "device": device, "context": context}
     curve = accuracy_by_steps_sharded(model, test.features, test.labels, table,
                                       max_steps=solve.max_steps, **solve_options)
-    result = solve_sharded(test.features, model, steps, class_features=table, **solve_options)
+    result = solve_sharded(test.features, model, steps, class_features=table,
+                           topk=min(TOP_K_REPORTED, table.shape[0]), **solve_options)
     return curve, result
 
 
@@ -158,11 +160,14 @@ def evaluate_job(job: Job, fitted: dict[str, Any], test: FeatureSet, encoder, de
     }
     predictions, prefix = {}, job.key
     for name, (split, classes) in _test_sets(subsample, job, test).items():
-        curve, result = _test(solve, model, best, split, class_tables(encoder, split, classes),
-                              device, context)
+        table = class_tables(encoder, split, classes)
+        curve, result = _test(solve, model, best, split, table, device, context)
         key = f"{name}_test" if name else "test"
         run[f"{key}_accuracy"] = curve
         run[f"{key}_rows"] = int(split.features.shape[0])
+        run[f"{key}_at_chosen_m"] = ClassificationCounts.of(
+            result.topk_indices, split.labels).summary(split.class_names)
+        warn_if_collapsed(result.pred, table.shape[0], f"{job.key} {key}")
         run["solve_path"] = result.path
         predictions[f"{prefix}-{name}" if name else prefix] = result.pred
         predictions[f"labels-{name}" if name else "labels"] = split.labels

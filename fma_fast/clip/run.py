@@ -168,7 +168,7 @@ def _write_results(inputs: Inputs, out: Path, outcome: RunOutcome, summaries, sh
         "training": training,
         "runs": outcome.runs,
         "summary": summaries,
-        "std": "sample (n - 1) over seeds, percent",
+        "std": "sample (n - 1) over seeds; accuracies are fractions (null std: one seed)",
         "skipped_images": outcome.skipped,
         "classifiers": ([f"{CLASSIFIERS_NAME}/{job.key}" for job in outcome.jobs]
                         if save_classifiers else []),
