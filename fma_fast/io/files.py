@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
@@ -174,8 +175,13 @@ JSON_MAX_DEPTH = 64
 parser recurses once per level, so a hostile file of 100,000 brackets raises RecursionError."""
 JSON_MAX_BYTES = 256 * 2**20
 """Largest JSON file read (a model's config with 200,000 class names is a few MiB)."""
-_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_JSON_STRING = re.compile(r'"(?:[^"\\]+|\\.)*+(?:"|\\?\Z)', re.DOTALL)
+"""A JSON string, or what is left of the text after an opening quote that is never closed:
+every match attempt succeeds where it starts and never backtracks, so removing the strings is
+linear (a pattern that must find the closing quote rescans the rest of the text from every
+unclosed quote: quadratic, minutes for 1 MB of '"\\')."""
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_DEPTH_CHUNK = 1 << 20
 
 
 class JsonError(ValueError):
@@ -191,16 +197,26 @@ def loads_json(text: str | bytes, what: str) -> Any:
             text = text.decode()
         except UnicodeDecodeError:
             raise JsonError(f"{what} is not UTF-8 text") from None
-    depth = deepest = 0
-    for char in _NOT_BRACKET.sub("", _JSON_STRING.sub("", text)):
-        depth += 1 if char in "[{" else -1
-        deepest = max(deepest, depth)
+    deepest = _nesting(_NOT_BRACKET.sub("", _JSON_STRING.sub("", text)).encode())
     if deepest > JSON_MAX_DEPTH:
         raise JsonError(f"{what} nests JSON {deepest} levels deep (at most {JSON_MAX_DEPTH})")
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
         raise JsonError(f"{what} is not valid JSON ({error})") from None
+    except RecursionError:  # the scan above counts what the parser nests; kept as a backstop
+        raise JsonError(f"{what} nests JSON too deep (at most {JSON_MAX_DEPTH})") from None
+
+
+def _nesting(brackets: bytes) -> int:
+    """The deepest nesting of a run of brackets, counted a chunk at a time (a hostile file
+    can hold 256 MiB of them)."""
+    depth = deepest = 0
+    for start in range(0, len(brackets), _DEPTH_CHUNK):
+        chunk = np.frombuffer(brackets[start:start + _DEPTH_CHUNK], dtype=np.uint8)
+        levels = depth + np.cumsum(np.where((chunk == ord("[")) | (chunk == ord("{")), 1, -1))
+        deepest, depth = max(deepest, int(levels.max())), int(levels[-1])
+    return deepest
 
 
 def read_json(path: str | os.PathLike, what: str) -> Any:
