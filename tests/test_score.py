@@ -516,6 +516,35 @@ def test_a_cache_folder_mixing_two_extractions_is_refused(job, tmp_path):
         fma_fast.score(model, [renamed], classes, tmp_path / "out2", progress=False)
 
 
+def test_inputs_of_another_source_than_the_model_are_refused(job, tmp_path, capsys):
+    """Guards score accepting rows of another source than the model was trained on (eval
+    refuses them: one rule, io.features.check_same_origin): a feature file whose provenance
+    names another source, and the shards of an extraction cache that records another source,
+    exit 2 naming the input; rows of the model's source are scored."""
+    from fma_fast.io.features import FeatureSet, claim_folder
+
+    table, names = job["table"], [f"class {c}" for c in range(CLASSES)]
+    ours, theirs = {"kind": "synthetic", "seed": 1}, {"kind": "synthetic", "seed": 2}
+    record = data_record(FeatureSet(job["x"][:5], None, table, names, {"source": ours}))
+    fma_fast.save(job["model"], tmp_path / "model", extra={"steps": STEPS, "data": record})
+    for name, source in (("same", ours), ("other", theirs)):
+        save_features(tmp_path / f"{name}.safetensors", job["x"][:20], table, job["y"][:20],
+                      names, provenance={"source": source, "split": "test"})
+    cache = tmp_path / "cache"
+    (cache / "test").mkdir(parents=True)
+    claim_folder(cache, theirs, "feature cache")
+    _cache_shard(cache / "test", 0, 1, {"views": 1, "images": 20}, job["x"][:20])
+    base = ["score", str(tmp_path / "model"), "--classes", str(tmp_path / "same.safetensors")]
+    assert main([*base[:2], str(tmp_path / "same.safetensors"), *base[2:], "--out",
+                 str(tmp_path / "o1"), "--quiet"]) == 0
+    for number, given in enumerate([tmp_path / "other.safetensors", cache / "test"]):
+        err = _error(capsys, [*base[:2], str(given), *base[2:], "--out",
+                              str(tmp_path / f"o{number + 2}")])
+        shard = given if given.is_file() else given / "shard-00000-of-00001.safetensors"
+        assert f"and input {shard} come from different sources (seed 1 vs 2)" in err, err
+        assert not (tmp_path / f"o{number + 2}").exists()
+
+
 def test_parts_of_an_input_that_shrank_are_removed(job, tmp_path, monkeypatch):
     """Guards stale outputs under a current input's name: an input of 3 parts shrinks to 2;
     after the rerun the folder holds exactly the files of a fresh job on the shrunk input
@@ -858,3 +887,4 @@ def test_one_path_and_hard_links(job, tmp_path):
     with pytest.raises(ValueError, match=r"linked\.npy is given twice \(the same file as "):
         fma_fast.score(model, [data, tmp_path / "linked.npy"], classes, tmp_path / "two",
                        progress=False)
+

@@ -55,6 +55,7 @@ from ..core.policy import (
 from ..io import checkpoint
 from ..io.features import (
     FeatureFileError,
+    check_same_origin,
     class_table_difference,
     class_table_sha256,
     load_features,
@@ -254,6 +255,10 @@ class ScoreJob:
         job = cls(model, steps, step_size, normalize, topk, output_format, table, names,
                   options, part_rows, find_shards(list(inputs)))
         job._check_inputs()
+        if isinstance(model.trained_on, dict):  # eval's rule, on every shard
+            check_same_origin({f"the data {model_name} was trained on": model.trained_on,
+                               **{f"input {shard.path}": {"source": shard.source}
+                                  for shard in job.shards}})
         return job
 
     def _check_inputs(self) -> None:

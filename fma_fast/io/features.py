@@ -288,7 +288,9 @@ def check_same_origin(records: Mapping[str, Mapping[str, Any]]) -> None:
     """Refuse inputs that must go together but do not: a different source (when both say),
     or a different class table (:func:`table_mismatch`: count, names, values beyond fp32
     rounding). ``records`` maps a name for each input (a file name, "the model") to its
-    :func:`data_record`."""
+    :func:`data_record`; a record without ``"classes"`` (rows that carry no class table, such
+    as a shard ``score`` reads) is compared by its source only. The one rule of ``eval``,
+    ``train`` and ``score``."""
     (first_name, first), *rest = records.items()
     for name, record in rest:
         pair = f"{first_name} and {name}"
@@ -297,7 +299,7 @@ def check_same_origin(records: Mapping[str, Mapping[str, Any]]) -> None:
             raise FeatureFileError(
                 f"{pair} come from different sources ({differences(*sources)})"
             )
-        mismatch = table_mismatch(first, record)
+        mismatch = table_mismatch(first, record) if "classes" in record else None
         if mismatch:
             raise FeatureFileError(f"{pair} have {mismatch}")
 
@@ -307,6 +309,19 @@ def check_feature_files(files: Mapping[str, FeatureSet]) -> None:
     check_same_origin({name: data_record(data) for name, data in files.items()})
 
 
+def recorded_source(folder: Path) -> dict[str, Any] | None:
+    """The source ``folder/source.json`` records (:func:`claim_folder`), or None when there is
+    none; a file there that is not a source record is refused."""
+    record = folder / SOURCE_NAME
+    if not record.exists():
+        return None
+    found = read_json_record(record)
+    if found is None or found.get("format") != SOURCE_FORMAT or \
+            not isinstance(found.get("source"), dict):
+        raise FeatureFileError(f"{record} is not a readable source record")
+    return found["source"]
+
+
 def claim_folder(folder: str | os.PathLike, source: Mapping[str, Any], name: str) -> Path:
     """Tie ``folder`` to one source of features (``folder/source.json``): the first use
     records it, later uses with another source are refused, so features of two models,
@@ -314,14 +329,15 @@ def claim_folder(folder: str | os.PathLike, source: Mapping[str, Any], name: str
     folder = Path(folder)
     record = folder / SOURCE_NAME
     source = json.loads(json.dumps(dict(source)))  # as it reads back from JSON
-    if record.exists():
-        found = read_json_record(record)
-        if found is None or found.get("format") != SOURCE_FORMAT:
-            raise FeatureFileError(f"{name} {folder}: {record} is not a readable source record")
-        if found.get("source") != source:
+    try:
+        found = recorded_source(folder)
+    except FeatureFileError as error:
+        raise FeatureFileError(f"{name} {folder}: {error}") from None
+    if found is not None:
+        if found != source:
             raise FeatureFileError(
                 f"{name} {folder} holds features from another source "
-                f"({differences(found.get('source') or {}, source)}); "
+                f"({differences(found, source)}); "
                 "use another folder or delete this one"
             )
         return folder

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .features import PROVENANCE_KEY, FeatureFileError, recorded_source
 from .files import JsonError, file_problem, loads_json
 
 SAFETENSORS_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -80,7 +81,9 @@ class Column:
 class Shard:
     """One input file of rows: its features, and labels and row ids when the file has them
     (``per_image`` rows share one label / id, as the cache stores V views per image), the
-    file's identity when its header was read, and an extraction cache shard's stamp."""
+    file's identity when its header was read, an extraction cache shard's stamp, and the
+    ``source`` of its features when known (a feature file's provenance, the source.json of
+    the cache a shard belongs to)."""
 
     path: Path
     features: Column
@@ -90,6 +93,7 @@ class Shard:
     per_image: int = 1
     class_table: Column | None = None
     stamp: dict | None = None
+    source: dict | None = None
 
     @property
     def rows(self) -> int:
@@ -367,7 +371,27 @@ def safetensors_shard(path: Path, handle, identity: FileIdentity) -> Shard:
     if table is not None and len(table.shape) != 2:
         raise InputError(f"{path}: class_features must be 2-D (classes, dim), got "
                          f"{list(table.shape)}")
-    return Shard(path, features, identity, labels, row_ids, per_image, table, stamp)
+    return Shard(path, features, identity, labels, row_ids, per_image, table, stamp,
+                 _source(path, header, stamp))
+
+
+def _source(path: Path, header: dict, stamp: dict | None) -> dict | None:
+    """Where a shard's features come from: a feature file's provenance ``source``; for an
+    extraction cache shard (``cache/<split>/shard-*``), the source the cache records."""
+    if stamp is not None:
+        try:
+            return recorded_source(path.parent.parent)
+        except FeatureFileError as error:
+            raise InputError(f"{path}: {error}") from None
+    text = header.get("__metadata__", {}).get(PROVENANCE_KEY)
+    if text is None:
+        return None
+    try:
+        provenance = loads_json(text, f"{path}'s provenance")
+    except JsonError as error:
+        raise InputError(str(error)) from None
+    source = provenance.get("source") if isinstance(provenance, dict) else None
+    return source if isinstance(source, dict) else None
 
 
 def npy_shard(path: Path, handle, identity: FileIdentity) -> Shard:
