@@ -888,3 +888,62 @@ def test_one_path_and_hard_links(job, tmp_path):
         fma_fast.score(model, [data, tmp_path / "linked.npy"], classes, tmp_path / "two",
                        progress=False)
 
+
+# ------------------------------------------------------------------------ review 1 (issue 24)
+
+
+@pytest.mark.parametrize("kind", ["complex", "int64", "int safetensors"])
+def test_class_tables_that_a_cast_would_change_are_refused(job, tmp_path, capsys, kind):
+    """Guards complex and integer class tables cast to float32 without a word (the imaginary
+    part dropped, integers taken for features): exit 2 naming --classes and the dtype."""
+    table = job["table"].numpy()
+    path = tmp_path / ("table.safetensors" if kind == "int safetensors" else "table.npy")
+    if kind == "complex":
+        np.save(path, table + 1j * table)
+    elif kind == "int64":
+        np.save(path, (table * 100).astype(np.int64))
+    else:
+        save_safetensors(path, {"table": torch.from_numpy((table * 100).astype(np.int64))})
+    err = _error(capsys, ["score", str(job["root"] / "model"), str(job["root"] / "extra.npy"),
+                          "--classes", str(path), "--out", str(tmp_path / "out")])
+    expected = "has complex dtype torch.complex64" if kind == "complex" else \
+        "has dtype torch.int64; expected a floating dtype"
+    assert f"--classes {path} {expected}" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+LABEL_KINDS = {"U8": (np.uint8, True), "I8": (np.int8, True), "I16": (np.int16, True),
+               "I32": (np.int32, True), "I64": (np.int64, True), "U16": (np.uint16, False),
+               "BOOL": (np.bool_, False), "F32": (np.float32, False)}
+
+
+@pytest.mark.parametrize("name", sorted(LABEL_KINDS))
+def test_eval_and_score_accept_the_same_label_dtypes(job, tmp_path, name):
+    """Guards score refusing uint8/int8/int16 labels that eval accepts (and eval failing with
+    a traceback on uint16 ones): a feature file with labels of each dtype is accepted by
+    both, with the same accuracy, or refused by both naming the dtype."""
+    numpy_dtype, accepted = LABEL_KINDS[name]
+    rows, table = job["x"][:40], job["table"]
+    labels = job["y"][:40].numpy().astype(numpy_dtype)
+    if name == "BOOL":
+        labels = labels % 2 == 1
+    tensors = {"features": rows.numpy().tobytes(), "class_features": table.numpy().tobytes(),
+               "labels": labels.tobytes()}
+    header, offset = {}, 0
+    for key, shape, dtype in (("features", list(rows.shape), "F32"),
+                              ("class_features", list(table.shape), "F32"),
+                              ("labels", [40], name)):
+        header[key] = {"dtype": dtype, "shape": shape,
+                       "data_offsets": [offset, offset + len(tensors[key])]}
+        offset += len(tensors[key])
+    path = _raw_safetensors(tmp_path / f"{name}.safetensors", header, b"".join(tensors.values()))
+    model = job["root"] / "model"
+    if accepted:
+        evaluated = fma_fast.batch.evaluate.evaluate_file(path, model)
+        scored = fma_fast.score(model, [path], path, tmp_path / "out", progress=False)
+        assert scored.accuracy == pytest.approx(evaluated.summary["accuracy"])
+        return
+    with pytest.raises(ValueError, match="labels"):  # FeatureFileError
+        fma_fast.batch.evaluate.evaluate_file(path, model)
+    with pytest.raises(ValueError, match=f"tensor 'labels' has dtype {name}"):
+        fma_fast.score(model, [path], job["table"], tmp_path / "out", progress=False)

@@ -148,8 +148,9 @@ def _resolve_classes(classes, class_names):
             raise InputError(f"cannot read --classes {path}: {problem}")
         if path.suffix == ".npy":
             try:
-                table = torch.from_numpy(np.load(path)).float()
-            except (OSError, ValueError, SyntaxError, RecursionError, MemoryError) as error:
+                table = torch.from_numpy(np.load(path))
+            except (OSError, ValueError, SyntaxError, RecursionError, MemoryError,
+                    TypeError) as error:  # TypeError: a dtype torch has not (uint16, ...)
                 raise InputError(f"cannot read --classes {path}: {error}") from None
         else:
             try:
@@ -158,10 +159,12 @@ def _resolve_classes(classes, class_names):
                 class_names = names if class_names is None else class_names
             except FeatureFileError as error:
                 table = _single_table(path, error)
+        name = f"--classes {path}"
     else:
-        table = check.as_tensor("class_features", classes)
-    table = check.check_matrix("class_features", table).float()
-    check.check_finite("class_features", table)
+        table, name = check.as_tensor("class_features", classes), "class_features"
+    check.check_dense_float(name, table, error=InputError)  # before a cast drops a part of it
+    table = check.check_matrix(name, table).float()
+    check.check_finite(name, table)
     if class_names is not None and len(class_names) != table.shape[0]:
         raise ValueError(f"class_names has {len(class_names)} names for {table.shape[0]} classes")
     return table, None if class_names is None else list(class_names)

@@ -33,11 +33,12 @@ _LEGACY_TEMP = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
 LEGACY_TEMP_AGE_S = 3600
 """A 0.1-style temporary file this old is taken as orphaned (its writer is long gone)."""
 
-_SAFETENSORS_DTYPES = {
+SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
     torch.uint8: "U8", torch.bool: "BOOL",
 }
+"""safetensors' name of each dtype fma_fast writes or reads."""
 
 
 def _process_alive(pid: int) -> bool:
@@ -271,11 +272,11 @@ def save_safetensors(
     offset = 0
     for name in names:
         tensor = tensors[name]
-        if tensor.dtype not in _SAFETENSORS_DTYPES:
+        if tensor.dtype not in SAFETENSORS_DTYPES:
             raise TypeError(f"{name}: dtype {tensor.dtype} has no safetensors name")
         size = tensor.numel() * tensor.element_size()
         header[name] = {
-            "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
+            "dtype": SAFETENSORS_DTYPES[tensor.dtype],
             "shape": list(tensor.shape),
             "data_offsets": [offset, offset + size],
         }

@@ -23,12 +23,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core.validation import LABEL_DTYPES
 from .features import PROVENANCE_KEY, FeatureFileError, recorded_source
-from .files import JsonError, file_problem, loads_json
+from .files import SAFETENSORS_DTYPES, JsonError, file_problem, loads_json
 
 SAFETENSORS_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "F64": torch.float64}
 SAFETENSORS_INTS = {"I64": torch.int64, "I32": torch.int32}
+SAFETENSORS_LABELS = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()
+                      if dtype in LABEL_DTYPES}
+"""Labels in a file: the dtypes :func:`~fma_fast.core.validation.check_labels` accepts."""
 CACHE_STAMP_KEY = "fma_fast_cache"
 """The metadata key of the extraction cache's shard stamps (:mod:`fma_fast.clip.cache`)."""
 _CACHE_SHARD = re.compile(r"^shard-(\d{5})-of-(\d{5})\.safetensors$")
@@ -354,7 +358,7 @@ def safetensors_shard(path: Path, handle, identity: FileIdentity) -> Shard:
         raise InputError(f"{path} has no 'features' tensor (found {found})")
     if len(features.shape) != 2:
         raise InputError(f"{path}: features must be 2-D (rows, dim), got {list(features.shape)}")
-    labels = _column(path, header, start, size, "labels", SAFETENSORS_INTS)
+    labels = _column(path, header, start, size, "labels", SAFETENSORS_LABELS)
     row_ids = _column(path, header, start, size, "image_index", SAFETENSORS_INTS)
     stamp = _cache_stamp(path, header)
     per_image = 1 if stamp is None else stamp["common"]["views"]
