@@ -572,6 +572,46 @@ def test_parts_of_an_input_that_shrank_are_removed(job, tmp_path, monkeypatch):
             assert ours == fresh, name
 
 
+def test_parts_of_an_input_that_left_the_job_are_removed(job, tmp_path, monkeypatch):
+    """Guards stale outputs of inputs no longer in the job: an input dropped from the list,
+    and a link retargeted to another file (parts are named after the resolved path), left
+    their parts and records in the folder beside the job's. After the rerun the folder holds
+    the part files of the current inputs only; the outputs of the inputs kept are not scored
+    again."""
+    monkeypatch.setattr(batch_job, "SCORE_PART_ROWS", 20)
+    model, classes = _model_folder_and_classes(job)
+    for name, seed in (("a", 1), ("b", 2), ("c", 3)):
+        np.save(tmp_path / f"{name}.npy", _rows(seed))
+    link = tmp_path / "link.npy"
+    link.symlink_to(tmp_path / "b.npy")
+    out = tmp_path / "out"
+
+    def part_files() -> dict[str, set[str]]:
+        """Part files by their input's prefix (stem, digest of the resolved path)."""
+        found: dict[str, set[str]] = {}
+        for path in out.iterdir():
+            if ".part" in path.name:
+                found.setdefault(path.name.split(".part")[0], set()).add(path.name)
+        return found
+
+    fma_fast.score(model, [tmp_path / "a.npy", link], classes, out, progress=False)
+    before = part_files()
+    a = next(k for k in before if k.startswith("a-"))
+    to_b = next(k for k in before if k != a)
+    assert to_b.startswith("link-") and len(before[to_b]) == 6  # 3 parts, 3 records
+    rerun = fma_fast.score(model, [tmp_path / "a.npy"], classes, out, progress=False)
+    assert rerun.rows_scored == 0 and part_files() == {a: before[a]}
+    link.unlink()
+    link.symlink_to(tmp_path / "c.npy")
+    fma_fast.score(model, [tmp_path / "a.npy", link], classes, out, progress=False)
+    fma_fast.score(model, [link], classes, tmp_path / "fresh", progress=False)
+    fresh = {p.name for p in (tmp_path / "fresh").iterdir() if ".part" in p.name}
+    to_c = next(iter(fresh)).split(".part")[0]
+    assert to_c != to_b and part_files() == {a: before[a], to_c: fresh}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [entry["input"]["path"] for entry in manifest["inputs"]] == \
+        [str(tmp_path / "a.npy"), str(tmp_path / "c.npy")]
+
 def test_csv_output_reads_back_by_the_csv_rules(job, tmp_path):
     """Guards a CSV that reads back as more rows than were scored: class names holding CR,
     LF, commas and quotes are quoted as the csv module (RFC 4180) reads them."""

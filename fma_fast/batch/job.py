@@ -373,7 +373,7 @@ def score(
     by_shard = plan_parts(job.shards, job.part_rows)
     mine_by_shard = [shard_parts for number, shard_parts in enumerate(by_shard)
                      if context.owner(number) == context.rank]
-    remove_stale_parts(out, mine_by_shard)
+    remove_stale_parts(out, by_shard, mine_by_shard, context)
     mine = [part for shard_parts in mine_by_shard for part in shard_parts]
     done = already_done(out, mine, digest, job.batch_rows)
     pending = [part for number, part in enumerate(mine) if number not in done]

@@ -81,14 +81,24 @@ def _claim(out: Path, record: Path, text: str, digest: str, settings) -> str | N
 _PART_FILE = re.compile(r"^(?P<prefix>.+\.part)(?P<number>\d{5})\.")
 
 
-def remove_stale_parts(out: Path, by_shard: list[list[Part]]) -> None:
-    """Remove the parts an input no longer has (it shrank since an earlier run): their
-    record first, so that a kill in between leaves files no record vouches for."""
-    counts = {part_prefix(parts[0].shard): len(parts) for parts in by_shard}
+def remove_stale_parts(out: Path, by_shard: list[list[Part]], mine: list[list[Part]],
+                       context: Context) -> None:
+    """Remove the parts no input of the job has: those past the end of an input that shrank
+    since an earlier run (each rank for the inputs it scores, ``mine``) and, on rank 0, every
+    part of an input that left the job (dropped from the inputs, or a link that names another
+    file now: parts are named after the resolved path), so that the folder holds the outputs
+    of this job's inputs only. Records go first, so that a kill in between leaves files no
+    record vouches for. Other writers' temporary files are left alone."""
+    counts = {part_prefix(parts[0].shard): len(parts) for parts in mine}
+    job = {part_prefix(parts[0].shard) for parts in by_shard}
     stale = []
     for path in out.iterdir():
         found = _PART_FILE.match(path.name)
-        if found and int(found["number"]) >= counts.get(found["prefix"], 1 << 30):
+        if not found or is_temporary(path.name):
+            continue
+        prefix = found["prefix"]
+        if prefix in counts and int(found["number"]) >= counts[prefix] or \
+                prefix not in job and context.is_main:
             stale.append(path)
     for path in sorted(stale, key=lambda p: not p.name.endswith(".done.json")):
         path.unlink(missing_ok=True)
