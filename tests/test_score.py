@@ -987,3 +987,26 @@ def test_eval_and_score_accept_the_same_label_dtypes(job, tmp_path, name):
         fma_fast.batch.evaluate.evaluate_file(path, model)
     with pytest.raises(ValueError, match=f"tensor 'labels' has dtype {name}"):
         fma_fast.score(model, [path], job["table"], tmp_path / "out", progress=False)
+
+
+def test_the_label_range_is_read_a_chunk_at_a_time(job, tmp_path, monkeypatch):
+    """Guards reading a whole label column at once to check its range (2^26 labels: 512 MiB):
+    the labels are read at most SCORE_LABEL_ROWS at a time (7 here), and the smallest and
+    largest label, in different chunks, are found."""
+    monkeypatch.setattr(row_sources, "SCORE_LABEL_ROWS", 7, raising=False)
+    labels = torch.full((40,), 3)
+    labels[9], labels[33] = 0, CLASSES - 1
+    path = tmp_path / "in.safetensors"
+    save_features(path, job["x"][:40], job["table"], labels)
+    shard = row_sources.find_shards([path])[0]
+    reads = []
+    real = row_sources._read_rows
+
+    def counted(handle, column, start, stop, buffer=None):
+        if column is shard.labels:
+            reads.append(stop - start)
+        return real(handle, column, start, stop, buffer)
+
+    monkeypatch.setattr(row_sources, "_read_rows", counted)
+    assert shard.label_range() == (0, CLASSES - 1)
+    assert sum(reads) == 40 and max(reads) == 7, reads

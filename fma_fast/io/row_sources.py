@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core.policy import SCORE_LABEL_ROWS
 from ..core.validation import LABEL_DTYPES
 from .features import PROVENANCE_KEY, FeatureFileError, recorded_source
 from .files import SAFETENSORS_DTYPES, JsonError, file_problem, loads_json
@@ -123,13 +124,20 @@ class Shard:
         return ShardReader(self)
 
     def label_range(self) -> tuple[int, int] | None:
-        """The smallest and largest label, or None without labels (read once, up front)."""
+        """The smallest and largest label, or None without labels (read once, up front,
+        :data:`~fma_fast.core.policy.SCORE_LABEL_ROWS` at a time)."""
         if self.labels is None or not self.labels.shape[0]:
             return None
+        low, high = None, None
         with self.open() as reader:
-            values = _read_rows(reader.handle, self.labels, 0, self.labels.shape[0])
+            buffer = bytearray(min(SCORE_LABEL_ROWS, self.labels.shape[0]) * self.labels.row_bytes)
+            for start in range(0, self.labels.shape[0], SCORE_LABEL_ROWS):
+                stop = min(start + SCORE_LABEL_ROWS, self.labels.shape[0])
+                values = _read_rows(reader.handle, self.labels, start, stop, buffer)
+                low = int(values.min()) if low is None else min(low, int(values.min()))
+                high = int(values.max()) if high is None else max(high, int(values.max()))
             reader.check_unchanged()
-        return int(values.min()), int(values.max())
+        return low, high
 
     def read_class_table(self) -> torch.Tensor | None:
         """The (C, D) class table a feature file carries, or None."""
