@@ -1010,3 +1010,27 @@ def test_the_label_range_is_read_a_chunk_at_a_time(job, tmp_path, monkeypatch):
     monkeypatch.setattr(row_sources, "_read_rows", counted)
     assert shard.label_range() == (0, CLASSES - 1)
     assert sum(reads) == 40 and max(reads) == 7, reads
+
+
+def test_the_advice_for_a_model_without_its_class_table_works(job, tmp_path):
+    """Guards advice that does not help: a model whose record has the class table's digest
+    only (fma_fast 0.1) refuses a table 1 ulp off, and said "save it again", which carries no
+    table. Following the advice given (set trained_on["class_table"], save) makes the model
+    accept that table."""
+    from fma_fast.io.features import FeatureSet
+
+    table = job["table"]
+    record = data_record(FeatureSet(job["x"][:5], None, table))
+    del record["class_table"]
+    fma_fast.save(job["model"], tmp_path / "legacy", extra={"steps": STEPS, "data": record})
+    off = torch.nextafter(table, torch.full_like(table, torch.inf))
+    inputs = [job["root"] / "extra.npy"]
+    with pytest.raises(ValueError, match=r"compared by its digest, exactly: retrain it, or set "
+                                         r'model\.trained_on\["class_table"\]') as refused:
+        fma_fast.score(tmp_path / "legacy", inputs, off, tmp_path / "o1", progress=False)
+    assert "save it again" not in str(refused.value)
+    model = fma_fast.load(tmp_path / "legacy")
+    model.trained_on["class_table"] = table
+    fma_fast.save(model, tmp_path / "fixed")
+    assert fma_fast.score(tmp_path / "fixed", inputs, off, tmp_path / "o2",
+                          progress=False).rows == job["extra"].shape[0]

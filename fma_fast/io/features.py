@@ -262,9 +262,10 @@ def table_mismatch(first: dict[str, Any], second: dict[str, Any]) -> str | None:
         return None if difference is None else \
             f"different class tables (same size, other values: {difference})"
     if first.get("class_table_sha256") != second.get("class_table_sha256"):
-        return ("different class tables (same size, other values; a model saved without its "
-                "class table is compared by digest, exactly: save it again to compare within "
-                "fp32 rounding)")
+        return ("different class tables (same size, other values; a model that carries no "
+                "class table, as fma_fast 0.1 saved them, is compared by its digest, exactly: "
+                "retrain it, or set model.trained_on[\"class_table\"] to the table it was "
+                "trained with and save it, to compare within fp32 rounding)")
     return None
 
 
