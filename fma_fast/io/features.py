@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -253,9 +254,12 @@ def table_mismatch(first: dict[str, Any], second: dict[str, Any]) -> str | None:
         return (f"different class tables: {first.get('classes')} vs {second.get('classes')} "
                 "classes")
     names = first.get("class_names"), second.get("class_names")
-    if None not in names and names[0] != names[1]:
-        index = next((i for i, (a, b) in enumerate(zip(*names)) if a != b), 0)
-        return f"different class names (class {index}: {names[0][index]!r} vs {names[1][index]!r})"
+    if None not in names:
+        ours, theirs = (list(map(_nfc, found)) for found in names)
+        if ours != theirs:
+            index = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), 0)
+            return (f"different class names (class {index}: {ascii(names[0][index])} vs "
+                    f"{ascii(names[1][index])}; compared in Unicode NFC, shown as ascii())")
     tables = first.get("class_table"), second.get("class_table")
     if None not in tables:
         difference = class_table_difference(*tables)
@@ -267,6 +271,12 @@ def table_mismatch(first: dict[str, Any], second: dict[str, Any]) -> str | None:
                 "retrain it, or set model.trained_on[\"class_table\"] to the table it was "
                 "trained with and save it, to compare within fp32 rounding)")
     return None
+
+
+def _nfc(name: Any) -> Any:
+    """A class name in Unicode NFC: "café" typed (one code point) and "café" from a macOS file
+    name (e + a combining accent) are one name."""
+    return unicodedata.normalize("NFC", name) if isinstance(name, str) else name
 
 
 def differences(first: Mapping[str, Any], second: Mapping[str, Any]) -> str:
