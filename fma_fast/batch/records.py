@@ -23,7 +23,7 @@ from ..io.files import (
     write_text,
 )
 from ..io.row_sources import InputError, PartDigest, ShardReader
-from .reader import Part, part_prefix
+from .reader import Part, part_prefix, reader_for
 
 JOB_NAME = "job.json"
 JOB_FORMAT = "fma_fast/score-job/1"
@@ -142,10 +142,8 @@ def already_done(out: Path, parts: list[Part], job: str, chunk: int) -> set[int]
             record = read_record(out, part, job)
             if record is None:
                 continue
-            if reader is None or reader.shard is not part.shard:
-                if reader is not None:
-                    reader.close()
-                reader = part.shard.open()
+            reader = reader_for(part, reader)
+            if len(buffer) < chunk * part.shard.features.row_bytes:
                 buffer = bytearray(chunk * part.shard.features.row_bytes)
             digest = PartDigest(part.shard)
             for start in range(part.start, part.stop, chunk):

@@ -137,10 +137,7 @@ def create_exclusive(path: str | os.PathLike, text: str) -> bool:
     path = Path(path)
     temp = path.parent / f".{path.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
-        with open(temp, "x") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        _write_new(temp, text)
         try:
             os.link(temp, path)
             return True
@@ -153,13 +150,19 @@ def create_exclusive(path: str | os.PathLike, text: str) -> bool:
     finally:
         temp.unlink(missing_ok=True)
     try:
-        with open(path, "x") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        _write_new(path, text)
     except FileExistsError:
         return False
     return True
+
+
+def _write_new(path: Path, text: str) -> None:
+    """Create ``path`` (FileExistsError if it exists) holding ``text``, on disk when it
+    returns."""
+    with open(path, "x") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 24) -> str:
