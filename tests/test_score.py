@@ -1034,3 +1034,30 @@ def test_the_advice_for_a_model_without_its_class_table_works(job, tmp_path):
     fma_fast.save(model, tmp_path / "fixed")
     assert fma_fast.score(tmp_path / "fixed", inputs, off, tmp_path / "o2",
                           progress=False).rows == job["extra"].shape[0]
+
+
+def test_rows_of_norm_zero_are_refused_when_rows_are_normalised(job, tmp_path, capsys,
+                                                                monkeypatch):
+    """Guards a zero row scored as class 0 (cosine 0.64) behind a generic warning when rows
+    are L2-normalised: score and eval refuse it naming the file and its row (row 37: in the
+    second part, second chunk), and a zero row of the class table likewise."""
+    monkeypatch.setattr(batch_job, "SCORE_PART_ROWS", 20)
+    rows = _rows(1)
+    rows[37] = 0
+    np.save(tmp_path / "zero.npy", rows)
+    model, classes = _model_folder_and_classes(job)
+    err = _error(capsys, ["score", str(model), str(tmp_path / "zero.npy"), "--classes",
+                          str(classes), "--out", str(tmp_path / "o1"), "--batch-size", "10"])
+    assert f"input {tmp_path / 'zero.npy'}: row 37 is all zeros" in err, err
+    features = job["x"][:12].clone()
+    features[5] = 0
+    save_features(tmp_path / "zero.safetensors", features, job["table"], job["y"][:12])
+    err = _error(capsys, ["eval", str(tmp_path / "zero.safetensors"), "--model", str(model)])
+    assert f"{tmp_path / 'zero.safetensors'} features: row 5 is all zeros" in err, err
+    table = job["table"].clone()
+    table[2] = 0
+    np.save(tmp_path / "table.npy", table.numpy())
+    err = _error(capsys, ["score", str(model), str(job["root"] / "extra.npy"), "--classes",
+                          str(tmp_path / "table.npy"), "--out", str(tmp_path / "o2")])
+    assert f"--classes {tmp_path / 'table.npy'}: row 2 is all zeros" in err, err
+

@@ -239,7 +239,8 @@ class ScoreJob:
         topk = check.check_int("topk", topk, minimum=1)
         table, names = _resolve_classes(classes, class_names)
         if normalize:  # as eval normalises a file's rows and class table
-            table = unit_rows(table)[0]
+            table = unit_rows(table, f"--classes {classes}" if isinstance(
+                classes, (str, os.PathLike)) else "class_features")[0]
         if table.shape[1] != model.dim:
             raise ValueError(f"the class table has dim {table.shape[1]} but the model expects "
                              f"{model.dim}")
@@ -274,7 +275,7 @@ class ScoreJob:
                                  f"expects {model.dim}")
             own = shard.read_class_table()
             if own is not None and self.normalize:
-                own = unit_rows(own)[0]
+                own = unit_rows(own, f"{shard.path} class_features")[0]
             difference = None if own is None else class_table_difference(own, table)
             if difference:
                 raise InputError(f"{shard.path} carries another class table than the classes "
@@ -395,10 +396,12 @@ def _score_parts(job: ScoreJob, out: Path, pending: list[Part], digest: str,
     path = None
     collected: dict[str, list[torch.Tensor]] = {}
     counts = [0, 0]
+    offset = 0  # of the chunk in its part
     for part, (features, labels, ids), input_digest in prefetch(
             pending, job.batch_rows, pin=job.device.type == "cuda"):
         if job.normalize:
-            features = unit_rows(features)[0]
+            features = unit_rows(features, f"input {part.shard.path}", part.start + offset)[0]
+        offset += features.shape[0]
         result = solve(features.to(job.device, non_blocking=True), job.model, job.steps,
                        step_size=job.step_size, class_features=table, topk=job.topk,
                        batch_size=job.batch_rows, device=job.device,
@@ -419,7 +422,7 @@ def _score_parts(job: ScoreJob, out: Path, pending: list[Part], digest: str,
             files = write_part(out, part, arrays, job.output_format, job.names, digest)
             write_record(out, part, digest, input_digest, files, labelled="labels" in arrays,
                          correct=counts[0], correct_m0=counts[1], path=path)
-            collected, counts = {}, [0, 0]
+            collected, counts, offset = {}, [0, 0], 0
     bar.close()
     return path
 

@@ -146,24 +146,32 @@ UNIT_ROW_TOLERANCE = 1e-6
 normalisation of ``eval``, ``train`` and ``score``."""
 
 
-def unit_rows(rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+def unit_rows(rows: torch.Tensor, name: str, first_row: int = 0) -> tuple[torch.Tensor, int]:
     """``rows`` L2-normalised, and how many changed: rows already unit-norm (within
     :data:`UNIT_ROW_TOLERANCE`) keep their bits, so data written normalised gives the same
-    values and class-table digest before and after. The one row rule of every command."""
+    values and class-table digest before and after. A row of norm 0 has no direction and is
+    refused, naming ``name`` and its row (``first_row`` is the index of ``rows[0]``): left at
+    0 it would be scored as some class all the same. The one row rule of every command."""
     norms = torch.linalg.vector_norm(rows.float(), dim=-1, keepdim=True)
     off = (norms - 1).abs().squeeze(-1) > UNIT_ROW_TOLERANCE
     if not bool(off.any()):
         return rows, 0
+    zero = norms.squeeze(-1) == 0
+    if bool(zero.any()):
+        raise ValueError(f"{name}: row {first_row + int(zero.nonzero()[0, 0])} is all zeros: it "
+                         f"has no direction to L2-normalise ({int(zero.sum())} such rows in "
+                         "these rows); remove such rows or pass normalize=False "
+                         "(--no-normalize) to score raw rows")
     fixed = rows.float().clone()
-    fixed[off] = fixed[off] / norms[off].clamp_min(1e-12)
+    fixed[off] = fixed[off] / norms[off]
     return fixed.to(rows.dtype), int(off.sum())
 
 
-def normalized(data: FeatureSet) -> tuple[FeatureSet, int]:
-    """``data`` with every feature and class row L2-normalised (:func:`unit_rows`), and how
-    many rows changed."""
-    features, changed = unit_rows(data.features)
-    table, changed_table = unit_rows(data.class_features)
+def normalized(data: FeatureSet, name: str) -> tuple[FeatureSet, int]:
+    """``data`` (the file ``name``) with every feature and class row L2-normalised
+    (:func:`unit_rows`), and how many rows changed."""
+    features, changed = unit_rows(data.features, f"{name} features")
+    table, changed_table = unit_rows(data.class_features, f"{name} class_features")
     return replace(data, features=features, class_features=table), changed + changed_table
 
 
@@ -222,7 +230,7 @@ def read_features(path, *, normalize: bool, require_labels: bool = False
     """A feature file, its rows L2-normalised when ``normalize``, and how many rows that
     changed (feature files from ``extract`` are unit already: 0)."""
     data = load_features(path, require_labels=require_labels)
-    return normalized(data) if normalize else (data, 0)
+    return normalized(data, str(path)) if normalize else (data, 0)
 
 
 def file_views(data: FeatureSet, given: int | None) -> int:
