@@ -1061,3 +1061,66 @@ def test_rows_of_norm_zero_are_refused_when_rows_are_normalised(job, tmp_path, c
                           str(tmp_path / "table.npy"), "--out", str(tmp_path / "o2")])
     assert f"--classes {tmp_path / 'table.npy'}: row 2 is all zeros" in err, err
 
+
+def _chmod(path: Path) -> None:
+    path.chmod(path.stat().st_mode ^ 0o040)
+
+
+def _set_atime(path: Path) -> None:
+    found = path.stat()
+    os.utime(path, ns=(found.st_atime_ns - 10**9, found.st_mtime_ns))
+
+
+def _hard_link(path: Path) -> None:
+    os.link(path, path.with_name(f"link-{time.monotonic_ns()}.bin"))
+
+
+METADATA_CHANGES = {"chmod": _chmod, "utime atime": _set_atime, "new hard link": _hard_link}
+
+
+@pytest.mark.parametrize("change", sorted(METADATA_CHANGES))
+@pytest.mark.parametrize("when", ["before the first read", "between chunks", "between parts"])
+def test_a_change_of_metadata_only_does_not_stop_the_job(job, tmp_path, monkeypatch, change,
+                                                         when):
+    """Guards false refusals: chmod, setting the access time or a new hard link change only
+    the input's change time ("ctime_ns differ" stopped the job). The rows read are hashed
+    again and match, so the job runs on and its outputs are those of a fresh job; a rewrite
+    with the mtime set back (also a change-time-only difference) is still refused (see
+    test_an_input_changed_while_it_is_read_is_not_recorded)."""
+    monkeypatch.setattr(batch_job, "SCORE_PART_ROWS", 20)
+    model, classes = _model_folder_and_classes(job)
+    data = tmp_path / "in.npy"
+    np.save(data, _rows(1))
+    trigger = {"before the first read": 0, "between chunks": 2, "between parts": 3}[when]
+    if trigger == 0:
+        real_find = batch_job.find_shards
+
+        def find_then_change(inputs):
+            found = real_find(inputs)
+            METADATA_CHANGES[change](data)
+            return found
+
+        monkeypatch.setattr(batch_job, "find_shards", find_then_change)
+    reads = {"count": 0}
+    real = row_sources._read_rows
+
+    def read_then_change(handle, column, start, stop, buffer=None):
+        if column.shape[1:] == (DIM,) and column.shape[0] == 60:
+            reads["count"] += 1
+            if reads["count"] == trigger:
+                METADATA_CHANGES[change](data)
+        return real(handle, column, start, stop, buffer)
+
+    monkeypatch.setattr(row_sources, "_read_rows", read_then_change)
+    before = data.stat().st_ctime_ns
+    time.sleep(0.05)  # past the file system's clock tick: the change gives another ctime
+    summary = fma_fast.score(model, [data], classes, tmp_path / "out", batch_size=10,
+                             progress=False)
+    assert data.stat().st_ctime_ns != before  # the change happened while the job ran
+    assert summary.rows_scored == 60
+    monkeypatch.setattr(row_sources, "_read_rows", real)
+    fma_fast.score(model, [data], classes, tmp_path / "fresh", batch_size=10, progress=False)
+    ours = _joined(_read_outputs(tmp_path / "out"), "in-")
+    want = _joined(_read_outputs(tmp_path / "fresh"), "in-")
+    for key in want:
+        assert torch.equal(ours[key], want[key]), key

@@ -1,21 +1,22 @@
-"""Batch scoring of test sets of any size: :func:`score` streams the rows of its inputs from
-disk a chunk at a time, solves them, and writes top-k outputs per input shard.
+"""Batch scoring of test sets of any size: :func:`score` streams the rows of its inputs from disk
+a chunk at a time, solves them, and writes top-k outputs per input shard.
 
 Work is cut into parts (an input shard's rows, at most ``policy.SCORE_PART_ROWS`` at a time,
-fewer with a large top-k: ``policy.SCORE_PART_BYTES``). A part's outputs are written
-atomically and then its record (``*.done.json``: the job, the input, a sha256 of the bytes the
-part read, fed as they were read, and the output files' sha256). Each input is read through
-one open handle, checked before and after every part to be the file that was planned (device,
-inode, size, modification and change times): a file rewritten or replaced while it is read
-stops the job, and its part is not recorded. A rerun skips exactly the parts whose record
-matches, the input's bytes hashed again (a read, no solve), so a job killed at any moment and
-run again scores every row once, and an input replaced by other bytes of the same size and
-mtime (``cp -p``, ``rsync -a``) is scored again. The folder's ``job.json``, created
-atomically after every option was resolved, ties it to one job's settings: another job there
-is refused. A reader thread prefetches the next chunk while the current one is solved; memory
-stays a few chunks and one part's outputs whatever N is. Under ``torchrun`` each rank takes
-whole input shards and writes its own outputs; rank 0 writes ``manifest.json`` from the part
-records.
+fewer with a large top-k: ``policy.SCORE_PART_BYTES``). A part's outputs are written atomically
+and then its record (``*.done.json``: the job, the input, a sha256 of the bytes the part read,
+fed as they were read, and the output files' sha256). Each input is read through one open
+handle, checked before and after every part to be the file that was planned (device, inode,
+size, modification and change times): a file rewritten or replaced while it is read stops the
+job, and its part is not recorded (where the change time alone differs, as chmod or a new hard
+link make it, what was read is read again and stops the job only if it differs). A rerun skips
+exactly the parts whose record matches, the input's bytes hashed again (a read, no solve), so a
+job killed at any moment and run again scores every row once, and an input replaced by other
+bytes of the same size and mtime (``cp -p``, ``rsync -a``) is scored again. The folder's
+``job.json``, created atomically after every option was resolved, ties it to one job's
+settings: another job there is refused. A reader thread prefetches the next chunk while the
+current one is solved; memory stays a few chunks and one part's outputs whatever N is. Under
+``torchrun`` each rank takes whole input shards and writes its own outputs; rank 0 writes
+``manifest.json`` from the part records.
 """
 
 from __future__ import annotations

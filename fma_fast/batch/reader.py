@@ -97,7 +97,7 @@ def prefetch(parts: list[Part], chunk: int, pin: bool
                         rows = (rows[0].pin_memory(), *rows[1:])
                     finished = None
                     if end == part.stop:
-                        reader.check_unchanged()
+                        reader.check_unchanged((part.start, part.stop, digest))
                         finished = digest.hexdigest()
                     if not put((part, rows, finished)):
                         return

@@ -148,7 +148,7 @@ def already_done(out: Path, parts: list[Part], job: str, chunk: int) -> set[int]
             digest = PartDigest(part.shard)
             for start in range(part.start, part.stop, chunk):
                 reader.read(start, min(start + chunk, part.stop), buffer, digest)
-            reader.check_unchanged()
+            reader.check_unchanged((part.start, part.stop, digest))
             if digest.hexdigest() == record["input"]["sha256"]:
                 done.add(number)
     finally:

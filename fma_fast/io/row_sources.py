@@ -17,7 +17,8 @@ import os
 import re
 import stat
 import struct
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,9 @@ class InputChanged(InputError):
 class FileIdentity:
     """What tells one file version from another without reading it: device, inode, size and
     the modification and change times (no program sets the change time: ``touch -r`` and
-    ``cp -p`` set the modification time only)."""
+    ``cp -p`` set the modification time only). A change of the change time alone is also
+    what chmod, a new hard link or setting the access time do: then what was read is read
+    again (:meth:`ShardReader.check_unchanged`)."""
 
     device: int
     inode: int
@@ -82,6 +85,16 @@ class Column:
         return [str(self.dtype), list(self.shape[1:])]
 
 
+@dataclass
+class ReadSoFar:
+    """What this process relies on of a shard's file: the identity it accepts (the planned
+    one, or a later one whose change time alone differed and whose bytes read were the same
+    when read again), and the digest of each row range read."""
+
+    identity: FileIdentity
+    ranges: dict[tuple[int, int], str] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class Shard:
     """One input file of rows: its features, and labels and row ids when the file has them
@@ -99,6 +112,10 @@ class Shard:
     class_table: Column | None = None
     stamp: dict | None = None
     source: dict | None = None
+    read_so_far: ReadSoFar = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "read_so_far", ReadSoFar(self.identity))
 
     @property
     def rows(self) -> int:
@@ -128,24 +145,32 @@ class Shard:
         :data:`~fma_fast.core.policy.SCORE_LABEL_ROWS` at a time)."""
         if self.labels is None or not self.labels.shape[0]:
             return None
-        low, high = None, None
-        with self.open() as reader:
-            buffer = bytearray(min(SCORE_LABEL_ROWS, self.labels.shape[0]) * self.labels.row_bytes)
-            for start in range(0, self.labels.shape[0], SCORE_LABEL_ROWS):
-                stop = min(start + SCORE_LABEL_ROWS, self.labels.shape[0])
-                values = _read_rows(reader.handle, self.labels, start, stop, buffer)
+        labels = self.labels
+
+        def scan(reader: ShardReader) -> tuple[int, int]:
+            low, high = None, None
+            buffer = bytearray(min(SCORE_LABEL_ROWS, labels.shape[0]) * labels.row_bytes)
+            for start in range(0, labels.shape[0], SCORE_LABEL_ROWS):
+                stop = min(start + SCORE_LABEL_ROWS, labels.shape[0])
+                values = _read_rows(reader.handle, labels, start, stop, buffer)
                 low = int(values.min()) if low is None else min(low, int(values.min()))
                 high = int(values.max()) if high is None else max(high, int(values.max()))
-            reader.check_unchanged()
-        return low, high
+            return low, high
+
+        with self.open() as reader:
+            found = scan(reader)
+            reader.check_unchanged(verify=lambda: scan(reader) == found)
+        return found
 
     def read_class_table(self) -> torch.Tensor | None:
         """The (C, D) class table a feature file carries, or None."""
         if self.class_table is None:
             return None
+        rows = self.class_table.shape[0]
         with self.open() as reader:
-            table = _read_rows(reader.handle, self.class_table, 0, self.class_table.shape[0])
-            reader.check_unchanged()
+            table = _read_rows(reader.handle, self.class_table, 0, rows)
+            reader.check_unchanged(verify=lambda: torch.equal(
+                _read_rows(reader.handle, self.class_table, 0, rows), table))
         return table.float()
 
 
@@ -165,6 +190,10 @@ class PartDigest:
         for column in self.columns:
             digest.update(column.digest())
         return digest.hexdigest()
+
+
+REHASH_BYTES = 16 * 2**20
+"""Bytes read at a time when rows are hashed again after a change of the change time."""
 
 
 class ShardReader:
@@ -190,25 +219,70 @@ class ShardReader:
     def close(self) -> None:
         self.handle.close()
 
-    def _check(self, found: FileIdentity, when: str) -> None:
-        planned = self.shard.identity
-        if found != planned:
-            what = [name for name in ("device", "inode", "size", "mtime_ns", "ctime_ns")
-                    if getattr(found, name) != getattr(planned, name)]
-            raise InputChanged(f"input {self.shard.path} changed {when} ({', '.join(what)} "
-                               "differ): its rows were not recorded as scored; run the job "
-                               "again once the file no longer changes")
+    def _check(self, found: FileIdentity, when: str,
+               verify: Callable[[], bool] | None = None) -> None:
+        accepted = self.shard.read_so_far.identity
+        if found == accepted:
+            return
+        what = [name for name in ("device", "inode", "size", "mtime_ns", "ctime_ns")
+                if getattr(found, name) != getattr(accepted, name)]
+        if what == ["ctime_ns"] and self._read_alike(found) and (verify is None or verify()):
+            self.shard.read_so_far.identity = found
+            return
+        raise InputChanged(f"input {self.shard.path} changed {when} ({', '.join(what)} "
+                           "differ): its rows were not recorded as scored; run the job "
+                           "again once the file no longer changes")
 
-    def check_unchanged(self) -> None:
+    def _read_alike(self, found: FileIdentity) -> bool:
+        """After a change of the change time alone (chmod, a new hard link, setting the
+        access time; or a rewrite with the modification time set back), whether what was
+        read is still what the file holds: its header, and every row range read (hashed
+        again against its digest)."""
+        read = npy_shard if self.shard.path.suffix == ".npy" else safetensors_shard
+        try:
+            self.handle.seek(0)
+            again = read(self.shard.path, self.handle, found)
+        except InputError:
+            return False
+        if replace(again, identity=self.shard.identity) != self.shard:
+            return False
+        return all(self.rows_digest(start, stop) == digest
+                   for (start, stop), digest in self.shard.read_so_far.ranges.items())
+
+    def rows_digest(self, start: int, stop: int) -> str:
+        """The digest of rows ``start:stop`` as the file holds them now (:class:`PartDigest`),
+        read :data:`REHASH_BYTES` at a time."""
+        digest = PartDigest(self.shard)
+        step = max(1, REHASH_BYTES // self.shard.features.row_bytes)
+        for first in range(start, stop, step):
+            self.read(first, min(first + step, stop), None, digest)
+        return digest.hexdigest()
+
+    def check_unchanged(self, rows: tuple[int, int, PartDigest] | None = None,
+                        verify: Callable[[], bool] | None = None) -> None:
         """Refuse a file written since it was planned (through this handle's inode) or
-        replaced (the path now names another file)."""
-        self._check(FileIdentity.of(os.fstat(self.handle.fileno())), "while it was read")
+        replaced (the path now names another file). ``rows``: the range just read and its
+        digest, kept so that it can be hashed again. Where only the change time differs,
+        everything read is read again (``rows``, what :meth:`ShardReader.read` read before,
+        and ``verify()``) and the file is refused only if it differs."""
+        if rows is not None:
+            start, stop, digest = rows
+            also = verify
+
+            def verify() -> bool:
+                return self.rows_digest(start, stop) == digest.hexdigest() and \
+                    (also is None or also())
+
+        self._check(FileIdentity.of(os.fstat(self.handle.fileno())), "while it was read",
+                    verify)
         try:
             found = FileIdentity.of(os.stat(self.shard.path))
         except OSError:
             raise InputChanged(f"input {self.shard.path} was removed while it was read; run "
                                "the job again") from None
-        self._check(found, "while it was read (the path names another file now)")
+        self._check(found, "while it was read (the path names another file now)", verify)
+        if rows is not None:
+            self.shard.read_so_far.ranges[(start, stop)] = digest.hexdigest()
 
     def read(self, start: int, stop: int, buffer: bytearray | None = None,
              digest: PartDigest | None = None
