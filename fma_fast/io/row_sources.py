@@ -414,14 +414,21 @@ def _column(path: Path, header: dict, start: int, size: int, name: str,
     return column
 
 
-def _cache_stamp(path: Path, header: dict) -> dict | None:
-    text = header.get("__metadata__", {}).get(CACHE_STAMP_KEY)
+def _metadata_json(path: Path, header: dict, key: str, what: str):
+    """The JSON value under ``key`` in a safetensors header's metadata, or None."""
+    text = header.get("__metadata__", {}).get(key)
     if text is None:
         return None
     try:
-        stamp = loads_json(text, f"{path}'s extraction cache stamp")
+        return loads_json(text, f"{path}'s {what}")
     except JsonError as error:
         raise InputError(str(error)) from None
+
+
+def _cache_stamp(path: Path, header: dict) -> dict | None:
+    stamp = _metadata_json(path, header, CACHE_STAMP_KEY, "extraction cache stamp")
+    if stamp is None:
+        return None
     views = stamp.get("common", {}).get("views") if isinstance(stamp, dict) and isinstance(
         stamp.get("common"), dict) else None
     if not _natural(views) or views < 1:
@@ -469,13 +476,7 @@ def _source(path: Path, header: dict, stamp: dict | None) -> dict | None:
             return recorded_source(path.parent.parent)
         except FeatureFileError as error:
             raise InputError(f"{path}: {error}") from None
-    text = header.get("__metadata__", {}).get(PROVENANCE_KEY)
-    if text is None:
-        return None
-    try:
-        provenance = loads_json(text, f"{path}'s provenance")
-    except JsonError as error:
-        raise InputError(str(error)) from None
+    provenance = _metadata_json(path, header, PROVENANCE_KEY, "provenance")
     source = provenance.get("source") if isinstance(provenance, dict) else None
     return source if isinstance(source, dict) else None
 
