@@ -320,3 +320,43 @@ def test_a_model_folder_whose_chosen_m_is_zero_is_saved_loaded_and_used(tmp_path
     again = tmp_path / "again"
     fma_fast.save(model, again, extra={"steps": 0})
     assert checkpoint.load_config(again)["steps"] == 0
+
+
+HOSTILE_JSON = {
+    "escaped quotes": '"\\' * 500_000,
+    "open strings in a list": '["\\' * 350_000,
+    "unterminated after brackets": "[" * 10 + '"' + "\\\"[" * 300_000,
+}
+
+
+def test_hostile_json_is_refused_at_once():
+    """Guards a quadratic depth pre-scan: about 1 MB of '"\\' (strings that never end) ran
+    for more than a minute before the parser saw it. Each document is refused as invalid JSON
+    (the subprocess's timeout bounds the run; no timing is asserted)."""
+    script = (
+        "import json, sys\n"
+        "from fma_fast.io.files import JsonError, loads_json\n"
+        "for name, text in json.loads(sys.stdin.read()).items():\n"
+        "    try:\n"
+        "        loads_json(text, name)\n"
+        "    except JsonError as error:\n"
+        "        print(error)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], input=json.dumps(HOSTILE_JSON),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert len(lines) == len(HOSTILE_JSON), lines
+    for name, line in zip(HOSTILE_JSON, lines):
+        assert line.startswith((f"{name} is not valid JSON", f"{name} nests JSON")), line
+
+
+def test_json_depth_counts_brackets_outside_strings_only():
+    """The depth limit counts the document's nesting, not brackets inside strings (escaped
+    quotes and backslashes included), and still refuses deep documents by their depth."""
+    inside = json.dumps(["[[[[" * 40, '"[{' * 40, "\\" * 7, {"a": ["\\\"" * 9, "]]]"]}])
+    assert files.loads_json(inside, "doc") == json.loads(inside)
+    depth = files.JSON_MAX_DEPTH + 1
+    with pytest.raises(files.JsonError, match=f"doc nests JSON {depth + 1} levels deep"):
+        files.loads_json('{"x": "]]]", "y": ' + "[" * depth + "]" * depth + "}", "doc")
+    assert files.loads_json("[" * files.JSON_MAX_DEPTH + "]" * files.JSON_MAX_DEPTH, "doc")

@@ -380,3 +380,57 @@ def test_eval_refuses_test_files_of_another_source_or_class_table(two_tasks, wor
                   test.class_names)
     assert main(["eval", str(bare / "same.safetensors"), "--model", str(model),
                  "--steps", "1"]) == 0
+
+
+DEEP_JSON = "[" * 100_000 + "]" * 100_000
+
+
+def call_within(call, seconds: float = 60, fifo: Path | None = None):
+    """``call()``'s result, or a failure when it is still running after ``seconds`` (then a
+    writer opens and closes ``fifo`` so that a reader blocked on it returns)."""
+    import threading
+
+    outcome = {}
+
+    def target():
+        try:
+            outcome["value"] = call()
+        except BaseException as error:  # handed to the test
+            outcome["error"] = error
+
+    worker = threading.Thread(target=target, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive() and fifo is not None:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        worker.join(10)
+        pytest.fail(f"blocked on the FIFO {fifo}")
+    assert not worker.is_alive(), "still running"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def test_json_files_are_read_by_the_one_reader(work, capsys, tmp_path):
+    """Guards JSON files the CLI read past io.files.read_json: eval --out naming an existing
+    FIFO blocked for ever (read_text opened it), a deeply nested file there and a deep
+    report.json for report --render-only raised RecursionError (a traceback): exit 2, one
+    line, the existing file untouched."""
+    data = data_files(work)
+    fifo = tmp_path / "predictions.json"
+    os.mkfifo(fifo)
+    eval_into = ["eval", data["test"], "--model", str(work / "model"), "--out"]
+    code = call_within(lambda: main([*eval_into, str(fifo)]), fifo=fifo)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"--out {fifo} exists and is not a predictions file" in err, err
+    deep = tmp_path / "deep.json"
+    deep.write_text(DEEP_JSON)
+    err = one_line_error(capsys, [*eval_into, str(deep)])
+    assert f"--out {deep} exists and is not a predictions file" in err, err
+    assert deep.read_text() == DEEP_JSON
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "report.json").write_text(DEEP_JSON)
+    err = one_line_error(capsys, ["report", "--out", str(report), "--render-only"])
+    assert "report results" in err and "nests JSON 100000 levels deep" in err, err

@@ -4,6 +4,8 @@ encoder for the base-to-new split of a dataset with an empty class)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 
 import pytest
@@ -302,3 +304,37 @@ def test_missing_open_clip_is_one_clear_line(tmp_path, monkeypatch, capsys):
     argv = ["extract", "--root", str(tmp_path), "--dataset", "oxford_pets", "--model", "ViT-B-16"]
     assert main([*argv, "--out", str(tmp_path / "out")]) == 2
     assert "pip install fma_fast[clip]" in capsys.readouterr().err
+
+
+def test_deep_or_special_json_files_are_refused_in_one_line(tmp_path):
+    """Guards RecursionError tracebacks from a deeply nested split file or model config, and
+    a classifier folder's classes.safetensors with a deep stamp or a FIFO in its place (the
+    open blocked): each is refused naming the file (io.files.read_json / loads_json)."""
+    from fma_fast.clip import classifier, register_model_config
+    from fma_fast.io.files import save_safetensors
+
+    deep = "[" * 100_000 + "]" * 100_000
+    _zhou(tmp_path)
+    split = tmp_path / "oxford_pets" / "split_zhou_OxfordPets.json"
+    split.write_text(deep)
+    with pytest.raises(ValueError, match=f"oxford_pets split file {split} nests JSON 100000"):
+        datasets.load_dataset("oxford_pets", tmp_path)
+    config = tmp_path / "deep-config.json"
+    config.write_text(deep)
+    with pytest.raises(ValueError, match=f"model config {config} nests JSON 100000"):
+        register_model_config(config)
+    folder = tmp_path / "classifier"
+    folder.mkdir()
+    classes = folder / classifier.CLASSES_NAME
+    save_safetensors(classes, {"class_features": torch.eye(2)}, {classifier._CLASSES_STAMP: deep})
+    with pytest.raises(ValueError, match="classes.safetensors there is not an fma_fast"):
+        classifier.check_classifier_folder(folder)
+    classes.unlink()
+    os.mkfifo(classes)
+    # in a subprocess: safetensors' open of a FIFO blocks holding the GIL (every thread stops)
+    script = ("import sys\nfrom pathlib import Path\nfrom fma_fast.clip import classifier\n"
+              "classifier.check_classifier_folder(Path(sys.argv[1]))\n")
+    done = subprocess.run([sys.executable, "-c", script, str(folder)], capture_output=True,
+                          text=True, timeout=120)
+    assert "classes.safetensors there is not an fma_fast classifier's" in done.stderr, \
+        done.stderr[-2000:]

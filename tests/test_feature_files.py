@@ -9,7 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fma_fast.io.features import class_table_sha256, load_features, save_features
+from fma_fast.io.features import (
+    FeatureSet,
+    check_same_origin,
+    class_table_sha256,
+    data_record,
+    load_features,
+    save_features,
+    table_mismatch,
+)
 
 
 def _header(path) -> dict:
@@ -50,3 +58,20 @@ def test_values_beyond_fp32_are_refused_not_written_as_inf(tmp_path):
     with pytest.raises(ValueError, match=r"features.*NaN or Inf"):
         save_features(tmp_path / "big.safetensors", features, torch.eye(2, 6))
     assert not (tmp_path / "big.safetensors").exists()
+
+
+def test_class_names_compare_in_nfc_and_differences_are_readable():
+    """Guards refusing "café" (NFC) against "café" (NFD: e + combining accent), the same name
+    a macOS file name gives, with a message showing two identical-looking names: names are
+    compared in NFC; names that still differ (a zero-width space) are shown as ascii()."""
+    table = F.normalize(torch.randn(2, 4, generator=torch.Generator().manual_seed(0)), dim=-1)
+
+    def record(names):
+        return data_record(FeatureSet(table, None, table, names))
+
+    nfc, nfd = "caf\u00e9", "cafe\u0301"
+    assert table_mismatch(record(["dog", nfc]), record(["dog", nfd])) is None
+    check_same_origin({"model": record(["dog", nfc]), "test.safetensors": record(["dog", nfd])})
+    found = table_mismatch(record(["dog", nfc]), record(["dog", "caf\u200b\u00e9"]))
+    assert found == ("different class names (class 1: 'caf\\xe9' vs 'caf\\u200b\\xe9'; "
+                     "compared in Unicode NFC, shown as ascii())"), found

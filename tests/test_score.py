@@ -516,6 +516,35 @@ def test_a_cache_folder_mixing_two_extractions_is_refused(job, tmp_path):
         fma_fast.score(model, [renamed], classes, tmp_path / "out2", progress=False)
 
 
+def test_inputs_of_another_source_than_the_model_are_refused(job, tmp_path, capsys):
+    """Guards score accepting rows of another source than the model was trained on (eval
+    refuses them: one rule, io.features.check_same_origin): a feature file whose provenance
+    names another source, and the shards of an extraction cache that records another source,
+    exit 2 naming the input; rows of the model's source are scored."""
+    from fma_fast.io.features import FeatureSet, claim_folder
+
+    table, names = job["table"], [f"class {c}" for c in range(CLASSES)]
+    ours, theirs = {"kind": "synthetic", "seed": 1}, {"kind": "synthetic", "seed": 2}
+    record = data_record(FeatureSet(job["x"][:5], None, table, names, {"source": ours}))
+    fma_fast.save(job["model"], tmp_path / "model", extra={"steps": STEPS, "data": record})
+    for name, source in (("same", ours), ("other", theirs)):
+        save_features(tmp_path / f"{name}.safetensors", job["x"][:20], table, job["y"][:20],
+                      names, provenance={"source": source, "split": "test"})
+    cache = tmp_path / "cache"
+    (cache / "test").mkdir(parents=True)
+    claim_folder(cache, theirs, "feature cache")
+    _cache_shard(cache / "test", 0, 1, {"views": 1, "images": 20}, job["x"][:20])
+    base = ["score", str(tmp_path / "model"), "--classes", str(tmp_path / "same.safetensors")]
+    assert main([*base[:2], str(tmp_path / "same.safetensors"), *base[2:], "--out",
+                 str(tmp_path / "o1"), "--quiet"]) == 0
+    for number, given in enumerate([tmp_path / "other.safetensors", cache / "test"]):
+        err = _error(capsys, [*base[:2], str(given), *base[2:], "--out",
+                              str(tmp_path / f"o{number + 2}")])
+        shard = given if given.is_file() else given / "shard-00000-of-00001.safetensors"
+        assert f"and input {shard} come from different sources (seed 1 vs 2)" in err, err
+        assert not (tmp_path / f"o{number + 2}").exists()
+
+
 def test_parts_of_an_input_that_shrank_are_removed(job, tmp_path, monkeypatch):
     """Guards stale outputs under a current input's name: an input of 3 parts shrinks to 2;
     after the rerun the folder holds exactly the files of a fresh job on the shrunk input
@@ -542,6 +571,46 @@ def test_parts_of_an_input_that_shrank_are_removed(job, tmp_path, monkeypatch):
         if name != "manifest.json":
             assert ours == fresh, name
 
+
+def test_parts_of_an_input_that_left_the_job_are_removed(job, tmp_path, monkeypatch):
+    """Guards stale outputs of inputs no longer in the job: an input dropped from the list,
+    and a link retargeted to another file (parts are named after the resolved path), left
+    their parts and records in the folder beside the job's. After the rerun the folder holds
+    the part files of the current inputs only; the outputs of the inputs kept are not scored
+    again."""
+    monkeypatch.setattr(batch_job, "SCORE_PART_ROWS", 20)
+    model, classes = _model_folder_and_classes(job)
+    for name, seed in (("a", 1), ("b", 2), ("c", 3)):
+        np.save(tmp_path / f"{name}.npy", _rows(seed))
+    link = tmp_path / "link.npy"
+    link.symlink_to(tmp_path / "b.npy")
+    out = tmp_path / "out"
+
+    def part_files() -> dict[str, set[str]]:
+        """Part files by their input's prefix (stem, digest of the resolved path)."""
+        found: dict[str, set[str]] = {}
+        for path in out.iterdir():
+            if ".part" in path.name:
+                found.setdefault(path.name.split(".part")[0], set()).add(path.name)
+        return found
+
+    fma_fast.score(model, [tmp_path / "a.npy", link], classes, out, progress=False)
+    before = part_files()
+    a = next(k for k in before if k.startswith("a-"))
+    to_b = next(k for k in before if k != a)
+    assert to_b.startswith("link-") and len(before[to_b]) == 6  # 3 parts, 3 records
+    rerun = fma_fast.score(model, [tmp_path / "a.npy"], classes, out, progress=False)
+    assert rerun.rows_scored == 0 and part_files() == {a: before[a]}
+    link.unlink()
+    link.symlink_to(tmp_path / "c.npy")
+    fma_fast.score(model, [tmp_path / "a.npy", link], classes, out, progress=False)
+    fma_fast.score(model, [link], classes, tmp_path / "fresh", progress=False)
+    fresh = {p.name for p in (tmp_path / "fresh").iterdir() if ".part" in p.name}
+    to_c = next(iter(fresh)).split(".part")[0]
+    assert to_c != to_b and part_files() == {a: before[a], to_c: fresh}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [entry["input"]["path"] for entry in manifest["inputs"]] == \
+        [str(tmp_path / "a.npy"), str(tmp_path / "c.npy")]
 
 def test_csv_output_reads_back_by_the_csv_rules(job, tmp_path):
     """Guards a CSV that reads back as more rows than were scored: class names holding CR,
@@ -858,3 +927,200 @@ def test_one_path_and_hard_links(job, tmp_path):
     with pytest.raises(ValueError, match=r"linked\.npy is given twice \(the same file as "):
         fma_fast.score(model, [data, tmp_path / "linked.npy"], classes, tmp_path / "two",
                        progress=False)
+
+
+# ------------------------------------------------------------------------ review 1 (issue 24)
+
+
+@pytest.mark.parametrize("kind", ["complex", "int64", "int safetensors"])
+def test_class_tables_that_a_cast_would_change_are_refused(job, tmp_path, capsys, kind):
+    """Guards complex and integer class tables cast to float32 without a word (the imaginary
+    part dropped, integers taken for features): exit 2 naming --classes and the dtype."""
+    table = job["table"].numpy()
+    path = tmp_path / ("table.safetensors" if kind == "int safetensors" else "table.npy")
+    if kind == "complex":
+        np.save(path, table + 1j * table)
+    elif kind == "int64":
+        np.save(path, (table * 100).astype(np.int64))
+    else:
+        save_safetensors(path, {"table": torch.from_numpy((table * 100).astype(np.int64))})
+    err = _error(capsys, ["score", str(job["root"] / "model"), str(job["root"] / "extra.npy"),
+                          "--classes", str(path), "--out", str(tmp_path / "out")])
+    expected = "has complex dtype torch.complex64" if kind == "complex" else \
+        "has dtype torch.int64; expected a floating dtype"
+    assert f"--classes {path} {expected}" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+LABEL_KINDS = {"U8": (np.uint8, True), "I8": (np.int8, True), "I16": (np.int16, True),
+               "I32": (np.int32, True), "I64": (np.int64, True), "U16": (np.uint16, False),
+               "BOOL": (np.bool_, False), "F32": (np.float32, False)}
+
+
+@pytest.mark.parametrize("name", sorted(LABEL_KINDS))
+def test_eval_and_score_accept_the_same_label_dtypes(job, tmp_path, name):
+    """Guards score refusing uint8/int8/int16 labels that eval accepts (and eval failing with
+    a traceback on uint16 ones): a feature file with labels of each dtype is accepted by
+    both, with the same accuracy, or refused by both naming the dtype."""
+    numpy_dtype, accepted = LABEL_KINDS[name]
+    rows, table = job["x"][:40], job["table"]
+    labels = job["y"][:40].numpy().astype(numpy_dtype)
+    if name == "BOOL":
+        labels = labels % 2 == 1
+    tensors = {"features": rows.numpy().tobytes(), "class_features": table.numpy().tobytes(),
+               "labels": labels.tobytes()}
+    header, offset = {}, 0
+    for key, shape, dtype in (("features", list(rows.shape), "F32"),
+                              ("class_features", list(table.shape), "F32"),
+                              ("labels", [40], name)):
+        header[key] = {"dtype": dtype, "shape": shape,
+                       "data_offsets": [offset, offset + len(tensors[key])]}
+        offset += len(tensors[key])
+    path = _raw_safetensors(tmp_path / f"{name}.safetensors", header, b"".join(tensors.values()))
+    model = job["root"] / "model"
+    if accepted:
+        evaluated = fma_fast.batch.evaluate.evaluate_file(path, model)
+        scored = fma_fast.score(model, [path], path, tmp_path / "out", progress=False)
+        assert scored.accuracy == pytest.approx(evaluated.summary["accuracy"])
+        return
+    with pytest.raises(ValueError, match="labels"):  # FeatureFileError
+        fma_fast.batch.evaluate.evaluate_file(path, model)
+    with pytest.raises(ValueError, match=f"tensor 'labels' has dtype {name}"):
+        fma_fast.score(model, [path], job["table"], tmp_path / "out", progress=False)
+
+
+def test_the_label_range_is_read_a_chunk_at_a_time(job, tmp_path, monkeypatch):
+    """Guards reading a whole label column at once to check its range (2^26 labels: 512 MiB):
+    the labels are read at most SCORE_LABEL_ROWS at a time (7 here), and the smallest and
+    largest label, in different chunks, are found."""
+    monkeypatch.setattr(row_sources, "SCORE_LABEL_ROWS", 7, raising=False)
+    labels = torch.full((40,), 3)
+    labels[9], labels[33] = 0, CLASSES - 1
+    path = tmp_path / "in.safetensors"
+    save_features(path, job["x"][:40], job["table"], labels)
+    shard = row_sources.find_shards([path])[0]
+    reads = []
+    real = row_sources._read_rows
+
+    def counted(handle, column, start, stop, buffer=None):
+        if column is shard.labels:
+            reads.append(stop - start)
+        return real(handle, column, start, stop, buffer)
+
+    monkeypatch.setattr(row_sources, "_read_rows", counted)
+    assert shard.label_range() == (0, CLASSES - 1)
+    assert sum(reads) == 40 and max(reads) == 7, reads
+
+
+def test_the_advice_for_a_model_without_its_class_table_works(job, tmp_path):
+    """Guards advice that does not help: a model whose record has the class table's digest
+    only (fma_fast 0.1) refuses a table 1 ulp off, and said "save it again", which carries no
+    table. Following the advice given (set trained_on["class_table"], save) makes the model
+    accept that table."""
+    from fma_fast.io.features import FeatureSet
+
+    table = job["table"]
+    record = data_record(FeatureSet(job["x"][:5], None, table))
+    del record["class_table"]
+    fma_fast.save(job["model"], tmp_path / "legacy", extra={"steps": STEPS, "data": record})
+    off = torch.nextafter(table, torch.full_like(table, torch.inf))
+    inputs = [job["root"] / "extra.npy"]
+    with pytest.raises(ValueError, match=r"compared by its digest, exactly: retrain it, or set "
+                                         r'model\.trained_on\["class_table"\]') as refused:
+        fma_fast.score(tmp_path / "legacy", inputs, off, tmp_path / "o1", progress=False)
+    assert "save it again" not in str(refused.value)
+    model = fma_fast.load(tmp_path / "legacy")
+    model.trained_on["class_table"] = table
+    fma_fast.save(model, tmp_path / "fixed")
+    assert fma_fast.score(tmp_path / "fixed", inputs, off, tmp_path / "o2",
+                          progress=False).rows == job["extra"].shape[0]
+
+
+def test_rows_of_norm_zero_are_refused_when_rows_are_normalised(job, tmp_path, capsys,
+                                                                monkeypatch):
+    """Guards a zero row scored as class 0 (cosine 0.64) behind a generic warning when rows
+    are L2-normalised: score and eval refuse it naming the file and its row (row 37: in the
+    second part, second chunk), and a zero row of the class table likewise."""
+    monkeypatch.setattr(batch_job, "SCORE_PART_ROWS", 20)
+    rows = _rows(1)
+    rows[37] = 0
+    np.save(tmp_path / "zero.npy", rows)
+    model, classes = _model_folder_and_classes(job)
+    err = _error(capsys, ["score", str(model), str(tmp_path / "zero.npy"), "--classes",
+                          str(classes), "--out", str(tmp_path / "o1"), "--batch-size", "10"])
+    assert f"input {tmp_path / 'zero.npy'}: row 37 is all zeros" in err, err
+    features = job["x"][:12].clone()
+    features[5] = 0
+    save_features(tmp_path / "zero.safetensors", features, job["table"], job["y"][:12])
+    err = _error(capsys, ["eval", str(tmp_path / "zero.safetensors"), "--model", str(model)])
+    assert f"{tmp_path / 'zero.safetensors'} features: row 5 is all zeros" in err, err
+    table = job["table"].clone()
+    table[2] = 0
+    np.save(tmp_path / "table.npy", table.numpy())
+    err = _error(capsys, ["score", str(model), str(job["root"] / "extra.npy"), "--classes",
+                          str(tmp_path / "table.npy"), "--out", str(tmp_path / "o2")])
+    assert f"--classes {tmp_path / 'table.npy'}: row 2 is all zeros" in err, err
+
+
+def _chmod(path: Path) -> None:
+    path.chmod(path.stat().st_mode ^ 0o040)
+
+
+def _set_atime(path: Path) -> None:
+    found = path.stat()
+    os.utime(path, ns=(found.st_atime_ns - 10**9, found.st_mtime_ns))
+
+
+def _hard_link(path: Path) -> None:
+    os.link(path, path.with_name(f"link-{time.monotonic_ns()}.bin"))
+
+
+METADATA_CHANGES = {"chmod": _chmod, "utime atime": _set_atime, "new hard link": _hard_link}
+
+
+@pytest.mark.parametrize("change", sorted(METADATA_CHANGES))
+@pytest.mark.parametrize("when", ["before the first read", "between chunks", "between parts"])
+def test_a_change_of_metadata_only_does_not_stop_the_job(job, tmp_path, monkeypatch, change,
+                                                         when):
+    """Guards false refusals: chmod, setting the access time or a new hard link change only
+    the input's change time ("ctime_ns differ" stopped the job). The rows read are hashed
+    again and match, so the job runs on and its outputs are those of a fresh job; a rewrite
+    with the mtime set back (also a change-time-only difference) is still refused (see
+    test_an_input_changed_while_it_is_read_is_not_recorded)."""
+    monkeypatch.setattr(batch_job, "SCORE_PART_ROWS", 20)
+    model, classes = _model_folder_and_classes(job)
+    data = tmp_path / "in.npy"
+    np.save(data, _rows(1))
+    trigger = {"before the first read": 0, "between chunks": 2, "between parts": 3}[when]
+    if trigger == 0:
+        real_find = batch_job.find_shards
+
+        def find_then_change(inputs):
+            found = real_find(inputs)
+            METADATA_CHANGES[change](data)
+            return found
+
+        monkeypatch.setattr(batch_job, "find_shards", find_then_change)
+    reads = {"count": 0}
+    real = row_sources._read_rows
+
+    def read_then_change(handle, column, start, stop, buffer=None):
+        if column.shape[1:] == (DIM,) and column.shape[0] == 60:
+            reads["count"] += 1
+            if reads["count"] == trigger:
+                METADATA_CHANGES[change](data)
+        return real(handle, column, start, stop, buffer)
+
+    monkeypatch.setattr(row_sources, "_read_rows", read_then_change)
+    before = data.stat().st_ctime_ns
+    time.sleep(0.05)  # past the file system's clock tick: the change gives another ctime
+    summary = fma_fast.score(model, [data], classes, tmp_path / "out", batch_size=10,
+                             progress=False)
+    assert data.stat().st_ctime_ns != before  # the change happened while the job ran
+    assert summary.rows_scored == 60
+    monkeypatch.setattr(row_sources, "_read_rows", real)
+    fma_fast.score(model, [data], classes, tmp_path / "fresh", batch_size=10, progress=False)
+    ours = _joined(_read_outputs(tmp_path / "out"), "in-")
+    want = _joined(_read_outputs(tmp_path / "fresh"), "in-")
+    for key in want:
+        assert torch.equal(ours[key], want[key]), key

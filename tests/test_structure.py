@@ -261,3 +261,21 @@ def test_every_public_name_is_documented_in_the_readme():
     documented = set(re.findall(r"fma_fast\.([a-z_A-Z]+)\(", readme))
     undocumented = sorted(documented - set(fma_fast.__all__) - {"kernels"})
     assert not undocumented, f"the README calls fma_fast.{undocumented} outside __all__"
+
+
+def test_json_files_are_parsed_by_the_one_reader():
+    """Every JSON document fma_fast reads goes through ``io.files`` (read_json / loads_json:
+    special files refused before opening, size and depth limits); json.load / json.loads
+    appear nowhere else, but for round trips of its own values (json.loads(json.dumps(...)))."""
+
+    def own_round_trip(call: ast.Call) -> bool:
+        argument = call.args[0] if call.args else None
+        return isinstance(argument, ast.Call) and ast.unparse(argument.func) == "json.dumps"
+
+    found = [f"{path.relative_to(REPO)}:{node.lineno}"
+             for path in _modules().values() if path.name != "files.py"
+             for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, ast.Call) and ast.unparse(node.func) in ("json.load",
+                                                                          "json.loads")
+             and not own_round_trip(node)]
+    assert not found, f"JSON parsed outside io.files: {found}"

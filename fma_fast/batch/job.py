@@ -1,21 +1,22 @@
-"""Batch scoring of test sets of any size: :func:`score` streams the rows of its inputs from
-disk a chunk at a time, solves them, and writes top-k outputs per input shard.
+"""Batch scoring of test sets of any size: :func:`score` streams the rows of its inputs from disk
+a chunk at a time, solves them, and writes top-k outputs per input shard.
 
 Work is cut into parts (an input shard's rows, at most ``policy.SCORE_PART_ROWS`` at a time,
-fewer with a large top-k: ``policy.SCORE_PART_BYTES``). A part's outputs are written
-atomically and then its record (``*.done.json``: the job, the input, a sha256 of the bytes the
-part read, fed as they were read, and the output files' sha256). Each input is read through
-one open handle, checked before and after every part to be the file that was planned (device,
-inode, size, modification and change times): a file rewritten or replaced while it is read
-stops the job, and its part is not recorded. A rerun skips exactly the parts whose record
-matches, the input's bytes hashed again (a read, no solve), so a job killed at any moment and
-run again scores every row once, and an input replaced by other bytes of the same size and
-mtime (``cp -p``, ``rsync -a``) is scored again. The folder's ``job.json``, created
-atomically after every option was resolved, ties it to one job's settings: another job there
-is refused. A reader thread prefetches the next chunk while the current one is solved; memory
-stays a few chunks and one part's outputs whatever N is. Under ``torchrun`` each rank takes
-whole input shards and writes its own outputs; rank 0 writes ``manifest.json`` from the part
-records.
+fewer with a large top-k: ``policy.SCORE_PART_BYTES``). A part's outputs are written atomically
+and then its record (``*.done.json``: the job, the input, a sha256 of the bytes the part read,
+fed as they were read, and the output files' sha256). Each input is read through one open
+handle, checked before and after every part to be the file that was planned (device, inode,
+size, modification and change times): a file rewritten or replaced while it is read stops the
+job, and its part is not recorded (where the change time alone differs, as chmod or a new hard
+link make it, what was read is read again and stops the job only if it differs). A rerun skips
+exactly the parts whose record matches, the input's bytes hashed again (a read, no solve), so a
+job killed at any moment and run again scores every row once, and an input replaced by other
+bytes of the same size and mtime (``cp -p``, ``rsync -a``) is scored again. The folder's
+``job.json``, created atomically after every option was resolved, ties it to one job's
+settings: another job there is refused. A reader thread prefetches the next chunk while the
+current one is solved; memory stays a few chunks and one part's outputs whatever N is. Under
+``torchrun`` each rank takes whole input shards and writes its own outputs; rank 0 writes
+``manifest.json`` from the part records.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from ..core.progress import progress as progress_bar
 from ..io import checkpoint
 from ..io.features import (
     FeatureFileError,
+    check_same_origin,
     class_table_difference,
     class_table_sha256,
     load_features,
@@ -147,8 +149,9 @@ def _resolve_classes(classes, class_names):
             raise InputError(f"cannot read --classes {path}: {problem}")
         if path.suffix == ".npy":
             try:
-                table = torch.from_numpy(np.load(path)).float()
-            except (OSError, ValueError, SyntaxError, RecursionError, MemoryError) as error:
+                table = torch.from_numpy(np.load(path))
+            except (OSError, ValueError, SyntaxError, RecursionError, MemoryError,
+                    TypeError) as error:  # TypeError: a dtype torch has not (uint16, ...)
                 raise InputError(f"cannot read --classes {path}: {error}") from None
         else:
             try:
@@ -157,10 +160,12 @@ def _resolve_classes(classes, class_names):
                 class_names = names if class_names is None else class_names
             except FeatureFileError as error:
                 table = _single_table(path, error)
+        name = f"--classes {path}"
     else:
-        table = check.as_tensor("class_features", classes)
-    table = check.check_matrix("class_features", table).float()
-    check.check_finite("class_features", table)
+        table, name = check.as_tensor("class_features", classes), "class_features"
+    check.check_dense_float(name, table, error=InputError)  # before a cast drops a part of it
+    table = check.check_matrix(name, table).float()
+    check.check_finite(name, table)
     if class_names is not None and len(class_names) != table.shape[0]:
         raise ValueError(f"class_names has {len(class_names)} names for {table.shape[0]} classes")
     return table, None if class_names is None else list(class_names)
@@ -235,7 +240,8 @@ class ScoreJob:
         topk = check.check_int("topk", topk, minimum=1)
         table, names = _resolve_classes(classes, class_names)
         if normalize:  # as eval normalises a file's rows and class table
-            table = unit_rows(table)[0]
+            table = unit_rows(table, f"--classes {classes}" if isinstance(
+                classes, (str, os.PathLike)) else "class_features")[0]
         if table.shape[1] != model.dim:
             raise ValueError(f"the class table has dim {table.shape[1]} but the model expects "
                              f"{model.dim}")
@@ -254,6 +260,10 @@ class ScoreJob:
         job = cls(model, steps, step_size, normalize, topk, output_format, table, names,
                   options, part_rows, find_shards(list(inputs)))
         job._check_inputs()
+        if isinstance(model.trained_on, dict):  # eval's rule, on every shard
+            check_same_origin({f"the data {model_name} was trained on": model.trained_on,
+                               **{f"input {shard.path}": {"source": shard.source}
+                                  for shard in job.shards}})
         return job
 
     def _check_inputs(self) -> None:
@@ -266,7 +276,7 @@ class ScoreJob:
                                  f"expects {model.dim}")
             own = shard.read_class_table()
             if own is not None and self.normalize:
-                own = unit_rows(own)[0]
+                own = unit_rows(own, f"{shard.path} class_features")[0]
             difference = None if own is None else class_table_difference(own, table)
             if difference:
                 raise InputError(f"{shard.path} carries another class table than the classes "
@@ -365,7 +375,7 @@ def score(
     by_shard = plan_parts(job.shards, job.part_rows)
     mine_by_shard = [shard_parts for number, shard_parts in enumerate(by_shard)
                      if context.owner(number) == context.rank]
-    remove_stale_parts(out, mine_by_shard)
+    remove_stale_parts(out, by_shard, mine_by_shard, context)
     mine = [part for shard_parts in mine_by_shard for part in shard_parts]
     done = already_done(out, mine, digest, job.batch_rows)
     pending = [part for number, part in enumerate(mine) if number not in done]
@@ -387,10 +397,12 @@ def _score_parts(job: ScoreJob, out: Path, pending: list[Part], digest: str,
     path = None
     collected: dict[str, list[torch.Tensor]] = {}
     counts = [0, 0]
+    offset = 0  # of the chunk in its part
     for part, (features, labels, ids), input_digest in prefetch(
             pending, job.batch_rows, pin=job.device.type == "cuda"):
         if job.normalize:
-            features = unit_rows(features)[0]
+            features = unit_rows(features, f"input {part.shard.path}", part.start + offset)[0]
+        offset += features.shape[0]
         result = solve(features.to(job.device, non_blocking=True), job.model, job.steps,
                        step_size=job.step_size, class_features=table, topk=job.topk,
                        batch_size=job.batch_rows, device=job.device,
@@ -411,7 +423,7 @@ def _score_parts(job: ScoreJob, out: Path, pending: list[Part], digest: str,
             files = write_part(out, part, arrays, job.output_format, job.names, digest)
             write_record(out, part, digest, input_digest, files, labelled="labels" in arrays,
                          correct=counts[0], correct_m0=counts[1], path=path)
-            collected, counts = {}, [0, 0]
+            collected, counts, offset = {}, [0, 0], 0
     bar.close()
     return path
 

@@ -41,6 +41,16 @@ def part_prefix(shard: Shard) -> str:
     return f"{shard.path.stem}-{tag}.part"
 
 
+def reader_for(part: Part, reader: ShardReader | None) -> ShardReader:
+    """A reader of ``part``'s shard: ``reader`` when it reads that shard, else a new one
+    (``reader`` closed). Parts come shard by shard, so each shard is opened once."""
+    if reader is not None and reader.shard is part.shard:
+        return reader
+    if reader is not None:
+        reader.close()
+    return part.shard.open()
+
+
 PREFETCH_DEPTH = 2
 """Chunks read ahead of the one being solved."""
 
@@ -76,10 +86,7 @@ def prefetch(parts: list[Part], chunk: int, pin: bool
         try:
             number = 0
             for part in parts:
-                if reader is None or reader.shard is not part.shard:
-                    if reader is not None:
-                        reader.close()
-                    reader = part.shard.open()
+                reader = reader_for(part, reader)
                 digest = PartDigest(part.shard)
                 for start in range(part.start, part.stop, chunk):
                     buffer = ring[number % len(ring)]
@@ -90,7 +97,7 @@ def prefetch(parts: list[Part], chunk: int, pin: bool
                         rows = (rows[0].pin_memory(), *rows[1:])
                     finished = None
                     if end == part.stop:
-                        reader.check_unchanged()
+                        reader.check_unchanged((part.start, part.stop, digest))
                         finished = digest.hexdigest()
                     if not put((part, rows, finished)):
                         return

@@ -23,7 +23,7 @@ from ..io.files import (
     write_text,
 )
 from ..io.row_sources import InputError, PartDigest, ShardReader
-from .reader import Part, part_prefix
+from .reader import Part, part_prefix, reader_for
 
 JOB_NAME = "job.json"
 JOB_FORMAT = "fma_fast/score-job/1"
@@ -81,14 +81,24 @@ def _claim(out: Path, record: Path, text: str, digest: str, settings) -> str | N
 _PART_FILE = re.compile(r"^(?P<prefix>.+\.part)(?P<number>\d{5})\.")
 
 
-def remove_stale_parts(out: Path, by_shard: list[list[Part]]) -> None:
-    """Remove the parts an input no longer has (it shrank since an earlier run): their
-    record first, so that a kill in between leaves files no record vouches for."""
-    counts = {part_prefix(parts[0].shard): len(parts) for parts in by_shard}
+def remove_stale_parts(out: Path, by_shard: list[list[Part]], mine: list[list[Part]],
+                       context: Context) -> None:
+    """Remove the parts no input of the job has: those past the end of an input that shrank
+    since an earlier run (each rank for the inputs it scores, ``mine``) and, on rank 0, every
+    part of an input that left the job (dropped from the inputs, or a link that names another
+    file now: parts are named after the resolved path), so that the folder holds the outputs
+    of this job's inputs only. Records go first, so that a kill in between leaves files no
+    record vouches for. Other writers' temporary files are left alone."""
+    counts = {part_prefix(parts[0].shard): len(parts) for parts in mine}
+    job = {part_prefix(parts[0].shard) for parts in by_shard}
     stale = []
     for path in out.iterdir():
         found = _PART_FILE.match(path.name)
-        if found and int(found["number"]) >= counts.get(found["prefix"], 1 << 30):
+        if not found or is_temporary(path.name):
+            continue
+        prefix = found["prefix"]
+        if prefix in counts and int(found["number"]) >= counts[prefix] or \
+                prefix not in job and context.is_main:
             stale.append(path)
     for path in sorted(stale, key=lambda p: not p.name.endswith(".done.json")):
         path.unlink(missing_ok=True)
@@ -132,15 +142,13 @@ def already_done(out: Path, parts: list[Part], job: str, chunk: int) -> set[int]
             record = read_record(out, part, job)
             if record is None:
                 continue
-            if reader is None or reader.shard is not part.shard:
-                if reader is not None:
-                    reader.close()
-                reader = part.shard.open()
+            reader = reader_for(part, reader)
+            if len(buffer) < chunk * part.shard.features.row_bytes:
                 buffer = bytearray(chunk * part.shard.features.row_bytes)
             digest = PartDigest(part.shard)
             for start in range(part.start, part.stop, chunk):
                 reader.read(start, min(start + chunk, part.stop), buffer, digest)
-            reader.check_unchanged()
+            reader.check_unchanged((part.start, part.stop, digest))
             if digest.hexdigest() == record["input"]["sha256"]:
                 done.add(number)
     finally:

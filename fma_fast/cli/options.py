@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -18,7 +17,13 @@ from ..core.model import VelocityNet
 from ..core.names import AMP_ALIASES, AMPS, BACKENDS, NOISE_FORMS, PRECISIONS, SCHEDULES
 from ..io import checkpoint
 from ..io.features import FeatureFileError, load_features
-from ..io.files import check_output_file, check_output_folder, nearest_existing_folder
+from ..io.files import (
+    JsonError,
+    check_output_file,
+    check_output_folder,
+    nearest_existing_folder,
+    read_json,
+)
 from ..ops import dispatch
 from ..train.fit import FitSettings, fit
 
@@ -173,8 +178,8 @@ def check_feature_output(path: Path, name: str) -> Path:
 def _is_predictions_file(path: Path) -> bool:
     """An earlier ``eval --out`` file (fma_fast 0.1 wrote no format tag)."""
     try:
-        value = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        value = read_json(path, "predictions file")
+    except JsonError:  # also a FIFO or a device in its place: refused, never opened
         return False
     if not isinstance(value, dict):
         return False

@@ -35,7 +35,7 @@ from ..core.validation import resolve_device
 from ..io import checkpoint
 from ..io.checkpoint import CheckpointError
 from ..io.features import FeatureSet, class_table_sha256, data_record
-from ..io.files import read_json_record, save_safetensors, write_text
+from ..io.files import file_problem, loads_json, read_json_record, save_safetensors, write_text
 from ..solver.api import solve as solve_rows
 from ..train.fit import fit as fit_field
 from .cache import ON_ERROR, extract
@@ -569,10 +569,12 @@ def check_classifier_folder(folder: Path) -> None:
 
 
 def _classes_stamp(path: Path) -> dict | None:
+    if file_problem(path):  # a FIFO in its place would block the open
+        return None
     try:
         with safe_open(str(path), framework="pt") as handle:
-            stamp = json.loads((handle.metadata() or {})[_CLASSES_STAMP])
-    except (SafetensorError, OSError, ValueError, KeyError):
+            stamp = loads_json((handle.metadata() or {})[_CLASSES_STAMP], f"{path}'s stamp")
+    except (SafetensorError, OSError, ValueError, KeyError):  # JsonError is a ValueError
         return None
     return stamp if isinstance(stamp, dict) and stamp.get("format") == CLASSIFIER_FORMAT else None
 

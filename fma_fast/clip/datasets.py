@@ -4,7 +4,6 @@ class-per-folder layout and CSV lists; seeded K-shot sampling."""
 from __future__ import annotations
 
 import csv
-import json
 import os
 import random
 import re
@@ -12,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.protocol import draw_split
+from ..io.files import read_json
 from .prompts import DATASET_TEMPLATES, DEFAULT_TEMPLATE
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
@@ -137,8 +137,8 @@ def _read_zhou(name: str, folder: Path, layout: _Layout) -> Dataset:
         folder / layout.split_file,
         f"{name} split file (CoOp's {layout.split_file}, to be placed in {folder})",
     )
+    splits = read_json(split_path, f"{name} split file")
     try:
-        splits = json.loads(split_path.read_text())
         named: dict[int, set[str]] = {}
         items: dict[str, list[Item]] = {}
         for split in ("train", "val", "test"):
@@ -146,8 +146,6 @@ def _read_zhou(name: str, folder: Path, layout: _Layout) -> Dataset:
             for relpath, label, classname in splits[split]:
                 items[split].append(Item(str(relpath), int(label)))
                 named.setdefault(int(label), set()).add(str(classname))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{split_path} is not a readable split file: {error}") from None
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(
             f'{split_path} must hold {{"train"|"val"|"test": [[relpath, label, classname], ...]}}'

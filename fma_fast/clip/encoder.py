@@ -5,7 +5,6 @@ or seeded random weights."""
 from __future__ import annotations
 
 import copy
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 from ..core.names import Amp, check_amp
 from ..core.progress import progress as progress_bar
 from ..core.validation import resolve_device
-from ..io.files import file_sha256
+from ..io.files import file_sha256, read_json
 from .prompts import build_prompts
 
 _AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -50,11 +49,9 @@ def register_model_config(path: str | os.PathLike) -> str:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model config file not found: {path}")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"model config {path} is not valid JSON: {error}") from None
-    missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in config]
+    config = read_json(path, "model config")
+    missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg")
+               if not isinstance(config, dict) or k not in config]
     if not isinstance(config, dict) or missing:
         raise ValueError(f"model config {path} lacks {missing or 'a JSON object'}")
     import_open_clip().add_model_config(path)
@@ -242,8 +239,7 @@ def _hub_files(open_clip, model: str, cache_dir: str | None) -> tuple[Path, dict
     repo = model[len(HF_HUB_PREFIX):]
     fetch = open_clip.pretrained.download_pretrained_from_hf
     try:
-        config = json.loads(Path(fetch(repo, filename="open_clip_config.json",
-                                       cache_dir=cache_dir)).read_text())
+        config_path = fetch(repo, filename="open_clip_config.json", cache_dir=cache_dir)
         weights = Path(fetch(repo, cache_dir=cache_dir))
     except Exception as error:  # huggingface_hub raises many types (offline, missing, HTTP)
         where = f"--cache-dir {cache_dir}" if cache_dir else "the Hugging Face cache (HF_HOME)"
@@ -253,6 +249,7 @@ def _hub_files(open_clip, model: str, cache_dir: str | None) -> tuple[Path, dict
             f"downloads them from https://huggingface.co/{repo}: fetch them where there is a "
             "network, or pass an architecture name (or --model-config FILE) and --checkpoint FILE"
         ) from None
+    config = read_json(config_path, f"model {model!r}'s open_clip_config.json")
     if not isinstance(config, dict) or not isinstance(config.get("model_cfg"), dict):
         raise ValueError(f"model {model!r}: its open_clip_config.json has no model_cfg")
     return weights, config["model_cfg"]

@@ -36,6 +36,10 @@ SCORE_PART_ROWS = 262144
 """Most rows of one output part of ``fma_fast.score``: the unit written atomically, skipped
 when a job resumes, and the most outputs held in memory at once."""
 
+SCORE_LABEL_ROWS = 1 << 20
+"""Labels read at once when ``fma_fast.score`` checks an input's label range before any
+work (8 MiB of int64): a column of 2^26 labels read whole took 512 MiB."""
+
 SCORE_PART_BYTES = 256 * 2**20
 """Most bytes of top-k outputs (an int64 class and an fp32 cosine per entry) one part of
 ``fma_fast.score`` holds, and one solve batch: with a large top-k, parts and batches get fewer

@@ -155,12 +155,19 @@ def warn_unless_unit_rows(name: str, x: torch.Tensor) -> None:
     watch.warn()
 
 
+LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+"""The dtypes labels may have, in memory and in every file (eval's and score's): signed
+integers and uint8. Wider unsigned dtypes are refused (torch lacks min/max for them)."""
+
+
 def check_labels(name: str, value, *, rows: int, num_classes: int) -> torch.Tensor:
     """Integer class indices of length ``rows`` in [0, num_classes)."""
     labels = as_tensor(name, value)
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+    if labels.dtype not in LABEL_DTYPES:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in LABEL_DTYPES)
         raise TypeError(
-            f"{name} must be an integer tensor of class indices, got dtype {labels.dtype}"
+            f"{name} must be an integer tensor of class indices ({allowed}), got dtype "
+            f"{labels.dtype}"
         )
     if labels.dim() != 1:
         raise ValueError(f"{name} must be 1-D (rows,), got shape {tuple(labels.shape)}")

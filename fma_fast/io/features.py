@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -145,24 +146,32 @@ UNIT_ROW_TOLERANCE = 1e-6
 normalisation of ``eval``, ``train`` and ``score``."""
 
 
-def unit_rows(rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+def unit_rows(rows: torch.Tensor, name: str, first_row: int = 0) -> tuple[torch.Tensor, int]:
     """``rows`` L2-normalised, and how many changed: rows already unit-norm (within
     :data:`UNIT_ROW_TOLERANCE`) keep their bits, so data written normalised gives the same
-    values and class-table digest before and after. The one row rule of every command."""
+    values and class-table digest before and after. A row of norm 0 has no direction and is
+    refused, naming ``name`` and its row (``first_row`` is the index of ``rows[0]``): left at
+    0 it would be scored as some class all the same. The one row rule of every command."""
     norms = torch.linalg.vector_norm(rows.float(), dim=-1, keepdim=True)
     off = (norms - 1).abs().squeeze(-1) > UNIT_ROW_TOLERANCE
     if not bool(off.any()):
         return rows, 0
+    zero = norms.squeeze(-1) == 0
+    if bool(zero.any()):
+        raise ValueError(f"{name}: row {first_row + int(zero.nonzero()[0, 0])} is all zeros: it "
+                         f"has no direction to L2-normalise ({int(zero.sum())} such rows in "
+                         "these rows); remove such rows or pass normalize=False "
+                         "(--no-normalize) to score raw rows")
     fixed = rows.float().clone()
-    fixed[off] = fixed[off] / norms[off].clamp_min(1e-12)
+    fixed[off] = fixed[off] / norms[off]
     return fixed.to(rows.dtype), int(off.sum())
 
 
-def normalized(data: FeatureSet) -> tuple[FeatureSet, int]:
-    """``data`` with every feature and class row L2-normalised (:func:`unit_rows`), and how
-    many rows changed."""
-    features, changed = unit_rows(data.features)
-    table, changed_table = unit_rows(data.class_features)
+def normalized(data: FeatureSet, name: str) -> tuple[FeatureSet, int]:
+    """``data`` (the file ``name``) with every feature and class row L2-normalised
+    (:func:`unit_rows`), and how many rows changed."""
+    features, changed = unit_rows(data.features, f"{name} features")
+    table, changed_table = unit_rows(data.class_features, f"{name} class_features")
     return replace(data, features=features, class_features=table), changed + changed_table
 
 
@@ -221,7 +230,7 @@ def read_features(path, *, normalize: bool, require_labels: bool = False
     """A feature file, its rows L2-normalised when ``normalize``, and how many rows that
     changed (feature files from ``extract`` are unit already: 0)."""
     data = load_features(path, require_labels=require_labels)
-    return normalized(data) if normalize else (data, 0)
+    return normalized(data, str(path)) if normalize else (data, 0)
 
 
 def file_views(data: FeatureSet, given: int | None) -> int:
@@ -253,19 +262,29 @@ def table_mismatch(first: dict[str, Any], second: dict[str, Any]) -> str | None:
         return (f"different class tables: {first.get('classes')} vs {second.get('classes')} "
                 "classes")
     names = first.get("class_names"), second.get("class_names")
-    if None not in names and names[0] != names[1]:
-        index = next((i for i, (a, b) in enumerate(zip(*names)) if a != b), 0)
-        return f"different class names (class {index}: {names[0][index]!r} vs {names[1][index]!r})"
+    if None not in names:
+        ours, theirs = (list(map(_nfc, found)) for found in names)
+        if ours != theirs:
+            index = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), 0)
+            return (f"different class names (class {index}: {ascii(names[0][index])} vs "
+                    f"{ascii(names[1][index])}; compared in Unicode NFC, shown as ascii())")
     tables = first.get("class_table"), second.get("class_table")
     if None not in tables:
         difference = class_table_difference(*tables)
         return None if difference is None else \
             f"different class tables (same size, other values: {difference})"
     if first.get("class_table_sha256") != second.get("class_table_sha256"):
-        return ("different class tables (same size, other values; a model saved without its "
-                "class table is compared by digest, exactly: save it again to compare within "
-                "fp32 rounding)")
+        return ("different class tables (same size, other values; a model that carries no "
+                "class table, as fma_fast 0.1 saved them, is compared by its digest, exactly: "
+                "retrain it, or set model.trained_on[\"class_table\"] to the table it was "
+                "trained with and save it, to compare within fp32 rounding)")
     return None
+
+
+def _nfc(name: Any) -> Any:
+    """A class name in Unicode NFC: "café" typed (one code point) and "café" from a macOS file
+    name (e + a combining accent) are one name."""
+    return unicodedata.normalize("NFC", name) if isinstance(name, str) else name
 
 
 def differences(first: Mapping[str, Any], second: Mapping[str, Any]) -> str:
@@ -288,7 +307,9 @@ def check_same_origin(records: Mapping[str, Mapping[str, Any]]) -> None:
     """Refuse inputs that must go together but do not: a different source (when both say),
     or a different class table (:func:`table_mismatch`: count, names, values beyond fp32
     rounding). ``records`` maps a name for each input (a file name, "the model") to its
-    :func:`data_record`."""
+    :func:`data_record`; a record without ``"classes"`` (rows that carry no class table, such
+    as a shard ``score`` reads) is compared by its source only. The one rule of ``eval``,
+    ``train`` and ``score``."""
     (first_name, first), *rest = records.items()
     for name, record in rest:
         pair = f"{first_name} and {name}"
@@ -297,7 +318,7 @@ def check_same_origin(records: Mapping[str, Mapping[str, Any]]) -> None:
             raise FeatureFileError(
                 f"{pair} come from different sources ({differences(*sources)})"
             )
-        mismatch = table_mismatch(first, record)
+        mismatch = table_mismatch(first, record) if "classes" in record else None
         if mismatch:
             raise FeatureFileError(f"{pair} have {mismatch}")
 
@@ -307,6 +328,19 @@ def check_feature_files(files: Mapping[str, FeatureSet]) -> None:
     check_same_origin({name: data_record(data) for name, data in files.items()})
 
 
+def recorded_source(folder: Path) -> dict[str, Any] | None:
+    """The source ``folder/source.json`` records (:func:`claim_folder`), or None when there is
+    none; a file there that is not a source record is refused."""
+    record = folder / SOURCE_NAME
+    if not record.exists():
+        return None
+    found = read_json_record(record)
+    if found is None or found.get("format") != SOURCE_FORMAT or \
+            not isinstance(found.get("source"), dict):
+        raise FeatureFileError(f"{record} is not a readable source record")
+    return found["source"]
+
+
 def claim_folder(folder: str | os.PathLike, source: Mapping[str, Any], name: str) -> Path:
     """Tie ``folder`` to one source of features (``folder/source.json``): the first use
     records it, later uses with another source are refused, so features of two models,
@@ -314,14 +348,15 @@ def claim_folder(folder: str | os.PathLike, source: Mapping[str, Any], name: str
     folder = Path(folder)
     record = folder / SOURCE_NAME
     source = json.loads(json.dumps(dict(source)))  # as it reads back from JSON
-    if record.exists():
-        found = read_json_record(record)
-        if found is None or found.get("format") != SOURCE_FORMAT:
-            raise FeatureFileError(f"{name} {folder}: {record} is not a readable source record")
-        if found.get("source") != source:
+    try:
+        found = recorded_source(folder)
+    except FeatureFileError as error:
+        raise FeatureFileError(f"{name} {folder}: {error}") from None
+    if found is not None:
+        if found != source:
             raise FeatureFileError(
                 f"{name} {folder} holds features from another source "
-                f"({differences(found.get('source') or {}, source)}); "
+                f"({differences(found, source)}); "
                 "use another folder or delete this one"
             )
         return folder

@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
@@ -32,11 +33,12 @@ _LEGACY_TEMP = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
 LEGACY_TEMP_AGE_S = 3600
 """A 0.1-style temporary file this old is taken as orphaned (its writer is long gone)."""
 
-_SAFETENSORS_DTYPES = {
+SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
     torch.uint8: "U8", torch.bool: "BOOL",
 }
+"""safetensors' name of each dtype fma_fast writes or reads."""
 
 
 def _process_alive(pid: int) -> bool:
@@ -135,10 +137,7 @@ def create_exclusive(path: str | os.PathLike, text: str) -> bool:
     path = Path(path)
     temp = path.parent / f".{path.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
-        with open(temp, "x") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        _write_new(temp, text)
         try:
             os.link(temp, path)
             return True
@@ -151,13 +150,19 @@ def create_exclusive(path: str | os.PathLike, text: str) -> bool:
     finally:
         temp.unlink(missing_ok=True)
     try:
-        with open(path, "x") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        _write_new(path, text)
     except FileExistsError:
         return False
     return True
+
+
+def _write_new(path: Path, text: str) -> None:
+    """Create ``path`` (FileExistsError if it exists) holding ``text``, on disk when it
+    returns."""
+    with open(path, "x") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 24) -> str:
@@ -174,8 +179,13 @@ JSON_MAX_DEPTH = 64
 parser recurses once per level, so a hostile file of 100,000 brackets raises RecursionError."""
 JSON_MAX_BYTES = 256 * 2**20
 """Largest JSON file read (a model's config with 200,000 class names is a few MiB)."""
-_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_JSON_STRING = re.compile(r'"(?:[^"\\]+|\\.)*+(?:"|\\?\Z)', re.DOTALL)
+"""A JSON string, or what is left of the text after an opening quote that is never closed:
+every match attempt succeeds where it starts and never backtracks, so removing the strings is
+linear (a pattern that must find the closing quote rescans the rest of the text from every
+unclosed quote: quadratic, minutes for 1 MB of '"\\')."""
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_DEPTH_CHUNK = 1 << 20
 
 
 class JsonError(ValueError):
@@ -191,16 +201,26 @@ def loads_json(text: str | bytes, what: str) -> Any:
             text = text.decode()
         except UnicodeDecodeError:
             raise JsonError(f"{what} is not UTF-8 text") from None
-    depth = deepest = 0
-    for char in _NOT_BRACKET.sub("", _JSON_STRING.sub("", text)):
-        depth += 1 if char in "[{" else -1
-        deepest = max(deepest, depth)
+    deepest = _nesting(_NOT_BRACKET.sub("", _JSON_STRING.sub("", text)).encode())
     if deepest > JSON_MAX_DEPTH:
         raise JsonError(f"{what} nests JSON {deepest} levels deep (at most {JSON_MAX_DEPTH})")
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
         raise JsonError(f"{what} is not valid JSON ({error})") from None
+    except RecursionError:  # the scan above counts what the parser nests; kept as a backstop
+        raise JsonError(f"{what} nests JSON too deep (at most {JSON_MAX_DEPTH})") from None
+
+
+def _nesting(brackets: bytes) -> int:
+    """The deepest nesting of a run of brackets, counted a chunk at a time (a hostile file
+    can hold 256 MiB of them)."""
+    depth = deepest = 0
+    for start in range(0, len(brackets), _DEPTH_CHUNK):
+        chunk = np.frombuffer(brackets[start:start + _DEPTH_CHUNK], dtype=np.uint8)
+        levels = depth + np.cumsum(np.where((chunk == ord("[")) | (chunk == ord("{")), 1, -1))
+        deepest, depth = max(deepest, int(levels.max())), int(levels[-1])
+    return deepest
 
 
 def read_json(path: str | os.PathLike, what: str) -> Any:
@@ -255,11 +275,11 @@ def save_safetensors(
     offset = 0
     for name in names:
         tensor = tensors[name]
-        if tensor.dtype not in _SAFETENSORS_DTYPES:
+        if tensor.dtype not in SAFETENSORS_DTYPES:
             raise TypeError(f"{name}: dtype {tensor.dtype} has no safetensors name")
         size = tensor.numel() * tensor.element_size()
         header[name] = {
-            "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
+            "dtype": SAFETENSORS_DTYPES[tensor.dtype],
             "shape": list(tensor.shape),
             "data_offsets": [offset, offset + size],
         }

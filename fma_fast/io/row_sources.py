@@ -17,17 +17,24 @@ import os
 import re
 import stat
 import struct
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .files import JsonError, file_problem, loads_json
+from ..core.policy import SCORE_LABEL_ROWS
+from ..core.validation import LABEL_DTYPES
+from .features import PROVENANCE_KEY, FeatureFileError, recorded_source
+from .files import SAFETENSORS_DTYPES, JsonError, file_problem, loads_json
 
 SAFETENSORS_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "F64": torch.float64}
 SAFETENSORS_INTS = {"I64": torch.int64, "I32": torch.int32}
+SAFETENSORS_LABELS = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()
+                      if dtype in LABEL_DTYPES}
+"""Labels in a file: the dtypes :func:`~fma_fast.core.validation.check_labels` accepts."""
 CACHE_STAMP_KEY = "fma_fast_cache"
 """The metadata key of the extraction cache's shard stamps (:mod:`fma_fast.clip.cache`)."""
 _CACHE_SHARD = re.compile(r"^shard-(\d{5})-of-(\d{5})\.safetensors$")
@@ -45,7 +52,9 @@ class InputChanged(InputError):
 class FileIdentity:
     """What tells one file version from another without reading it: device, inode, size and
     the modification and change times (no program sets the change time: ``touch -r`` and
-    ``cp -p`` set the modification time only)."""
+    ``cp -p`` set the modification time only). A change of the change time alone is also
+    what chmod, a new hard link or setting the access time do: then what was read is read
+    again (:meth:`ShardReader.check_unchanged`)."""
 
     device: int
     inode: int
@@ -76,11 +85,23 @@ class Column:
         return [str(self.dtype), list(self.shape[1:])]
 
 
+@dataclass
+class ReadSoFar:
+    """What this process relies on of a shard's file: the identity it accepts (the planned
+    one, or a later one whose change time alone differed and whose bytes read were the same
+    when read again), and the digest of each row range read."""
+
+    identity: FileIdentity
+    ranges: dict[tuple[int, int], str] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class Shard:
     """One input file of rows: its features, and labels and row ids when the file has them
     (``per_image`` rows share one label / id, as the cache stores V views per image), the
-    file's identity when its header was read, and an extraction cache shard's stamp."""
+    file's identity when its header was read, an extraction cache shard's stamp, and the
+    ``source`` of its features when known (a feature file's provenance, the source.json of
+    the cache a shard belongs to)."""
 
     path: Path
     features: Column
@@ -90,6 +111,11 @@ class Shard:
     per_image: int = 1
     class_table: Column | None = None
     stamp: dict | None = None
+    source: dict | None = None
+    read_so_far: ReadSoFar = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "read_so_far", ReadSoFar(self.identity))
 
     @property
     def rows(self) -> int:
@@ -115,21 +141,36 @@ class Shard:
         return ShardReader(self)
 
     def label_range(self) -> tuple[int, int] | None:
-        """The smallest and largest label, or None without labels (read once, up front)."""
+        """The smallest and largest label, or None without labels (read once, up front,
+        :data:`~fma_fast.core.policy.SCORE_LABEL_ROWS` at a time)."""
         if self.labels is None or not self.labels.shape[0]:
             return None
+        labels = self.labels
+
+        def scan(reader: ShardReader) -> tuple[int, int]:
+            low, high = None, None
+            buffer = bytearray(min(SCORE_LABEL_ROWS, labels.shape[0]) * labels.row_bytes)
+            for start in range(0, labels.shape[0], SCORE_LABEL_ROWS):
+                stop = min(start + SCORE_LABEL_ROWS, labels.shape[0])
+                values = _read_rows(reader.handle, labels, start, stop, buffer)
+                low = int(values.min()) if low is None else min(low, int(values.min()))
+                high = int(values.max()) if high is None else max(high, int(values.max()))
+            return low, high
+
         with self.open() as reader:
-            values = _read_rows(reader.handle, self.labels, 0, self.labels.shape[0])
-            reader.check_unchanged()
-        return int(values.min()), int(values.max())
+            found = scan(reader)
+            reader.check_unchanged(verify=lambda: scan(reader) == found)
+        return found
 
     def read_class_table(self) -> torch.Tensor | None:
         """The (C, D) class table a feature file carries, or None."""
         if self.class_table is None:
             return None
+        rows = self.class_table.shape[0]
         with self.open() as reader:
-            table = _read_rows(reader.handle, self.class_table, 0, self.class_table.shape[0])
-            reader.check_unchanged()
+            table = _read_rows(reader.handle, self.class_table, 0, rows)
+            reader.check_unchanged(verify=lambda: torch.equal(
+                _read_rows(reader.handle, self.class_table, 0, rows), table))
         return table.float()
 
 
@@ -149,6 +190,10 @@ class PartDigest:
         for column in self.columns:
             digest.update(column.digest())
         return digest.hexdigest()
+
+
+REHASH_BYTES = 16 * 2**20
+"""Bytes read at a time when rows are hashed again after a change of the change time."""
 
 
 class ShardReader:
@@ -174,25 +219,70 @@ class ShardReader:
     def close(self) -> None:
         self.handle.close()
 
-    def _check(self, found: FileIdentity, when: str) -> None:
-        planned = self.shard.identity
-        if found != planned:
-            what = [name for name in ("device", "inode", "size", "mtime_ns", "ctime_ns")
-                    if getattr(found, name) != getattr(planned, name)]
-            raise InputChanged(f"input {self.shard.path} changed {when} ({', '.join(what)} "
-                               "differ): its rows were not recorded as scored; run the job "
-                               "again once the file no longer changes")
+    def _check(self, found: FileIdentity, when: str,
+               verify: Callable[[], bool] | None = None) -> None:
+        accepted = self.shard.read_so_far.identity
+        if found == accepted:
+            return
+        what = [name for name in ("device", "inode", "size", "mtime_ns", "ctime_ns")
+                if getattr(found, name) != getattr(accepted, name)]
+        if what == ["ctime_ns"] and self._read_alike(found) and (verify is None or verify()):
+            self.shard.read_so_far.identity = found
+            return
+        raise InputChanged(f"input {self.shard.path} changed {when} ({', '.join(what)} "
+                           "differ): its rows were not recorded as scored; run the job "
+                           "again once the file no longer changes")
 
-    def check_unchanged(self) -> None:
+    def _read_alike(self, found: FileIdentity) -> bool:
+        """After a change of the change time alone (chmod, a new hard link, setting the
+        access time; or a rewrite with the modification time set back), whether what was
+        read is still what the file holds: its header, and every row range read (hashed
+        again against its digest)."""
+        read = npy_shard if self.shard.path.suffix == ".npy" else safetensors_shard
+        try:
+            self.handle.seek(0)
+            again = read(self.shard.path, self.handle, found)
+        except InputError:
+            return False
+        if replace(again, identity=self.shard.identity) != self.shard:
+            return False
+        return all(self.rows_digest(start, stop) == digest
+                   for (start, stop), digest in self.shard.read_so_far.ranges.items())
+
+    def rows_digest(self, start: int, stop: int) -> str:
+        """The digest of rows ``start:stop`` as the file holds them now (:class:`PartDigest`),
+        read :data:`REHASH_BYTES` at a time."""
+        digest = PartDigest(self.shard)
+        step = max(1, REHASH_BYTES // self.shard.features.row_bytes)
+        for first in range(start, stop, step):
+            self.read(first, min(first + step, stop), None, digest)
+        return digest.hexdigest()
+
+    def check_unchanged(self, rows: tuple[int, int, PartDigest] | None = None,
+                        verify: Callable[[], bool] | None = None) -> None:
         """Refuse a file written since it was planned (through this handle's inode) or
-        replaced (the path now names another file)."""
-        self._check(FileIdentity.of(os.fstat(self.handle.fileno())), "while it was read")
+        replaced (the path now names another file). ``rows``: the range just read and its
+        digest, kept so that it can be hashed again. Where only the change time differs,
+        everything read is read again (``rows``, what :meth:`ShardReader.read` read before,
+        and ``verify()``) and the file is refused only if it differs."""
+        if rows is not None:
+            start, stop, digest = rows
+            also = verify
+
+            def verify() -> bool:
+                return self.rows_digest(start, stop) == digest.hexdigest() and \
+                    (also is None or also())
+
+        self._check(FileIdentity.of(os.fstat(self.handle.fileno())), "while it was read",
+                    verify)
         try:
             found = FileIdentity.of(os.stat(self.shard.path))
         except OSError:
             raise InputChanged(f"input {self.shard.path} was removed while it was read; run "
                                "the job again") from None
-        self._check(found, "while it was read (the path names another file now)")
+        self._check(found, "while it was read (the path names another file now)", verify)
+        if rows is not None:
+            self.shard.read_so_far.ranges[(start, stop)] = digest.hexdigest()
 
     def read(self, start: int, stop: int, buffer: bytearray | None = None,
              digest: PartDigest | None = None
@@ -324,14 +414,21 @@ def _column(path: Path, header: dict, start: int, size: int, name: str,
     return column
 
 
-def _cache_stamp(path: Path, header: dict) -> dict | None:
-    text = header.get("__metadata__", {}).get(CACHE_STAMP_KEY)
+def _metadata_json(path: Path, header: dict, key: str, what: str):
+    """The JSON value under ``key`` in a safetensors header's metadata, or None."""
+    text = header.get("__metadata__", {}).get(key)
     if text is None:
         return None
     try:
-        stamp = loads_json(text, f"{path}'s extraction cache stamp")
+        return loads_json(text, f"{path}'s {what}")
     except JsonError as error:
         raise InputError(str(error)) from None
+
+
+def _cache_stamp(path: Path, header: dict) -> dict | None:
+    stamp = _metadata_json(path, header, CACHE_STAMP_KEY, "extraction cache stamp")
+    if stamp is None:
+        return None
     views = stamp.get("common", {}).get("views") if isinstance(stamp, dict) and isinstance(
         stamp.get("common"), dict) else None
     if not _natural(views) or views < 1:
@@ -350,7 +447,7 @@ def safetensors_shard(path: Path, handle, identity: FileIdentity) -> Shard:
         raise InputError(f"{path} has no 'features' tensor (found {found})")
     if len(features.shape) != 2:
         raise InputError(f"{path}: features must be 2-D (rows, dim), got {list(features.shape)}")
-    labels = _column(path, header, start, size, "labels", SAFETENSORS_INTS)
+    labels = _column(path, header, start, size, "labels", SAFETENSORS_LABELS)
     row_ids = _column(path, header, start, size, "image_index", SAFETENSORS_INTS)
     stamp = _cache_stamp(path, header)
     per_image = 1 if stamp is None else stamp["common"]["views"]
@@ -367,7 +464,21 @@ def safetensors_shard(path: Path, handle, identity: FileIdentity) -> Shard:
     if table is not None and len(table.shape) != 2:
         raise InputError(f"{path}: class_features must be 2-D (classes, dim), got "
                          f"{list(table.shape)}")
-    return Shard(path, features, identity, labels, row_ids, per_image, table, stamp)
+    return Shard(path, features, identity, labels, row_ids, per_image, table, stamp,
+                 _source(path, header, stamp))
+
+
+def _source(path: Path, header: dict, stamp: dict | None) -> dict | None:
+    """Where a shard's features come from: a feature file's provenance ``source``; for an
+    extraction cache shard (``cache/<split>/shard-*``), the source the cache records."""
+    if stamp is not None:
+        try:
+            return recorded_source(path.parent.parent)
+        except FeatureFileError as error:
+            raise InputError(f"{path}: {error}") from None
+    provenance = _metadata_json(path, header, PROVENANCE_KEY, "provenance")
+    source = provenance.get("source") if isinstance(provenance, dict) else None
+    return source if isinstance(source, dict) else None
 
 
 def npy_shard(path: Path, handle, identity: FileIdentity) -> Shard:

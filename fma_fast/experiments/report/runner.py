@@ -16,7 +16,7 @@ from ...core.environment import environment
 from ...core.protocol import draw_split, val_shots
 from ...core.reference import flow_matching_loss
 from ...io.features import check_feature_files, load_features
-from ...io.files import atomic_write
+from ...io.files import atomic_write, read_json
 from .. import synthetic
 from ..adaptive import adaptive_predict, select_rule, trajectory_stats
 from ..baselines import (
@@ -365,11 +365,8 @@ def rerender(out: str | os.PathLike, name: str = "report", *, progress: bool = T
     """Rewrite the markdown and PNGs from an existing ``out/name.json`` without rerunning:
     the numbers (and the recorded command, machine and date) stay those of the run."""
     path = Path(out) / f"{_check_name(name)}.json"
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"no report results at {path}: run the report first")
-    try:
-        result = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    result = read_json(path, "report results")
     write_report(result, out, name, progress=progress)
     return result
