@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -1124,3 +1125,48 @@ def test_a_change_of_metadata_only_does_not_stop_the_job(job, tmp_path, monkeypa
     want = _joined(_read_outputs(tmp_path / "fresh"), "in-")
     for key in want:
         assert torch.equal(ours[key], want[key]), key
+
+
+def test_manifest_reports_top5_and_per_class_recall_summed_over_parts(job, tmp_path,
+                                                                      monkeypatch):
+    """Top-5 accuracy and per-class recall over every labelled row of every part (parts of 250
+    rows, chunks of 97), whatever top-k the outputs hold (1 here), recomputed from one
+    in-memory top-5 solve of the labelled inputs."""
+    monkeypatch.setattr(batch_job, "SCORE_PART_ROWS", 250)
+    fma_fast.score(job["root"] / "model", _inputs(job), job["root"] / "test.safetensors",
+                   tmp_path / "out", topk=1, batch_size=97, progress=False)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    parts = _read_outputs(tmp_path / "out")
+    assert all(p["topk_indices"].shape[1] == 1 for p in parts.values())
+    x = torch.cat([job["x"], job["cache_rows"]])
+    y = torch.cat([job["y"], job["cache_labels"]])
+    want = fma_fast.solve(x, job["model"], STEPS, class_features=job["table"], topk=5)
+    top5 = sum(int(label) in row for label, row in zip(y.tolist(), want.topk_indices.tolist()))
+    assert manifest["top5_accuracy"] == pytest.approx(top5 / len(y))
+    recall = {f"class {c}": float((want.pred[y == c] == c).double().mean())
+              for c in range(CLASSES)}
+    assert manifest["per_class_recall"] == pytest.approx(recall)
+    assert manifest["mean_per_class_recall"] == pytest.approx(sum(recall.values()) / CLASSES)
+    assert manifest["accuracy"] == pytest.approx(float((want.pred == y).double().mean()))
+
+
+def test_a_job_whose_predictions_are_all_one_class_warns(tmp_path):
+    """A collapsed job (every row to one class, as a broken encoder gives) is loud, not a
+    quiet manifest: an untrained field (x_M = x_0) on rows all close to one direction."""
+    generator = torch.Generator().manual_seed(3)
+    direction = torch.randn(DIM, generator=generator)
+    rows = torch.nn.functional.normalize(direction + 0.01 * torch.randn(
+        40, DIM, generator=generator), dim=-1)
+    table = torch.nn.functional.normalize(torch.randn(CLASSES, DIM, generator=generator), dim=-1)
+    expected = int((table @ direction).argmax())
+    np.save(tmp_path / "rows.npy", rows.numpy())
+    fma_fast.save(fma_fast.VelocityNet(DIM, blocks=1), tmp_path / "model", extra={"steps": 2})
+    with pytest.warns(UserWarning, match=rf"all 40 predictions are class {expected} of 9"):
+        fma_fast.score(tmp_path / "model", [tmp_path / "rows.npy"], table, tmp_path / "out",
+                       progress=False)
+    rows[0] = table[(expected + 1) % CLASSES]  # one row elsewhere: no warning
+    np.save(tmp_path / "rows.npy", rows.numpy())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        fma_fast.score(tmp_path / "model", [tmp_path / "rows.npy"], table, tmp_path / "out2",
+                       progress=False)

@@ -36,6 +36,7 @@ import torch
 from .._version import __version__
 from ..core import validation as check
 from ..core.distributed import SINGLE, Context
+from ..core.metrics import TOP_K_REPORTED, ClassificationCounts, warn_if_collapsed
 from ..core.model import VelocityNet, normalizes, solve_settings
 from ..core.names import (
     BACKENDS,
@@ -383,7 +384,7 @@ def score(
     context.barrier()
     seconds = time.perf_counter() - started
     scored = sum(p.stop - p.start for p in pending)
-    return _manifest(out, by_shard, digest, settings, context,
+    return _manifest(out, by_shard, job, digest, settings, context,
                      (scored, len(mine) - len(pending)), seconds, path)
 
 
@@ -396,25 +397,29 @@ def _score_parts(job: ScoreJob, out: Path, pending: list[Part], digest: str,
                        enabled=progress)
     path = None
     collected: dict[str, list[torch.Tensor]] = {}
-    counts = [0, 0]
+    counts, metrics, predicted = [0, 0], ClassificationCounts(), _Predicted()
     offset = 0  # of the chunk in its part
+    wide = max(job.topk, min(TOP_K_REPORTED, table.shape[0]))  # top-5 accuracy when labelled
     for part, (features, labels, ids), input_digest in prefetch(
             pending, job.batch_rows, pin=job.device.type == "cuda"):
         if job.normalize:
             features = unit_rows(features, f"input {part.shard.path}", part.start + offset)[0]
         offset += features.shape[0]
         result = solve(features.to(job.device, non_blocking=True), job.model, job.steps,
-                       step_size=job.step_size, class_features=table, topk=job.topk,
+                       step_size=job.step_size, class_features=table,
+                       topk=wide if labels is not None else job.topk,
                        batch_size=job.batch_rows, device=job.device,
                        precision=job.options.precision, backend=job.options.backend,
                        zero_shot=labels is not None)
         path = result.path
-        chunk = {"topk_indices": result.topk_indices.cpu(),
-                 "topk_values": result.topk_values.cpu(), "row_ids": ids}
+        chunk = {"topk_indices": result.topk_indices[:, :job.topk].cpu(),
+                 "topk_values": result.topk_values[:, :job.topk].cpu(), "row_ids": ids}
+        predicted.add(result.pred)
         if labels is not None:
             chunk["labels"] = labels
             counts[0] += int((result.pred.cpu() == labels).sum())
             counts[1] += int((result.zero_shot_pred.cpu() == labels).sum())
+            metrics = metrics + ClassificationCounts.of(result.topk_indices, labels)
         for name, value in chunk.items():
             collected.setdefault(name, []).append(value)
         bar.update(features.shape[0])
@@ -422,13 +427,35 @@ def _score_parts(job: ScoreJob, out: Path, pending: list[Part], digest: str,
             arrays = {name: torch.cat(values) for name, values in collected.items()}
             files = write_part(out, part, arrays, job.output_format, job.names, digest)
             write_record(out, part, digest, input_digest, files, labelled="labels" in arrays,
-                         correct=counts[0], correct_m0=counts[1], path=path)
+                         correct=counts[0], correct_m0=counts[1], path=path,
+                         metrics=metrics.record(), predicted=predicted.record())
             collected, counts, offset = {}, [0, 0], 0
+            metrics, predicted = ClassificationCounts(), _Predicted()
     bar.close()
     return path
 
 
-def _manifest(out, by_shard, job, settings, context, work, seconds, path) -> ScoreSummary:
+class _Predicted:
+    """Whether a part's top-1 predictions are all one class: what the job needs to warn
+    when every prediction of every part is the same class."""
+
+    def __init__(self) -> None:
+        self.first: int | None = None
+        self.uniform = True
+
+    def add(self, pred: torch.Tensor) -> None:
+        if not pred.numel():
+            return
+        if self.first is None:
+            self.first = int(pred[0])
+        self.uniform = self.uniform and bool((pred == self.first).all())
+
+    def record(self) -> list:
+        return [self.first, self.uniform]
+
+
+def _manifest(out, by_shard, score_job: ScoreJob, job: str, settings, context, work, seconds,
+              path) -> ScoreSummary:
     """Every part's record read back (all ranks' parts), the summary, and on rank 0 the
     manifest. rows/s: the rows scored by every rank over the slowest rank's wall time."""
     records = []
@@ -443,9 +470,18 @@ def _manifest(out, by_shard, job, settings, context, work, seconds, path) -> Sco
     labelled = [(p, r) for p, r in records if r["labelled"]]
     labelled_rows = sum(p.stop - p.start for p, _ in labelled)
     accuracy = m0 = None
+    wider: dict[str, Any] = {}
     if labelled_rows:
         accuracy = sum(r["correct"] for _, r in labelled) / labelled_rows
         m0 = sum(r["correct_m0"] for _, r in labelled) / labelled_rows
+        total = sum((ClassificationCounts.from_record(r["metrics"]) for _, r in labelled),
+                    ClassificationCounts())
+        wider = total.summary(score_job.names)
+        wider.pop("accuracy")  # the same as ``accuracy``
+    kinds = {tuple(r["predicted"]) for _, r in records}
+    if rows > 1 and len(kinds) == 1 and next(iter(kinds))[1]:  # one class in every part
+        warn_if_collapsed(torch.full((rows,), next(iter(kinds))[0]), score_job.table.shape[0],
+                          f"score {out}")
     path = path or next((r.get("path") for _, r in records if r.get("path")), None)
     gathered = context.gather((*work, seconds))
     scored_all = sum(g[0] for g in gathered)
@@ -465,6 +501,7 @@ def _manifest(out, by_shard, job, settings, context, work, seconds, path) -> Sco
         manifest = {
             "format": MANIFEST_FORMAT, "job": job, "settings": settings, "rows": rows,
             "labelled_rows": labelled_rows, "accuracy": accuracy, "accuracy_at_m0": m0,
+            **wider,
             "path": path, "this_run": {"rows_scored": scored_all, "wall_s": round(slowest, 3),
                                        "rows_per_s": round(summary.rows_per_s, 1),
                                        "processes": context.world_size,

@@ -27,7 +27,7 @@ from .reader import Part, part_prefix, reader_for
 
 JOB_NAME = "job.json"
 JOB_FORMAT = "fma_fast/score-job/1"
-PART_FORMAT = "fma_fast/score-part/2"
+PART_FORMAT = "fma_fast/score-part/3"
 """Version 2 records a digest of the part's input bytes (version 1 records are scored again)."""
 
 
