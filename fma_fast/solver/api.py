@@ -386,6 +386,15 @@ def _scored(route: Route, model, x: torch.Tensor, z, steps: int,
 
 
 @torch.inference_mode()
+def prepare_route(route: Route, model, steps: int) -> None:
+    """Build now what the first batch of a :func:`solve` on ``route`` would build and could
+    refuse: the compiled steps, compiled and checked in solve's grad mode. ``score`` calls it
+    before it claims its output folder, so a backend that cannot run leaves nothing behind."""
+    if route.network == NETWORK_COMPILED:
+        cpu.compile_steps(model, steps, route.step_size, route.device)
+
+
+@torch.inference_mode()
 def solve(
     features,
     model,

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from ..core import validation as check
 from ..core.model import VelocityNet
 from ..core.policy import CPU_CHUNK_ROWS, MIN_WORKER_ROWS
+from . import compiled as compiled_runtime
 from . import cpu_ops
-from .compiled import compiled_steps
 from .cpu_ops import inverse_rms
 from .plan import SolverPlan, resolve_plan
 
@@ -82,7 +82,16 @@ def _compiled_steps(plan: SolverPlan, chunk: int, compiled: bool) -> list | None
     padded to it, so one shape serves a whole solve), or None for the eager chain. They run on
     one thread with torch's intra-op threads, which inductor's CPU kernels bake in when they
     compile."""
-    return compiled_steps(plan, chunk) if compiled else None
+    return compiled_runtime.compiled_steps(plan, chunk) if compiled else None
+
+
+def compile_steps(model: VelocityNet, steps: int, step_size: float, device: torch.device
+                  ) -> None:
+    """Compile and check now the steps a ``compiled=True`` solve of CPU_CHUNK_ROWS chunks will
+    run (call it in the grad mode the solve runs in): raises
+    :class:`~fma_fast.solver.compiled.CompileUnavailable` before any work depends on it."""
+    plan = resolve_plan(model, steps, step_size, "bf16", device)
+    compiled_runtime.compiled_steps(plan, CPU_CHUNK_ROWS)
 
 
 def _row_chunks(rows: int, chunk: int, workers: int) -> list[slice]:

@@ -74,6 +74,9 @@ class SolverPlan:
     final_scale: torch.Tensor | None = None
     final_weight: torch.Tensor | None = None
     bias_sums: torch.Tensor | None = None
+    full: SolverPlan | None = None
+    """The plan this one is a :meth:`prefix` of (None for a full plan): what is kept per plan
+    (``solver.compiled``) is kept by it, as a prefix is a new object at every lookup."""
 
     @property
     def final_only(self) -> bool:
@@ -115,7 +118,7 @@ class SolverPlan:
             self.input_bias, self.w1[:steps], self.b1[:steps], self.w2[:steps],
             self.b2[:steps], self.wf[:steps], self.bf[:steps], first(self.feedback),
             first(self.offsets), first(self.final_scale), self.final_weight,
-            first(self.bias_sums),
+            first(self.bias_sums), self.full or self,
         )
 
 
