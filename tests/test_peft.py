@@ -771,6 +771,9 @@ def _tensors_without_data(encoder):
                            "state_dict['ctx'] is a quantized tensor"),
         "coop complex": ("coop", _with(coop, "ctx", coop["ctx"].to(torch.complex64)),
                          "state_dict['ctx'] has complex dtype"),
+        "coop float8": ("coop", _with(coop, "ctx", coop["ctx"].to(torch.float8_e4m3fn)),
+                        "state_dict['ctx'] has dtype torch.float8_e4m3fn; expected float16, "
+                        "bfloat16, float32 or float64"),
         "coop meta buffer": ("coop", _with(coop, "token_prefix",
                                            torch.empty(3, 1, TEXT_WIDTH, device="meta")),
                              "state_dict['token_prefix'] is a meta tensor"),
@@ -791,17 +794,17 @@ def _tensors_without_data(encoder):
 
 WITHOUT_DATA = ("lora meta", "lora sparse", "lora csr", "lora quantized", "lora complex",
                 "lora integer", "coop meta", "coop sparse", "coop quantized", "coop complex",
-                "coop meta buffer", "cocoop meta", "adapter meta", "adapter sparse",
+                "coop float8", "coop meta buffer", "cocoop meta", "adapter meta", "adapter sparse",
                 "adapter width 0")
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # torch on sparse/quantized
 @pytest.mark.parametrize("name", WITHOUT_DATA)
 def test_tensors_without_dense_floating_data_are_refused(encoder, tmp_path, name):
-    """Meta, sparse, quantized, complex and integer tensors, and an adapter of width 0, used to
-    raise NotImplementedError/RuntimeError/ZeroDivisionError deep in the loaders, or load
-    silently (a sparse, complex or integer LoRA B merged): each is a PeftError naming the
-    file and the tensor."""
+    """Meta, sparse, quantized, complex, integer and float8 tensors, and an adapter of width 0,
+    used to raise NotImplementedError/RuntimeError/ZeroDivisionError deep in the loaders (float8:
+    torch.isfinite is not implemented for it, review 1 item 7), or load silently (a sparse,
+    complex or integer LoRA B merged): each is a PeftError naming the file and the tensor."""
     cases = _tensors_without_data(encoder)
     assert set(cases) == set(WITHOUT_DATA)
     method, content, fragment = cases[name]

@@ -39,6 +39,20 @@ def as_tensor(name: str, value) -> torch.Tensor:
     raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
 
 
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+"""The floating dtypes inputs and weights may have. float8 and the other narrow formats are
+floating too, but most ops (``torch.isfinite`` among them) are not implemented for them."""
+
+
+def _float_dtype_problem(name: str, value: torch.Tensor) -> str | None:
+    if value.dtype in FLOAT_DTYPES:
+        return None
+    if not value.is_floating_point():
+        return f"{name} has dtype {value.dtype}; expected a floating dtype"
+    return (f"{name} has dtype {value.dtype}; expected float16, bfloat16, float32 or float64 "
+            "(convert it first, e.g. tensor.float())")
+
+
 def check_matrix(
     name: str,
     value,
@@ -53,6 +67,8 @@ def check_matrix(
         raise ValueError(f"{name} must be 2-D (rows, dim), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if _float_dtype_problem(name, x):
+        raise TypeError(_float_dtype_problem(name, x))
     if x.shape[0] == 0 and not allow_empty:
         raise ValueError(f"{name} is empty: it has 0 rows")
     if x.shape[1] == 0:
@@ -76,8 +92,9 @@ def check_dense_float(
     free of NaN/Inf with ``finite`` and with at least one element with ``nonempty``; else
     ``error`` naming it. What weights files and class tables must hold: a meta tensor has a
     shape but no data (files are read with map_location="cpu", so every other tensor of
-    theirs is on the CPU), and sparse, nested, quantized, integer or complex ones are read
-    wrongly or fail deep inside a computation (a cast to float drops an imaginary part)."""
+    theirs is on the CPU), and sparse, nested, quantized, integer, complex or float8 ones are
+    read wrongly or fail deep inside a computation (a cast to float drops an imaginary part;
+    ``torch.isfinite`` is not implemented for float8): see :data:`FLOAT_DTYPES`."""
     if not isinstance(value, torch.Tensor):
         raise error(f"{name} is a {type(value).__name__}, not a tensor")
     if value.is_quantized:
@@ -93,8 +110,8 @@ def check_dense_float(
     if value.is_complex():
         raise error(f"{name} has complex dtype {value.dtype}; expected real floating values "
                     "(a cast would drop the imaginary part)")
-    if not value.is_floating_point():
-        raise error(f"{name} has dtype {value.dtype}; expected a floating dtype")
+    if _float_dtype_problem(name, value):
+        raise error(_float_dtype_problem(name, value))
     if nonempty and value.numel() == 0:
         raise error(f"{name} is empty (shape {list(value.shape)})")
     if finite and value.numel() and not bool(torch.isfinite(value).all()):
