@@ -109,6 +109,13 @@ def _settings(model, steps, step_size, name: str = "steps") -> tuple[int, float]
     return _check_steps(chosen, step_size, name), step_size
 
 
+def trajectory_settings(model, max_steps: int | None, step_size: float | None
+                        ) -> tuple[int, float]:
+    """The ``max_steps`` and h a trajectory pass (:func:`trajectory_scores`) runs with: the
+    arguments given, then the model's h, and the M that reaches t=1 (checked)."""
+    return _settings(model, max_steps, step_size, "max_steps")
+
+
 def _inputs(features, model, class_features, *, labels=None, require_classes=False):
     """Checked features, class table (None when not given) and labels, all on one device."""
     if not callable(model):

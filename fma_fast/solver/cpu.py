@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..core import validation as check
 from ..core.model import VelocityNet
-from ..core.policy import CPU_CHUNK_ROWS, MIN_WORKER_ROWS
+from ..core.policy import CPU_CHUNK_ROWS, DEFAULT_STEP_SIZE, MIN_WORKER_ROWS
 from . import compiled as compiled_runtime
 from . import cpu_ops
 from .cpu_ops import inverse_rms
@@ -30,7 +30,7 @@ def folded_states(
     model: VelocityNet | SolverPlan,
     x: torch.Tensor,
     steps: int,
-    step_size: float = 0.1,
+    step_size: float = DEFAULT_STEP_SIZE,
     *,
     precision: str = "fp32",
     chunk_rows: int | None = None,
@@ -310,7 +310,7 @@ def folded_final(
     model: VelocityNet | SolverPlan,
     x: torch.Tensor,
     steps: int,
-    step_size: float = 0.1,
+    step_size: float = DEFAULT_STEP_SIZE,
     *,
     precision: str = "fp32",
     chunk_rows: int | None = None,
@@ -343,7 +343,7 @@ def folded_solve(
     model: VelocityNet | SolverPlan,
     x: torch.Tensor,
     steps: int,
-    step_size: float = 0.1,
+    step_size: float = DEFAULT_STEP_SIZE,
     *,
     precision: str = "fp32",
     return_trajectory: bool = False,

@@ -29,7 +29,7 @@ from ..core.model import (
     timestep_embedding,
 )
 from ..core.names import PRECISIONS, check_choice
-from ..core.policy import PRECISION_DTYPES
+from ..core.policy import DEFAULT_STEP_SIZE, PRECISION_DTYPES
 
 
 @dataclass(frozen=True, eq=False)
@@ -329,7 +329,7 @@ def _fold_ends(model: VelocityNet, silu_y: torch.Tensor, step_size: float, dtype
 def build_plan(
     model: VelocityNet,
     steps: int,
-    step_size: float = 0.1,
+    step_size: float = DEFAULT_STEP_SIZE,
     *,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
@@ -386,7 +386,7 @@ class _WeightsSnapshot:
 def solver_plan(
     model: VelocityNet,
     steps: int,
-    step_size: float = 0.1,
+    step_size: float = DEFAULT_STEP_SIZE,
     *,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
