@@ -947,3 +947,55 @@ def test_bad_peft_weights_are_one_line_in_the_cli(encoder, tiny_files, tmp_path,
     assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert fragment in err, err
     assert not list(out.rglob("*.safetensors"))
+
+
+def _extreme_files():
+    """Finite weights whose outputs are not: CLIP-Adapter fc.0 weights x1e30 (the adapted
+    features overflow fp32's norm: F.normalize made every row 0) and LoRA alpha 1e300 (the
+    merged weights overflow: NaN text features)."""
+    adapter = adapter_state()
+    adapter = {**adapter, "fc.0.weight": adapter["fc.0.weight"] * 1e30}
+    return {
+        "adapter x1e30": ("adapter", adapter,
+                          "adapted image features: row 0 has a norm beyond float32"),
+        "lora alpha 1e300": ("lora", lora_payload(LORA_TEXT, alpha=1e300),
+                             "holds NaN or Inf"),
+    }
+
+
+@pytest.mark.parametrize("name", ["adapter x1e30", "lora alpha 1e300"])
+def test_extreme_finite_peft_weights_are_refused_before_anything_is_written(
+        encoder, tiny_files, tmp_path, capsys, pixels, name):
+    """Review item 8: the adapter case exited 0 with all-zero features, the LoRA case exited 2
+    only after text.safetensors held NaN. The encoder outputs are refused before they are
+    normalised, naming the source, and before any file of the cache is written."""
+    pytest.importorskip("PIL.Image")
+    import safetensors.torch
+
+    from fma_fast.cli import main
+
+    method, content, fragment = _extreme_files()[name]
+    path = _write_peft(method, content, tmp_path / "peft.pth")
+    source = load_peft(method, path, encoder, CLASSES)  # the weights themselves are finite
+    with pytest.raises(PeftError if method == "adapter" else ValueError, match=fragment):
+        if method == "adapter":
+            source.image_features(pixels)
+        else:
+            source.class_features(["a photo of a {}."])
+    _write_pets(tmp_path / "data")
+    out = tmp_path / "out"
+    code = main(["extract", "--root", str(tmp_path / "data"), "--dataset", "oxford_pets",
+                 "--model", MODEL, "--model-config", str(tiny_files["config"]),
+                 "--checkpoint", str(tiny_files["checkpoint"]), "--shots", "1", "--views",
+                 "1", "--seeds", "1", "--quiet", "--peft", method, "--peft-checkpoint",
+                 str(path), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert fragment in err and "broken or extreme" in err, err
+    written = sorted(out.rglob("*.safetensors"))
+    # The adapter leaves the text tower alone: its class table is the backbone's, and right.
+    assert [p.name for p in written] == (["text.safetensors"] if method == "adapter" else [])
+    for table in written:
+        features = safetensors.torch.load_file(table)["class_features"]
+        assert bool(torch.isfinite(features).all()), table
+        assert torch.allclose(features.norm(dim=-1), torch.ones(len(CLASSES)), atol=1e-5)

@@ -8,6 +8,7 @@ import warnings
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .policy import UNIT_NORM_TOLERANCE
 
@@ -128,6 +129,25 @@ def check_finite(name: str, x: torch.Tensor) -> None:
     if not bool(finite.all()):
         bad_row = int((~finite).reshape(x.shape[0], -1).any(dim=1).nonzero()[0, 0])
         raise ValueError(f"{name} contains NaN or Inf (first at row {bad_row})")
+
+
+def normalized_outputs(name: str, features: torch.Tensor, *,
+                       error: type[Exception] = ValueError) -> torch.Tensor:
+    """An encoder's output rows (rows, D) L2-normalised in fp32, refused (``error`` naming
+    ``name`` and the row) when a row holds NaN/Inf or its norm is zero or overflows fp32:
+    ``F.normalize`` would turn those into zero or NaN rows, which every later step takes for
+    data (extreme weights, e.g. a PEFT file scaled by 1e30, gave all-zero features)."""
+    x = features.float()
+    norms = torch.linalg.vector_norm(x, dim=-1)
+    bad = ~torch.isfinite(norms) | (norms == 0)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        why = ("holds NaN or Inf" if not bool(torch.isfinite(x[row]).all())
+               else "has norm 0" if float(norms[row]) == 0 else "has a norm beyond float32")
+        raise error(f"{name}: row {row} {why} ({int(bad.sum())} of {x.shape[0]} rows); "
+                    "the encoder's weights (or the PEFT weights applied to it) are broken or "
+                    "extreme")
+    return F.normalize(x, dim=-1)
 
 
 class NotUnitNormWarning(UserWarning):
