@@ -600,3 +600,17 @@ def test_a_class_table_with_only_some_unit_rows_is_normalised_everywhere(model, 
                   for table in (mixed, unit)]
     assert selections[0].accuracy == selections[1].accuracy
     assert selections[0].cross_entropy == pytest.approx(selections[1].cross_entropy, rel=1e-5)
+
+
+def test_solve_and_the_commands_keep_unit_rows_by_one_tolerance():
+    """Review item 19: solve's class-table rule hard-coded 1e-6 beside io.features'
+    UNIT_ROW_TOLERANCE; both read policy's one constant (a row off by less keeps its bits)."""
+    from fma_fast.io import features as features_io
+    from fma_fast.solver import api
+
+    assert api.UNIT_ROW_TOLERANCE is policy.UNIT_ROW_TOLERANCE
+    assert features_io.UNIT_ROW_TOLERANCE is policy.UNIT_ROW_TOLERANCE
+    table = torch.nn.functional.normalize(torch.randn(5, 12, dtype=torch.float64), dim=-1)
+    near = (table * (1 + policy.UNIT_ROW_TOLERANCE / 2)).float()
+    assert api._unit_rows(near, torch.device("cpu")) is near
+    assert features_io.unit_rows(near)[1] == 0

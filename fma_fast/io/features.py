@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..core import validation as check
-from ..core.policy import CLASS_TABLE_TOLERANCE
+from ..core.policy import CLASS_TABLE_TOLERANCE, UNIT_ROW_TOLERANCE
 from .files import (
     JsonError,
     file_problem,
@@ -140,15 +140,11 @@ def load_features(path: str | os.PathLike, *, require_labels: bool = False) -> F
     )
 
 
-UNIT_ROW_TOLERANCE = 1e-6
-"""Rows whose L2 norm is within this of 1 are left as they are (bit for bit) by the row
-normalisation of ``eval``, ``train`` and ``score``."""
-
-
 def unit_rows(rows: torch.Tensor) -> tuple[torch.Tensor, int]:
     """``rows`` L2-normalised, and how many changed: rows already unit-norm (within
-    :data:`UNIT_ROW_TOLERANCE`) keep their bits, so data written normalised gives the same
-    values and class-table digest before and after. The one row rule of every command."""
+    :data:`~fma_fast.core.policy.UNIT_ROW_TOLERANCE`) keep their bits, so data written
+    normalised gives the same values and class-table digest before and after. The one row
+    rule of every command."""
     norms = torch.linalg.vector_norm(rows.float(), dim=-1, keepdim=True)
     off = (norms - 1).abs().squeeze(-1) > UNIT_ROW_TOLERANCE
     if not bool(off.any()):

@@ -33,7 +33,7 @@ from ..core.names import (
     Backend,
     Precision,
 )
-from ..core.policy import LOGIT_SCALE, best_on_val
+from ..core.policy import LOGIT_SCALE, UNIT_ROW_TOLERANCE, best_on_val
 from ..ops import class_tables, dispatch, scoring
 from ..ops.class_tables import PerRowClasses
 from . import cpu, fused
@@ -154,13 +154,14 @@ def _classes(z) -> int:
 
 def _unit_rows(z, device: torch.device):
     """The class table in fp32 with unit rows on ``device``; CLIP tables usually are unit
-    already, and then no (C, D) copy is made (at C = 100,000 that copy would be 200 MB).
+    already (within :data:`~fma_fast.core.policy.UNIT_ROW_TOLERANCE`), and then no (C, D) copy
+    is made (at C = 100,000 that copy would be 200 MB).
     Per-row tables are normalised a batch at a time, as they are read."""
     if isinstance(z, PerRowClasses):
         return z
     z = z.to(device, torch.float32)
     norms = torch.linalg.vector_norm(z, dim=-1)
-    if bool(((norms - 1).abs() <= 1e-6).all()):
+    if bool(((norms - 1).abs() <= UNIT_ROW_TOLERANCE).all()):
         return z
     return F.normalize(z, dim=-1)
 
