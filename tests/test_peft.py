@@ -923,6 +923,22 @@ def test_each_source_runs_end_to_end_in_the_cli(method, encoder, tiny_files, tmp
         assert code == 2 and "use fma-fast run --peft cocoop" in err, err
 
 
+def _extract_refused(tiny_files, tmp_path, method, path, out, capsys) -> str:
+    """``fma-fast extract --peft METHOD`` of the pets data into ``out``: exit 2 and one line,
+    which it returns."""
+    from fma_fast.cli import main
+
+    _write_pets(tmp_path / "data")
+    code = main(["extract", "--root", str(tmp_path / "data"), "--dataset", "oxford_pets",
+                 "--model", MODEL, "--model-config", str(tiny_files["config"]),
+                 "--checkpoint", str(tiny_files["checkpoint"]), "--shots", "1", "--views",
+                 "1", "--seeds", "1", "--quiet", "--peft", method, "--peft-checkpoint",
+                 str(path), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")  # torch on sparse/quantized
 @pytest.mark.parametrize("name", ["coop ctx NaN", "lora B NaN", "lora meta", "cocoop meta",
                                   "adapter width 0", "lora sparse"])
@@ -931,20 +947,12 @@ def test_bad_peft_weights_are_one_line_in_the_cli(encoder, tiny_files, tmp_path,
     and files; meta tensors and an adapter of width 0 printed tracebacks. Each is exit 2 with
     one line naming the tensor, before any image is encoded."""
     pytest.importorskip("PIL.Image")
-    from fma_fast.cli import main
 
-    _write_pets(tmp_path / "data")
     method, content, fragment = {**_non_finite_files(encoder),
                                  **_tensors_without_data(encoder)}[name]
     path = _write_peft(method, content, tmp_path / "peft.pth")
     out = tmp_path / "out"
-    code = main(["extract", "--root", str(tmp_path / "data"), "--dataset", "oxford_pets",
-                 "--model", MODEL, "--model-config", str(tiny_files["config"]),
-                 "--checkpoint", str(tiny_files["checkpoint"]), "--shots", "1", "--views",
-                 "1", "--seeds", "1", "--quiet", "--peft", method, "--peft-checkpoint",
-                 str(path), "--out", str(out)])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    err = _extract_refused(tiny_files, tmp_path, method, path, out, capsys)
     assert fragment in err, err
     assert not list(out.rglob("*.safetensors"))
 
@@ -972,7 +980,6 @@ def test_extreme_finite_peft_weights_are_refused_before_anything_is_written(
     pytest.importorskip("PIL.Image")
     import safetensors.torch
 
-    from fma_fast.cli import main
 
     method, content, fragment = _extreme_files()[name]
     path = _write_peft(method, content, tmp_path / "peft.pth")
@@ -982,15 +989,8 @@ def test_extreme_finite_peft_weights_are_refused_before_anything_is_written(
             source.image_features(pixels)
         else:
             source.class_features(["a photo of a {}."])
-    _write_pets(tmp_path / "data")
     out = tmp_path / "out"
-    code = main(["extract", "--root", str(tmp_path / "data"), "--dataset", "oxford_pets",
-                 "--model", MODEL, "--model-config", str(tiny_files["config"]),
-                 "--checkpoint", str(tiny_files["checkpoint"]), "--shots", "1", "--views",
-                 "1", "--seeds", "1", "--quiet", "--peft", method, "--peft-checkpoint",
-                 str(path), "--out", str(out)])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    err = _extract_refused(tiny_files, tmp_path, method, path, out, capsys)
     assert fragment in err and "broken or extreme" in err, err
     written = sorted(out.rglob("*.safetensors"))
     # The adapter leaves the text tower alone: its class table is the backbone's, and right.
