@@ -73,19 +73,35 @@ def environment() -> dict:
     }
 
 
-def solve_routes(device: torch.device) -> dict[str, str]:
-    """The path ``solve`` takes on ``device`` for a VelocityNet, per precision (backend auto),
-    or why that precision is unavailable there."""
+def solve_routes(device: torch.device, *, compiled: bool = False) -> dict[str, str]:
+    """The path ``solve`` takes on ``device`` for a VelocityNet per precision (backend auto;
+    with ``compiled`` also bf16 with backend="compiled"), or why it is refused there: the one
+    place the doctor resolves them."""
+    options = {precision: routing.SolveOptions(precision=precision, device=device)
+               for precision in PRECISIONS}
+    if compiled:
+        options["bf16 compiled"] = routing.SolveOptions(precision="bf16", backend="compiled",
+                                                        device=device)
     solve = {}
-    for precision in PRECISIONS:
+    for label, option in options.items():
         try:
             # On ``device``, not the probe model's (the CPU): the paths a solve there takes.
-            options = routing.SolveOptions(precision=precision, device=device)
-            route = routing.resolve(VelocityNet(8, 1), options, 1, device)
-            solve[precision] = route.path()
+            solve[label] = routing.resolve(VelocityNet(8, 1), option, 1, device).path()
         except ValueError as error:
-            solve[precision] = f"unavailable: {error}"
+            solve[label] = f"refused: {error}"
     return solve
+
+
+def _render_routes(solve: dict[str, str]) -> str:
+    """``label: path`` per label; a refusal already given for an earlier label is not
+    repeated."""
+    shown: dict[str, str] = {}
+    parts = []
+    for label, route in solve.items():
+        repeated = route.startswith("refused: ") and route in shown
+        parts.append(f"{label}: refused (as {shown[route]})" if repeated else f"{label}: {route}")
+        shown.setdefault(route, label)
+    return "; ".join(parts)
 
 
 def routes(device: torch.device) -> dict:
@@ -106,16 +122,6 @@ def cpu() -> dict:
     (ATen's, and whether oneDNN has a bf16 path; both honour the masks), the units the
     hardware has (as cpuinfo reports them, whatever the masks), and whether bf16 runs on BF16
     units, the rule ``solve`` and ``fit`` follow (``routing.cpu_bf16_units``)."""
-    options = {"fp32": routing.SolveOptions(), "bf16": routing.SolveOptions(precision="bf16"),
-               "bf16 compiled": routing.SolveOptions(precision="bf16", backend="compiled"),
-               "fp16": routing.SolveOptions(precision="fp16")}
-    solve = {}
-    for label, option in options.items():
-        try:
-            solve[label] = routing.resolve(VelocityNet(8, 1), option, 1,
-                                           torch.device("cpu")).path()
-        except ValueError as error:
-            solve[label] = f"refused: {error}"
     return {
         "name": cpu_name(),
         "threads": torch.get_num_threads(),
@@ -124,7 +130,7 @@ def cpu() -> dict:
         "hardware": cpu_units(),
         "mask": isa_masks(),
         "bf16_units": routing.cpu_bf16_units(),
-        "solve": solve,
+        "solve": solve_routes(torch.device("cpu"), compiled=True),
     }
 
 
@@ -140,7 +146,7 @@ def _render_cpu(facts: dict) -> list[str]:
         f"AVX-512 {yes(hardware['avx512'])}, AVX512_BF16 {yes(hardware['avx512_bf16'])}, "
         f"AMX {yes(hardware['amx'])}; ISA mask: {mask}; bf16 on BF16 units: "
         f"{yes(facts['bf16_units'])}",
-        "CPU solve -> " + "; ".join(f"{p}: {r}" for p, r in facts["solve"].items()),
+        "CPU solve -> " + _render_routes(facts["solve"]),
     ]
 
 
@@ -326,8 +332,9 @@ def render(result: dict) -> str:
     lines.extend(_render_cpu(result["cpu"]))
     lines.append(f"paths on {routes_['device']}: "
                  + ", ".join(f"{op} -> {path}" for op, path in routes_["ops"].items()))
-    lines.append("solve -> " + ", ".join(f"{p}: {r}" for p, r in routes_["solve"].items())
-                 + f"; fit -> {routes_['fit']}")
+    on_cpu = routes_["device"] == "cpu"  # the CPU line above gave the solve routes
+    lines.append(("" if on_cpu else f"solve -> {_render_routes(routes_['solve'])}; ")
+                 + f"fit -> {routes_['fit']}")
     if not routes_["kernels_usable"]:
         lines.append(f"Triton kernels cannot run here: {routes_['why_not']}")
     for key, reason in routes_["fallbacks"].items():

@@ -198,3 +198,33 @@ def test_bad_arguments_fail_clearly(setup):
         trajectory_stats(model, torch.full_like(x, float("nan")), z)
     with pytest.raises(ValueError, match="entries"):
         stats.fixed_accuracy(labels[:-1])
+
+
+def test_the_trajectory_and_the_sharded_solves_take_the_models_step_size():
+    """Review item 6: trajectory_stats, solve_sharded and accuracy_by_steps_sharded used
+    h=0.1 whatever the model carries (fma_fast.load sets model.steps / model.step_size), so
+    with h=0.3 they gave other answers than solve and accuracy_by_steps."""
+    from fma_fast import accuracy_by_steps, solve
+    from fma_fast.solver.sharded import accuracy_by_steps_sharded, solve_sharded
+
+    generator = torch.Generator().manual_seed(3)
+    dim, classes, rows = 16, 5, 48
+    model = VelocityNet(dim, blocks=1).eval()
+    randomize_parameters(model, seed=2, scale=0.4)
+    model.steps, model.step_size = 3, 0.3
+    x = torch.nn.functional.normalize(torch.randn(rows, dim, generator=generator), dim=-1)
+    z = torch.nn.functional.normalize(torch.randn(classes, dim, generator=generator), dim=-1)
+    labels = torch.randint(classes, (rows,), generator=generator)
+    solved = solve(x, model, class_features=z, topk=2)
+    at_default_h = solve(x, model, class_features=z, topk=2, step_size=0.1)
+    assert not torch.equal(solved.topk_values, at_default_h.topk_values), "h must matter here"
+    sharded = solve_sharded(x, model, model.steps, class_features=z, topk=2)
+    assert torch.equal(sharded.topk_indices, solved.topk_indices)
+    assert torch.equal(sharded.topk_values, solved.topk_values)
+    curve = accuracy_by_steps(model, x, labels, z)
+    assert len(curve) == 4  # M that reaches t=1 at h=0.3
+    assert accuracy_by_steps_sharded(model, x, labels, z) == curve
+    stats = trajectory_stats(model, x, z)
+    assert stats.max_steps == 3
+    assert stats.fixed_accuracy(labels) == curve
+    assert torch.equal(stats.pred[:, model.steps], solved.pred)

@@ -92,7 +92,21 @@ def test_routes_name_the_solve_path_of_each_precision():
 
     routes = doctor.routes(torch.device("cpu"))
     assert routes["solve"]["fp32"] == "folded-fp32"
-    assert routes["solve"]["fp16"].startswith("unavailable: precision='fp16' needs a CUDA")
+    assert routes["solve"]["fp16"].startswith("refused: precision='fp16' needs a CUDA")
+
+
+def test_the_doctor_resolves_and_prints_each_refusal_once(monkeypatch):
+    """Review item 19: the CPU section and the routes each resolved the precisions (twice the
+    same rule, two wordings), and a CPU without BF16 units printed its bf16 refusal 3 times."""
+    import torch
+
+    monkeypatch.setattr(routing, "cpu_bf16_units", lambda: False)
+    result = doctor.report("cpu", kernels=False)
+    assert result["cpu"]["solve"] == doctor.solve_routes(torch.device("cpu"), compiled=True)
+    text = doctor.render(result)
+    assert text.count("needs a CPU with BF16 units") == 1, text
+    assert "bf16 compiled: refused (as bf16)" in text, text
+    assert text.count("needs a CUDA device (CPUs have no fast fp16 GEMM)") == 1, text
 
 
 def test_the_cpu_section_says_what_the_cpu_has_and_what_solve_runs(monkeypatch):

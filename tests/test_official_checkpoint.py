@@ -160,12 +160,15 @@ def _quantized(tensor):
          "res_blocks.1.mlp.2.bias has complex dtype torch.complex64"),
         ("input_proj.weight", lambda t: torch.zeros(0, t.shape[1]),
          r"input_proj.weight is empty \(shape \[0, 8\]\)"),
+        ("res_blocks.0.mlp.2.weight", lambda t: t.to(torch.float8_e5m2),
+         "res_blocks.0.mlp.2.weight has dtype torch.float8_e5m2; expected float16, bfloat16, "
+         "float32 or float64"),
     ],
-    ids=["meta", "sparse", "csr", "quantized", "complex", "width-0"],
+    ids=["meta", "sparse", "csr", "quantized", "complex", "width-0", "float8"],
 )
 def test_tensors_without_dense_floating_data_are_refused(tmp_path, key, make, message):
-    """Meta and sparse tensors used to raise RuntimeError/NotImplementedError inside the
-    loader (and an empty weight a ValueError of VelocityNet's not naming the file): each is
+    """Meta, sparse and float8 tensors used to raise RuntimeError/NotImplementedError inside
+    the loader (and an empty weight a ValueError of VelocityNet's not naming the file): each is
     a CheckpointError naming the file and the tensor."""
     state = fma_fast.VelocityNet(8, blocks=2).state_dict()
     state[key] = make(state[key])

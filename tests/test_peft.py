@@ -771,6 +771,9 @@ def _tensors_without_data(encoder):
                            "state_dict['ctx'] is a quantized tensor"),
         "coop complex": ("coop", _with(coop, "ctx", coop["ctx"].to(torch.complex64)),
                          "state_dict['ctx'] has complex dtype"),
+        "coop float8": ("coop", _with(coop, "ctx", coop["ctx"].to(torch.float8_e4m3fn)),
+                        "state_dict['ctx'] has dtype torch.float8_e4m3fn; expected float16, "
+                        "bfloat16, float32 or float64"),
         "coop meta buffer": ("coop", _with(coop, "token_prefix",
                                            torch.empty(3, 1, TEXT_WIDTH, device="meta")),
                              "state_dict['token_prefix'] is a meta tensor"),
@@ -791,17 +794,17 @@ def _tensors_without_data(encoder):
 
 WITHOUT_DATA = ("lora meta", "lora sparse", "lora csr", "lora quantized", "lora complex",
                 "lora integer", "coop meta", "coop sparse", "coop quantized", "coop complex",
-                "coop meta buffer", "cocoop meta", "adapter meta", "adapter sparse",
+                "coop float8", "coop meta buffer", "cocoop meta", "adapter meta", "adapter sparse",
                 "adapter width 0")
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # torch on sparse/quantized
 @pytest.mark.parametrize("name", WITHOUT_DATA)
 def test_tensors_without_dense_floating_data_are_refused(encoder, tmp_path, name):
-    """Meta, sparse, quantized, complex and integer tensors, and an adapter of width 0, used to
-    raise NotImplementedError/RuntimeError/ZeroDivisionError deep in the loaders, or load
-    silently (a sparse, complex or integer LoRA B merged): each is a PeftError naming the
-    file and the tensor."""
+    """Meta, sparse, quantized, complex, integer and float8 tensors, and an adapter of width 0,
+    used to raise NotImplementedError/RuntimeError/ZeroDivisionError deep in the loaders (float8:
+    torch.isfinite is not implemented for it, review 1 item 7), or load silently (a sparse,
+    complex or integer LoRA B merged): each is a PeftError naming the file and the tensor."""
     cases = _tensors_without_data(encoder)
     assert set(cases) == set(WITHOUT_DATA)
     method, content, fragment = cases[name]
@@ -920,6 +923,22 @@ def test_each_source_runs_end_to_end_in_the_cli(method, encoder, tiny_files, tmp
         assert code == 2 and "use fma-fast run --peft cocoop" in err, err
 
 
+def _extract_refused(tiny_files, tmp_path, method, path, out, capsys) -> str:
+    """``fma-fast extract --peft METHOD`` of the pets data into ``out``: exit 2 and one line,
+    which it returns."""
+    from fma_fast.cli import main
+
+    _write_pets(tmp_path / "data")
+    code = main(["extract", "--root", str(tmp_path / "data"), "--dataset", "oxford_pets",
+                 "--model", MODEL, "--model-config", str(tiny_files["config"]),
+                 "--checkpoint", str(tiny_files["checkpoint"]), "--shots", "1", "--views",
+                 "1", "--seeds", "1", "--quiet", "--peft", method, "--peft-checkpoint",
+                 str(path), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")  # torch on sparse/quantized
 @pytest.mark.parametrize("name", ["coop ctx NaN", "lora B NaN", "lora meta", "cocoop meta",
                                   "adapter width 0", "lora sparse"])
@@ -928,19 +947,55 @@ def test_bad_peft_weights_are_one_line_in_the_cli(encoder, tiny_files, tmp_path,
     and files; meta tensors and an adapter of width 0 printed tracebacks. Each is exit 2 with
     one line naming the tensor, before any image is encoded."""
     pytest.importorskip("PIL.Image")
-    from fma_fast.cli import main
 
-    _write_pets(tmp_path / "data")
     method, content, fragment = {**_non_finite_files(encoder),
                                  **_tensors_without_data(encoder)}[name]
     path = _write_peft(method, content, tmp_path / "peft.pth")
     out = tmp_path / "out"
-    code = main(["extract", "--root", str(tmp_path / "data"), "--dataset", "oxford_pets",
-                 "--model", MODEL, "--model-config", str(tiny_files["config"]),
-                 "--checkpoint", str(tiny_files["checkpoint"]), "--shots", "1", "--views",
-                 "1", "--seeds", "1", "--quiet", "--peft", method, "--peft-checkpoint",
-                 str(path), "--out", str(out)])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    err = _extract_refused(tiny_files, tmp_path, method, path, out, capsys)
     assert fragment in err, err
     assert not list(out.rglob("*.safetensors"))
+
+
+def _extreme_files():
+    """Finite weights whose outputs are not: CLIP-Adapter fc.0 weights x1e30 (the adapted
+    features overflow fp32's norm: F.normalize made every row 0) and LoRA alpha 1e300 (the
+    merged weights overflow: NaN text features)."""
+    adapter = adapter_state()
+    adapter = {**adapter, "fc.0.weight": adapter["fc.0.weight"] * 1e30}
+    return {
+        "adapter x1e30": ("adapter", adapter,
+                          "adapted image features: row 0 has a norm beyond float32"),
+        "lora alpha 1e300": ("lora", lora_payload(LORA_TEXT, alpha=1e300),
+                             "holds NaN or Inf"),
+    }
+
+
+@pytest.mark.parametrize("name", ["adapter x1e30", "lora alpha 1e300"])
+def test_extreme_finite_peft_weights_are_refused_before_anything_is_written(
+        encoder, tiny_files, tmp_path, capsys, pixels, name):
+    """Review item 8: the adapter case exited 0 with all-zero features, the LoRA case exited 2
+    only after text.safetensors held NaN. The encoder outputs are refused before they are
+    normalised, naming the source, and before any file of the cache is written."""
+    pytest.importorskip("PIL.Image")
+    import safetensors.torch
+
+
+    method, content, fragment = _extreme_files()[name]
+    path = _write_peft(method, content, tmp_path / "peft.pth")
+    source = load_peft(method, path, encoder, CLASSES)  # the weights themselves are finite
+    with pytest.raises(PeftError if method == "adapter" else ValueError, match=fragment):
+        if method == "adapter":
+            source.image_features(pixels)
+        else:
+            source.class_features(["a photo of a {}."])
+    out = tmp_path / "out"
+    err = _extract_refused(tiny_files, tmp_path, method, path, out, capsys)
+    assert fragment in err and "broken or extreme" in err, err
+    written = sorted(out.rglob("*.safetensors"))
+    # The adapter leaves the text tower alone: its class table is the backbone's, and right.
+    assert [p.name for p in written] == (["text.safetensors"] if method == "adapter" else [])
+    for table in written:
+        features = safetensors.torch.load_file(table)["class_features"]
+        assert bool(torch.isfinite(features).all()), table
+        assert torch.allclose(features.norm(dim=-1), torch.ones(len(CLASSES)), atol=1e-5)

@@ -479,6 +479,55 @@ def test_a_hook_added_after_a_plan_was_cached_is_honoured(model, data):
     assert fma_fast.solve(x, model, 4, class_features=z).path.startswith("folded-fp32+")
 
 
+def _patch_res_block(monkeypatch):
+    from fma_fast.core.model import ResBlock
+
+    forward = ResBlock.forward
+    monkeypatch.setattr(ResBlock, "forward", lambda self, x, y: 2 * forward(self, x, y) - x)
+
+
+def _patch_linear(monkeypatch):
+    forward = torch.nn.Linear.forward
+    monkeypatch.setattr(torch.nn.Linear, "forward", lambda self, x: forward(self, x) + 0.05)
+
+
+def _patch_silu(monkeypatch):
+    monkeypatch.setattr(torch.nn.SiLU, "forward", lambda self, x: torch.nn.functional.gelu(x))
+
+
+def _patch_module_call(monkeypatch):
+    call = torch.nn.Module.__call__
+
+    def scaled(self, *args, **kwargs):
+        out = call(self, *args, **kwargs)
+        return out * 1.5 if isinstance(self, torch.nn.LayerNorm) else out
+
+    monkeypatch.setattr(torch.nn.Module, "__call__", scaled)
+
+
+@pytest.mark.parametrize("patch", [_patch_res_block, _patch_linear, _patch_silu,
+                                   _patch_module_call],
+                         ids=["ResBlock.forward", "Linear.forward", "SiLU.forward",
+                              "Module.__call__"])
+def test_a_class_method_patched_after_import_stops_the_fold(model, data, monkeypatch, patch):
+    """Review item 13: the fold reads the weights and runs the math of the classes' forward as
+    shipped; a class whose forward (or Module's __call__) was replaced later computes something
+    else, and the fold (with a plan cached before the patch) returned the unpatched answer."""
+    x, z = data
+    assert fma_fast.solve(x, model, 4, class_features=z).path.startswith("folded-fp32+")
+    with torch.no_grad():
+        before = reference.euler_solve(model, x, 4)
+    with monkeypatch.context() as patched:
+        patch(patched)
+        with torch.no_grad():  # the patch matters: the plain loop now gives another answer
+            assert not torch.allclose(reference.euler_solve(model, x, 4), before, atol=1e-3)
+        _assert_runs_as_given(model, x, z)
+        from fma_fast.solver.plan import fold_problem
+
+        assert "was replaced after fma_fast was imported" in fold_problem(model)
+    assert fma_fast.solve(x, model, 4, class_features=z).path.startswith("folded-fp32+")
+
+
 def test_a_subclass_that_overrides_no_call_is_still_folded(data):
     net = _changed_net(_RenamedOnly, None)
     x, z = data
@@ -551,3 +600,17 @@ def test_a_class_table_with_only_some_unit_rows_is_normalised_everywhere(model, 
                   for table in (mixed, unit)]
     assert selections[0].accuracy == selections[1].accuracy
     assert selections[0].cross_entropy == pytest.approx(selections[1].cross_entropy, rel=1e-5)
+
+
+def test_solve_and_the_commands_keep_unit_rows_by_one_tolerance():
+    """Review item 19: solve's class-table rule hard-coded 1e-6 beside io.features'
+    UNIT_ROW_TOLERANCE; both read policy's one constant (a row off by less keeps its bits)."""
+    from fma_fast.io import features as features_io
+    from fma_fast.solver import api
+
+    assert api.UNIT_ROW_TOLERANCE is policy.UNIT_ROW_TOLERANCE
+    assert features_io.UNIT_ROW_TOLERANCE is policy.UNIT_ROW_TOLERANCE
+    table = torch.nn.functional.normalize(torch.randn(5, 12, dtype=torch.float64), dim=-1)
+    near = (table * (1 + policy.UNIT_ROW_TOLERANCE / 2)).float()
+    assert api._unit_rows(near, torch.device("cpu")) is near
+    assert features_io.unit_rows(near)[1] == 0

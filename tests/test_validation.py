@@ -91,6 +91,12 @@ def test_features_must_be_2d_floating(setup):
         fma_fast.solve(x.long(), model, 1)
     with pytest.raises(TypeError, match="features must be a torch.Tensor or numpy.ndarray"):
         fma_fast.solve(x.tolist(), model, 1)
+    for narrow in (torch.float8_e4m3fn, torch.float8_e5m2):  # torch.isfinite: not implemented
+        with pytest.raises(TypeError, match=f"features has dtype {narrow}; expected float16, "
+                                            "bfloat16, float32 or float64"):
+            fma_fast.solve(x.to(narrow), model, 1)
+        with pytest.raises(TypeError, match=f"class_features has dtype {narrow}"):
+            fma_fast.solve(x, model, 1, class_features=z.to(narrow))
 
 
 def test_steps_and_options(setup):

@@ -70,7 +70,7 @@ from ..io.files import (
     write_text,
 )
 from ..io.row_sources import InputError, Shard, find_shards
-from ..solver.api import solve
+from ..solver.api import prepare_route, solve
 from ..solver.plan import check_plan_fits
 from ..solver.routing import SolveOptions, resolve
 from .reader import Part, plan_parts, prefetch
@@ -305,11 +305,12 @@ class ScoreJob:
     def check_route(self) -> None:
         """Every option resolved as the solve will resolve it, before the folder is claimed:
         an option refused late would leave job.json claiming the folder for a job that cannot
-        run."""
+        run. The compiled backend compiles and checks its steps here, for the same reason."""
         route = resolve(self.model, self.options, self.steps, torch.device("cpu"))
         if route.network != NETWORK_REFERENCE:
             check_plan_fits(self.model, self.steps, PRECISION_DTYPES[self.options.precision],
                             route.device)
+        prepare_route(route, self.model, self.steps)
 
     def settings(self) -> dict[str, Any]:
         """What ``job.json`` ties the output folder to (a rerun must match it)."""

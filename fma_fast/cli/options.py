@@ -15,6 +15,7 @@ from ..batch.evaluate import PREDICTIONS_FORMAT
 from ..core import validation as check
 from ..core.model import VelocityNet
 from ..core.names import AMP_ALIASES, AMPS, BACKENDS, NOISE_FORMS, PRECISIONS, SCHEDULES
+from ..core.policy import DEFAULT_STEP_SIZE
 from ..io import checkpoint
 from ..io.features import FeatureFileError, load_features
 from ..io.files import (
@@ -105,7 +106,7 @@ def add_training_options(
                            help="seed of the initialisation, batches and noise")
     group.add_argument("--max-steps", type=int, default=10,
                        help="largest M tried when choosing M on val")
-    group.add_argument("--step-size", type=float, default=0.1, help="Euler step h")
+    group.add_argument("--step-size", type=float, default=DEFAULT_STEP_SIZE, help="Euler step h")
 
 
 def fit_settings(args: argparse.Namespace, **overrides: Any) -> FitSettings:

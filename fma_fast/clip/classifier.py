@@ -31,6 +31,7 @@ from safetensors import SafetensorError, safe_open
 from .._version import __version__
 from ..core.model import VelocityNet
 from ..core.names import Amp, Backend, Precision, check_choice
+from ..core.policy import DEFAULT_STEP_SIZE
 from ..core.validation import resolve_device
 from ..io import checkpoint
 from ..io.checkpoint import CheckpointError
@@ -193,7 +194,7 @@ class FewShotClassifier:
         class_names: Sequence[str],
         templates: Sequence[str],
         steps: int,
-        step_size: float = 0.1,
+        step_size: float = DEFAULT_STEP_SIZE,
         precision: Precision = "fp32",
         backend: Backend = "auto",
         source: dict[str, Any] | None = None,
@@ -241,7 +242,7 @@ class FewShotClassifier:
         crop_scale: tuple[float, float] = AUGMENT_SCALE,
         cache: str | os.PathLike | None = None,
         max_steps: int = 10,
-        step_size: float = 0.1,
+        step_size: float = DEFAULT_STEP_SIZE,
         precision: Precision = "fp32",
         backend: Backend = "auto",
         device: str | torch.device | None = None,

@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..core.names import Amp, check_amp
 from ..core.progress import progress as progress_bar
-from ..core.validation import resolve_device
+from ..core.validation import normalized_outputs, resolve_device
 from ..io.files import file_sha256, read_json
 from .prompts import build_prompts
 
@@ -141,7 +140,7 @@ class ClipEncoder:
         """Unit-norm fp32 features (B, D) on the CPU for preprocessed pixels (B, 3, H, W)."""
         with self._autocast():
             features = self.model.encode_image(pixels.to(self.device, non_blocking=True))
-        return F.normalize(features.float(), dim=-1).cpu()
+        return normalized_outputs(f"image features of {self.name}", features).cpu()
 
     @torch.inference_mode()
     def encode_text(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
@@ -151,7 +150,8 @@ class ClipEncoder:
             tokens = self.tokenizer(list(texts[start : start + batch_size])).to(self.device)
             with self._autocast():
                 features = self.model.encode_text(tokens)
-            chunks.append(F.normalize(features.float(), dim=-1).cpu())
+            chunks.append(normalized_outputs(f"text features of {self.name} (prompts from "
+                                             f"{start})", features).cpu())
         return torch.cat(chunks)
 
     def class_features(
@@ -166,7 +166,8 @@ class ClipEncoder:
             for prompts in progress_bar(build_prompts(class_names, templates), desc="text",
                                         unit="template", enabled=progress)
         ]
-        return F.normalize(torch.stack(per_template).mean(dim=0), dim=-1)
+        return normalized_outputs(f"class features of {self.name}",
+                                  torch.stack(per_template).mean(dim=0))
 
 
 def _first_line(error: BaseException, limit: int = 200) -> str:

@@ -20,6 +20,7 @@ import torch
 from ..core.distributed import SINGLE, Context
 from ..core.metrics import TOP_K_REPORTED, ClassificationCounts, warn_if_collapsed
 from ..core.names import Backend, Precision
+from ..core.policy import DEFAULT_STEP_SIZE
 from ..core.protocol import base_and_new_classes, harmonic_mean
 from ..io.features import FeatureSet, check_feature_files, subsample_classes
 from ..solver.api import select_steps
@@ -38,7 +39,7 @@ class SolveSettings:
     solver's precision and backend (:func:`fma_fast.solve`)."""
 
     max_steps: int = 10
-    step_size: float = 0.1
+    step_size: float = DEFAULT_STEP_SIZE
     precision: Precision = "fp32"
     backend: Backend = "auto"
 

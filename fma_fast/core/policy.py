@@ -108,6 +108,11 @@ memory alignment (another BLAS kernel or CPU) moves by about √K·2⁻²⁴ of 
 stays far above it (a bf16 copy of a table ≈ 1e-3, other templates or checkpoints ≥ 1e-2,
 swapped or other classes ≈ 1), and within it no cosine moves by more than 2e-5."""
 
+UNIT_ROW_TOLERANCE = 1e-6
+"""Rows whose L2 norm is within this of 1 are left as they are (bit for bit) when rows are
+normalised: by ``eval``, ``train`` and ``score`` (``io.features.unit_rows``) and by ``solve``
+for class tables, so data written normalised keeps its values and class-table digest."""
+
 UNIT_NORM_TOLERANCE = 1e-3
 """Rows whose L2 norm is further than this from 1 are "not unit-norm": every released CLIP
 extractor L2-normalises its features, and the field is trained and solved on such rows."""

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .names import NOISE_FORMS, NoiseForm, check_choice
-from .policy import LOGIT_SCALE
+from .policy import DEFAULT_STEP_SIZE, LOGIT_SCALE
 
 DEFAULT_TIME_EPS = 1e-3
 """t is clamped to [eps, 1 - eps]: both noise forms have targets that are singular at 0 and 1."""
@@ -99,7 +99,7 @@ def euler_solve(
     model: Velocity,
     x: torch.Tensor,
     steps: int,
-    step_size: float = 0.1,
+    step_size: float = DEFAULT_STEP_SIZE,
     *,
     return_trajectory: bool = False,
 ) -> torch.Tensor | list[torch.Tensor]:
@@ -166,7 +166,7 @@ def step_ensemble_probs(
     *,
     steps: int = 10,
     ensemble_steps: Sequence[int] = (0, 4, 8),
-    step_size: float = 0.1,
+    step_size: float = DEFAULT_STEP_SIZE,
     logit_scale: float = LOGIT_SCALE,
 ) -> torch.Tensor:
     """The released test code's ensemble: sum of softmax(scale·cos) at the chosen steps (N, C)."""

@@ -8,6 +8,7 @@ import warnings
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .policy import UNIT_NORM_TOLERANCE
 
@@ -39,6 +40,20 @@ def as_tensor(name: str, value) -> torch.Tensor:
     raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
 
 
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+"""The floating dtypes inputs and weights may have. float8 and the other narrow formats are
+floating too, but most ops (``torch.isfinite`` among them) are not implemented for them."""
+
+
+def _float_dtype_problem(name: str, value: torch.Tensor) -> str | None:
+    if value.dtype in FLOAT_DTYPES:
+        return None
+    if not value.is_floating_point():
+        return f"{name} has dtype {value.dtype}; expected a floating dtype"
+    return (f"{name} has dtype {value.dtype}; expected float16, bfloat16, float32 or float64 "
+            "(convert it first, e.g. tensor.float())")
+
+
 def check_matrix(
     name: str,
     value,
@@ -53,6 +68,8 @@ def check_matrix(
         raise ValueError(f"{name} must be 2-D (rows, dim), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if _float_dtype_problem(name, x):
+        raise TypeError(_float_dtype_problem(name, x))
     if x.shape[0] == 0 and not allow_empty:
         raise ValueError(f"{name} is empty: it has 0 rows")
     if x.shape[1] == 0:
@@ -76,8 +93,9 @@ def check_dense_float(
     free of NaN/Inf with ``finite`` and with at least one element with ``nonempty``; else
     ``error`` naming it. What weights files and class tables must hold: a meta tensor has a
     shape but no data (files are read with map_location="cpu", so every other tensor of
-    theirs is on the CPU), and sparse, nested, quantized, integer or complex ones are read
-    wrongly or fail deep inside a computation (a cast to float drops an imaginary part)."""
+    theirs is on the CPU), and sparse, nested, quantized, integer, complex or float8 ones are
+    read wrongly or fail deep inside a computation (a cast to float drops an imaginary part;
+    ``torch.isfinite`` is not implemented for float8): see :data:`FLOAT_DTYPES`."""
     if not isinstance(value, torch.Tensor):
         raise error(f"{name} is a {type(value).__name__}, not a tensor")
     if value.is_quantized:
@@ -93,8 +111,8 @@ def check_dense_float(
     if value.is_complex():
         raise error(f"{name} has complex dtype {value.dtype}; expected real floating values "
                     "(a cast would drop the imaginary part)")
-    if not value.is_floating_point():
-        raise error(f"{name} has dtype {value.dtype}; expected a floating dtype")
+    if _float_dtype_problem(name, value):
+        raise error(_float_dtype_problem(name, value))
     if nonempty and value.numel() == 0:
         raise error(f"{name} is empty (shape {list(value.shape)})")
     if finite and value.numel() and not bool(torch.isfinite(value).all()):
@@ -111,6 +129,25 @@ def check_finite(name: str, x: torch.Tensor) -> None:
     if not bool(finite.all()):
         bad_row = int((~finite).reshape(x.shape[0], -1).any(dim=1).nonzero()[0, 0])
         raise ValueError(f"{name} contains NaN or Inf (first at row {bad_row})")
+
+
+def normalized_outputs(name: str, features: torch.Tensor, *,
+                       error: type[Exception] = ValueError) -> torch.Tensor:
+    """An encoder's output rows (rows, D) L2-normalised in fp32, refused (``error`` naming
+    ``name`` and the row) when a row holds NaN/Inf or its norm is zero or overflows fp32:
+    ``F.normalize`` would turn those into zero or NaN rows, which every later step takes for
+    data (extreme weights, e.g. a PEFT file scaled by 1e30, gave all-zero features)."""
+    x = features.float()
+    norms = torch.linalg.vector_norm(x, dim=-1)
+    bad = ~torch.isfinite(norms) | (norms == 0)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        why = ("holds NaN or Inf" if not bool(torch.isfinite(x[row]).all())
+               else "has norm 0" if float(norms[row]) == 0 else "has a norm beyond float32")
+        raise error(f"{name}: row {row} {why} ({int(bad.sum())} of {x.shape[0]} rows); "
+                    "the encoder's weights (or the PEFT weights applied to it) are broken or "
+                    "extreme")
+    return F.normalize(x, dim=-1)
 
 
 class NotUnitNormWarning(UserWarning):

@@ -24,7 +24,7 @@ import torch
 from ..core import validation as check
 from ..core.names import Backend, check_choice
 from ..core.policy import LOGIT_SCALE, best_on_val
-from ..solver.api import trajectory_scores
+from ..solver.api import trajectory_scores, trajectory_settings
 
 Array = torch.Tensor | np.ndarray
 RULES = ("stable", "prob", "margin")
@@ -94,14 +94,16 @@ def trajectory_stats(
     class_features: Array,
     labels: Array | None = None,
     *,
-    max_steps: int = 10,
-    step_size: float = 0.1,
+    max_steps: int | None = None,
+    step_size: float | None = None,
     batch_size: int | None = None,
     backend: Backend = "auto",
 ) -> TrajectoryStats:
     """One pass over the Euler states (the solver's fast path, top-2 and log-sum-exp per
     state), keeping only the per-step statistics the stopping rules need; with ``labels``
-    also each row's own-class log-probability (for the cross-entropy tie-break)."""
+    also each row's own-class log-probability (for the cross-entropy tie-break). h and
+    ``max_steps`` None: as :func:`~fma_fast.solver.api.trajectory_scores` (the model's h, the
+    M that reaches t=1)."""
     x = check.check_matrix("features", features)
     z = check.check_matrix("class_features", class_features, dim=x.shape[1], dim_source="features")
     if z.shape[0] < 2:
@@ -110,7 +112,7 @@ def trajectory_stats(
         model, x, z, labels=labels, max_steps=max_steps, k=2, with_lse=True,
         step_size=step_size, batch_size=batch_size, backend=backend,
     )
-    shape = (x.shape[0], check.check_int("max_steps", max_steps) + 1)
+    shape = (x.shape[0], trajectory_settings(model, max_steps, step_size)[0] + 1)
     pred = torch.empty(shape, dtype=torch.long, device=x.device)
     prob = torch.empty(shape, dtype=torch.float32, device=x.device)
     margin = torch.empty(shape, dtype=torch.float32, device=x.device)

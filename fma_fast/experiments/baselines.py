@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core import validation as check
-from ..core.policy import LOGIT_SCALE, best_on_val
+from ..core.policy import DEFAULT_STEP_SIZE, LOGIT_SCALE, best_on_val
 from ..solver.api import StepSelection, solve
 from ..train.fit import FitResult, fit
 from .adaptive import TrajectoryStats, trajectory_stats
@@ -428,7 +428,7 @@ class FMA(Baseline):
         epochs: int = 60,
         gamma: float = 0.05,
         max_steps: int = 10,
-        step_size: float = 0.1,
+        step_size: float = DEFAULT_STEP_SIZE,
         seed: int = 1,
         **fit_options: Any,
     ) -> None:

@@ -9,6 +9,7 @@ from dataclasses import asdict
 
 import torch
 
+from ..core.policy import DEFAULT_STEP_SIZE
 from ..solver.api import StepSelection, accuracy_by_steps, select_steps
 from ..train.fit import FitResult, FitSettings, fit
 from .synthetic import FewShotTask
@@ -26,7 +27,7 @@ def accuracy_table(val: list[float] | None, test: list[float], chosen: int) -> s
 
 
 def run_demo(task: FewShotTask, settings: FitSettings, *, max_steps: int = 10,
-             step_size: float = 0.1, device: str | torch.device | None = None,
+             step_size: float = DEFAULT_STEP_SIZE, device: str | torch.device | None = None,
              echo: Callable[[str], None] = print
              ) -> tuple[FitResult, StepSelection, list[float]]:
     """Fit, choose M on val, score test at every M; ``echo`` gets the fit line, the accuracy

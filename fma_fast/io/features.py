@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..core import validation as check
-from ..core.policy import CLASS_TABLE_TOLERANCE
+from ..core.policy import CLASS_TABLE_TOLERANCE, UNIT_ROW_TOLERANCE
 from .files import (
     JsonError,
     file_problem,
@@ -141,17 +141,13 @@ def load_features(path: str | os.PathLike, *, require_labels: bool = False) -> F
     )
 
 
-UNIT_ROW_TOLERANCE = 1e-6
-"""Rows whose L2 norm is within this of 1 are left as they are (bit for bit) by the row
-normalisation of ``eval``, ``train`` and ``score``."""
-
-
 def unit_rows(rows: torch.Tensor, name: str, first_row: int = 0) -> tuple[torch.Tensor, int]:
     """``rows`` L2-normalised, and how many changed: rows already unit-norm (within
-    :data:`UNIT_ROW_TOLERANCE`) keep their bits, so data written normalised gives the same
-    values and class-table digest before and after. A row of norm 0 has no direction and is
-    refused, naming ``name`` and its row (``first_row`` is the index of ``rows[0]``): left at
-    0 it would be scored as some class all the same. The one row rule of every command."""
+    :data:`~fma_fast.core.policy.UNIT_ROW_TOLERANCE`) keep their bits, so data written
+    normalised gives the same values and class-table digest before and after. A row of norm 0
+    has no direction and is refused, naming ``name`` and its row (``first_row`` is the index of
+    ``rows[0]``): left at 0 it would be scored as some class all the same. The one row rule of
+    every command."""
     norms = torch.linalg.vector_norm(rows.float(), dim=-1, keepdim=True)
     off = (norms - 1).abs().squeeze(-1) > UNIT_ROW_TOLERANCE
     if not bool(off.any()):

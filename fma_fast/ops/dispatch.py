@@ -41,7 +41,8 @@ from . import scoring
 
 
 class BackendUnavailableError(RuntimeError):
-    """``backend="triton"`` was asked for where the kernels cannot run (the reason says why)."""
+    """A backend was asked for where it cannot run (the reason says why): ``backend="triton"``
+    where the kernels cannot, and ``solver.compiled.CompileUnavailable``."""
 
 
 class Noise(NamedTuple):

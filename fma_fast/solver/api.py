@@ -33,7 +33,7 @@ from ..core.names import (
     Backend,
     Precision,
 )
-from ..core.policy import LOGIT_SCALE, best_on_val
+from ..core.policy import LOGIT_SCALE, UNIT_ROW_TOLERANCE, best_on_val
 from ..ops import class_tables, dispatch, scoring
 from ..ops.class_tables import PerRowClasses
 from . import cpu, fused
@@ -109,6 +109,13 @@ def _settings(model, steps, step_size, name: str = "steps") -> tuple[int, float]
     return _check_steps(chosen, step_size, name), step_size
 
 
+def trajectory_settings(model, max_steps: int | None, step_size: float | None
+                        ) -> tuple[int, float]:
+    """The ``max_steps`` and h a trajectory pass (:func:`trajectory_scores`) runs with: the
+    arguments given, then the model's h, and the M that reaches t=1 (checked)."""
+    return _settings(model, max_steps, step_size, "max_steps")
+
+
 def _inputs(features, model, class_features, *, labels=None, require_classes=False):
     """Checked features, class table (None when not given) and labels, all on one device."""
     if not callable(model):
@@ -147,13 +154,14 @@ def _classes(z) -> int:
 
 def _unit_rows(z, device: torch.device):
     """The class table in fp32 with unit rows on ``device``; CLIP tables usually are unit
-    already, and then no (C, D) copy is made (at C = 100,000 that copy would be 200 MB).
+    already (within :data:`~fma_fast.core.policy.UNIT_ROW_TOLERANCE`), and then no (C, D) copy
+    is made (at C = 100,000 that copy would be 200 MB).
     Per-row tables are normalised a batch at a time, as they are read."""
     if isinstance(z, PerRowClasses):
         return z
     z = z.to(device, torch.float32)
     norms = torch.linalg.vector_norm(z, dim=-1)
-    if bool(((norms - 1).abs() <= 1e-6).all()):
+    if bool(((norms - 1).abs() <= UNIT_ROW_TOLERANCE).all()):
         return z
     return F.normalize(z, dim=-1)
 
@@ -383,6 +391,15 @@ def _scored(route: Route, model, x: torch.Tensor, z, steps: int,
 
 
 # ----------------------------------------------------------------------- public functions
+
+
+@torch.inference_mode()
+def prepare_route(route: Route, model, steps: int) -> None:
+    """Build now what the first batch of a :func:`solve` on ``route`` would build and could
+    refuse: the compiled steps, compiled and checked in solve's grad mode. ``score`` calls it
+    before it claims its output folder, so a backend that cannot run leaves nothing behind."""
+    if route.network == NETWORK_COMPILED:
+        cpu.compile_steps(model, steps, route.step_size, route.device)
 
 
 @torch.inference_mode()

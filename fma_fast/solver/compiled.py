@@ -25,9 +25,12 @@ and is paid once per plan, chunk size and process; a solve of fewer steps reuses
 steps of the plan it is a prefix of. Whatever the torch version and CPU, each compiled step is
 compared with its eager module on a probe batch of the compiled shape before its first use,
 and :class:`CompileUnavailable` is raised, naming the step, rather than wrong numbers returned.
-A compiled module must not be called from two threads at once (measured: concurrent calls
-corrupted each other's results), so the runtime runs its chunks on one thread, with torch's
-intra-op threads (inductor's CPU code keeps the thread count it was compiled with).
+A step is compiled and checked in the grad mode it is called in (inference mode or not: dynamo
+guards on it); should a guard still fail on a call, dynamo's new graph is built under the same
+settings and its answer on that call's rows is compared with the eager step's before it is
+used. A compiled module must not be called from two threads at once (measured: concurrent
+calls corrupted each other's results), so the runtime runs its chunks on one thread, with
+torch's intra-op threads (inductor's CPU code keeps the thread count it was compiled with).
 ``solve(backend="compiled")`` asks for this path; measurements of when it pays are in
 ``benchmarks/results/cpu-speed.md``.
 """
@@ -37,19 +40,22 @@ from __future__ import annotations
 import math
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..core.policy import TOLERANCES
+from ..ops.dispatch import BackendUnavailableError
 from .plan import SolverPlan
 
 
-class CompileUnavailable(RuntimeError):
+class CompileUnavailable(BackendUnavailableError):
     """The compiled solve cannot run here: ``torch.compile`` cannot build a step (no inductor,
-    no C++ compiler), or a compiled step does not give its eager step's answer."""
+    no C++ compiler), or a compiled step does not give its eager step's answer. A backend that
+    cannot run, like the kernels where Triton cannot: the CLI says so in one line."""
 
 
 class FrozenStep(nn.Module):
@@ -85,8 +91,8 @@ class FrozenStep(nn.Module):
 
 _INDUCTOR_SETTINGS = {"freezing": True, "max_autotune": True,
                       "max_autotune_gemm_backends": "CPP,ATEN", "fx_graph_cache": False}
-_LOCK = threading.Lock()
-_STEPS: dict[int, list[_Step]] = {}  # by id of a full plan's tensor, dropped with it
+_LOCK = threading.RLock()
+_STEPS: dict[int, list[_Step]] = {}  # by id of a full plan, dropped with it
 
 
 def _raise_recompile_limit(graphs: int) -> None:
@@ -96,81 +102,123 @@ def _raise_recompile_limit(graphs: int) -> None:
             setattr(config, name, max(getattr(config, name), graphs))
 
 
+def compiled_graphs() -> int:
+    """Graphs ``torch.compile`` has built in this process (dynamo's counter)."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+@contextmanager
+def _compile_settings() -> Iterator[None]:
+    """The settings every compile of a step runs under (``torch.compile(options=...)`` did not
+    apply them: no autotuning ran), the first and any after a guard failure alike."""
+    from torch._inductor import config as inductor_config
+
+    with (inductor_config.patch(_INDUCTOR_SETTINGS),
+          torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)):
+        yield
+
+
 def _step_tensors(plan: SolverPlan, i: int) -> tuple[torch.Tensor, ...]:
     return (plan.input_weight, plan.input_bias, plan.w1[i], plan.b1[i], plan.w2[i],
             plan.b2[i], plan.wf[i], plan.bf[i])
 
 
+def _grad_mode() -> tuple[bool, bool]:
+    """What dynamo guards a step's graph on besides the input's shape: a step compiled in one
+    of these modes recompiles when called in another."""
+    return torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+
 class _Step:
     """Step ``i`` of a plan: its eager module (the twin), its compiled module, where its
-    weights live (a plan's prefix shares them) and the chunk rows it was checked at."""
+    weights live (a plan's prefix shares them) and the (chunk rows, grad mode) it was checked
+    at. Calling it runs the compiled module, and checks any graph a guard failure built."""
 
     def __init__(self, plan: SolverPlan, i: int):
+        self.index = i
         self.eager = FrozenStep(plan, i).eval()
         self.compiled = torch.compile(self.eager, dynamic=False)
         self.weights = [t.data_ptr() for t in _step_tensors(plan, i)]
-        self.checked: set[int] = set()
+        self.checked: set[tuple[int, tuple[bool, bool]]] = set()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with _LOCK:
+            before = compiled_graphs()
+            got = self._run(x)
+            if compiled_graphs() != before:  # a guard failed: a graph nobody checked yet
+                _compare(self.index, got, self.eager, x)
+                self.checked.add((x.shape[0], _grad_mode()))
+            return got
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            with _compile_settings():
+                return self.compiled(x)
+        except Exception as error:  # noqa: BLE001 - inductor raises many types; say it plainly
+            raise CompileUnavailable(
+                f"torch.compile could not build step {self.index} of the compiled CPU solve "
+                f"({type(error).__name__}: {_first_line(error)}); use backend='folded'"
+            ) from error
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+    """The gist of a compiler error (inductor's run to pages of IR; the cause keeps them)."""
+    text = (str(error).strip().splitlines() or [""])[0]
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def _full_plan_steps(plan: SolverPlan) -> list[_Step]:
-    """The steps kept for the plan whose first steps ``plan`` is: a prefix
-    (``SolverPlan.prefix``) holds views of its full plan's tensors, so they are kept by the
-    base tensor of its weights and dropped when that is freed."""
-    base = plan.wf if plan.wf._base is None else plan.wf._base
-    if id(base) not in _STEPS:
-        _STEPS[id(base)] = []
-        weakref.finalize(base, _STEPS.pop, id(base), None)
-    return _STEPS[id(base)]
+    """The steps kept for the full plan ``plan`` is a prefix of (``SolverPlan.prefix`` keeps
+    it: a prefix is a new object at every lookup, and under inference mode its tensors are not
+    even views), dropped when that plan is freed."""
+    full = plan.full or plan
+    if id(full) not in _STEPS:
+        _STEPS[id(full)] = []
+        weakref.finalize(full, _STEPS.pop, id(full), None)
+    return _STEPS[id(full)]
 
 
-def compiled_steps(plan: SolverPlan, chunk_rows: int
-                   ) -> list[Callable[[torch.Tensor], torch.Tensor]]:
-    """The compiled step modules of a bf16 CPU ``plan`` for (``chunk_rows``, D) inputs, each
-    compiled and checked against its eager step on first use and kept while the plan lives.
-    Raises :class:`CompileUnavailable` naming the step that cannot compile or gives another
-    answer than its eager step."""
+def compiled_steps(plan: SolverPlan, chunk_rows: int) -> list[_Step]:
+    """The compiled steps of a bf16 CPU ``plan`` for (``chunk_rows``, D) inputs, each compiled
+    and checked against its eager step in the caller's grad mode on first use and kept while
+    the plan lives. Raises :class:`CompileUnavailable` naming the step that cannot compile or
+    gives another answer than its eager step."""
     if plan.dtype != torch.bfloat16 or plan.device.type != "cpu":
         raise ValueError(f"the compiled solve is for bf16 plans on the CPU, got {plan.dtype} "
                          f"on {plan.device}")
-    with _LOCK:  # one compile at a time: a step's first call compiles it
+    with _LOCK, torch.no_grad():  # one compile at a time, in the mode the steps run in
         steps = _full_plan_steps(plan)
         for i in range(plan.steps):
             weights = [t.data_ptr() for t in _step_tensors(plan, i)]
             if i == len(steps) or steps[i].weights != weights:
-                _raise_recompile_limit(4 * plan.steps + 8)
+                _raise_recompile_limit(8 * plan.steps + 8)
                 steps[i:i + 1] = [_Step(plan, i)]
-            if chunk_rows not in steps[i].checked:
-                _compile_and_check(i, steps[i], chunk_rows, plan.dim)
-        return [step.compiled for step in steps[:plan.steps]]
+            if (chunk_rows, _grad_mode()) not in steps[i].checked:
+                _compile_and_check(steps[i], chunk_rows, plan.dim)
+        return steps[:plan.steps]
 
 
-def _compile_and_check(i: int, step: _Step, rows: int, dim: int) -> None:
-    """Compile step ``i`` for (rows, dim) inputs on this thread, under the inductor settings
-    above (``torch.compile(options=...)`` did not apply them: no autotuning ran), and compare
-    it with its eager module on a probe batch of unit rows: the largest error must be within
-    bf16's relative tolerance of the step's largest displacement."""
-    from torch._inductor import config as inductor_config
+def _compile_and_check(step: _Step, rows: int, dim: int) -> None:
+    """Compile ``step`` for (rows, dim) inputs on this thread, in the grad mode it runs in,
+    and compare it with its eager module on a probe batch of unit rows."""
+    probe = F.normalize(
+        torch.randn(rows, dim, generator=torch.Generator().manual_seed(step.index)), dim=-1)
+    _compare(step.index, step._run(probe), step.eager, probe)
+    step.checked.add((rows, _grad_mode()))
 
-    probe = F.normalize(torch.randn(rows, dim, generator=torch.Generator().manual_seed(i)),
-                        dim=-1)
-    try:
-        with (torch.no_grad(), inductor_config.patch(_INDUCTOR_SETTINGS),
-              torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)):
-            got = step.compiled(probe)
-    except Exception as error:  # noqa: BLE001 - inductor raises many types; say it plainly
-        raise CompileUnavailable(
-            f"torch.compile could not build step {i} of the compiled CPU solve "
-            f"({type(error).__name__}: {error}); use backend='folded'"
-        ) from error
+
+def _compare(i: int, got: torch.Tensor, eager: FrozenStep, x: torch.Tensor) -> None:
+    """Refuse compiled step ``i``'s answer ``got`` on ``x`` (a probe, or the rows of the call
+    a guard failure recompiled on) unless its largest error is within
+    bf16's relative tolerance of the eager step's largest displacement."""
     with torch.no_grad():
-        expected = step.eager(probe)
-    moved = float((expected - probe).abs().max())
+        expected = eager(x)
+    moved = float((expected - x).abs().max())
     error = float((got - expected).abs().max()) if got.shape == expected.shape else math.inf
     rtol = TOLERANCES[torch.bfloat16].rtol
     if not error <= rtol * moved:  # (NaN fails too)
         raise CompileUnavailable(
-            f"compiled step {i} does not give its eager step's answer on a probe batch of "
-            f"{rows} rows: max error {error:.3g} against a displacement of {moved:.3g} "
+            f"compiled step {i} does not give its eager step's answer on a batch of "
+            f"{x.shape[0]} rows: max error {error:.3g} against a displacement of {moved:.3g} "
             f"(tolerance {rtol:g} of it); use backend='folded'"
         )
-    step.checked.add(rows)

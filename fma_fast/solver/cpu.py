@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..core import validation as check
 from ..core.model import VelocityNet
-from ..core.policy import CPU_CHUNK_ROWS, MIN_WORKER_ROWS
+from ..core.policy import CPU_CHUNK_ROWS, DEFAULT_STEP_SIZE, MIN_WORKER_ROWS
 from . import compiled as compiled_runtime
 from . import cpu_ops
 from .cpu_ops import inverse_rms
@@ -30,7 +30,7 @@ def folded_states(
     model: VelocityNet | SolverPlan,
     x: torch.Tensor,
     steps: int,
-    step_size: float = 0.1,
+    step_size: float = DEFAULT_STEP_SIZE,
     *,
     precision: str = "fp32",
     chunk_rows: int | None = None,
@@ -83,6 +83,15 @@ def _compiled_steps(plan: SolverPlan, chunk: int, compiled: bool) -> list | None
     one thread with torch's intra-op threads, which inductor's CPU kernels bake in when they
     compile."""
     return compiled_runtime.compiled_steps(plan, chunk) if compiled else None
+
+
+def compile_steps(model: VelocityNet, steps: int, step_size: float, device: torch.device
+                  ) -> None:
+    """Compile and check now the steps a ``compiled=True`` solve of CPU_CHUNK_ROWS chunks will
+    run (call it in the grad mode the solve runs in): raises
+    :class:`~fma_fast.solver.compiled.CompileUnavailable` before any work depends on it."""
+    plan = resolve_plan(model, steps, step_size, "bf16", device)
+    compiled_runtime.compiled_steps(plan, CPU_CHUNK_ROWS)
 
 
 def _row_chunks(rows: int, chunk: int, workers: int) -> list[slice]:
@@ -301,7 +310,7 @@ def folded_final(
     model: VelocityNet | SolverPlan,
     x: torch.Tensor,
     steps: int,
-    step_size: float = 0.1,
+    step_size: float = DEFAULT_STEP_SIZE,
     *,
     precision: str = "fp32",
     chunk_rows: int | None = None,
@@ -334,7 +343,7 @@ def folded_solve(
     model: VelocityNet | SolverPlan,
     x: torch.Tensor,
     steps: int,
-    step_size: float = 0.1,
+    step_size: float = DEFAULT_STEP_SIZE,
     *,
     precision: str = "fp32",
     return_trajectory: bool = False,

@@ -29,7 +29,7 @@ from ..core.model import (
     timestep_embedding,
 )
 from ..core.names import PRECISIONS, check_choice
-from ..core.policy import PRECISION_DTYPES
+from ..core.policy import DEFAULT_STEP_SIZE, PRECISION_DTYPES
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,6 +74,9 @@ class SolverPlan:
     final_scale: torch.Tensor | None = None
     final_weight: torch.Tensor | None = None
     bias_sums: torch.Tensor | None = None
+    full: SolverPlan | None = None
+    """The plan this one is a :meth:`prefix` of (None for a full plan): what is kept per plan
+    (``solver.compiled``) is kept by it, as a prefix is a new object at every lookup."""
 
     @property
     def final_only(self) -> bool:
@@ -115,12 +118,26 @@ class SolverPlan:
             self.input_bias, self.w1[:steps], self.b1[:steps], self.w2[:steps],
             self.b2[:steps], self.wf[:steps], self.bf[:steps], first(self.feedback),
             first(self.offsets), first(self.final_scale), self.final_weight,
-            first(self.bias_sums),
+            first(self.bias_sums), self.full or self,
         )
 
 
 _CALL_NAMES = ("forward", "__call__", "_call_impl", "_wrapped_call_impl")
 """Attributes through which a module's call could differ from the class the fold reads."""
+
+_FOLDED_CLASSES = (VelocityNet, TimestepEmbedder, ResBlock, FinalLayer, nn.Linear,
+                   nn.LayerNorm, nn.SiLU, nn.Sequential, nn.ModuleList, nn.Module)
+_CALLS_AT_IMPORT = {(cls, name): getattr(cls, name, None)
+                    for cls in _FOLDED_CLASSES for name in _CALL_NAMES}
+"""The call methods of the classes whose math the fold reproduces, as they were when fma_fast
+was imported: a class patched later (``ResBlock.forward = ...``) computes something else."""
+
+
+def _replaced_call() -> str | None:
+    for (cls, name), method in _CALLS_AT_IMPORT.items():
+        if getattr(cls, name, None) is not method:
+            return f"{cls.__name__}.{name} was replaced after fma_fast was imported"
+    return None
 
 
 def _built_modules(dim: int, blocks: int, width: int) -> dict[str, tuple[type, tuple]]:
@@ -180,7 +197,8 @@ def fold_problem(model: nn.Module) -> str | None:
     math of their ``forward``; it cannot see anything else that changes a call. So it folds
     only a VelocityNet (or a subclass that overrides no call method) whose submodules are
     exactly the types and shapes it is built with, one LayerNorm eps throughout, no in-place
-    SiLU, no method set on an instance and no forward hooks (the global ones included).
+    SiLU, no method set on an instance or replaced on one of those classes since import, and
+    no forward hooks (the global ones included).
     Anything else runs as given (``routing``) or is refused (``build_plan``).
     """
     if not isinstance(model, VelocityNet):
@@ -191,6 +209,9 @@ def fold_problem(model: nn.Module) -> str | None:
             return f"{cls.__name__} overrides {overridden[0]}"
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
         return "global module forward hooks are registered"
+    replaced = _replaced_call()
+    if replaced:
+        return replaced
     built = {"": (VelocityNet, ())} | _built_modules(model.dim, model.blocks, model.width)
     modules = dict(model.named_modules())
     if modules.keys() != built.keys():
@@ -326,7 +347,7 @@ def _fold_ends(model: VelocityNet, silu_y: torch.Tensor, step_size: float, dtype
 def build_plan(
     model: VelocityNet,
     steps: int,
-    step_size: float = 0.1,
+    step_size: float = DEFAULT_STEP_SIZE,
     *,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,
@@ -383,7 +404,7 @@ class _WeightsSnapshot:
 def solver_plan(
     model: VelocityNet,
     steps: int,
-    step_size: float = 0.1,
+    step_size: float = DEFAULT_STEP_SIZE,
     *,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device | None = None,

@@ -37,7 +37,7 @@ from ..core.names import (
     Precision,
     check_choice,
 )
-from ..core.policy import PRECISION_DTYPES, SOLVE_BATCH_ROWS
+from ..core.policy import DEFAULT_STEP_SIZE, PRECISION_DTYPES, SOLVE_BATCH_ROWS
 from ..kernels._common import HAS_TRITON
 from ..ops import dispatch
 from .fused import kernels_run
@@ -73,7 +73,7 @@ class SolveOptions:
     (None: :data:`~fma_fast.core.policy.SOLVE_BATCH_ROWS` of the device) and compute device (None:
     the model's, else the features')."""
 
-    step_size: float = 0.1
+    step_size: float = DEFAULT_STEP_SIZE
     precision: Precision = "fp32"
     backend: Backend = "auto"
     batch_size: int | None = None

@@ -1,6 +1,7 @@
 """Solving over processes launched by ``torchrun`` (:mod:`fma_fast.core.distributed`): each
 rank takes a share of the rows and results are gathered in rank order, so a job gives the same
-answer on 1 or N processes."""
+answer on 1 or N processes. M and h come as for :func:`~fma_fast.solver.api.solve`: the
+arguments, then what the model carries (:func:`~fma_fast.core.model.solve_settings`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 
 from ..core.distributed import SINGLE, Context
 from ..core.names import Backend, Precision
-from .api import SolveResult, accuracy_by_steps, solve
+from .api import SolveResult, accuracy_by_steps, solve, trajectory_settings
 
 
 def _cat(parts: list[torch.Tensor | None], like: torch.Tensor) -> torch.Tensor:
@@ -19,12 +20,12 @@ def _cat(parts: list[torch.Tensor | None], like: torch.Tensor) -> torch.Tensor:
 def solve_sharded(
     features: torch.Tensor,
     model,
-    steps: int,
+    steps: int | None = None,
     *,
     class_features: torch.Tensor,
     context: Context = SINGLE,
     topk: int = 1,
-    step_size: float = 0.1,
+    step_size: float | None = None,
     device: str | torch.device | None = None,
     precision: Precision = "fp32",
     backend: Backend = "auto",
@@ -61,13 +62,14 @@ def accuracy_by_steps_sharded(
     class_features: torch.Tensor,
     *,
     context: Context = SINGLE,
-    max_steps: int = 10,
-    step_size: float = 0.1,
+    max_steps: int | None = None,
+    step_size: float | None = None,
     device: str | torch.device | None = None,
     precision: Precision = "fp32",
     backend: Backend = "auto",
 ) -> list[float]:
     """:func:`fma_fast.accuracy_by_steps` over every rank's share: correct counts are summed."""
+    max_steps, step_size = trajectory_settings(model, max_steps, step_size)
     share = context.rows(features.shape[0])
     counts = [0] * (max_steps + 1)
     rows = features[share].shape[0]

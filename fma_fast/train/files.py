@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..core.model import VelocityNet
+from ..core.policy import DEFAULT_STEP_SIZE
 from ..io.features import (
     FeatureSet,
     check_feature_files,
@@ -63,7 +64,7 @@ class Trained:
 
 
 def fit_on_files(files: TrainingFiles, settings: FitSettings, *, views: int | None = None,
-                 max_steps: int = 10, step_size: float = 0.1, normalize: bool = True,
+                 max_steps: int = 10, step_size: float = DEFAULT_STEP_SIZE, normalize: bool = True,
                  device: str | torch.device | None = None) -> Trained:
     """Fit on the training file (``views`` per image: given, else the file's provenance) and
     choose M on the validation file; CoCoOp files are refused (their class tables depend on

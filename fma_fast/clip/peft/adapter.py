@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from ...core.validation import normalized_outputs
 from .source import PeftError, PeftSource, embed_dim, shape_of
 
 ADAPTER_RATIO = 0.2  # CLIP-Adapter's and FMA's hard-coded residual ratio
@@ -51,7 +52,8 @@ class AdapterSource(PeftSource):
         with torch.inference_mode():
             with encoder._autocast():
                 features = encoder.model.encode_image(pixels.to(encoder.device))
-            return F.normalize(self.adapt(features.float()), dim=-1).cpu()
+            return normalized_outputs(f"{self.path}: adapted image features",
+                                      self.adapt(features.float()), error=PeftError).cpu()
 
     def class_features(self, templates: Sequence[str]) -> torch.Tensor:
         return self.encoder.class_features(self.class_names, templates)

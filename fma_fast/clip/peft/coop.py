@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from ...core.validation import normalized_outputs
 from .dassl import _PROMPT_BUFFERS
 from .source import PeftError, PeftSource, embed_dim, shape_of
 
@@ -226,7 +227,9 @@ class _PromptSource(PeftSource):
                     x = encode_text_embeddings(
                         encoder.model, embeddings[start:stop], tokens[start:stop]
                     )
-                chunks.append(F.normalize(x.float(), dim=-1).cpu())
+                chunks.append(normalized_outputs(
+                    f"{self.path}: text features of the learned prompts (from {start})", x,
+                    error=PeftError).cpu())
         return torch.cat(chunks)
 
 

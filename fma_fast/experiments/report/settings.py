@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
 from ...core import validation as check
+from ...core.policy import DEFAULT_STEP_SIZE
 from ...train.fit import FitSettings
 
 METHODS = (
@@ -70,7 +71,7 @@ class ReportSettings:
     lr: float = _option(2e-3, f"FMA learning rate {_SMALL}: {_RELEASED.lr})", TRAINING)
     gamma: float = _option(0.05, f"FMA noise strength {_SMALL}: {_RELEASED.gamma})", TRAINING)
     max_steps: int = _option(10, "largest M; M * step size <= 1", TRAINING)
-    step_size: float = _option(0.1, "Euler step h", TRAINING)
+    step_size: float = _option(DEFAULT_STEP_SIZE, "Euler step h", TRAINING)
     convergence_check: bool = True
     """Refit FMA with 2x epochs at the smallest and largest K (``--skip-convergence-check``)."""
     features: tuple[str, str, str] | None = None
