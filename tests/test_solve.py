@@ -613,4 +613,4 @@ def test_solve_and_the_commands_keep_unit_rows_by_one_tolerance():
     table = torch.nn.functional.normalize(torch.randn(5, 12, dtype=torch.float64), dim=-1)
     near = (table * (1 + policy.UNIT_ROW_TOLERANCE / 2)).float()
     assert api._unit_rows(near, torch.device("cpu")) is near
-    assert features_io.unit_rows(near)[1] == 0
+    assert features_io.unit_rows(near, "rows")[1] == 0

@@ -23,6 +23,7 @@ from ..core.names import Backend, Precision
 from ..core.policy import DEFAULT_STEP_SIZE
 from ..core.protocol import base_and_new_classes, harmonic_mean
 from ..io.features import FeatureSet, check_feature_files, subsample_classes
+from ..ops.class_tables import PerRowClasses
 from ..solver.api import select_steps
 from ..solver.sharded import accuracy_by_steps_sharded, solve_sharded
 from ..train.fit import FitResult
@@ -128,6 +129,11 @@ def fit_job(job: Job, fit_field: FitField, solve: SolveSettings, device, encoder
     }
 
 
+def class_count(table) -> int:
+    """C of a class table or of CoCoOp's per-image tables."""
+    return table.num_classes if isinstance(table, PerRowClasses) else table.shape[0]
+
+
 def _test(solve: SolveSettings, model, steps: int, test: FeatureSet, table, device, context):
     """Accuracy per M over the test rows and the predictions at ``steps``, rows shared out."""
     solve_options = {"precision": solve.precision, "backend": solve.backend,
@@ -135,7 +141,7 @@ def _test(solve: SolveSettings, model, steps: int, test: FeatureSet, table, devi
     curve = accuracy_by_steps_sharded(model, test.features, test.labels, table,
                                       max_steps=solve.max_steps, **solve_options)
     result = solve_sharded(test.features, model, steps, class_features=table,
-                           topk=min(TOP_K_REPORTED, table.shape[0]), **solve_options)
+                           topk=min(TOP_K_REPORTED, class_count(table)), **solve_options)
     return curve, result
 
 
@@ -168,7 +174,7 @@ def evaluate_job(job: Job, fitted: dict[str, Any], test: FeatureSet, encoder, de
         run[f"{key}_rows"] = int(split.features.shape[0])
         run[f"{key}_at_chosen_m"] = ClassificationCounts.of(
             result.topk_indices, split.labels).summary(split.class_names)
-        warn_if_collapsed(result.pred, table.shape[0], f"{job.key} {key}")
+        warn_if_collapsed(result.pred, class_count(table), f"{job.key} {key}")
         run["solve_path"] = result.path
         predictions[f"{prefix}-{name}" if name else prefix] = result.pred
         predictions[f"labels-{name}" if name else "labels"] = split.labels
