@@ -24,6 +24,7 @@ from .encoder import (
     resolve_pretrained,
 )
 from .peft import PEFT_METHODS, PeftEncoder, PeftError, PeftSource, load_peft
+from .predict import CollapseWarning, PredictSummary, predict_images
 from .prompts import DATASET_TEMPLATES, ENSEMBLES, build_prompts, resolve_templates
 from .transforms import Preprocess
 
@@ -33,6 +34,7 @@ __all__ = [
     "ENSEMBLES",
     "ClassifierError",
     "ClipEncoder",
+    "CollapseWarning",
     "Context",
     "Dataset",
     "ExtractedFeatures",
@@ -43,6 +45,7 @@ __all__ = [
     "PeftEncoder",
     "PeftError",
     "PeftSource",
+    "PredictSummary",
     "Predictions",
     "Preprocess",
     "SplitFeatures",
@@ -57,6 +60,7 @@ __all__ = [
     "load_dataset",
     "load_encoder",
     "load_split",
+    "predict_images",
     "register_model_config",
     "resolve_pretrained",
     "resolve_templates",
