@@ -353,7 +353,8 @@ class _Job:
                 bar.update(len(batch.decoded))
                 if batch.last:
                     self._write(part, state, path)
-        finally:
+        finally:  # a failed write stops the stage threads now, not when garbage-collected
+            stages.close()
             bar.close()
         return path
 
