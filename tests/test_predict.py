@@ -411,6 +411,17 @@ def test_an_error_in_a_stage_stops_the_job_without_hanging(tiny, tmp_path, monke
     assert not [name for name in left if name.startswith("fma-fast")], left
     assert len(list((tmp_path / "out").glob("*.done.json"))) == 1
 
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(predict_module, "write_part", full_disk)
+    calls.clear()
+    with pytest.raises(OSError, match="No space") as failed:  # the traceback keeps the frames
+        predict_images(classifier, [folder], tmp_path / "disk", encode_batch_size=2,
+                       part_images=2, progress=False)
+    left = {t.name for t in threading.enumerate() if t.is_alive()} - before
+    assert failed.value and not [name for name in left if name.startswith("fma-fast")], left
+
 
 def test_progress_lines_when_not_on_a_terminal(tiny, tmp_path, monkeypatch, capsys):
     """A log (not a terminal) gets one-line progress with the rate and an ETA."""
