@@ -37,6 +37,7 @@ from clip_support import (  # noqa: E402
 )
 from safetensors import safe_open  # noqa: E402
 
+import fma_fast  # noqa: E402
 from fma_fast.cli import main  # noqa: E402
 from fma_fast.clip import (  # noqa: E402
     CollapseWarning,
@@ -424,7 +425,8 @@ def test_an_error_in_a_stage_stops_the_job_without_hanging(tiny, tmp_path, monke
 
 
 def test_progress_lines_when_not_on_a_terminal(tiny, tmp_path, monkeypatch, capsys):
-    """A log (not a terminal) gets one-line progress with the rate and an ETA."""
+    """A log (not a terminal) gets one-line progress with the rate and an ETA, from predict
+    and from score."""
     stream = io.StringIO()
     progress = Progress(10, desc="predict", unit="images", stream=stream, interval=0)
     progress.update(4)
@@ -440,6 +442,15 @@ def test_progress_lines_when_not_on_a_terminal(tiny, tmp_path, monkeypatch, caps
     lines = [line for line in capsys.readouterr().err.splitlines()
              if line.startswith("predict: ")]
     assert lines[-1].startswith("predict: 12/12 images (100%)") and len(lines) == 3, lines
+    classifier = FewShotClassifier.load(tiny["classifier"])  # score reports the same way
+    rows = torch.nn.functional.normalize(torch.randn(50, classifier.field.dim), dim=-1)
+    import numpy as np
+
+    np.save(tmp_path / "rows.npy", rows.numpy())
+    fma_fast.score(classifier.field, [tmp_path / "rows.npy"], classifier.class_features,
+                   tmp_path / "scored")
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("score: ")]
+    assert lines == [lines[0]] and lines[0].startswith("score: 50/50 rows (100%), "), lines
 
 
 def test_inputs_are_checked_before_any_work(tiny, tmp_path, capsys):

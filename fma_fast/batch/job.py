@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .._version import __version__
 from ..core import validation as check
@@ -52,6 +51,7 @@ from ..core.policy import (
     SCORE_TEXT_ENTRIES,
     SOLVE_BATCH_ROWS,
 )
+from ..core.progress import Progress
 from ..io import checkpoint
 from ..io.features import (
     FeatureFileError,
@@ -386,8 +386,8 @@ def _score_parts(job: ScoreJob, out: Path, pending: list[Part], digest: str,
     """Solve the rows of ``pending`` chunk by chunk as the reader thread delivers them; write
     each part's outputs and then its record. Returns the solver path that ran."""
     table = job.table.to(job.device)
-    bar = tqdm(total=sum(p.stop - p.start for p in pending), unit="rows", unit_scale=True,
-               desc="score", disable=None if progress else True, leave=False)
+    bar = Progress(sum(p.stop - p.start for p in pending), desc="score", unit="rows",
+                   enabled=progress)
     path = None
     collected: dict[str, list[torch.Tensor]] = {}
     counts = [0, 0]
