@@ -70,22 +70,10 @@ def prefetch(parts: list[Part], chunk: int, pin: bool
     fragment and grow with N. A chunk's features are only valid until the consumer asks for
     the chunk after next.
     """
-    items: queue.Queue = queue.Queue(maxsize=PREFETCH_DEPTH)
-    stop = threading.Event()
     widest = max((part.shard.features.row_bytes for part in parts), default=0)
     ring = [bytearray(chunk * widest) for _ in range(PREFETCH_DEPTH + 2)] if parts else []
 
-    def put(item) -> bool:
-        """Queue ``item`` unless the consumer has stopped; never blocks past a stop."""
-        while not stop.is_set():
-            try:
-                items.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def read() -> None:
+    def read() -> Iterator[tuple[Part, tuple, str | None]]:
         reader: ShardReader | None = None
         try:
             number = 0
@@ -106,28 +94,12 @@ def prefetch(parts: list[Part], chunk: int, pin: bool
                     if end == part.stop:
                         reader.check_unchanged()
                         finished = digest.hexdigest()
-                    if not put((part, rows, finished)):
-                        return
-            put(None)
-        except BaseException as error:  # handed to the consumer, raised there
-            put(error)
+                    yield part, rows, finished
         finally:
             if reader is not None:
                 reader.close()
 
-    reader = threading.Thread(target=read, name="fma-fast-score-reader", daemon=True)
-    reader.start()
-    try:
-        while True:
-            item = items.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        reader.join()
+    return threaded(read(), "score-reader", PREFETCH_DEPTH)
 
 
 def threaded(items: Iterable, name: str, depth: int = PREFETCH_DEPTH) -> Iterator:
