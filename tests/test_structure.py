@@ -232,12 +232,12 @@ PUBLIC = [
 
 CLIP_PUBLIC = [
     "DATASET_NAMES", "DATASET_TEMPLATES", "ENSEMBLES", "ClassifierError", "ClipEncoder",
-    "Context", "Dataset", "ExtractedFeatures", "FewShotClassifier", "Item", "MissingExtraError",
-    "PEFT_METHODS", "PeftEncoder", "PeftError", "PeftSource", "Predictions", "Preprocess",
-    "SplitFeatures", "accuracy_by_steps_sharded", "build_prompts", "cached_class_features",
-    "extract", "extract_split", "few_shot", "launch", "load_dataset", "load_encoder",
-    "load_peft", "load_split", "register_model_config", "resolve_pretrained",
-    "resolve_templates", "solve_sharded",
+    "CollapseWarning", "Context", "Dataset", "ExtractedFeatures", "FewShotClassifier", "Item",
+    "MissingExtraError", "PEFT_METHODS", "PeftEncoder", "PeftError", "PeftSource",
+    "PredictSummary", "Predictions", "Preprocess", "SplitFeatures", "accuracy_by_steps_sharded",
+    "build_prompts", "cached_class_features", "extract", "extract_split", "few_shot", "launch",
+    "load_dataset", "load_encoder", "load_peft", "load_split", "predict_images",
+    "register_model_config", "resolve_pretrained", "resolve_templates", "solve_sharded",
 ]
 
 

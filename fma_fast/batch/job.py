@@ -74,7 +74,7 @@ from ..solver.api import prepare_route, solve
 from ..solver.plan import check_plan_fits
 from ..solver.routing import SolveOptions, resolve
 from .reader import Part, plan_parts, prefetch
-from .records import already_done, claim_folder, read_record, remove_stale_parts, write_record
+from .records import already_done, claim_folder, read_records, remove_stale_parts, write_record
 from .writers import FORMATS, write_part
 
 MANIFEST_NAME = "manifest.json"
@@ -203,6 +203,16 @@ def _single_table(path: Path, why: FeatureFileError) -> torch.Tensor:
     return tensors[0]
 
 
+def check_route(model: VelocityNet, steps: int, options: SolveOptions) -> None:
+    """Every solve option resolved as the solve will resolve it, before a job claims its
+    folder: an option refused late (or a compiled backend that cannot build) would leave
+    job.json claiming the folder for a job that cannot run."""
+    route = resolve(model, options, steps, torch.device("cpu"))
+    if route.network != NETWORK_REFERENCE:
+        check_plan_fits(model, steps, PRECISION_DTYPES[options.precision], route.device)
+    prepare_route(route, model, steps)  # a compiled backend compiles and checks its steps here
+
+
 def _part_rows(topk: int) -> int:
     """Rows per part: ``SCORE_PART_ROWS``, fewer when the top-k outputs (12 bytes an entry)
     would pass ``SCORE_PART_BYTES``."""
@@ -303,14 +313,8 @@ class ScoreJob:
         return self.options.batch_size
 
     def check_route(self) -> None:
-        """Every option resolved as the solve will resolve it, before the folder is claimed:
-        an option refused late would leave job.json claiming the folder for a job that cannot
-        run. The compiled backend compiles and checks its steps here, for the same reason."""
-        route = resolve(self.model, self.options, self.steps, torch.device("cpu"))
-        if route.network != NETWORK_REFERENCE:
-            check_plan_fits(self.model, self.steps, PRECISION_DTYPES[self.options.precision],
-                            route.device)
-        prepare_route(route, self.model, self.steps)
+        """Every option resolved as the solve will resolve it, before the folder is claimed."""
+        check_route(self.model, self.steps, self.options)
 
     def settings(self) -> dict[str, Any]:
         """What ``job.json`` ties the output folder to (a rerun must match it)."""
@@ -459,14 +463,7 @@ def _manifest(out, by_shard, score_job: ScoreJob, job: str, settings, context, w
               path) -> ScoreSummary:
     """Every part's record read back (all ranks' parts), the summary, and on rank 0 the
     manifest. rows/s: the rows scored by every rank over the slowest rank's wall time."""
-    records = []
-    for parts in by_shard:
-        for part in parts:
-            record = read_record(out, part, job)
-            if record is None:
-                raise InputError(f"part {part.stem} has no outputs after the job (removed or "
-                                 f"changed in {out} while the job ran?); run the job again")
-            records.append((part, record))
+    records = read_records(out, by_shard, job)
     rows = sum(p.stop - p.start for p, _ in records)
     labelled = [(p, r) for p, r in records if r["labelled"]]
     labelled_rows = sum(p.stop - p.start for p, _ in labelled)

@@ -6,24 +6,38 @@ from __future__ import annotations
 import hashlib
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
 
-from ..io.row_sources import PartDigest, Shard, ShardReader
+from ..io.row_sources import PartDigest, ShardReader
+
+
+class Source(Protocol):
+    """What the job needs of an input to cut it into parts and record them: a feature
+    :class:`~fma_fast.io.row_sources.Shard`, or a list of images (``fma-fast predict``)."""
+
+    path: Path
+
+    @property
+    def rows(self) -> int: ...
+
+    def record(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
 class Part:
-    """Rows ``start:stop`` of an input shard: the unit written atomically and recorded."""
+    """Rows ``start:stop`` of an input (a shard): the unit written atomically and recorded."""
 
-    shard: Shard
+    shard: Source
     index: int
     start: int
     stop: int
     stem: str
 
 
-def plan_parts(shards: Sequence[Shard], part_rows: int) -> list[list[Part]]:
+def plan_parts(shards: Sequence[Source], part_rows: int) -> list[list[Part]]:
     """Every shard cut into parts of at most ``part_rows`` rows, named after the shard."""
     out = []
     for shard in shards:
@@ -35,7 +49,7 @@ def plan_parts(shards: Sequence[Shard], part_rows: int) -> list[list[Part]]:
     return out
 
 
-def part_prefix(shard: Shard) -> str:
+def part_prefix(shard: Source) -> str:
     """The start of a shard's part names: its stem and a digest of its resolved path."""
     tag = hashlib.sha256(str(shard.path.resolve()).encode()).hexdigest()[:8]
     return f"{shard.path.stem}-{tag}.part"
@@ -66,22 +80,10 @@ def prefetch(parts: list[Part], chunk: int, pin: bool
     fragment and grow with N. A chunk's features are only valid until the consumer asks for
     the chunk after next.
     """
-    items: queue.Queue = queue.Queue(maxsize=PREFETCH_DEPTH)
-    stop = threading.Event()
     widest = max((part.shard.features.row_bytes for part in parts), default=0)
     ring = [bytearray(chunk * widest) for _ in range(PREFETCH_DEPTH + 2)] if parts else []
 
-    def put(item) -> bool:
-        """Queue ``item`` unless the consumer has stopped; never blocks past a stop."""
-        while not stop.is_set():
-            try:
-                items.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def read() -> None:
+    def read() -> Iterator[tuple[Part, tuple, str | None]]:
         reader: ShardReader | None = None
         try:
             number = 0
@@ -99,25 +101,54 @@ def prefetch(parts: list[Part], chunk: int, pin: bool
                     if end == part.stop:
                         reader.check_unchanged((part.start, part.stop, digest))
                         finished = digest.hexdigest()
-                    if not put((part, rows, finished)):
-                        return
-            put(None)
-        except BaseException as error:  # handed to the consumer, raised there
-            put(error)
+                    yield part, rows, finished
         finally:
             if reader is not None:
                 reader.close()
 
-    reader = threading.Thread(target=read, name="fma-fast-score-reader", daemon=True)
-    reader.start()
+    return threaded(read(), "score-reader", PREFETCH_DEPTH)
+
+
+def threaded(items: Iterable, name: str, depth: int = PREFETCH_DEPTH) -> Iterator:
+    """The items of ``items`` produced in a thread, at most ``depth`` ahead of the consumer: a
+    stage of a pipeline (decode -> encode -> solve). An error in the thread is raised in the
+    consumer; a consumer that stops (or fails) stops the thread, which closes ``items``."""
+    handed: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                handed.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((end, None))
+        except BaseException as error:  # handed to the consumer, raised there
+            put((None, error))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    worker = threading.Thread(target=produce, name=f"fma-fast-{name}", daemon=True)
+    worker.start()
     try:
         while True:
-            item = items.get()
-            if item is None:
+            item, error = handed.get()
+            if error is not None:
+                raise error
+            if item is end:
                 return
-            if isinstance(item, BaseException):
-                raise item
             yield item
     finally:
         stop.set()
-        reader.join()
+        worker.join()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -130,10 +131,12 @@ def read_record(out: Path, part: Part, job: str) -> dict[str, Any] | None:
     return record
 
 
-def already_done(out: Path, parts: list[Part], job: str, chunk: int) -> set[int]:
+def already_done(out: Path, parts: list[Part], job: str, chunk: int,
+                 rehash: Callable[[Part], str] | None = None) -> set[int]:
     """Which of ``parts`` (by position) a record vouches for and whose input bytes still hash
     to the record's digest (read again, not solved): a same-size replacement with its mtime
-    kept is scored again."""
+    kept is scored again. ``rehash``: the digest of a part of inputs that are not feature
+    shards (images), computed as the job computed it."""
     done = set()
     reader: ShardReader | None = None
     buffer = bytearray()
@@ -141,6 +144,10 @@ def already_done(out: Path, parts: list[Part], job: str, chunk: int) -> set[int]
         for number, part in enumerate(parts):
             record = read_record(out, part, job)
             if record is None:
+                continue
+            if rehash is not None:
+                if rehash(part) == record["input"]["sha256"]:
+                    done.add(number)
                 continue
             reader = reader_for(part, reader)
             if len(buffer) < chunk * part.shard.features.row_bytes:
@@ -155,6 +162,21 @@ def already_done(out: Path, parts: list[Part], job: str, chunk: int) -> set[int]
         if reader is not None:
             reader.close()
     return done
+
+
+def read_records(out: Path, by_shard: list[list[Part]], job: str
+                 ) -> list[tuple[Part, dict[str, Any]]]:
+    """Every part's record once the job ran (all ranks' parts); a part without one was removed
+    or changed while the job ran, which is refused."""
+    records = []
+    for parts in by_shard:
+        for part in parts:
+            record = read_record(out, part, job)
+            if record is None:
+                raise InputError(f"part {part.stem} has no outputs after the job (removed or "
+                                 f"changed in {out} while the job ran?); run the job again")
+            records.append((part, record))
+    return records
 
 
 def write_record(out: Path, part: Part, job: str, input_digest: str, files: list[Path],

@@ -11,9 +11,9 @@ from ..io.checkpoint import CheckpointError
 from ..io.features import FeatureFileError
 from ..io.files import describe_os_error
 from ..ops.dispatch import BackendUnavailableError
-from . import demo, doctor, evaluate, extract, report, run, score, synth, train
+from . import demo, doctor, evaluate, extract, predict, report, run, score, synth, train
 
-COMMANDS = (demo, synth, train, evaluate, score, extract, run, report, doctor)
+COMMANDS = (demo, synth, train, evaluate, score, extract, run, predict, report, doctor)
 INPUT_ERRORS = (
     CheckpointError,
     FeatureFileError,

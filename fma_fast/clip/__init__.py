@@ -5,6 +5,7 @@ built or images are read (``pip install fma_fast[clip]``).
 """
 
 from ..core.distributed import Context, launch
+from ..core.metrics import CollapseWarning
 from ..solver.sharded import accuracy_by_steps_sharded, solve_sharded
 from .cache import (
     ExtractedFeatures,
@@ -24,6 +25,7 @@ from .encoder import (
     resolve_pretrained,
 )
 from .peft import PEFT_METHODS, PeftEncoder, PeftError, PeftSource, load_peft
+from .predict import PredictSummary, predict_images
 from .prompts import DATASET_TEMPLATES, ENSEMBLES, build_prompts, resolve_templates
 from .transforms import Preprocess
 
@@ -33,6 +35,7 @@ __all__ = [
     "ENSEMBLES",
     "ClassifierError",
     "ClipEncoder",
+    "CollapseWarning",
     "Context",
     "Dataset",
     "ExtractedFeatures",
@@ -43,6 +46,7 @@ __all__ = [
     "PeftEncoder",
     "PeftError",
     "PeftSource",
+    "PredictSummary",
     "Predictions",
     "Preprocess",
     "SplitFeatures",
@@ -57,6 +61,7 @@ __all__ = [
     "load_dataset",
     "load_encoder",
     "load_split",
+    "predict_images",
     "register_model_config",
     "resolve_pretrained",
     "resolve_templates",

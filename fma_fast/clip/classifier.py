@@ -29,6 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .._version import __version__
+from ..batch.job import weights_sha256
 from ..core.model import VelocityNet
 from ..core.names import Amp, Backend, Precision, check_choice
 from ..core.policy import DEFAULT_STEP_SIZE
@@ -37,12 +38,14 @@ from ..io import checkpoint
 from ..io.checkpoint import CheckpointError
 from ..io.features import FeatureSet, class_table_sha256, data_record
 from ..io.files import file_problem, loads_json, read_json_record, save_safetensors, write_text
+from ..solver.api import SolveResult
 from ..solver.api import solve as solve_rows
 from ..train.fit import fit as fit_field
 from .cache import ON_ERROR, extract
 from .datasets import IMAGE_SUFFIXES, Dataset, Item, load_dataset
 from .encoder import HF_HUB_PREFIX, RANDOM_INIT, ClipEncoder, import_open_clip, load_encoder
 from .experiment import Job, SolveSettings, fit_job, prepare_job
+from .images import image_files
 from .peft import PeftEncoder, load_peft, peft_default_templates
 from .prompts import DEFAULT_TEMPLATE, resolve_templates
 from .transforms import AUGMENT_SCALE, Preprocess, open_image, require_image_libraries
@@ -127,22 +130,12 @@ def _identity(spec: dict[str, Any]) -> dict[str, Any]:
     return {key: spec.get(key) for key in ("model", "checkpoint", "preprocessing")}
 
 
-def _images_in(folder: Path) -> list[Path]:
-    """Image files under ``folder``, recursively, in sorted order (hidden ones skipped)."""
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [Path(root) / f for f in sorted(files)
-                  if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES]
-    return found
-
-
 def _inputs(images) -> list[tuple[str | None, Any]]:
     """(path or None, an image path, PIL image or (3, H, W) pixel tensor) per image."""
     if isinstance(images, (str, os.PathLike)):
         path = Path(images)
         if path.is_dir():
-            found = _images_in(path)
+            found = image_files(path)
             if not found:
                 raise ValueError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {path}")
             return [(str(p), p) for p in found]
@@ -382,15 +375,39 @@ class FewShotClassifier:
             raise ValueError(f"none of the {len(entries)} images could be read")
         return torch.cat(chunks), paths, skipped
 
+    def solve(self, features, *, topk: int = 1, zero_shot: bool = False, device=None,
+              precision=None, backend=None) -> SolveResult:
+        """The solver's result for unit-norm image features (N, D) of this classifier's
+        encoder against its classes (``zero_shot``: the M=0 prediction too)."""
+        return solve_rows(
+            features, self.field, self.steps, step_size=self.step_size,
+            class_features=self._tables(), topk=topk, device=device, zero_shot=zero_shot,
+            precision=precision or self.precision, backend=backend or self.backend,
+        )
+
+    def identity(self) -> dict[str, Any]:
+        """What its predictions depend on: the field's weights, M and h, the class table and
+        names, the encoder (architecture, weights digest, preprocessing, autocast) and the PEFT
+        file's digest. A batch job's folder is tied to it."""
+        peft = _peft_spec(self.encoder)
+        return {
+            "field_sha256": weights_sha256(self.field),
+            "steps": self.steps,
+            "step_size": self.step_size,
+            "class_table_sha256": class_table_sha256(self.class_features),
+            "class_names": self.class_names,
+            "encoder": {**_identity(_encoder_spec(self.encoder)),
+                        "precision": self.encoder.precision},
+            "peft": None if peft is None else {key: peft.get(key) for key in
+                                               ("method", "checkpoint_sha256")},
+        }
+
     def predict_features(self, features, *, topk: int = 1, device=None, precision=None,
                          backend=None) -> Predictions:
         """Solve unit-norm image features (N, D) of this classifier's encoder and score them
         against its classes (paths are None)."""
-        result = solve_rows(
-            features, self.field, self.steps, step_size=self.step_size,
-            class_features=self._tables(), topk=topk, device=device,
-            precision=precision or self.precision, backend=backend or self.backend,
-        )
+        result = self.solve(features, topk=topk, device=device, precision=precision,
+                            backend=backend)
         return Predictions(result.topk_indices, result.topk_values, self.class_names,
                            [None] * int(result.pred.shape[0]), path=result.path)
 

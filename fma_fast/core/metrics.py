@@ -11,7 +11,12 @@ from typing import Any
 import torch
 
 TOP_K_REPORTED = 5
-"""The wider accuracy reported next to top-1 (CLIP_benchmark's top-5)."""
+"""The wider accuracy reported next to top-1 (CLIP_benchmark's top-5), over min(5, C)."""
+
+
+class CollapseWarning(UserWarning):
+    """Every prediction of a job is one class: a broken or random encoder, or a classifier
+    that does not fit these images."""
 
 
 @dataclass
@@ -83,5 +88,5 @@ def warn_if_collapsed(pred: torch.Tensor, num_classes: int, where: str) -> str |
         return None
     message = (f"{where}: all {pred.numel()} predictions are class {int(first)} of "
                f"{num_classes}; check the encoder, the class table and the model")
-    warnings.warn(message, UserWarning, stacklevel=2)
+    warnings.warn(message, CollapseWarning, stacklevel=2)
     return message

@@ -49,6 +49,17 @@ SCORE_TEXT_ENTRIES = 1_000_000
 """Largest rows × topk written as CSV or JSON lines (with class names): beyond that, text is
 too big to read and slow to write; use safetensors or .npy."""
 
+PREDICT_PART_IMAGES = 512
+"""Images of one output part of ``fma-fast predict`` (the unit decoded, encoded, written
+atomically and skipped when a job resumes): a few seconds to minutes of encoding."""
+
+DECODE_THREADS = 8
+"""Most image decoding threads ``fma-fast predict`` starts by default (fewer on fewer cores)."""
+
+PROGRESS_SECONDS = 30.0
+"""Seconds between the one-line progress reports of a long job whose output is not a
+terminal (a log file): often enough to see it move, rarely enough to keep logs short."""
+
 PER_ROW_TABLE_BYTES = 256 * 2**20
 """Largest fp32 (rows, C, D) block of per-row class tables held at once: it sets the row batch
 of a solve against per-row tables (CoCoOp)."""

@@ -1,6 +1,6 @@
-"""Progress of long jobs (fit, encode, score, report): a bar on a terminal, and where output
-goes to a log (no terminal), one line every :data:`LOG_INTERVAL_S` seconds with the rate and
-the time left, so a job in a batch system or CI is never silent for minutes."""
+"""Progress of long jobs (fit, encode, score, predict, report): a bar on a terminal, and where
+output goes to a log (no terminal), one line every ``policy.PROGRESS_SECONDS`` with the rate
+and the time left, so a job in a batch system or CI is never silent for minutes."""
 
 from __future__ import annotations
 
@@ -12,14 +12,15 @@ from typing import Any, TextIO
 
 from tqdm.auto import tqdm
 
-LOG_INTERVAL_S = 30.0
-"""Seconds between two progress lines in a log (``FMA_FAST_PROGRESS_SECONDS`` overrides)."""
+from . import policy
 
 
 def _interval() -> float:
+    """Seconds between two lines: ``policy.PROGRESS_SECONDS``, or
+    ``FMA_FAST_PROGRESS_SECONDS``."""
     text = os.environ.get("FMA_FAST_PROGRESS_SECONDS")
     if text is None:
-        return LOG_INTERVAL_S
+        return policy.PROGRESS_SECONDS
     try:
         value = float(text)
     except ValueError:
