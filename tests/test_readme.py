@@ -199,7 +199,12 @@ def test_the_image_tour_runs_as_written(tmp_path):
                            str(staging / "tour.py")], cwd=work, env=env, capture_output=True,
                           text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
+    # The first image's path as given, its five class names best first, their cosines.
     printed = done.stdout.strip().splitlines()[-1]
-    assert printed.startswith(str(work / "new_photos" / "image_")), printed
-    assert printed.split()[1] in {"ant", "bee", "cat", "dog", "elk"}, printed
+    found = re.fullmatch(r"new_photos/image_\d\.png \[(.*)\] tensor\(\[(.*)\]\)", printed)
+    assert found, printed
+    assert sorted(found.group(1).replace("'", "").split(", ")) == ["ant", "bee", "cat", "dog",
+                                                                    "elk"], printed
+    cosines = [float(value) for value in found.group(2).split(",")]
+    assert cosines == sorted(cosines, reverse=True) and all(-1 <= c <= 1 for c in cosines)
     assert (work / "classifier" / "classifier.json").is_file()
