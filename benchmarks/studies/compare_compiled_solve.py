@@ -15,8 +15,9 @@ the released loop and the GEMM-only chain (``gemm_chain.py``), so host drift hit
 
 Compile time is reported cold (fresh cache directory) and warm (second process, same cache).
 
-    python benchmarks/studies/compare_compiled_solve.py --rows 16384 --rounds 3          # cold
-    python benchmarks/studies/compare_compiled_solve.py --rows 16384 --rounds 3 --cache-dir D  # warm
+    python benchmarks/studies/compare_compiled_solve.py --rows 16384 --rounds 3    # cold
+    python benchmarks/studies/compare_compiled_solve.py --rows 16384 --rounds 3 \
+        --cache-dir D                                                              # warm
 
 The compiled-elementwise variant is a prototype kept here with its measurement; it is not in
 the library (it was slower than eager with the row workers).
