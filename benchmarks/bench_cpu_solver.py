@@ -14,7 +14,8 @@ same minute: to the released loop, and to the GEMM ceiling of the torch chain.
 
 Targets (issue 16, D=512, 12 blocks, M=10, N=16,384, 2 cores): folded fp32 >= 3x the released
 loop with identical predictions and within 10% of its GEMM-only chain; bf16 >= 14x the released
-loop (eager, or ``test_compiled_solve``'s compiled steps; see benchmarks/results/cpu-speed.md).
+loop (eager, or ``test_compiled_solve``'s compiled steps; see
+benchmarks/results/notes/cpu-speed.md).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from gemm_chain import gemm_only_solve
-from released_loop import released_solve
+from baselines.gemm_chain import gemm_only_solve
+from baselines.released_loop import released_solve
 
 import fma_fast
 from fma_fast import reference, synthetic

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from released_loop import released_solve
+from baselines.released_loop import released_solve
 
 import fma_fast
 from fma_fast import reference, synthetic

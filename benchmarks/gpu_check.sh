@@ -2,7 +2,8 @@
 # The GPU half in one command, on a GPU machine as it comes: torch and triton preinstalled, no
 # open_clip, no network; pytest-benchmark and pytest-xdist used where they are (probed first). Runs the package from this checkout (PYTHONPATH), stage by stage (STAGES
 # below), each in a time box, all within one budget (default 540 s: one 10-minute command with
-# margin), then writes OUT/<gpu>.md and OUT/<gpu>.json (default OUT: benchmarks/results).
+# margin), then writes OUT/<gpu>.md and OUT/<gpu>.json (default OUT: benchmarks/results/<device>,
+# the folder benchmarks/run.py writes this device's results to).
 #
 #   bash benchmarks/gpu_check.sh [OUT]             # run (or resume) the check
 #   bash benchmarks/gpu_check.sh --plan            # the stages and their times; runs nothing
@@ -61,7 +62,6 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-OUT="${OUT:-benchmarks/results}"
 
 field() { echo "$1" | cut -d'|' -f"$2"; }
 box_of() {  # box_of NAME DEFAULT: the --box override or the default
@@ -108,6 +108,10 @@ if [ "$PLAN" = 1 ]; then
 fi
 
 PY="${PYTHON:-python3}"
+if [ -z "$OUT" ]; then  # the device's folder, named as run.py names it
+  OUT="benchmarks/results/$(PYTHONPATH="$PWD" "$PY" benchmarks/run.py --device-slug 2>/dev/null \
+    || echo unknown-device)"
+fi
 WORK="$OUT/gpu-check"
 mkdir -p "$WORK/passed"
 WORK=$(cd "$WORK" && pwd)

@@ -5,7 +5,8 @@
     python benchmarks/run.py -k gpu_solver    # any pytest -k selection
     python benchmarks/run.py benchmarks/bench_training.py --out my_results
 
-Results go to ``<out>/<device>[-quick][-k-<expr>].json`` and ``.md`` (written atomically), tagged
+Results go to ``<out>/<device>[-quick][-k-<expr>].json`` and ``.md`` (written atomically; the
+default ``<out>`` is ``benchmarks/results/<device>/``), tagged
 with the device, library versions, UTC date, git commit (+ dirty flag), wall time and the 1-min
 load average. The run exits non-zero when a benchmark fails or errors (the files are still
 written, marked FAILED); GPU-only files skip on the CPU and the table lists why.
@@ -54,7 +55,9 @@ from fma_fast.io.files import atomic_write
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_DIR = REPO / "benchmarks"
-DEFAULT_OUT = BENCH_DIR / "results"
+RESULTS = BENCH_DIR / "results"
+"""Per device ``results/<device slug>/`` (what run.py and gpu_check.sh write); analysis notes
+in ``results/notes/``, ahead-of-time compile tables in ``results/aot/``."""
 VARIANT_PARAM = "path"
 RELEASED = "released"
 KNOWN_EXTRA = ("unit", "throughput", "baseline", "peak_bytes")
@@ -289,16 +292,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="benchmark files (default: benchmarks/bench_*.py)")
     parser.add_argument("--quick", action="store_true", help="only the quick grids (-k quick)")
     parser.add_argument("-k", dest="keyword", help="pytest -k expression")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results folder (default: benchmarks/results/<device slug>)")
     parser.add_argument("--name", help="base name of the result files (default: from device)")
     parser.add_argument("--omp-passive", action="store_true",
                         help="run with OMP_WAIT_POLICY=PASSIVE (for a host shared with busy "
                              "processes)")
+    parser.add_argument("--device-slug", action="store_true",
+                        help="print the device's folder name under benchmarks/results and exit")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.device_slug:
+        print(device_info()["slug"])
+        return 0
     missing = benchmark_plugin()
     if missing:
         print(f"run.py: {missing}", file=sys.stderr)
@@ -346,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         "outcome": outcome,
     }
     report = build_report(raw, meta)
-    json_path, md_path = write_results(report, args.out, name)
+    json_path, md_path = write_results(report, args.out or RESULTS / device["slug"], name)
     print(render_markdown(report))
     print(f"run.py: wrote {json_path} and {md_path} ({wall:.0f} s, 1-min load "
           f"{load_before:.2f} -> {load_after:.2f})")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize_parameters
+from support import randomize_parameters
 
 from fma_fast import VelocityNet, reference
 from fma_fast.experiments.adaptive import (

@@ -126,8 +126,8 @@ def test_run_writes_tagged_results_and_fails_loudly(tmp_path):
         assert text in markdown, text
 
 
-def _load_benchmark_module(name: str):
-    path = RUN_PY.parent / f"{name}.py"
+def _load_baseline(name: str):
+    path = RUN_PY.parent / "baselines" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -173,7 +173,7 @@ def test_gemm_only_chain_runs_the_folded_runtimes_gemms(precision, rows, chunk_r
     import fma_fast
     from fma_fast.solver.cpu import folded_solve
 
-    gemm_chain = _load_benchmark_module("gemm_chain")
+    gemm_chain = _load_baseline("gemm_chain")
     torch.manual_seed(0)
     model = fma_fast.VelocityNet(dim=24, blocks=3, width=40)
     x = torch.nn.functional.normalize(torch.randn(rows, 24), dim=-1)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_parameters
 from safetensors import safe_open
 from safetensors.torch import load_file
+from support import randomize_parameters
 
 import fma_fast
 from fma_fast.io import checkpoint, files

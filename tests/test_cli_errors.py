@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import one_line_error
 
 from fma_fast.batch import evaluate as batch_evaluate
 from fma_fast.cli import main, options
@@ -53,14 +54,6 @@ def no_work(monkeypatch):
     for module in (options, train_files, demo):  # every command's fit
         monkeypatch.setattr(module, "fit", started)
     monkeypatch.setattr(batch_evaluate, "solve", started)
-
-
-def one_line_error(capsys, argv: list[str]) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, f"exit status {code} for {argv}: {err}"
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
 
 
 def data_files(work: Path) -> dict[str, str]:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from support import one_line_error
 
 open_clip = pytest.importorskip(
     "open_clip", reason="SKIPPED, not passed: open_clip missing (pip install fma_fast[clip])"
@@ -429,38 +430,34 @@ def test_torchrun_matches_single_process(tiny, single_run, tmp_path):
             assert ddp[key] == pytest.approx(single[key], rel=1e-4), f"seed {seed}: {key}"
 
 
-def _error(argv, capsys) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    return err
-
-
 def test_clear_errors(tiny, tmp_path, capsys, monkeypatch):
     out = ["--out", str(tmp_path / "out"), "--quiet"]
-    err = _error(["extract", *data_args(tiny, root=tmp_path), *out], capsys)
+    err = one_line_error(capsys, ["extract", *data_args(tiny, root=tmp_path), *out])
     assert "dataset folder for oxford_pets not found" in err
     (tmp_path / "oxford_pets" / "images").mkdir(parents=True)
-    err = _error(["extract", *data_args(tiny, root=tmp_path), *out], capsys)
+    err = one_line_error(capsys, ["extract", *data_args(tiny, root=tmp_path), *out])
     assert "split_zhou_OxfordPets.json" in err and "not found" in err
-    err = _error(["extract", "--dataset", "petz", *model_args(tiny), *out], capsys)
+    err = one_line_error(capsys, ["extract", "--dataset", "petz", *model_args(tiny), *out])
     assert "unknown dataset 'petz'" in err
     base = ["extract", "--root", str(tiny["root"]), "--dataset", "oxford_pets", *out]
-    err = _error([*base, "--model", MODEL, "--checkpoint", str(tmp_path / "nope.pt")], capsys)
+    err = one_line_error(capsys, [*base, "--model", MODEL, "--checkpoint",
+                                  str(tmp_path / "nope.pt")])
     assert "checkpoint file not found" in err
     torch.save({"visual.proj": torch.zeros(2)}, tmp_path / "wrong.pt")
-    err = _error([*base, "--model", MODEL, "--checkpoint", str(tmp_path / "wrong.pt")], capsys)
+    err = one_line_error(capsys, [*base, "--model", MODEL, "--checkpoint",
+                                  str(tmp_path / "wrong.pt")])
     assert "is not a loadable checkpoint for open_clip model" in err
-    err = _error([*base, "--model", "ViT-Q-99"], capsys)
+    err = one_line_error(capsys, [*base, "--model", "ViT-Q-99"])
     assert "unknown open_clip model 'ViT-Q-99'" in err
     huggingface_hub = pytest.importorskip("huggingface_hub")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network here
-    err = _error([*base, "--model", "hf-hub:org/repo", "--cache-dir", str(tmp_path)], capsys)
+    err = one_line_error(capsys, [*base, "--model", "hf-hub:org/repo", "--cache-dir",
+                                  str(tmp_path)])
     assert "model 'hf-hub:org/repo'" in err and "could not be downloaded" in err, err
     assert "https://huggingface.co/org/repo" in err and "--checkpoint FILE" in err, err
-    err = _error([*base, *model_args(tiny), "--crop-scale", "0.6", "0.5"], capsys)
+    err = one_line_error(capsys, [*base, *model_args(tiny), "--crop-scale", "0.6", "0.5"])
     assert "crop_scale must satisfy 0 < low <= high <= 1, got (0.6, 0.5)" in err
-    err = _error(["run", *data_args(tiny), "--shots", "4", "4", *out], capsys)
+    err = one_line_error(capsys, ["run", *data_args(tiny), "--shots", "4", "4", *out])
     assert "shots must differ: 4 given twice" in err
 
 
@@ -469,7 +466,7 @@ def test_unreadable_image_skip_or_fail(tiny, tmp_path, capsys):
     write_pets(root)
     (root / "oxford_pets" / "images" / "pug_test_1.png").write_bytes(b"not a png")
     args = ["extract", *data_args(tiny, root=root), "--quiet"]
-    err = _error([*args, "--out", str(tmp_path / "a"), "--on-error", "fail"], capsys)
+    err = one_line_error(capsys, [*args, "--out", str(tmp_path / "a"), "--on-error", "fail"])
     assert "cannot read image" in err and "pug_test_1.png" in err
     assert main([*args, "--out", str(tmp_path / "b")]) == 0
     assert "skipped 1 unreadable test image(s), e.g. pug_test_1.png" in capsys.readouterr().out
@@ -479,7 +476,7 @@ def test_unreadable_image_skip_or_fail(tiny, tmp_path, capsys):
     train = load_features(tmp_path / "b" / "seed1-k4" / "train.safetensors", require_labels=True)
     assert train.features.shape == (48, 16) and train.class_names == CLASSES
     assert load_features(tmp_path / "b" / "test.safetensors").features.shape == (8, 16)
-    err = _error([*args, "--out", str(tmp_path / "b"), "--on-error", "fail"], capsys)
+    err = one_line_error(capsys, [*args, "--out", str(tmp_path / "b"), "--on-error", "fail"])
     assert "skipped as unreadable" in err  # a cache with skipped images is not reused silently
 
 
@@ -497,18 +494,19 @@ def test_an_output_folder_serves_one_source(tiny, tmp_path, capsys):
     assert main([*with_other, "--out", str(out_b)]) == 0
     capsys.readouterr()
     before = {p: p.read_bytes() for p in out_a.rglob("*") if p.is_file()}
-    err = _error([*with_other, "--out", str(out_a)], capsys)
+    err = one_line_error(capsys, [*with_other, "--out", str(out_a)])
     assert "holds features from another source (checkpoint sha256:" in err, err
-    err = _error([*base, "--template", "a blurry photo of a {}.", "--out", str(out_a)], capsys)
+    err = one_line_error(capsys, [*base, "--template", "a blurry photo of a {}.", "--out",
+                                  str(out_a)])
     assert "holds features from another source (templates" in err, err
     assert {p: p.read_bytes() for p in out_a.rglob("*") if p.is_file()} == before
     train = load_features(out_a / "seed1-k4" / "train.safetensors")
     assert train.provenance["split"] == "train" and train.provenance["seed"] == 1
     assert train.source["checkpoint"].startswith("sha256:") and train.source["dataset"]
-    err = _error(
+    err = one_line_error(
+        capsys,
         ["train", str(out_a / "seed1-k4" / "train.safetensors"),
          "--val", str(out_b / "seed1-k4" / "val.safetensors"),
          "--out", str(tmp_path / "m"), "--epochs", "1", "--blocks", "1", "--quiet"],
-        capsys,
     )
     assert "come from different sources (checkpoint sha256:" in err, err

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_plan import TOLERANCE, assert_states_close, random_net, reference_trajectory
+from support import TOLERANCE, assert_states_close, random_net, reference_trajectory
 
 import fma_fast
 from fma_fast.solver import compiled as cpu_compiled

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize_parameters
+from support import randomize_parameters
 
 import fma_fast
 from fma_fast import synthetic

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import randomize_parameters
 from kernel_support import FakeCudaDevices
+from support import randomize_parameters
 
 import fma_fast
 from fma_fast import doctor

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from kernel_support import SKIP_REASON, kernel_device
+from support import relative_error
 
 from fma_fast import reference
 from fma_fast.kernels import _common
@@ -27,10 +28,6 @@ def hopper_candidates(monkeypatch, *args, **kwargs) -> list[Blocks]:
     with monkeypatch.context() as patch:
         patch.setattr(_common, "interpreter_active", lambda: False)
         return candidate_blocks(*args, **kwargs)
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual.double() - expected).norm() / expected.norm())
 
 
 @pytest.mark.parametrize("op", _common.TUNED_OPS)

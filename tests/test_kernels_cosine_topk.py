@@ -13,7 +13,7 @@ from kernel_support import (
     kernel_device,
     tie_rule_topk,
 )
-from torch.utils._python_dispatch import TorchDispatchMode
+from support import LargestTensor
 
 from fma_fast import reference
 from fma_fast.ops import dispatch
@@ -140,25 +140,6 @@ def test_step_ensemble_equals_reference(rows, classes, dim, k):
 
 
 # ----------------------------------------------------------------------------- memory
-
-
-class LargestTensor(TorchDispatchMode):
-    """Records the bytes of the largest tensor any aten op returns while active (CPU or CUDA).
-
-    A Triton kernel cannot allocate memory: all it touches are the tensors its launcher passes,
-    and those come from aten ops (torch.empty, normalize, sort, ...), which this mode sees.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.bytes = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.bytes = max(self.bytes, t.numel() * t.element_size())
-        return out
 
 
 def largest_tensor_bytes(fn) -> int:

@@ -8,8 +8,8 @@ import warnings
 
 import pytest
 import torch
-from conftest import randomize_parameters
 from kernel_support import assert_close
+from support import randomize_parameters
 
 import fma_fast
 from fma_fast import reference

@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import warnings
 
 import pytest
 import torch
+from support import quantized, relative_error
 
 import fma_fast
 from fma_fast import reference
 from fma_fast.core.policy import TOLERANCES
 
 RELATIVE_TOLERANCE = TOLERANCES[torch.float32].chain  # fp32 rounding
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual - expected).norm() / expected.norm())
 
 
 def test_network_output_matches_golden(official_fixture, golden):
@@ -138,12 +134,6 @@ def test_data_parallel_prefix_is_accepted(tmp_path):
     assert fma_fast.load_official(tmp_path / "model.pth").blocks == 2
 
 
-def _quantized(tensor):
-    with warnings.catch_warnings():  # torch deprecates quantized tensors; files may hold them
-        warnings.simplefilter("ignore")
-        return torch.quantize_per_tensor(tensor, 0.1, 0, torch.qint8)
-
-
 @pytest.mark.filterwarnings("ignore::UserWarning")  # torch on loading sparse tensors
 @pytest.mark.parametrize(
     "key, make, message",
@@ -154,7 +144,7 @@ def _quantized(tensor):
          "input_proj.bias has layout sparse_coo; expected a dense tensor"),
         ("final_layer.linear.weight", lambda t: t.to_sparse_csr(),
          "final_layer.linear.weight has layout sparse_csr"),
-        ("res_blocks.0.mlp.0.weight", _quantized,
+        ("res_blocks.0.mlp.0.weight", quantized,
          r"res_blocks.0.mlp.0.weight is a quantized tensor \(torch.qint8\)"),
         ("res_blocks.1.mlp.2.bias", lambda t: t.to(torch.complex64),
          "res_blocks.1.mlp.2.bias has complex dtype torch.complex64"),

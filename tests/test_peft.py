@@ -12,12 +12,12 @@ import copy
 import json
 import math
 import pickle
-import warnings
 from collections import OrderedDict
 
 import pytest
 import torch
 import torch.nn.functional as F
+from support import quantized
 
 open_clip = pytest.importorskip(
     "open_clip", reason="SKIPPED, not passed: open_clip missing (pip install fma_fast[clip])"
@@ -624,12 +624,6 @@ def test_mismatched_checkpoints_raise_one_line_errors(encoder, tmp_path):
         assert "\n" not in message and len(message) < 500, f"{name}: {message}"
 
 
-def _quantized(tensor):
-    with warnings.catch_warnings():  # torch deprecates quantized tensors; files may hold them
-        warnings.simplefilter("ignore")
-        return torch.quantize_per_tensor(tensor.float(), 0.1, 0, torch.qint8)
-
-
 def _with(state, key, value):
     return {**state, key: value}
 
@@ -757,7 +751,7 @@ def _tensors_without_data(encoder):
         "lora sparse": ("lora", lora(b.to_sparse()),
                         "layer_2.k_proj.w_lora_B has layout sparse_coo; expected a dense"),
         "lora csr": ("lora", lora(b.to_sparse_csr()), "has layout sparse_csr"),
-        "lora quantized": ("lora", lora(_quantized(b)),
+        "lora quantized": ("lora", lora(quantized(b)),
                            "layer_2.k_proj.w_lora_B is a quantized tensor (torch.qint8)"),
         "lora complex": ("lora", lora(b.to(torch.complex64)),
                          "has complex dtype torch.complex64; expected real floating values"),
@@ -767,7 +761,7 @@ def _tensors_without_data(encoder):
                       "state_dict['ctx'] is a meta tensor"),
         "coop sparse": ("coop", _with(coop, "ctx", coop["ctx"].to_sparse()),
                         "state_dict['ctx'] has layout sparse_coo"),
-        "coop quantized": ("coop", _with(coop, "ctx", _quantized(coop["ctx"])),
+        "coop quantized": ("coop", _with(coop, "ctx", quantized(coop["ctx"])),
                            "state_dict['ctx'] is a quantized tensor"),
         "coop complex": ("coop", _with(coop, "ctx", coop["ctx"].to(torch.complex64)),
                          "state_dict['ctx'] has complex dtype"),

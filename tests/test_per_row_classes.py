@@ -3,12 +3,11 @@ brute-force computation, and the row batches that bound the (rows, C, D) block."
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from support import quantized
 
 import fma_fast
 from fma_fast import reference, synthetic
@@ -133,19 +132,13 @@ def test_per_row_tables_are_checked():
         fma_fast.PerRowClasses()
 
 
-def _quantized(tensor):
-    with warnings.catch_warnings():  # torch deprecates quantized tensors
-        warnings.simplefilter("ignore")
-        return torch.quantize_per_tensor(tensor, 0.1, 0, torch.qint8)
-
-
 BAD_TABLES = {  # name -> (make from real tables, message)
     "complex": (lambda t: t.to(torch.complex64) + 1j, "has complex dtype torch.complex64"),
     "complex-numpy": (lambda t: t.numpy() + 1j * np.ones(t.shape, dtype=np.float32),
                       "has complex dtype torch.complex64"),
     "meta": (lambda t: torch.empty(t.shape, device="meta"), "is a meta tensor"),
     "sparse": (lambda t: t.to_sparse(), "has layout sparse_coo"),
-    "quantized": (_quantized, r"is a quantized tensor \(torch.qint8\)"),
+    "quantized": (quantized, r"is a quantized tensor \(torch.qint8\)"),
     "integer": (lambda t: (4 * t).long(), "has dtype torch.int64; expected a floating dtype"),
     "nested": (lambda t: torch.nested.nested_tensor(list(t)), "is a nested tensor"),
 }

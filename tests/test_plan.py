@@ -4,65 +4,26 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import randomize_parameters
+from support import (
+    TOLERANCE,
+    assert_states_close,
+    random_net,
+    randomize_parameters,
+    reference_trajectory,
+    unit_rows,
+)
 
 import fma_fast
 from fma_fast import VelocityNet, reference, synthetic
 from fma_fast.core import policy
 from fma_fast.core.names import PRECISIONS
-from fma_fast.core.policy import PRECISION_DTYPES, TOLERANCES
 from fma_fast.solver import cpu as runtime_module
 from fma_fast.solver import routing
 from fma_fast.solver.cpu import folded_final, folded_solve, folded_states
 from fma_fast.solver.plan import SolverPlan, build_plan, clear_plan_cache, solver_plan, step_times
 
-# Error of a state, relative to how far the reference moved the features from x_0 (so a solver
-# that barely moves cannot hide in the size of x_0), by precision: the table's GEMM-chain column.
-TOLERANCE = {name: TOLERANCES[dtype].chain for name, dtype in PRECISION_DTYPES.items()}
 # Share of test rows whose bf16 prediction must equal the fp32 one on a trained field.
 BF16_AGREEMENT = 0.99
-
-
-def random_net(dim: int, blocks: int, width: int | None = None, seed: int = 0) -> VelocityNet:
-    """A field with every parameter non-zero (the released init zeroes adaLN and output layers)."""
-    net = VelocityNet(dim, blocks=blocks, width=width)
-    randomize_parameters(net, seed=seed, scale=0.2)
-    return net.eval()
-
-
-def unit_rows(rows: int, dim: int, seed: int = 1) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(rows, dim, generator=generator), dim=-1)
-
-
-@torch.no_grad()
-def reference_trajectory(net: VelocityNet, x: torch.Tensor, steps: int, step_size: float):
-    return reference.euler_solve(net, x, steps, step_size, return_trajectory=True)
-
-
-def assert_states_close(got, expected, x0, tolerance, where):
-    """Compare trajectories state by state; on failure name the step, row and column."""
-    assert len(got) == len(expected), f"{where}: {len(got)} states, expected {len(expected)}"
-    for step, (actual, wanted) in enumerate(zip(got, expected)):
-        assert actual.shape == wanted.shape and actual.dtype == torch.float32, (
-            f"{where}, step {step}: got {tuple(actual.shape)} {actual.dtype}, "
-            f"expected {tuple(wanted.shape)} float32"
-        )
-        if step == 0:
-            assert torch.equal(actual, wanted), f"{where}: x_0 is not the input"
-            continue
-        moved = float((wanted - x0).abs().max())
-        assert moved > 0, f"{where}, step {step}: the reference did not move (zero field?)"
-        error = (actual - wanted).abs()
-        worst = int(error.argmax())
-        row, col = divmod(worst, error.shape[1])
-        relative = float(error.max()) / moved
-        assert relative <= tolerance, (
-            f"{where}, step {step}: max error {float(error.max()):.3g} is {relative:.3g} of the "
-            f"displacement {moved:.3g} (tolerance {tolerance:g}) at row {row}, col {col}: "
-            f"got {float(actual[row, col]):.7g}, expected {float(wanted[row, col]):.7g}"
-        )
 
 
 @pytest.mark.parametrize("precision", sorted(PRECISIONS))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import randomize_parameters
+from support import randomize_parameters
 
 import fma_fast
 from fma_fast import reference

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from support import one_line_error
 
 import fma_fast
 from fma_fast import synthetic
@@ -208,13 +209,6 @@ def test_text_outputs_carry_class_names_and_are_for_small_jobs(job, tmp_path, mo
         fma_fast.score(*args, tmp_path / "big", topk=2, output_format="csv", progress=False)
 
 
-def _error(capsys, argv) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
-
-
 def test_bad_inputs_are_one_line_and_exit_2(job, tmp_path, capsys):
     root = job["root"]
     base = ["score", str(root / "model"), "--classes", str(root / "test.safetensors"), "--out"]
@@ -223,36 +217,36 @@ def test_bad_inputs_are_one_line_and_exit_2(job, tmp_path, capsys):
     for name in ("shard-00000-of-00003.safetensors", "shard-00002-of-00003.safetensors"):
         (broken / name).write_bytes((root / "cache-test" / "shard-00000-of-00002.safetensors")
                                     .read_bytes())
-    err = _error(capsys, [*base, str(tmp_path / "o1"), str(broken)])
+    err = one_line_error(capsys, [*base, str(tmp_path / "o1"), str(broken)])
     assert "shard 1 of 3 is missing" in err
     np.save(tmp_path / "wide.npy", np.zeros((5, DIM + 1), np.float32))
-    err = _error(capsys, [*base, str(tmp_path / "o2"), str(tmp_path / "wide.npy")])
+    err = one_line_error(capsys, [*base, str(tmp_path / "o2"), str(tmp_path / "wide.npy")])
     assert f"rows have dim {DIM + 1} but the model expects {DIM}" in err
     bad = job["extra"].clone()
     bad[11, 3] = float("nan")
     np.save(tmp_path / "nan.npy", bad.numpy())
-    err = _error(capsys, [*base, str(tmp_path / "o3"), str(tmp_path / "nan.npy")])
+    err = one_line_error(capsys, [*base, str(tmp_path / "o3"), str(tmp_path / "nan.npy")])
     assert "nan.npy: row 11 contains NaN or Inf" in err
     data = (root / "test.safetensors").read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
-    err = _error(capsys, [*base, str(tmp_path / "o4"), str(tmp_path / "cut.safetensors")])
+    err = one_line_error(capsys, [*base, str(tmp_path / "o4"), str(tmp_path / "cut.safetensors")])
     assert "ends at byte" in err and "(truncated?)" in err
-    err = _error(capsys, [*base, str(tmp_path / "o5"), str(tmp_path / "nothing.npy")])
+    err = one_line_error(capsys, [*base, str(tmp_path / "o5"), str(tmp_path / "nothing.npy")])
     assert "cannot read input" in err and "no such file" in err
     other = tmp_path / "other.safetensors"
     save_features(other, job["x"], job["table"].flip(0), job["y"])
-    err = _error(capsys, [*base, str(tmp_path / "o6"), str(other)])
+    err = one_line_error(capsys, [*base, str(tmp_path / "o6"), str(other)])
     assert "carries another class table than the classes given" in err
     trained = tmp_path / "trained"
     fma_fast.save(job["model"], trained,
                   extra={"steps": STEPS, "data": data_record(load_features(other))})
-    err = _error(capsys, ["score", str(trained), str(root / "extra.npy"), "--classes",
+    err = one_line_error(capsys, ["score", str(trained), str(root / "extra.npy"), "--classes",
                           str(root / "test.safetensors"), "--out", str(tmp_path / "o8")])
     assert f"are not the class table {trained} was trained with" in err
     # the job folder and what was written before survive a bad rerun
     assert main([*base, str(tmp_path / "o7"), str(root / "extra.npy"), "--quiet"]) == 0
     before = {p.name: p.read_bytes() for p in (tmp_path / "o7").iterdir()}
-    _error(capsys, [*base, str(tmp_path / "o7"), str(root / "extra.npy"), "--steps", "1"])
+    one_line_error(capsys, [*base, str(tmp_path / "o7"), str(root / "extra.npy"), "--steps", "1"])
     assert {p.name: p.read_bytes() for p in (tmp_path / "o7").iterdir()} == before
 
 
@@ -476,7 +470,7 @@ def test_labels_are_checked_before_any_work(job, tmp_path, capsys):
     for name, (labels, message) in cases.items():
         path = tmp_path / f"{name.replace(' ', '_')}.safetensors"
         save_safetensors(path, {"features": x, "labels": labels})
-        err = _error(capsys, ["score", str(model), str(path), "--classes", str(classes),
+        err = one_line_error(capsys, ["score", str(model), str(path), "--classes", str(classes),
                               "--out", str(tmp_path / name)])
         assert message in err, err
         assert not (tmp_path / name).exists()
@@ -539,7 +533,7 @@ def test_inputs_of_another_source_than_the_model_are_refused(job, tmp_path, caps
     assert main([*base[:2], str(tmp_path / "same.safetensors"), *base[2:], "--out",
                  str(tmp_path / "o1"), "--quiet"]) == 0
     for number, given in enumerate([tmp_path / "other.safetensors", cache / "test"]):
-        err = _error(capsys, [*base[:2], str(given), *base[2:], "--out",
+        err = one_line_error(capsys, [*base[:2], str(given), *base[2:], "--out",
                               str(tmp_path / f"o{number + 2}")])
         shard = given if given.is_file() else given / "shard-00000-of-00001.safetensors"
         assert f"and input {shard} come from different sources (seed 1 vs 2)" in err, err
@@ -723,7 +717,8 @@ def test_the_class_table_a_model_was_trained_with_is_checked_within_fp32_roundin
 
 
 def _error_within(capsys, argv, seconds: float = 60) -> str:
-    """``_error`` in a thread: a command that blocks fails the test instead of hanging it."""
+    """``one_line_error`` in a thread: a command that blocks fails the test instead of
+    hanging it."""
     import threading
 
     outcome = {}
@@ -790,14 +785,14 @@ def test_malformed_headers_and_deep_json_are_one_line(job, tmp_path, capsys):
     }
     for number, (name, (header, message)) in enumerate(headers.items()):
         path = _raw_safetensors(tmp_path / f"h{number}.safetensors", header, rows)
-        err = _error(capsys, ["score", str(model), str(path), "--classes", str(classes),
+        err = one_line_error(capsys, ["score", str(model), str(path), "--classes", str(classes),
                               "--out", str(tmp_path / f"o{number}")])
         assert message in err, (name, err)
     base = ["score", str(model), str(job["root"] / "extra.npy"), "--classes", str(classes)]
     deep_job = tmp_path / "deep_job"
     deep_job.mkdir()
     (deep_job / "job.json").write_text(DEEP)
-    assert "nests JSON 100000 levels deep (at most 64)" in _error(capsys, [*base, "--out",
+    assert "nests JSON 100000 levels deep (at most 64)" in one_line_error(capsys, [*base, "--out",
                                                                           str(deep_job)])
     done = tmp_path / "deep_done"
     assert main([*base, "--out", str(done), "--quiet"]) == 0
@@ -813,20 +808,22 @@ def test_malformed_headers_and_deep_json_are_one_line(job, tmp_path, capsys):
         broken = tmp_path / f"model_{name}"
         fma_fast.save(job["model"], broken, extra={"steps": STEPS})
         damage(broken)
-        err = _error(capsys, ["score", str(broken), *base[2:], "--out", str(tmp_path / name)])
+        err = one_line_error(capsys, ["score", str(broken), *base[2:],
+                                      "--out", str(tmp_path / name)])
         assert "nests JSON 100000 levels deep" in err, (name, err)
     cache = tmp_path / "deep_cache"
     cache.mkdir()
     save_safetensors(cache / "shard-00000-of-00001.safetensors",
                      {"features": job["x"][:4], "labels": job["y"][:4],
                       "image_index": torch.arange(4)}, {"fma_fast_cache": DEEP})
-    err = _error(capsys, ["score", str(model), str(cache), "--classes", str(classes), "--out",
-                          str(tmp_path / "o_cache")])
+    err = one_line_error(capsys, ["score", str(model), str(cache), "--classes", str(classes),
+                                  "--out", str(tmp_path / "o_cache")])
     assert "extraction cache stamp nests JSON 100000 levels deep" in err, err
     meta = tmp_path / "deep_meta.safetensors"
     save_safetensors(meta, {"features": job["x"][:4], "class_features": job["table"]},
                      {"class_names": DEEP})
-    err = _error(capsys, [*base[:3], "--classes", str(meta), "--out", str(tmp_path / "o_m")])
+    err = one_line_error(capsys, [*base[:3], "--classes", str(meta),
+                                  "--out", str(tmp_path / "o_m")])
     assert "class_names metadata nests JSON 100000 levels deep" in err, err
 
 
@@ -841,7 +838,7 @@ def test_outputs_gone_after_the_job_are_one_line(job, tmp_path, capsys, monkeypa
 
     monkeypatch.setattr(batch_job, "_manifest", remove_one_output)
     model, classes = _model_folder_and_classes(job)
-    err = _error(capsys, ["score", str(model), str(job["root"] / "extra.npy"), "--classes",
+    err = one_line_error(capsys, ["score", str(model), str(job["root"] / "extra.npy"), "--classes",
                           str(classes), "--out", str(tmp_path / "out")])
     assert "has no outputs after the job" in err and "run the job again" in err, err
 
@@ -873,7 +870,7 @@ def test_work_too_large_for_memory_is_bounded_or_one_line(job, tmp_path, capsys,
                            "Error code 12 (Cannot allocate memory)")
 
     monkeypatch.setattr(batch_job, "solve", no_memory)
-    err = _error(capsys, [*base, "--out", str(tmp_path / "oom")])
+    err = one_line_error(capsys, [*base, "--out", str(tmp_path / "oom")])
     assert "out of CPU memory (can't allocate memory: you tried to allocate 2400000000000 " \
            "bytes" in err, err
 
@@ -945,8 +942,9 @@ def test_class_tables_that_a_cast_would_change_are_refused(job, tmp_path, capsys
         np.save(path, (table * 100).astype(np.int64))
     else:
         save_safetensors(path, {"table": torch.from_numpy((table * 100).astype(np.int64))})
-    err = _error(capsys, ["score", str(job["root"] / "model"), str(job["root"] / "extra.npy"),
-                          "--classes", str(path), "--out", str(tmp_path / "out")])
+    err = one_line_error(capsys, ["score", str(job["root"] / "model"),
+                                  str(job["root"] / "extra.npy"), "--classes", str(path),
+                                  "--out", str(tmp_path / "out")])
     expected = "has complex dtype torch.complex64" if kind == "complex" else \
         "has dtype torch.int64; expected a floating dtype"
     assert f"--classes {path} {expected}" in err, err
@@ -1047,18 +1045,19 @@ def test_rows_of_norm_zero_are_refused_when_rows_are_normalised(job, tmp_path, c
     rows[37] = 0
     np.save(tmp_path / "zero.npy", rows)
     model, classes = _model_folder_and_classes(job)
-    err = _error(capsys, ["score", str(model), str(tmp_path / "zero.npy"), "--classes",
+    err = one_line_error(capsys, ["score", str(model), str(tmp_path / "zero.npy"), "--classes",
                           str(classes), "--out", str(tmp_path / "o1"), "--batch-size", "10"])
     assert f"input {tmp_path / 'zero.npy'}: row 37 is all zeros" in err, err
     features = job["x"][:12].clone()
     features[5] = 0
     save_features(tmp_path / "zero.safetensors", features, job["table"], job["y"][:12])
-    err = _error(capsys, ["eval", str(tmp_path / "zero.safetensors"), "--model", str(model)])
+    err = one_line_error(capsys, ["eval", str(tmp_path / "zero.safetensors"), "--model",
+                                  str(model)])
     assert f"{tmp_path / 'zero.safetensors'} features: row 5 is all zeros" in err, err
     table = job["table"].clone()
     table[2] = 0
     np.save(tmp_path / "table.npy", table.numpy())
-    err = _error(capsys, ["score", str(model), str(job["root"] / "extra.npy"), "--classes",
+    err = one_line_error(capsys, ["score", str(model), str(job["root"] / "extra.npy"), "--classes",
                           str(tmp_path / "table.npy"), "--out", str(tmp_path / "o2")])
     assert f"--classes {tmp_path / 'table.npy'}: row 2 is all zeros" in err, err
 
@@ -1192,7 +1191,7 @@ def test_a_compiled_backend_that_cannot_build_is_one_line_and_claims_nothing(job
     out = tmp_path / "compiled"
     base = ["score", str(model), str(job["root"] / "extra.npy"), "--classes", str(classes),
             "--out", str(out), "--precision", "bf16"]
-    err = _error(capsys, [*base, "--backend", "compiled"])
+    err = one_line_error(capsys, [*base, "--backend", "compiled"])
     assert "could not build step 0 of the compiled CPU solve" in err, err
     assert "use backend='folded'" in err, err
     assert not out.exists(), sorted(p.name for p in out.iterdir())

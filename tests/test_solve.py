@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import randomize_parameters
 from kernel_support import SKIP_REASON, kernel_device
-from torch.utils._python_dispatch import TorchDispatchMode
+from support import LargestTensor, randomize_parameters
 
 import fma_fast
 from fma_fast import reference
@@ -206,21 +205,6 @@ def test_class_tiles_equal_the_untiled_reference(model, data, monkeypatch, class
     for m, (tiled, plain) in enumerate(zip(selection.cross_entropy, truth.cross_entropy)):
         # logits are 100·cos: fp32 rounding of a logit is about 1e-5
         assert tiled == pytest.approx(plain, rel=1e-5, abs=2e-5), f"cross-entropy at M={m}"
-
-
-class LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any op creates while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in torch.utils._pytree.tree_leaves(out):
-            if isinstance(tensor, torch.Tensor):
-                self.numel = max(self.numel, tensor.numel())
-        return out
 
 
 def test_select_steps_never_builds_rows_times_classes(model, monkeypatch):

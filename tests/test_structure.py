@@ -1,6 +1,6 @@
 """The package's shape: which layer may import which (every import, function-local ones
 included), no import cycle, the solve reaches its kernels in a few modules, and the public
-names are the ones the README documents."""
+names are the ones docs/api.md documents."""
 
 from __future__ import annotations
 
@@ -143,7 +143,7 @@ the bf16 rule and the benchmarks call it)."""
 
 
 def test_the_machine_is_described_in_one_module():
-    files = [*_modules().values(), *(REPO / "benchmarks").glob("*.py")]
+    files = [*_modules().values(), *(REPO / "benchmarks").rglob("*.py")]
     elsewhere = sorted({f"{path.relative_to(REPO)}: {probe}"
                         for path in files if path.name != "environment.py"
                         for probe in MACHINE_PROBES if probe in path.read_text()})
@@ -254,13 +254,51 @@ def test_the_public_surface():
     assert callable(fma_fast.synthetic.make_task)
 
 
-def test_every_public_name_is_documented_in_the_readme():
-    readme = (REPO / "README.md").read_text()
-    missing = [name for name in fma_fast.__all__ if not re.search(rf"`[^`]*\b{name}\b", readme)]
-    assert not missing, f"in fma_fast.__all__ but not in the README: {missing}"
-    documented = set(re.findall(r"fma_fast\.([a-z_A-Z]+)\(", readme))
-    undocumented = sorted(documented - set(fma_fast.__all__) - {"kernels"})
-    assert not undocumented, f"the README calls fma_fast.{undocumented} outside __all__"
+def test_every_public_name_is_documented():
+    """docs/api.md lists every name of fma_fast.__all__, and no user doc (README.md, docs/)
+    calls a fma_fast function outside it."""
+    api = (REPO / "docs" / "api.md").read_text()
+    missing = [name for name in fma_fast.__all__ if not re.search(rf"`[^`]*\b{name}\b", api)]
+    assert not missing, f"in fma_fast.__all__ but not in docs/api.md: {missing}"
+    for page in (REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))):
+        called = set(re.findall(r"\bfma_fast\.([a-z_A-Z]+)\(", page.read_text()))
+        undocumented = sorted(called - set(fma_fast.__all__) - {"kernels"})
+        assert not undocumented, f"{page.name} calls fma_fast.{undocumented} outside __all__"
+
+
+def test_test_modules_share_helpers_through_support_modules_only():
+    """Helpers live in tests/support.py (and kernel_support.py, clip_support.py): a test module
+    that imports another test module, or conftest, runs that module's import-time code and
+    ties the two files together."""
+    offenders = []
+    for path in sorted((REPO / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.name}:{node.lineno} imports {name}" for name in names
+                          if name.split(".")[0] == "conftest" or name.startswith("test_")]
+    assert not offenders, "\n".join(offenders)
+
+
+def test_every_marked_prefix_names_a_test():
+    """tests/conftest.py's MARKED table assigns the kinds by node id prefix: a renamed test
+    would silently lose its mark (and a slow one would land in the fast subset)."""
+    conftest = ast.parse((REPO / "tests" / "conftest.py").read_text())
+    (table,) = [node.value for node in conftest.body if isinstance(node, ast.AnnAssign)
+                and getattr(node.target, "id", "") == "MARKED"]
+    marked = ast.literal_eval(table)
+    assert {"slow", "subprocess", "compile", "cuda"} <= set(marked)
+    stale = []
+    for mark, prefixes in marked.items():
+        for prefix in prefixes:
+            module, _, test = prefix.partition("::")
+            path = REPO / "tests" / module
+            names = [node.name for node in ast.walk(ast.parse(path.read_text()))
+                     if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")
+                     ] if path.is_file() else []
+            if not names or not any(name.startswith(test.split("[")[0]) for name in names):
+                stale.append(f"{mark}: {prefix}")
+    assert not stale, "MARKED entries that name no test:\n" + "\n".join(stale)
 
 
 def test_json_files_are_parsed_by_the_one_reader():

@@ -366,6 +366,20 @@ def score(
     ``row_ids`` (and ``labels``) as ``output_format``; ``manifest.json`` sums the job up.
     Labelled inputs give the accuracy at M and at M=0 from the same pass. Resumable: see the
     module docstring.
+
+    Args:
+        model: a :class:`VelocityNet` or a model folder.
+        inputs: feature files, cache folders or ``.npy`` arrays (one path or several).
+        classes: the class table or a feature file holding it.
+        out: the output folder (created; a rerun resumes it).
+        steps, step_size, normalize: the solve settings (None: the model's).
+        topk, output_format, class_names: what each part holds and how it is written.
+        device, precision, backend, batch_size: as for :func:`~fma_fast.solve`.
+        progress: a progress bar on a terminal.
+
+    Returns:
+        A :class:`ScoreSummary` (rows, rows scored, parts skipped, rows/s, accuracy at M and
+        M=0 when labelled, the manifest).
     """
     started = time.perf_counter()
     job = ScoreJob.resolve(

@@ -99,6 +99,12 @@ def load_official(path: str | os.PathLike) -> VelocityNet:
 
     Loads with ``weights_only=True`` (no code runs from the file). The block count comes from
     config.json when present and must agree with the keys; otherwise it is inferred from them.
+
+    Args:
+        path: the run folder or its model.pth.
+
+    Returns:
+        The :class:`~fma_fast.VelocityNet`; a bad file raises :class:`CheckpointError`.
     """
     path = Path(path)
     config_path = None
@@ -232,6 +238,14 @@ def save(model, path: str | os.PathLike, *, extra: dict[str, Any] | None = None)
     ``extra`` may not set the keys ``save`` writes itself (:data:`RESERVED_KEYS`), and
     ``steps``, ``step_size``, ``normalize`` and ``class_names`` are checked as ``load`` checks
     them.
+
+    Args:
+        model: a :class:`~fma_fast.VelocityNet` or a :class:`~fma_fast.FitResult`.
+        path: the folder (created with its parents).
+        extra: more config.json entries, e.g. ``{"steps": M}``.
+
+    Returns:
+        The folder's path.
     """
     config_extra = dict(getattr(model, "config_extra", None) or {})
     model = getattr(model, "model", model)
@@ -312,7 +326,14 @@ def check_model_folder(path: str | os.PathLike, name: str = "path") -> Path:
 
 
 def load_config(path: str | os.PathLike) -> dict[str, Any]:
-    """The config.json of a folder written by :func:`save` (its known keys checked)."""
+    """The config.json of a folder written by :func:`save` (its known keys checked).
+
+    Args:
+        path: a folder written by :func:`save`.
+
+    Returns:
+        The config as a dict; a bad file raises :class:`CheckpointError`.
+    """
     config_path = Path(path) / CONFIG_NAME
     config = _read_json(config_path)
     try:
@@ -345,7 +366,15 @@ def load(path: str | os.PathLike, *, device: str | torch.device | None = None) -
 
     The network carries what the folder says it is used with: ``steps`` (M chosen on val),
     ``step_size``, ``normalize`` and ``trained_on`` (the data record, with the class table
-    values when saved), so ``solve(x, fma_fast.load(folder))`` solves as ``eval`` does."""
+    values when saved), so ``solve(x, fma_fast.load(folder))`` solves as ``eval`` does.
+
+    Args:
+        path: a folder written by :func:`save`.
+        device: where to move the network (None: it stays on the CPU).
+
+    Returns:
+        The :class:`~fma_fast.VelocityNet`; a bad folder raises :class:`CheckpointError`.
+    """
     path = Path(path)
     weights_path, config_path = path / WEIGHTS_NAME, path / CONFIG_NAME
     if path.exists() and not path.is_dir():

@@ -441,6 +441,18 @@ def solve(
     are then summed probabilities instead of cosines. ``zero_shot=True`` also scores the rows
     before the first step (M=0, the backbone's own prediction) in the same pass:
     ``.zero_shot_pred``. A NaN/Inf state (a non-finite field) raises ValueError.
+
+    Args:
+        features: (N, D) rows: a tensor or a numpy array/memmap.
+        model: a :class:`VelocityNet` or any callable ``u(x, t)``.
+        steps, step_size: M and h (None: what the model carries).
+        class_features: (C, D) table or :class:`~fma_fast.PerRowClasses`; None returns features.
+        topk, batch_size, device, precision, backend, ensemble_steps, logit_scale, zero_shot:
+            as above.
+
+    Returns:
+        The transported (N, D) features without ``class_features``; else a
+        :class:`SolveResult` (``.pred``, ``.topk_values``, ``.topk_indices``, ``.path``).
     """
     steps, step_size = _settings(model, steps, step_size)
     logit_scale = check.check_positive_float("logit_scale", logit_scale)
@@ -538,7 +550,15 @@ def accuracy_by_steps(
     precision: Precision = "fp32",
     backend: Backend = "auto",
 ) -> list[float]:
-    """Top-1 accuracy after every M in 0..max_steps, from one trajectory pass over the rows."""
+    """Top-1 accuracy after every M in 0..max_steps, from one trajectory pass over the rows.
+
+    Args:
+        model, features, labels, class_features: as for :func:`select_steps`.
+        max_steps, step_size, batch_size, device, precision, backend: likewise.
+
+    Returns:
+        The accuracy (a fraction) for M = 0, 1, ..., max_steps.
+    """
     max_steps, options = _solve_options(model, max_steps, step_size, precision, backend,
                                         batch_size, device, name="max_steps")
     return _accuracy_and_loss(model, features, labels, class_features, max_steps, options,
@@ -561,7 +581,19 @@ def select_steps(
     """Choose M on a validation split (the released code chose it on the test split, which
     leaks): the best accuracy over M in 0..max_steps, ties broken by the lower cross-entropy
     of softmax(100·cos) and then by fewer steps (:func:`fma_fast.core.policy.best_on_val`).
-    ``step_size`` None: the model's, else 0.1; ``max_steps`` None: the M that reaches t=1."""
+    ``step_size`` None: the model's, else 0.1; ``max_steps`` None: the M that reaches t=1.
+
+    Args:
+        model: the trained field.
+        val_features, val_labels: (N, D) validation rows and their (N,) labels.
+        class_features: (C, D) table or :class:`~fma_fast.PerRowClasses`.
+        max_steps, step_size: the largest M tried and h.
+        batch_size, device, precision, backend: as for :func:`solve`.
+
+    Returns:
+        A :class:`StepSelection`: ``.accuracy`` and ``.cross_entropy`` per M, ``.best_steps``
+        and ``.table()``.
+    """
     max_steps, options = _solve_options(model, max_steps, step_size, precision, backend,
                                         batch_size, device, name="max_steps")
     accuracy, cross_entropy = _accuracy_and_loss(model, val_features, val_labels,

@@ -32,7 +32,7 @@ used. A compiled module must not be called from two threads at once (measured: c
 calls corrupted each other's results), so the runtime runs its chunks on one thread, with
 torch's intra-op threads (inductor's CPU code keeps the thread count it was compiled with).
 ``solve(backend="compiled")`` asks for this path; measurements of when it pays are in
-``benchmarks/results/cpu-speed.md``.
+``benchmarks/results/notes/cpu-speed.md``.
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ def cpu_bf16_units() -> bool:
     where torch can tell) and the ISA oneDNN may use includes them (``ONEDNN_MAX_CPU_ISA``:
     masked to AVX2 oneDNN has no bf16 path, to ``AVX512_CORE`` an emulated one). The one rule
     for ``solve``'s bf16 and compiled paths on the CPU and for ``fit(amp="bf16")``; the
-    measurements behind it are in ``benchmarks/results/cpu-bf16-by-isa.md``."""
+    measurements behind it are in ``benchmarks/results/notes/cpu-bf16-by-isa.md``."""
     if not environment.onednn_bf16():
         return False
     if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in EMULATED_BF16_ISAS:

@@ -351,6 +351,19 @@ def fit(
     PyTorch elsewhere; "reference" forces PyTorch; "triton" forces the kernels (on CPU tensors
     through the slow interpreter, TRITON_INTERPRET=1, for tests). ``config["path"]`` says which
     ran. The settings are checked as a :class:`FitSettings`.
+
+    Args:
+        image_features: (N, D) training rows (``views`` rows per image, image-major).
+        labels: (N,) class index of every row.
+        class_features: (C, D) class text table, or :class:`~fma_fast.PerRowClasses`.
+        model: a network to continue training; None builds ``VelocityNet(D, blocks, width)``.
+        epochs, batch_size, lr, weight_decay, warmup_epochs, schedule: the AdamW loop.
+        gamma, noise, time_eps: the noise around the path and the clamp of t.
+        seed, device, amp, backend, progress: as above.
+
+    Returns:
+        A :class:`FitResult`: ``.model``, ``.config`` (settings, optimizer steps, path),
+        ``.history`` (mean loss per epoch) and ``.learning_rates`` (every step's rate).
     """
     data = _checked_data(image_features, labels, class_features)
     settings = FitSettings(

@@ -5,8 +5,9 @@ oneDNN has BF16 units in effect) match what runs? The runtime is called directly
 (``folded_solve``), so bf16 is timed even where ``solve`` refuses it. Run it once per ISA
 mask, each in its own process (the mask is read at start-up):
 
-    python benchmarks/compare_cpu_precisions.py
-    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python benchmarks/compare_cpu_precisions.py
+    python benchmarks/studies/compare_cpu_precisions.py
+    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 \
+        python benchmarks/studies/compare_cpu_precisions.py
 
 D=512, 12 blocks, M=10, random weights. Each (precision, threads) runs ``--rounds`` rounds,
 interleaved with the others; a configuration gets as many rows (at most ``--rows``) as fit

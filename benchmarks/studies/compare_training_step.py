@@ -5,12 +5,17 @@ Each step: forward, mean-squared loss, backward, fused AdamW on a fixed batch (D
 blocks). The compiled steps compile the forward (and with it AOTAutograd's backward);
 "pure-bf16" holds the weights in bf16 (no casts at all, bf16 optimizer states: an upper bound
 for any mixed-precision scheme, not a training recipe). None of these is in ``fit``; the
-numbers are in benchmarks/results/cpu-speed.md.
+numbers are in benchmarks/results/notes/cpu-speed.md.
 
-    python benchmarks/compare_training_step.py --batch 32 --rounds 7
+    python benchmarks/studies/compare_training_step.py --batch 32 --rounds 7
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: baselines, benches
 
 import argparse
 import os

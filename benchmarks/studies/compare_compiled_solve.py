@@ -15,14 +15,20 @@ the released loop and the GEMM-only chain (``gemm_chain.py``), so host drift hit
 
 Compile time is reported cold (fresh cache directory) and warm (second process, same cache).
 
-    python benchmarks/compare_compiled_solve.py --rows 16384 --rounds 3          # cold
-    python benchmarks/compare_compiled_solve.py --rows 16384 --rounds 3 --cache-dir D  # warm
+    python benchmarks/studies/compare_compiled_solve.py --rows 16384 --rounds 3    # cold
+    python benchmarks/studies/compare_compiled_solve.py --rows 16384 --rounds 3 \
+        --cache-dir D                                                              # warm
 
 The compiled-elementwise variant is a prototype kept here with its measurement; it is not in
 the library (it was slower than eager with the row workers).
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: baselines, benches
 
 import argparse
 import os
@@ -31,8 +37,8 @@ import time
 
 import torch
 import torch.nn.functional as F
-from gemm_chain import gemm_only_solve
-from released_loop import released_solve
+from baselines.gemm_chain import gemm_only_solve
+from baselines.released_loop import released_solve
 
 import fma_fast
 from fma_fast.solver.cpu import (

@@ -1,8 +1,9 @@
 """Peak extra memory of top-k scoring: fused Triton kernel, the reference, and ``solve`` itself.
 
-    python benchmarks/measure_topk_memory.py                      # N=4096, C=50,000, D=512, k=5
-    python benchmarks/measure_topk_memory.py --backends triton-interpreter --rows 16 --dim 16
-    python benchmarks/measure_topk_memory.py --backends solve select_steps --classes 200000
+    python benchmarks/studies/measure_topk_memory.py            # N=4096, C=50,000, D=512, k=5
+    python benchmarks/studies/measure_topk_memory.py --backends triton-interpreter \
+        --rows 16 --dim 16
+    python benchmarks/studies/measure_topk_memory.py --backends solve select_steps --classes 200000
 
 Each backend runs in its own child process so peaks do not mix. On CUDA the peak is
 torch.cuda.max_memory_allocated above what the inputs already hold (after one warm-up call);

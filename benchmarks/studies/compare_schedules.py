@@ -6,8 +6,8 @@ script reports the test accuracy at the M chosen on the validation split, the pa
 difference (first - second setting), the mean learning rate over each run's optimizer steps
 and the steps per epoch, as Markdown tables (and optionally JSON).
 
-    python benchmarks/compare_schedules.py --shots 1 4 16 --seeds 1 2 3 4 5
-    python benchmarks/compare_schedules.py --compare amp --shots 4 16 --seeds 1 2 3
+    python benchmarks/studies/compare_schedules.py --shots 1 4 16 --seeds 1 2 3 4 5
+    python benchmarks/studies/compare_schedules.py --compare amp --shots 4 16 --seeds 1 2 3
 """
 
 from __future__ import annotations

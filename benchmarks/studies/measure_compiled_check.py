@@ -5,7 +5,7 @@ a probe batch of the compiled shape. This times both for a D=512, 12-block plan 
 weights: first the compile and check of every step together, then the check alone on the same,
 already compiled steps (its probe through the compiled and the eager step, and the compare).
 
-    python benchmarks/measure_compiled_check.py --steps 2 --rows 1024
+    python benchmarks/studies/measure_compiled_check.py --steps 2 --rows 1024
 """
 
 from __future__ import annotations

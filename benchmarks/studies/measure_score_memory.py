@@ -1,7 +1,7 @@
 """Peak resident memory (RSS) of ``fma_fast.score`` as the number of rows N grows.
 
-    python benchmarks/measure_score_memory.py                         # N=200,000 and 2,000,000
-    python benchmarks/measure_score_memory.py --rows 20000 200000 --threads 2
+    python benchmarks/studies/measure_score_memory.py               # N=200,000 and 2,000,000
+    python benchmarks/studies/measure_score_memory.py --rows 20000 200000 --threads 2
 
 ``score`` streams its inputs: it reads a chunk of rows at a time with positioned reads (no
 memmap), a reader thread one chunk ahead, and holds at most one part's outputs

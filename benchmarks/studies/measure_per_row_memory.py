@@ -4,7 +4,7 @@ The tables of all rows would be N·C·D·4 bytes (8 GiB at N=4096, C=1000, D=512
 holds one row batch's block (``policy.PER_ROW_TABLE_BYTES``) and its normalised copy at most.
 Each size runs in a fresh process, so ru_maxrss is its own.
 
-    python benchmarks/measure_per_row_memory.py --rows 4096 --classes 1000
+    python benchmarks/studies/measure_per_row_memory.py --rows 4096 --classes 1000
 """
 
 from __future__ import annotations
