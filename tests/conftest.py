@@ -109,6 +109,7 @@ MARKED: dict[str, tuple[str, ...]] = {
         "test_official_checkpoint.py::test_predictions_for_every_m_match_golden[large]",
         "test_peft.py::test_each_source_runs_end_to_end_in_the_cli",
         "test_plan.py::test_bf16_predictions_agree_with_fp32_on_a_trained_field",
+        "test_predict.py",  # its fixture runs fma-fast run on a tiny model
         "test_plan.py::test_released_size_network",
         "test_pretrained.py::test_a_classifier_on_a_tag_rebuilds_its_encoder_from_the_tag",
         "test_readme.py::test_the_image_tour_runs_as_written",
@@ -144,6 +145,8 @@ MARKED: dict[str, tuple[str, ...]] = {
         "test_readme.py::test_the_image_tour_runs_as_written",
         "test_score.py::test_torchrun_writes_the_bytes_of_one_process",
         "test_score.py::test_a_job_killed_with_sigkill_resumes_to_the_bytes_of_an_uninterrupted",
+        "test_predict.py::test_a_job_killed_with_sigkill_resumes_to_the_same_bytes",
+        "test_predict.py::test_torchrun_writes_the_bytes_of_one_process",
     ),
     # Compile ahead of time or with torch.compile (minutes cold).
     "compile": (
