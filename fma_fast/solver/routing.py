@@ -161,13 +161,16 @@ def _network(model, device: torch.device, precision: str, backend: str) -> str:
 
 
 def resolve(
-    model, options: SolveOptions, steps: int, features_device: torch.device
+    model, options: SolveOptions, steps: int, features_device: torch.device,
+    *, probe: bool = True,
 ) -> Route:
     """The route of a solve of ``steps`` steps; on CUDA the fused kernels are launched once
-    here (one step, one row) and, where they cannot run, the torch chain is taken instead."""
+    here (one step, one row) and, where they cannot run, the torch chain is taken instead.
+    ``probe=False`` leaves that launch to the caller (a differentiable solve makes it on its
+    own folded weights, without the plan cache)."""
     device = check.resolve_device(options.device, default=_model_device(model) or features_device)
     network = _network(model, device, options.precision, options.backend)
-    if network == NETWORK_FUSED and options.backend != "triton":
+    if network == NETWORK_FUSED and options.backend != "triton" and probe:
         plan = solver_plan(model, steps, options.step_size,
                            dtype=PRECISION_DTYPES[options.precision], device=device)
         network = NETWORK_FUSED if kernels_run(plan) else NETWORK_FALLBACK
