@@ -12,6 +12,7 @@ from .ops.class_tables import PerRowClasses
 from .ops.losses import cosine_cross_entropy
 from .solver.api import SolveResult, StepSelection, accuracy_by_steps, select_steps, solve
 from .train.fit import FitResult, fit
+from .train.refine import refine
 
 __all__ = [
     "CheckpointError",
@@ -29,6 +30,7 @@ __all__ = [
     "load_config",
     "load_official",
     "reference",
+    "refine",
     "save",
     "score",
     "select_steps",

@@ -228,7 +228,7 @@ def test_every_package_is_installed():
 PUBLIC = [
     "CheckpointError", "FitResult", "NotUnitNormWarning", "PerRowClasses", "ScoreSummary",
     "SolveResult", "StepSelection", "VelocityNet", "accuracy_by_steps", "cosine_cross_entropy",
-    "fit", "load", "load_config", "load_official", "reference", "save", "score",
+    "fit", "load", "load_config", "load_official", "reference", "refine", "save", "score",
     "select_steps", "solve", "synthetic",
 ]
 """``fma_fast.__all__``: a public name is added (or removed) here on purpose, never by a move."""
