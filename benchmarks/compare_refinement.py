@@ -20,13 +20,13 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import time
 
 import torch
 
 import fma_fast
+from fma_fast.core.environment import cpu_name
 from fma_fast.experiments.synthetic import make_task
 
 VARIANTS = {
@@ -145,7 +145,7 @@ def pooled(rows: list[dict], variants: list[str]) -> str:
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+    print(f"torch {torch.__version__}, {cpu_name()}, "
           f"{args.threads} thread(s), load {os.getloadavg()[0]:.1f}; classes={args.classes} "
           f"dim={args.dim} blocks={args.blocks} epochs={args.epochs} lr={args.lr} "
           f"gamma={args.gamma} refine_epochs={args.refine_epochs} variants={args.variants}",
