@@ -32,6 +32,7 @@ STAGES=(
   "tests|cuda|300|200|900|tests tests tests/test_cuda.py tests/test_kernels_*.py \"\${NOT_SMOKE[@]}\" -k 'not fits_the_architecture and not test_kernels_aot'"
   "solver|cuda,benchmark|180|120|120|bench solver benchmarks/bench_gpu_solver.py -k 'full or small'"
   "kernels|cuda,benchmark|120|90|90|bench kernels benchmarks/bench_kernels.py benchmarks/bench_training.py --quick"
+  "solvegrad|cuda,benchmark|150|60|60|bench solvegrad benchmarks/bench_solve_grad.py -k 'full and not rows1024'"
 )
 # One native correctness test per kernel family, and fit + solve end to end on CUDA.
 SMOKE=(

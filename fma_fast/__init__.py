@@ -9,8 +9,10 @@ from .core.validation import NotUnitNormWarning
 from .experiments import synthetic
 from .io.checkpoint import CheckpointError, load, load_config, load_official, save
 from .ops.class_tables import PerRowClasses
+from .ops.losses import cosine_cross_entropy
 from .solver.api import SolveResult, StepSelection, accuracy_by_steps, select_steps, solve
 from .train.fit import FitResult, fit
+from .train.refine import refine
 
 __all__ = [
     "CheckpointError",
@@ -22,11 +24,13 @@ __all__ = [
     "StepSelection",
     "VelocityNet",
     "accuracy_by_steps",
+    "cosine_cross_entropy",
     "fit",
     "load",
     "load_config",
     "load_official",
     "reference",
+    "refine",
     "save",
     "score",
     "select_steps",

@@ -110,3 +110,22 @@ def one_line_error(capsys, argv: list[str]) -> str:
     assert code == 2, f"exit status {code} for {argv}: {err}"
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     return err
+
+
+def assert_gradients_close(got: dict, expected: dict, dtype: torch.dtype, where: str) -> None:
+    """|a − e| ≤ rtol·max|e| + atol element-wise, with the (rtol, atol) of ``dtype`` from the
+    one tolerance table: a gradient sums over rows and steps, so its rounding error follows
+    its largest entries (as solver states are compared relative to their displacement)."""
+    rtol, atol = TOLERANCES[dtype].rtol, TOLERANCES[dtype].atol
+    assert got.keys() == expected.keys()
+    for name, wanted in expected.items():
+        actual = got[name]
+        assert actual is not None, f"{where}: no gradient reached {name}"
+        scale = float(wanted.abs().max())
+        assert scale > 0, f"{where}: the reference gradient of {name} is zero"
+        error = (actual.double() - wanted.double()).abs()
+        bad = error > rtol * scale + atol
+        assert not bool(bad.any()), (
+            f"{where}: d/d{name}: {int(bad.sum())} of {bad.numel()} elements differ; worst "
+            f"{float(error.max()):.3g} (largest gradient {scale:.3g}, rtol {rtol:g}·max + "
+            f"atol {atol:g})")

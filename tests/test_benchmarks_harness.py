@@ -254,8 +254,8 @@ def test_gpu_check_plan_lists_every_stage_with_its_times_and_runs_nothing(tmp_pa
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0].startswith("gpu_check plan: budget 540 s")
-    rows = {line.split()[0]: line.split() for line in lines[2:8]}
-    assert list(rows) == ["doctor", "smoke", "tests", "solver", "kernels", "total"]
+    rows = {line.split()[0]: line.split() for line in lines[2:9]}
+    assert list(rows) == ["doctor", "smoke", "tests", "solver", "kernels", "solvegrad", "total"]
     for name, row in rows.items():
         numbers = row[1:4] if name == "total" else row[2:5]
         assert all(number.isdigit() for number in numbers), row
@@ -276,7 +276,7 @@ def test_gpu_check_completes_without_the_optional_plugins_and_resumes(tmp_path, 
     assert "pytest-benchmark no" in probes and "pytest-xdist no" in probes, probes
     stages = _stages(out)
     assert stages["doctor"]["status"] == "passed"
-    for name in ("smoke", "tests", "solver", "kernels"):
+    for name in ("smoke", "tests", "solver", "kernels", "solvegrad"):
         assert stages[name]["status"] == "skipped", stages[name]
         assert "no CUDA device here" in stages[name]["reason"]
     assert "pytest-benchmark is not installed" in stages["solver"]["reason"]

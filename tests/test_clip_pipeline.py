@@ -249,6 +249,24 @@ def test_run_with_ten_views_takes_the_released_number_of_steps(tiny, tmp_path):
     assert run["optimizer_steps"] == 5 * math.ceil(12 / 16) == 5
 
 
+def test_run_refines_each_fit_at_its_m_and_records_it(tiny, tmp_path, single_run):
+    """``run --refine-epochs 2``: each fit is refined at the M chosen on val (the same fit as
+    without the option), M is chosen again, and the run records the refinement."""
+    out = tmp_path / "refined"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["run", *data_args(tiny), "--seeds", "1", "--out", str(out),
+                     *TRAIN_OPTIONS, "--refine-epochs", "2"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    (run,) = results["runs"]
+    plain = json.loads((single_run[0] / "results.json").read_text())["runs"][0]
+    assert results["training"]["refine_epochs"] == 2
+    refinement = run["refinement"]
+    assert refinement["steps_before"] == plain["chosen_steps"] > 0
+    assert refinement["steps"] == plain["chosen_steps"] and refinement["epochs"] == 2
+    assert len(refinement["history"]) == 2
+    assert plain["refinement"] is None
+
+
 def test_run_over_several_shot_counts_gives_a_table_for_each(tiny, tmp_path, single_run):
     """One run over --shots 2 4: one experiment per (shots, seed), one summary per shot
     count, and the 4-shot run equal to the single-shot-count run of the same seed."""

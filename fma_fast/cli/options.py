@@ -27,6 +27,7 @@ from ..io.files import (
 )
 from ..ops import dispatch
 from ..train.fit import FitSettings, fit
+from ..train.refine import REFINE_LR
 
 
 class Formatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -107,6 +108,18 @@ def add_training_options(
     group.add_argument("--max-steps", type=int, default=10,
                        help="largest M tried when choosing M on val")
     group.add_argument("--step-size", type=float, default=DEFAULT_STEP_SIZE, help="Euler step h")
+
+
+def add_refine_options(parser: argparse.ArgumentParser) -> None:
+    """``--refine-epochs``/``--refine-lr``: refinement of the fitted field at the M chosen on
+    val (:func:`fma_fast.refine`), off by default."""
+    group = parser.add_argument_group("refinement")
+    group.add_argument("--refine-epochs", type=int, default=0,
+                       help="then refine the field by the cross-entropy of its solve at the M "
+                            "chosen on val for this many passes over the training rows, and "
+                            "choose M again (0: no refinement)")
+    group.add_argument("--refine-lr", type=float, default=REFINE_LR,
+                       help="AdamW learning rate of the refinement")
 
 
 def fit_settings(args: argparse.Namespace, **overrides: Any) -> FitSettings:

@@ -14,6 +14,7 @@ import argparse
 
 from ..core.protocol import SUBSAMPLES
 from ..io.features import file_views
+from ..train.refine import refine
 from . import clip_options, options
 
 
@@ -26,9 +27,22 @@ def _fit_field(args):
     return fit_field
 
 
+def _refine_field(args):
+    """The refinement of each fit with the command's options (None without
+    --refine-epochs)."""
+    if not args.refine_epochs:
+        return None
+
+    def refine_field(model, train, class_features, *, steps, seed, device):
+        return refine(model, train.features, train.labels, class_features, steps=steps,
+                      epochs=args.refine_epochs, lr=args.refine_lr, step_size=args.step_size,
+                      seed=seed, device=device, progress=not args.quiet)
+    return refine_field
+
+
 TRAINING_RECORD = ("blocks", "width", "epochs", "batch_size", "lr", "weight_decay",
                    "warmup_epochs", "schedule", "gamma", "noise", "amp", "max_steps",
-                   "step_size")
+                   "step_size", "refine_epochs", "refine_lr")
 """The options results.json records as the run's training settings."""
 
 
@@ -41,6 +55,9 @@ def run(args) -> None:
         out = clip_options.check_before_work(args, args.seeds, context,
                                              backend=args.solve_backend)
         inputs = clip_options.load_inputs(args, context)
+        if args.refine_epochs and getattr(inputs.encoder, "per_image", False):
+            raise ValueError("--refine-epochs takes one class table; CoCoOp's per-image tables "
+                             "are not supported")
         inputs.claim(out)
         run_experiment(
             inputs, out, shots=args.shots, seeds=args.seeds,
@@ -49,6 +66,7 @@ def run(args) -> None:
                                 args.solve_backend),
             subsample=args.subsample, save_classifiers=args.save_classifiers,
             training={key: getattr(args, key) for key in TRAINING_RECORD}, context=context,
+            refine_field=_refine_field(args),
         )
 
 
@@ -65,6 +83,7 @@ def register(commands) -> None:
                       "seeds: each draws the shots, augmentations and the field's init")
     options.add_out(parser, "folder for the cache, results and plots")
     options.add_training_options(parser, seed=False)
+    options.add_refine_options(parser)
     options.add_solve_options(parser, prefix="solve-")
     parser.add_argument("--save-classifiers", action=argparse.BooleanOptionalAction,
                         default=True,

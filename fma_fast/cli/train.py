@@ -11,6 +11,9 @@ from . import options
 def run(args) -> None:
     options.check_device(args.device)
     out = options.require_out(args)
+    if args.refine_epochs and args.val is None:
+        raise ValueError("--refine-epochs needs --val: the field is refined at the M chosen "
+                         "there")
     files = TrainingFiles.read(args.features, args.val, normalize=args.normalize)
     if files.changed + files.changed_val:
         print(f"L2-normalised {files.changed} train and {files.changed_val} val rows that were "
@@ -19,8 +22,19 @@ def run(args) -> None:
     options.check_model_output(out, args.blocks, args.width, files.train.features.shape[1])
     trained = fit_on_files(files, options.fit_settings(args), views=args.views,
                            max_steps=args.max_steps, step_size=args.step_size,
-                           normalize=args.normalize, device=args.device)
-    if trained.selection is not None:
+                           normalize=args.normalize, device=args.device,
+                           refine_epochs=args.refine_epochs, refine_lr=args.refine_lr)
+    if trained.before_refinement is not None:
+        print(trained.before_refinement.table())
+        refinement = trained.result.config["refinement"]
+        if "skipped" in refinement:
+            print("M=0 chosen on val: the field is not used there, nothing to refine")
+        else:
+            history = refinement["history"]
+            print(f"refined at M={refinement['steps']}: loss {history[0]:.4f} -> "
+                  f"{history[-1]:.4f}; M chosen again on val:")
+            print(trained.selection.table())
+    elif trained.selection is not None:
         print(trained.selection.table())
     else:
         print("no --val file: M is not chosen; pass --steps to 'fma-fast eval'")
@@ -42,6 +56,7 @@ def register(commands) -> None:
     options.add_normalize(parser, True, "L2-normalise the rows of the feature files")
     options.add_out(parser, "output model folder")
     options.add_training_options(parser)
+    options.add_refine_options(parser)
     options.add_device(parser)
     options.add_quiet(parser)
     parser.set_defaults(run=run)

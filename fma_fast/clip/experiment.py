@@ -33,6 +33,10 @@ FitField = Callable[..., FitResult]
 """``fit_field(train, class_features, *, seed, device) -> FitResult``: the velocity field's
 training on a job's train split (``train`` a FeatureSet of V views per image)."""
 
+RefineField = Callable[..., FitResult]
+"""``refine_field(model, train, class_features, *, steps, seed, device) -> FitResult``: the
+fitted field refined at the M chosen on val (:func:`fma_fast.refine`)."""
+
 
 @dataclass(frozen=True)
 class SolveSettings:
@@ -106,26 +110,40 @@ def class_tables(encoder, split: FeatureSet, classes: list[int] | None):
 
 
 def fit_job(job: Job, fit_field: FitField, solve: SolveSettings, device, encoder,
-            rank: int = 0) -> dict[str, Any]:
-    """Fit one job and choose its M on val, on this rank alone."""
+            rank: int = 0, refine_field: RefineField | None = None) -> dict[str, Any]:
+    """Fit one job and choose its M on val, on this rank alone; with ``refine_field`` the
+    field is then refined at that M (nothing to refine at M=0) and M chosen again."""
     train, val = job.train, job.val
     start = time.perf_counter()
     fitted = fit_field(train, class_tables(encoder, train, job.base), seed=job.seed,
                        device=str(device))
     seconds = time.perf_counter() - start
-    selection = select_steps(
-        fitted.model, val.features, val.labels, class_tables(encoder, val, job.base),
-        solve.max_steps, solve.step_size, device=device, precision=solve.precision,
-        backend=solve.backend,
-    )
+
+    def choose(model):
+        return select_steps(
+            model, val.features, val.labels, class_tables(encoder, val, job.base),
+            solve.max_steps, solve.step_size, device=device, precision=solve.precision,
+            backend=solve.backend,
+        )
+
+    model, selection = fitted.model, choose(fitted.model)
+    refinement = None
+    if refine_field is not None and selection.best_steps:
+        refined = refine_field(fitted.model, train, class_tables(encoder, train, job.base),
+                               steps=selection.best_steps, seed=job.seed, device=str(device))
+        refinement = {**refined.config, "history": refined.history,
+                      "steps_before": selection.best_steps}
+        model, selection = refined.model, choose(refined.model)
+        seconds = time.perf_counter() - start
     return {
-        "model": fitted.model.to("cpu"),
+        "model": model.to("cpu"),
         "history": fitted.history,
         "config": fitted.config,
         "seconds": seconds,
         "selection": selection,
         "val_rows": int(val.features.shape[0]),
         "rank": rank,
+        "refinement": refinement,
     }
 
 
@@ -192,6 +210,7 @@ def evaluate_job(job: Job, fitted: dict[str, Any], test: FeatureSet, encoder, de
         optimizer_steps=config["optimizer_steps"],
         warmup_steps=config["warmup_steps"],
         fit_seconds=round(fitted["seconds"], 3),
+        refinement=fitted["refinement"],
         fitted_on_rank=fitted["rank"],
         loss_first_last=[fitted["history"][0], fitted["history"][-1]],
     )
@@ -223,6 +242,7 @@ def run_jobs(
     device,
     context: Context = SINGLE,
     on_run: Callable[[dict[str, Any]], None] | None = None,
+    refine_field: RefineField | None = None,
 ) -> RunOutcome:
     """The run protocol over ``jobs``: ``extract_job`` encodes a job's splits (every rank, its
     shards), the job's owner fits it and chooses M, every rank scores test. ``on_run`` sees
@@ -237,7 +257,8 @@ def run_jobs(
     fitted = {}
     for number, job in enumerate(jobs):  # each rank fits its own jobs, whole
         if context.owner(number) == context.rank:
-            fitted[number] = fit_job(job, fit_field, solve, device, encoder, context.rank)
+            fitted[number] = fit_job(job, fit_field, solve, device, encoder, context.rank,
+                                     refine_field)
     runs, predictions, shared_fits = [], {}, []
     for number, job in enumerate(jobs):
         owner = context.owner(number)

@@ -19,7 +19,7 @@ from ..experiments.report import runs as runs_summary
 from ..experiments.report.aggregate import mean_std
 from ..io.files import save_safetensors, write_text
 from .classifier import FewShotClassifier
-from .experiment import FitField, Job, RunOutcome, SolveSettings, run_jobs
+from .experiment import FitField, Job, RefineField, RunOutcome, SolveSettings, run_jobs
 from .inputs import ExtractOptions, Inputs
 
 RESULTS_NAME = "results.json"
@@ -112,18 +112,21 @@ def run_experiment(
     training: dict[str, Any] | None = None,
     context: Context,
     echo: Callable[[str], None] = _printed,
+    refine_field: RefineField | None = None,
 ) -> RunOutcome | None:
     """Extract -> fit -> choose M on val -> test for every shot count and seed (the jobs dealt
     to the ranks), then on rank 0: the tables, ``results.json`` (with ``training``, the
     settings ``fit_field`` trains with, as recorded), the predictions, the plots and the
-    classifiers. ``echo`` gets every line printed. Returns the outcome on rank 0, None on the
-    others."""
+    classifiers. ``echo`` gets every line printed. ``refine_field`` refines each fit at its M
+    before M is chosen again (each run records it under "refinement"). Returns the outcome on
+    rank 0, None on the others."""
     outcome = run_jobs(
         [Job(k, seed) for k in shots for seed in seeds],
         extract_job=lambda job: extract.extract(inputs, out / "cache", shots=job.shots,
                                                 seed=job.seed, context=context),
         fit_field=fit_field, encoder=inputs.encoder, solve=solve, subsample=subsample,
         device=inputs.device, context=context, on_run=lambda run: echo(report_line(run)),
+        refine_field=refine_field,
     )
     if not context.is_main:
         return None

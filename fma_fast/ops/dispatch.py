@@ -21,11 +21,13 @@ import torch.nn.functional as F
 from ..core import reference
 from ..core import validation as check
 from ..core.names import (
+    BACKENDS,
     OP_BACKENDS,
     PATH_FALLBACK,
     PATH_INTERPRETER,
     PATH_REFERENCE,
     PATH_TRITON,
+    Backend,
     OpBackend,
     check_choice,
 )
@@ -98,6 +100,16 @@ def select_path(backend: OpBackend, *tensors: torch.Tensor) -> str:
             )
         return PATH_REFERENCE
     return PATH_INTERPRETER if on_cpu and interpreter_active() else PATH_TRITON
+
+
+def op_backend(backend: Backend, device: torch.device) -> OpBackend:
+    """The backend for ops on ``device`` of a solve, ``fit`` or the training loss: "auto"
+    means the kernels on CUDA and the torch twins on the CPU, where the kernels only run in
+    Triton's slow interpreter (``backend="triton"`` asks for it, for tests)."""
+    check_choice("backend", backend, BACKENDS)  # the op backends are solve backends too
+    if backend in ("reference", "triton"):
+        return backend
+    return "auto" if device.type == "cuda" else "reference"
 
 
 def _kernels(name: str):

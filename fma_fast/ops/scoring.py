@@ -92,10 +92,58 @@ def tiled_logsumexp(x: torch.Tensor, class_features: torch.Tensor, logit_scale: 
     return tiled_scores(x, class_features, 1, with_lse=True, logit_scale=logit_scale)[2]
 
 
+class TiledCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of softmax(scale·u·ẑᵀ) for unit rows u (N, D) and a unit table ẑ
+    (C, D), in blocks of CLASS_TILE rows × CLASS_TILE classes both ways: the forward keeps
+    each row's log-sum-exp, the backward recomputes the probabilities p tile by tile for
+    du = scale/N·(p·ẑ − ẑ_y) and dẑ = scale/N·(pᵀ·u − Σ_{y_n=c} u_n), so no (N, C) matrix is
+    held for the backward either."""
+
+    @staticmethod
+    def forward(ctx, unit, table, labels, logit_scale):
+        lse = torch.full((unit.shape[0],), -torch.inf, dtype=unit.dtype, device=unit.device)
+        for rows, _, cosines in _tiles(unit, table):
+            lse[rows] = torch.logaddexp(lse[rows], torch.logsumexp(logit_scale * cosines, 1))
+        true = (unit * table[labels]).sum(dim=1)
+        ctx.save_for_backward(unit, table, labels, lse)
+        ctx.logit_scale = logit_scale
+        return (lse - logit_scale * true).mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        unit, table, labels, lse = ctx.saved_tensors
+        scale = ctx.logit_scale
+        grad_unit = torch.zeros_like(unit) if ctx.needs_input_grad[0] else None
+        grad_table = torch.zeros_like(table) if ctx.needs_input_grad[1] else None
+        for rows, classes, cosines in _tiles(unit, table):
+            probs = cosines.mul_(scale).sub_(lse[rows, None]).exp_()
+            if grad_unit is not None:
+                grad_unit[rows].addmm_(probs, table[classes])
+            if grad_table is not None:
+                grad_table[classes].addmm_(probs.T, unit[rows])
+        coef = grad * scale / unit.shape[0]
+        if grad_unit is not None:
+            grad_unit = grad_unit.sub_(table[labels]).mul_(coef)
+        if grad_table is not None:
+            grad_table = grad_table.index_add_(0, labels, unit, alpha=-1).mul_(coef)
+        return grad_unit, grad_table, None, None
+
+
+def _tiles(unit: torch.Tensor, table: torch.Tensor):
+    """(rows, classes, cosines) for every block of CLASS_TILE rows × CLASS_TILE classes."""
+    tile = policy.CLASS_TILE
+    for start in range(0, unit.shape[0], tile):
+        rows = slice(start, min(start + tile, unit.shape[0]))
+        for first in range(0, table.shape[0], tile):
+            classes = slice(first, min(first + tile, table.shape[0]))
+            yield rows, classes, unit[rows] @ table[classes].T
+
+
 def tiled_cross_entropy(
     x: torch.Tensor, class_features: torch.Tensor, labels: torch.Tensor, logit_scale: float
 ) -> torch.Tensor:
     """Mean cross-entropy of softmax(``logit_scale``·cos) against labels, class tile by tile
-    (unit-norm ``class_features``)."""
-    lse = tiled_logsumexp(x, class_features, logit_scale)
-    return (lse - logit_scale * true_cosines(x, class_features, labels)).mean()
+    (unit-norm ``class_features``), differentiable w.r.t. both without an (N, C) matrix."""
+    unit = F.normalize(reference.at_least_fp32(x), dim=-1)
+    return TiledCrossEntropy.apply(unit, class_features.to(unit.dtype), labels,
+                                   float(logit_scale))

@@ -36,7 +36,7 @@ from ..core.names import (
 from ..core.policy import LOGIT_SCALE, UNIT_ROW_TOLERANCE, best_on_val
 from ..ops import class_tables, dispatch, scoring
 from ..ops.class_tables import PerRowClasses
-from . import cpu, fused
+from . import cpu, fused, grad
 from .plan import solver_plan
 from .routing import Route, SolveOptions, resolve
 
@@ -402,7 +402,6 @@ def prepare_route(route: Route, model, steps: int) -> None:
         cpu.compile_steps(model, steps, route.step_size, route.device)
 
 
-@torch.inference_mode()
 def solve(
     features,
     model,
@@ -418,6 +417,7 @@ def solve(
     ensemble_steps: Sequence[int] | None = None,
     logit_scale: float = LOGIT_SCALE,
     zero_shot: bool = False,
+    differentiable: bool = False,
 ) -> torch.Tensor | SolveResult:
     """Transport ``features`` (N, D) with M=``steps`` Euler steps of size ``step_size`` (None:
     the model's, as :func:`fma_fast.load` sets them, else h=0.1; see
@@ -442,6 +442,15 @@ def solve(
     before the first step (M=0, the backbone's own prediction) in the same pass:
     ``.zero_shot_pred``. A NaN/Inf state (a non-finite field) raises ValueError.
 
+    ``differentiable=True`` (no class table: top-k is not differentiable, score with
+    :func:`fma_fast.cosine_cross_entropy`) returns x_M attached to autograd, computed on the
+    model's device in one batch: gradients reach ``features`` and every parameter of a
+    VelocityNet through its folded weights, recomputed from the parameters at every call
+    (memory O(N·D·M): :mod:`fma_fast.solver.grad`); any other model is differentiated
+    through the plain Euler loop. With ``precision="bf16"`` the forward runs bf16 GEMMs and
+    the backward recomputes each step in fp32 from the states it saved. M=0 returns a copy
+    of the features.
+
     Args:
         features: (N, D) rows: a tensor or a numpy array/memmap.
         model: a :class:`VelocityNet` or any callable ``u(x, t)``.
@@ -454,6 +463,42 @@ def solve(
         The transported (N, D) features without ``class_features``; else a
         :class:`SolveResult` (``.pred``, ``.topk_values``, ``.topk_indices``, ``.path``).
     """
+    if not isinstance(differentiable, bool):
+        raise TypeError(
+            f"differentiable must be True or False, got {type(differentiable).__name__}")
+    if differentiable:
+        return _differentiable(features, model, steps, step_size, precision, backend, device,
+                               class_features=class_features, topk=topk,
+                               batch_size=batch_size, ensemble_steps=ensemble_steps,
+                               zero_shot=zero_shot or None)
+    return _solve(features, model, steps, step_size, class_features, topk, batch_size, device,
+                  precision, backend, ensemble_steps, logit_scale, zero_shot)
+
+
+def _differentiable(features, model, steps, step_size, precision, backend, device,
+                    **refused) -> torch.Tensor:
+    """:func:`solve` with ``differentiable=True``: x_M attached to autograd; the arguments
+    that score (``refused``) must be None."""
+    for name, value in refused.items():
+        if value is not None:
+            raise ValueError(f"{name} is not available with differentiable=True, which returns "
+                             "x_M (top-k is not differentiable: score x_M with "
+                             "fma_fast.cosine_cross_entropy)")
+    steps, step_size = _settings(model, steps, step_size)
+    options = SolveOptions(step_size=step_size, precision=precision, backend=backend,
+                           device=device)
+    x, _, _ = _inputs(features, model, None)
+    check.check_finite("features", x.detach())
+    check.warn_unless_unit_rows("features", x.detach().float())
+    route = resolve(model, options, steps, x.device, probe=False)
+    return grad.differentiable_solve(model, x, steps, route)
+
+
+@torch.inference_mode()
+def _solve(features, model, steps, step_size, class_features, topk, batch_size, device,
+           precision, backend, ensemble_steps, logit_scale, zero_shot
+           ) -> torch.Tensor | SolveResult:
+    """:func:`solve` without ``differentiable``, under inference mode."""
     steps, step_size = _settings(model, steps, step_size)
     logit_scale = check.check_positive_float("logit_scale", logit_scale)
     options = SolveOptions(step_size=step_size, precision=precision, backend=backend,

@@ -3,9 +3,10 @@
 :func:`resolve` turns the options of a solve into a :class:`Route`: the network path (the
 reference loop, any other velocity module as given (a VelocityNet too when the fold would
 not reproduce its call: :func:`fma_fast.solver.plan.fold_problem`), the folded plan's torch GEMM
-chain, or its fused Triton kernels) and how the states are scored. :func:`op_backend` is the
-rule shared by the solve's Euler update and scoring ops and by ``fit``'s training pair and
-loss: the kernels on CUDA, the torch twins on the CPU, unless a backend is forced.
+chain, or its fused Triton kernels) and how the states are scored. The rule shared by the
+solve's Euler update and scoring ops, ``fit``'s training pair and loss and
+``cosine_cross_entropy`` is :func:`~fma_fast.ops.dispatch.op_backend` (imported here): the
+kernels on CUDA, the torch twins on the CPU, unless a backend is forced.
 
 Internal module: the public functions take ``backend`` and ``precision`` strings.
 """
@@ -40,6 +41,7 @@ from ..core.names import (
 from ..core.policy import DEFAULT_STEP_SIZE, PRECISION_DTYPES, SOLVE_BATCH_ROWS
 from ..kernels._common import HAS_TRITON
 from ..ops import dispatch
+from ..ops.dispatch import op_backend
 from .fused import kernels_run
 from .plan import fold_problem, solver_plan
 
@@ -116,16 +118,6 @@ class Route:
         return network if scoring is None else f"{network}+{scoring}-topk"
 
 
-def op_backend(backend: Backend, device: torch.device) -> OpBackend:
-    """The :mod:`fma_fast.ops.dispatch` backend for ops on ``device``: "auto" means the kernels on
-    CUDA and the torch twins on the CPU, where the kernels only run in Triton's slow
-    interpreter (``backend="triton"`` asks for it, for tests)."""
-    check_choice("backend", backend, BACKENDS)  # the op backends are solve backends too
-    if backend in ("reference", "triton"):
-        return backend
-    return "auto" if device.type == "cuda" else "reference"
-
-
 def _model_device(model) -> torch.device | None:
     if isinstance(model, nn.Module):
         for parameter in model.parameters():
@@ -169,13 +161,16 @@ def _network(model, device: torch.device, precision: str, backend: str) -> str:
 
 
 def resolve(
-    model, options: SolveOptions, steps: int, features_device: torch.device
+    model, options: SolveOptions, steps: int, features_device: torch.device,
+    *, probe: bool = True,
 ) -> Route:
     """The route of a solve of ``steps`` steps; on CUDA the fused kernels are launched once
-    here (one step, one row) and, where they cannot run, the torch chain is taken instead."""
+    here (one step, one row) and, where they cannot run, the torch chain is taken instead.
+    ``probe=False`` leaves that launch to the caller (a differentiable solve makes it on its
+    own folded weights, without the plan cache)."""
     device = check.resolve_device(options.device, default=_model_device(model) or features_device)
     network = _network(model, device, options.precision, options.backend)
-    if network == NETWORK_FUSED and options.backend != "triton":
+    if network == NETWORK_FUSED and options.backend != "triton" and probe:
         plan = solver_plan(model, steps, options.step_size,
                            dtype=PRECISION_DTYPES[options.precision], device=device)
         network = NETWORK_FUSED if kernels_run(plan) else NETWORK_FALLBACK

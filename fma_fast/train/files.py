@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..core import validation as check
 from ..core.model import VelocityNet
 from ..core.policy import DEFAULT_STEP_SIZE
 from ..io.features import (
@@ -20,6 +21,7 @@ from ..io.features import (
 )
 from ..solver.api import StepSelection, select_steps
 from .fit import FitResult, FitSettings, fit
+from .refine import REFINE_LR, refine
 
 
 @dataclass
@@ -52,11 +54,15 @@ class TrainingFiles:
 @dataclass
 class Trained:
     """The fit, the choice of M on val (None without a validation file) and what
-    :func:`fma_fast.save` stores beside the weights (``extra``)."""
+    :func:`fma_fast.save` stores beside the weights (``extra``). After a refinement
+    ``result`` holds the refined field (its config records the refinement under
+    "refinement"), ``selection`` the M chosen again and ``before_refinement`` the first
+    choice."""
 
     result: FitResult
     selection: StepSelection | None
     extra: dict[str, Any]
+    before_refinement: StepSelection | None = None
 
     @property
     def model(self) -> VelocityNet:
@@ -65,11 +71,18 @@ class Trained:
 
 def fit_on_files(files: TrainingFiles, settings: FitSettings, *, views: int | None = None,
                  max_steps: int = 10, step_size: float = DEFAULT_STEP_SIZE, normalize: bool = True,
-                 device: str | torch.device | None = None) -> Trained:
+                 device: str | torch.device | None = None, refine_epochs: int = 0,
+                 refine_lr: float = REFINE_LR) -> Trained:
     """Fit on the training file (``views`` per image: given, else the file's provenance) and
     choose M on the validation file; CoCoOp files are refused (their class tables depend on
-    the image, which a feature file does not hold)."""
+    the image, which a feature file does not hold). ``refine_epochs`` > 0 then refines the
+    field at that M (:func:`~fma_fast.train.refine.refine`, needs the validation file; at
+    M=0 the field is not used, so the skip is recorded) and chooses M again."""
     train, val = files.train, files.val
+    refine_epochs = check.check_int("refine_epochs", refine_epochs, minimum=0)
+    if refine_epochs and val is None:
+        raise ValueError("refine_epochs needs a validation file: the field is refined at the "
+                         "M chosen there")
     peft = (train.source or {}).get("peft") or {}
     if peft.get("method") == "cocoop":
         raise ValueError(f"{files.train_path} holds CoCoOp features, whose class tables depend "
@@ -78,9 +91,25 @@ def fit_on_files(files: TrainingFiles, settings: FitSettings, *, views: int | No
     result = fit(train.features, train.labels, train.class_features, device=device,
                  **asdict(settings))
     extra = {"step_size": step_size, "data": data_record(train), "normalize": normalize}
-    selection = None
-    if val is not None:
-        selection = select_steps(result.model, val.features, val.labels, val.class_features,
-                                 max_steps=max_steps, step_size=step_size, device=device)
-        extra.update(steps=selection.best_steps, val_accuracy=selection.accuracy)
-    return Trained(result, selection, extra)
+    if val is None:
+        return Trained(result, None, extra)
+
+    def choose(model: VelocityNet) -> StepSelection:
+        return select_steps(model, val.features, val.labels, val.class_features,
+                            max_steps=max_steps, step_size=step_size, device=device)
+
+    selection = before = choose(result.model)
+    if refine_epochs and selection.best_steps == 0:
+        result = FitResult(result.model, {**result.config, "refinement": {
+            "skipped": "M=0 chosen on val"}}, result.history, result.learning_rates)
+    elif refine_epochs:
+        refined = refine(result.model, train.features, train.labels, train.class_features,
+                         steps=selection.best_steps, epochs=refine_epochs, lr=refine_lr,
+                         step_size=step_size, seed=settings.seed, device=device,
+                         progress=settings.progress)
+        result = FitResult(refined.model, {**result.config, "refinement": {
+            **refined.config, "history": refined.history}}, result.history,
+            result.learning_rates)
+        selection = choose(refined.model)
+    extra.update(steps=selection.best_steps, val_accuracy=selection.accuracy)
+    return Trained(result, selection, extra, before if refine_epochs else None)
