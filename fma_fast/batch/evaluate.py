@@ -74,7 +74,7 @@ def evaluate_file(
                    class_features=data.class_features, device=device)
     summary = {"steps": steps, "step_size": step_size, "rows": len(result.pred),
                "path": result.path, "normalized_rows": normalized_rows}
-    warn_if_collapsed(result.pred, classes, f"eval {Path(features).name}")
+    warn_if_collapsed(result.pred, classes, f"eval {Path(features).name}", data.class_names)
     if labelled:  # M=0 scored in the same pass over the states
         summary.update(ClassificationCounts.of(result.topk_indices, data.labels)
                        .summary(data.class_names))

@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,12 @@ import torch
 from .._version import __version__
 from ..core import validation as check
 from ..core.distributed import SINGLE, Context
-from ..core.metrics import TOP_K_REPORTED, ClassificationCounts, warn_if_collapsed
+from ..core.metrics import (
+    TOP_K_REPORTED,
+    ClassificationCounts,
+    CollapseWarning,
+    collapse_message,
+)
 from ..core.model import VelocityNet, normalizes, solve_settings
 from ..core.names import (
     BACKENDS,
@@ -491,9 +497,11 @@ def _manifest(out, by_shard, score_job: ScoreJob, job: str, settings, context, w
         wider = total.summary(score_job.names)
         wider.pop("accuracy")  # the same as ``accuracy``
     kinds = {tuple(r["predicted"]) for _, r in records}
-    if rows > 1 and len(kinds) == 1 and next(iter(kinds))[1]:  # one class in every part
-        warn_if_collapsed(torch.full((rows,), next(iter(kinds))[0]), score_job.table.shape[0],
-                          f"score {out}")
+    if len(kinds) == 1 and next(iter(kinds))[1]:  # one class in every part
+        message = collapse_message(rows, score_job.table.shape[0], next(iter(kinds))[0],
+                                   f"score {out}", score_job.names)
+        if message is not None:
+            warnings.warn(message, CollapseWarning, stacklevel=2)
     path = path or next((r.get("path") for _, r in records if r.get("path")), None)
     gathered = context.gather((*work, seconds))
     scored_all = sum(g[0] for g in gathered)

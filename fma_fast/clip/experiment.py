@@ -192,7 +192,7 @@ def evaluate_job(job: Job, fitted: dict[str, Any], test: FeatureSet, encoder, de
         run[f"{key}_rows"] = int(split.features.shape[0])
         run[f"{key}_at_chosen_m"] = ClassificationCounts.of(
             result.topk_indices, split.labels).summary(split.class_names)
-        warn_if_collapsed(result.pred, class_count(table), f"{job.key} {key}")
+        warn_if_collapsed(result.pred, class_count(table), f"{job.key} {key}", split.class_names)
         run["solve_path"] = result.path
         predictions[f"{prefix}-{name}" if name else prefix] = result.pred
         predictions[f"labels-{name}" if name else "labels"] = split.labels

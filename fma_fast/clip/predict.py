@@ -44,7 +44,7 @@ from ..batch.records import (
 from ..batch.writers import FORMATS, write_part
 from ..core import validation as check
 from ..core.distributed import SINGLE, Context
-from ..core.metrics import TOP_K_REPORTED, CollapseWarning
+from ..core.metrics import TOP_K_REPORTED, CollapseWarning, collapse_message
 from ..core.names import Backend, Precision, check_choice
 from ..core.policy import DECODE_THREADS, PREDICT_PART_IMAGES, SCORE_TEXT_ENTRIES
 from ..core.progress import progress as progress_bar
@@ -381,18 +381,6 @@ def _sum_lists(lists: list[list[int]], size: int) -> list[int]:
     return total
 
 
-def collapse_message(predicted: list[int], names: Sequence[str]) -> str | None:
-    """The warning when every one of two or more predictions is the same class (of two or
-    more), else None."""
-    rows = sum(predicted)
-    if rows < 2 or len(names) < 2 or max(predicted) != rows:
-        return None
-    name = names[predicted.index(rows)]
-    return (f"all {rows:,} predictions are class {name!r}: a classifier that puts every image "
-            "in one class usually has a broken or random encoder, or was fitted on other "
-            "images; check it on labelled images")
-
-
 def _manifest(out, by_source, digest, settings, classifier, context, work, seconds,
               path) -> PredictSummary:
     """Every part's record read back, the summary, the collapse warning, and on rank 0 the
@@ -416,7 +404,9 @@ def _manifest(out, by_source, digest, settings, classifier, context, work, secon
                            ("accuracy_at_m0", "correct_m0")):
             scores[key] = sum(r[count] for r in labelled) / labelled_rows
         scores["mean_per_class_recall"] = sum(measured) / len(measured)
-    warning = collapse_message(predicted, names)
+    warning = None
+    if rows and max(predicted) == rows:  # every prediction in one class
+        warning = collapse_message(rows, len(names), predicted.index(rows), "", names)
     path = path or next((r.get("path") for _, r in records if r.get("path")), None)
     gathered = context.gather((*work, seconds))
     done_all, skipped = sum(g[0] for g in gathered), sum(g[1] for g in gathered)

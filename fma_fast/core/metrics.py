@@ -5,6 +5,7 @@ parts and ranks; and the warning when every prediction is one class."""
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,15 +79,27 @@ class ClassificationCounts:
                 "per_class_recall": named}
 
 
-def warn_if_collapsed(pred: torch.Tensor, num_classes: int, where: str) -> str | None:
-    """Warn (and return the message) when every one of several predictions is one class of
-    several: a broken or random encoder, or a collapsed field, looks like that."""
-    if num_classes < 2 or pred.numel() < 2:
+def collapse_message(rows: int, num_classes: int, only: int, where: str,
+                     class_names: Sequence[str] | None = None) -> str | None:
+    """The warning when every one of ``rows`` (two or more) predictions is class ``only`` of
+    ``num_classes`` (two or more), else None: a broken or random encoder, or a collapsed
+    field, looks like that. ``where`` (the job or file) heads the message when given."""
+    if num_classes < 2 or rows < 2:
         return None
-    first = pred.reshape(-1)[0]
-    if not bool((pred == first).all()):
+    shown = repr(class_names[only]) if class_names else f"{only} of {num_classes}"
+    prefix = f"{where}: " if where else ""
+    return (f"{prefix}all {rows:,} predictions are class {shown}; check the encoder, the class "
+            "table and the model (on labelled images)")
+
+
+def warn_if_collapsed(pred: torch.Tensor, num_classes: int, where: str,
+                      class_names: Sequence[str] | None = None) -> str | None:
+    """Warn (and return the message) when every one of several predictions ``pred`` is one
+    class (:func:`collapse_message`)."""
+    pred = pred.reshape(-1)
+    if not pred.numel() or not bool((pred == pred[0]).all()):
         return None
-    message = (f"{where}: all {pred.numel()} predictions are class {int(first)} of "
-               f"{num_classes}; check the encoder, the class table and the model")
-    warnings.warn(message, CollapseWarning, stacklevel=2)
+    message = collapse_message(pred.numel(), num_classes, int(pred[0]), where, class_names)
+    if message is not None:
+        warnings.warn(message, CollapseWarning, stacklevel=2)
     return message
