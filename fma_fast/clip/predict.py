@@ -44,7 +44,12 @@ from ..batch.records import (
 from ..batch.writers import FORMATS, write_part
 from ..core import validation as check
 from ..core.distributed import SINGLE, Context
-from ..core.metrics import TOP_K_REPORTED, CollapseWarning, collapse_message
+from ..core.metrics import (
+    TOP_K_REPORTED,
+    ClassificationCounts,
+    CollapseWarning,
+    collapse_message,
+)
 from ..core.names import Backend, Precision, check_choice
 from ..core.policy import DECODE_THREADS, PREDICT_PART_IMAGES, SCORE_TEXT_ENTRIES
 from ..core.progress import progress as progress_bar
@@ -131,11 +136,10 @@ class _PartState:
     files: list[str] = field(default_factory=list)
     bad: list[list[str]] = field(default_factory=list)
     counts: dict[str, Any] = field(default_factory=dict)
+    metrics: ClassificationCounts = field(default_factory=ClassificationCounts)
 
     def __post_init__(self) -> None:
-        self.counts = {"correct": 0, "correct_top5": 0, "correct_m0": 0,
-                       "predicted": [0] * self.classes, "class_rows": [0] * self.classes,
-                       "class_correct": [0] * self.classes}
+        self.counts = {"correct_m0": 0, "predicted": [0] * self.classes}
 
     def add(self, result, rows: torch.Tensor, labels: torch.Tensor | None, topk: int) -> None:
         indices, values = result.topk_indices.cpu(), result.topk_values.cpu()
@@ -145,13 +149,8 @@ class _PartState:
         self._count("predicted", top1)
         if labels is not None:
             chunk["labels"] = labels
-            hit = top1 == labels
-            wide = min(TOP_K_REPORTED, self.classes)
-            self.counts["correct"] += int(hit.sum())
-            self.counts["correct_top5"] += int((indices[:, :wide] == labels[:, None]).any(1).sum())
+            self.metrics = self.metrics + ClassificationCounts.of(indices, labels)
             self.counts["correct_m0"] += int((result.zero_shot_pred.cpu() == labels).sum())
-            self._count("class_rows", labels)
-            self._count("class_correct", labels[hit])
         for name, value in chunk.items():
             self.arrays.setdefault(name, []).append(value)
 
@@ -371,7 +370,8 @@ class _Job:
                            self.classifier.class_names, self.digest, paths=state.paths)
         input_digest = entries_digest(source.entries[part.start:part.stop], state.files)
         write_record(self.out, part, self.digest, input_digest, files, labelled=state.labelled,
-                     kept=len(state.paths), bad=state.bad, path=path, **state.counts)
+                     kept=len(state.paths), bad=state.bad, path=path,
+                     metrics=state.metrics.record(), **state.counts)
 
 
 def _sum_lists(lists: list[list[int]], size: int) -> list[int]:
@@ -393,17 +393,13 @@ def _manifest(out, by_source, digest, settings, classifier, context, work, secon
     labelled = [r for _, r in records if r["labelled"]]
     labelled_rows = sum(r["kept"] for r in labelled)
     predicted = _sum_lists([r["predicted"] for _, r in records], len(names))
-    class_rows = _sum_lists([r["class_rows"] for r in labelled], len(names))
-    class_correct = _sum_lists([r["class_correct"] for r in labelled], len(names))
-    recall = {name: (c / n if n else None) for name, c, n in zip(names, class_correct, class_rows)}
-    measured = [value for value in recall.values() if value is not None]
-    scores: dict[str, float | None] = dict.fromkeys(
-        ("accuracy", "top5_accuracy", "accuracy_at_m0", "mean_per_class_recall"))
-    if labelled_rows:
-        for key, count in (("accuracy", "correct"), ("top5_accuracy", "correct_top5"),
-                           ("accuracy_at_m0", "correct_m0")):
-            scores[key] = sum(r[count] for r in labelled) / labelled_rows
-        scores["mean_per_class_recall"] = sum(measured) / len(measured)
+    found = sum((ClassificationCounts.from_record(r["metrics"]) for r in labelled),
+                ClassificationCounts()).summary(names)
+    recall = {name: found.get("per_class_recall", {}).get(name) for name in names}
+    scores: dict[str, float | None] = {
+        key: found.get(key) for key in ("accuracy", "top5_accuracy", "mean_per_class_recall")}
+    scores["accuracy_at_m0"] = (sum(r["correct_m0"] for r in labelled) / labelled_rows
+                                if labelled_rows else None)
     warning = None
     if rows and max(predicted) == rows:  # every prediction in one class
         warning = collapse_message(rows, len(names), predicted.index(rows), "", names)
