@@ -6,7 +6,12 @@ used by one family of tests and brings its own imports."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +20,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from fma_fast import VelocityNet, reference
 from fma_fast.cli import main
 from fma_fast.core.policy import PRECISION_DTYPES, TOLERANCES
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def randomize_parameters(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> None:
@@ -129,3 +136,21 @@ def assert_gradients_close(got: dict, expected: dict, dtype: torch.dtype, where:
             f"{where}: d/d{name}: {int(bad.sum())} of {bad.numel()} elements differ; worst "
             f"{float(error.max()):.3g} (largest gradient {scale:.3g}, rtol {rtol:g}·max + "
             f"atol {atol:g})")
+
+
+def child_environment() -> dict[str, str]:
+    """The environment of a CLI child process: one thread, this checkout on the path."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def kill_after_parts(command: list[str], out: Path, env: dict[str, str], *, parts: int = 3,
+                     seconds: float = 180) -> int:
+    """Start ``command``, SIGKILL it once ``parts`` part records exist in ``out`` (or after
+    ``seconds``); returns how many records there were at the kill."""
+    process = subprocess.Popen(command, env=env)
+    deadline = time.time() + seconds
+    while time.time() < deadline and len(list(out.glob("*.done.json"))) < parts:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return len(list(out.glob("*.done.json")))

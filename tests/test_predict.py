@@ -13,7 +13,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -36,6 +35,7 @@ from clip_support import (  # noqa: E402
     write_architecture,
 )
 from safetensors import safe_open  # noqa: E402
+from support import child_environment, kill_after_parts  # noqa: E402
 
 import fma_fast  # noqa: E402
 from fma_fast.cli import main  # noqa: E402
@@ -50,7 +50,6 @@ from fma_fast.clip import predict as predict_module  # noqa: E402
 from fma_fast.core.progress import progress as progress_bar  # noqa: E402
 from fma_fast.io.features import load_features  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 MODEL = "fma-fast-tiny-predict-test"
 CLASSES = ["circle", "square", "star"]
 TEST_PER_CLASS = 70  # 210 test images
@@ -196,10 +195,6 @@ def _command(tiny, out: Path, *extra: str) -> list[str]:
             "5", "--device", "cpu", "--quiet", *extra]
 
 
-def _environment() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-
-
 def _same_files(one: Path, two: Path) -> None:
     names = sorted(p.name for p in one.iterdir())
     assert sorted(p.name for p in two.iterdir()) == names
@@ -211,17 +206,11 @@ def _same_files(one: Path, two: Path) -> None:
 def test_a_job_killed_with_sigkill_resumes_to_the_same_bytes(tiny, tmp_path):
     """SIGKILL while parts are being written, then the same command: every image classified
     once, the files those of a job never killed, no temporary file left."""
-    env = _environment()
+    env = child_environment()
     done = subprocess.run(_command(tiny, tmp_path / "whole"), env=env, timeout=300,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    process = subprocess.Popen(_command(tiny, tmp_path / "killed"), env=env)
-    deadline = time.time() + 180
-    while time.time() < deadline and len(list((tmp_path / "killed").glob("*.done.json"))) < 3:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    at_kill = len(list((tmp_path / "killed").glob("*.done.json")))
+    at_kill = kill_after_parts(_command(tiny, tmp_path / "killed"), tmp_path / "killed", env)
     assert 0 < at_kill < 21, f"{at_kill} of 21 parts were done at the kill"
     done = subprocess.run(_command(tiny, tmp_path / "killed"), env=env, timeout=300,
                           capture_output=True, text=True)
@@ -233,7 +222,7 @@ def test_a_job_killed_with_sigkill_resumes_to_the_same_bytes(tiny, tmp_path):
 
 def test_torchrun_writes_the_bytes_of_one_process(tiny, tmp_path):
     """Two gloo processes take parts round-robin and write the files of one process."""
-    env = _environment()
+    env = child_environment()
     one, two = tmp_path / "one", tmp_path / "two"
     done = subprocess.run(_command(tiny, one, "--format", "npy"), env=env, timeout=300,
                           capture_output=True, text=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import struct
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from support import one_line_error
+from support import child_environment, kill_after_parts, one_line_error
 
 import fma_fast
 from fma_fast import synthetic
@@ -257,20 +256,16 @@ def _command(job, out: Path, *extra: str) -> list[str]:
             "--device", "cpu", "--quiet", *extra]
 
 
-def _environment() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-
-
 def test_torchrun_writes_the_bytes_of_one_process(job, tmp_path):
     """Two gloo processes take whole input shards each and write the files one process writes,
     byte for byte (the manifest's timings aside)."""
     one, two = tmp_path / "one", tmp_path / "two"
     done = subprocess.run([sys.executable, *_command(job, one)], capture_output=True, text=True,
-                          timeout=240, env=_environment())
+                          timeout=240, env=child_environment())
     assert done.returncode == 0, done.stderr[-3000:]
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc_per_node=2", *_command(job, two)], capture_output=True,
-                          text=True, timeout=240, env=_environment())
+                          text=True, timeout=240, env=child_environment())
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("scored") == 1, done.stdout
     names = sorted(p.name for p in one.iterdir())
@@ -307,15 +302,10 @@ def test_a_job_killed_with_sigkill_resumes_to_the_bytes_of_an_uninterrupted_run(
                 *map(str, inputs), "--classes", str(tmp_path / "classes.npy"), "--out", str(out),
                 "--quiet", "--device", "cpu"]
 
-    env = _environment()
+    env = child_environment()
     assert subprocess.run(command(tmp_path / "whole"), env=env, timeout=300).returncode == 0
-    process = subprocess.Popen(command(tmp_path / "killed"), env=env)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list((tmp_path / "killed").glob("*.done.json"))) < 3:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    done_at_kill = len(list((tmp_path / "killed").glob("*.done.json")))
+    done_at_kill = kill_after_parts(command(tmp_path / "killed"), tmp_path / "killed", env,
+                                    seconds=120)
     assert 0 < done_at_kill < 16, f"{done_at_kill} of 16 parts were done at the kill"
     assert subprocess.run(command(tmp_path / "killed"), env=env, timeout=300).returncode == 0
     for path in sorted((tmp_path / "whole").iterdir()):
