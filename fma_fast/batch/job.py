@@ -422,7 +422,7 @@ def _score_parts(job: ScoreJob, out: Path, pending: list[Part], digest: str,
                        enabled=progress)
     path = None
     collected: dict[str, list[torch.Tensor]] = {}
-    counts, metrics, predicted = [0, 0], ClassificationCounts(), _Predicted()
+    correct_m0, metrics, predicted = 0, ClassificationCounts(), _Predicted()
     offset = 0  # of the chunk in its part
     wide = max(job.topk, min(TOP_K_REPORTED, table.shape[0]))  # top-5 accuracy when labelled
     for part, (features, labels, ids), input_digest in prefetch(
@@ -442,8 +442,7 @@ def _score_parts(job: ScoreJob, out: Path, pending: list[Part], digest: str,
         predicted.add(result.pred)
         if labels is not None:
             chunk["labels"] = labels
-            counts[0] += int((result.pred.cpu() == labels).sum())
-            counts[1] += int((result.zero_shot_pred.cpu() == labels).sum())
+            correct_m0 += int((result.zero_shot_pred.cpu() == labels).sum())
             metrics = metrics + ClassificationCounts.of(result.topk_indices, labels)
         for name, value in chunk.items():
             collected.setdefault(name, []).append(value)
@@ -452,9 +451,9 @@ def _score_parts(job: ScoreJob, out: Path, pending: list[Part], digest: str,
             arrays = {name: torch.cat(values) for name, values in collected.items()}
             files = write_part(out, part, arrays, job.output_format, job.names, digest)
             write_record(out, part, digest, input_digest, files, labelled="labels" in arrays,
-                         correct=counts[0], correct_m0=counts[1], path=path,
+                         correct_m0=correct_m0, path=path,
                          metrics=metrics.record(), predicted=predicted.record())
-            collected, counts, offset = {}, [0, 0], 0
+            collected, correct_m0, offset = {}, 0, 0
             metrics, predicted = ClassificationCounts(), _Predicted()
     bar.close()
     return path
@@ -490,12 +489,11 @@ def _manifest(out, by_shard, score_job: ScoreJob, job: str, settings, context, w
     accuracy = m0 = None
     wider: dict[str, Any] = {}
     if labelled_rows:
-        accuracy = sum(r["correct"] for _, r in labelled) / labelled_rows
         m0 = sum(r["correct_m0"] for _, r in labelled) / labelled_rows
         total = sum((ClassificationCounts.from_record(r["metrics"]) for _, r in labelled),
                     ClassificationCounts())
         wider = total.summary(score_job.names)
-        wider.pop("accuracy")  # the same as ``accuracy``
+        accuracy = wider.pop("accuracy")
     kinds = {tuple(r["predicted"]) for _, r in records}
     if len(kinds) == 1 and next(iter(kinds))[1]:  # one class in every part
         message = collapse_message(rows, score_job.table.shape[0], next(iter(kinds))[0],
